@@ -1,0 +1,1 @@
+"""dypo_jax: DYPO post-training for LLM reasoners in JAX."""

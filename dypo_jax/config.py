@@ -1,0 +1,288 @@
+"""The config schema: every key declared once with its default, and validated before anything runs.
+
+Experiment files (`experiments/*.py`) start from `base_config()` and override values; they cannot
+add keys. `validate(config)` checks that the key set equals the schema's, that every value has the
+declared type, and that it lies in its allowed set or range; each failure names the key and what
+is allowed. Compute code never reads a config: the trainer reads it once and passes plain values.
+"""
+from collections.abc import Callable
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+from dypo_jax import sharding
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+# What each method trains on (DYPO.md §6); `dypo` is the full method.
+METHODS = ("dypo", "grpo", "sft", "sft_then_rl", "luffy", "sft_plus_rl", "dypo_no_gal")
+OFFLINE_LOSS_TYPES = ("sft", "rl")
+GAL_LENGTH_NORMS = ("sum", "mean")
+LOGPROB_IMPLS = ("chunked", "full", "pallas")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+class ConfigError(ValueError):
+  """A config key is unknown, missing, of the wrong type or out of range."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key dypo_jax reads, with the paper's defaults (DYPO.md §3) where it gives them."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.workdir = ""  # Set by --workdir; empty means ./workdir.
+
+  c.model = ml_collections.ConfigDict(dict(
+      arch="qwen2", vocab_size=512, embed_dim=128, num_layers=2, num_heads=4, num_kv_heads=2,
+      head_dim=32, mlp_dim=512, rope_theta=10000.0, rms_norm_eps=1e-6, tie_embeddings=False,
+      qkv_bias=True, qk_norm=False, max_seq_len=512, param_dtype="float32", dtype="float32",
+      remat=False, init_std=0.02,
+      # "random": fresh weights from the fields above; "hf": a Hugging Face directory (hf_path),
+      # whose config.json then overrides the architecture fields.
+      init="random", hf_path="",
+      # How per-token log-probs are computed from the last hidden state (never chosen silently):
+      # "chunked" jnp scan over vocab chunks (CPU default), "pallas" fused kernel (TPU/GPU),
+      # "full" materialises [B, T, V] (tests, tiny vocabularies).
+      logprob_impl="chunked", vocab_chunk=4096, pallas_interpret=False,
+  ))
+
+  c.mesh = ml_collections.ConfigDict(dict(
+      data=1, fsdp=-1, tensor=1,  # -1: all remaining devices.
+      rules=sharding.DEFAULT_RULES,
+  ))
+  c.distributed = ml_collections.ConfigDict(dict(
+      # "auto": initialise when the environment says so (a TPU pod, or the JAX_COORDINATOR_*
+      # variables); "always" / "never" force it.
+      initialize="auto", coordinator_address="", num_processes=0, process_id=-1,
+  ))
+
+  c.tokenizer = ml_collections.ConfigDict(dict(
+      kind="sentencepiece",  # or "hf" (a tokenizer.json, as Qwen ships).
+      path="",  # Empty with sentencepiece: train one in the workdir from the training prompts.
+      train_vocab_size=256,
+      template="plain",  # See dypo_jax.templates.TEMPLATES.
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      source="procedural",  # or "files".
+      train_path="", eval_id_paths=(), eval_ood_paths=(),  # For source="files".
+      on_error="raise",  # A malformed record stops the run ("skip": skipped and counted).
+      num_train=2000, num_eval_id=200, num_eval_ood=200,  # For source="procedural".
+      id_tasks=("add", "mul", "gcd", "linear"), ood_tasks=("add_hard", "sub_chain"),
+      teacher_error_rate=0.02,
+      reward="exact_match",
+      shuffle=True,
+  ))
+
+  c.sampler = ml_collections.ConfigDict(dict(
+      max_new_tokens=96, temperature=1.0, top_p=1.0, top_k=0,
+      prompt_buckets=(32, 64, 128, 256, 512, 1024, 2048, 4096),
+  ))
+
+  c.rl = ml_collections.ConfigDict(dict(
+      method="dypo",
+      num_samples=8,  # k, rollouts per prompt.
+      alpha=0.5,  # Weight of GRPO against GAL on Mid prompts.
+      beta_gal=1.0,
+      sft_loss_coef=1.0,  # γ.
+      kl_coef=0.001, kl_estimator="k3",  # β_KL (decision, DYPO.md §3).
+      clip_low=0.2, clip_high=0.2,
+      agg_mode="token-mean",
+      scale_adv_by_std=True, adv_eps=1e-6,
+      gal_length_norm="sum",
+      switch_gate=0,  # Step from which routing is on; before it, plain GRPO.
+      offline_loss_type="sft",  # "rl": teacher trace as an off-policy group member (LUFFY).
+      offpolicy_shaping=0.1,
+      format_penalty_coef=0.0,
+      sft_then_rl_switch=0,  # For method="sft_then_rl": SFT steps before GRPO.
+  ))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      learning_rate=1e-6, schedule="constant", warmup_steps=0, min_lr_ratio=0.1,
+      weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      num_steps=100,  # Optimizer updates.
+      rollout_prompts=8,  # Prompts sampled per rollout round.
+      update_prompts=8,  # Queued items (Hard or Mid prompts) per update batch.
+      micro_batches=1,  # Gradient accumulation: update_prompts must divide by it.
+      max_rollouts_per_update=8,  # Rollout rounds before an update fires with what is queued.
+      log_every=1, checkpoint_every=50, keep_checkpoints=3, eval_every=0,
+      max_nonfinite_updates=10,
+  ))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      num_samples=4, temperature=0.6, top_p=1.0, max_new_tokens=96, pass_ks=(1,),
+      max_prompts=200,
+  ))
+  return c
+
+
+# --------------------------------------------------------------------------------------------
+# Validation.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+  check: Callable[[Any], bool]
+  allowed: str
+
+
+def _choice(*options) -> _Rule:
+  return _Rule(lambda v: v in options, f"one of {options}")
+
+
+def _range(lo=None, hi=None, *, lo_open=False, hi_open=False) -> _Rule:
+  def check(v):
+    if lo is not None and (v <= lo if lo_open else v < lo):
+      return False
+    return not (hi is not None and (v >= hi if hi_open else v > hi))
+  lb = "(" if lo_open else "["
+  rb = ")" if hi_open else "]"
+  return _Rule(check, f"a value in {lb}{lo if lo is not None else '-inf'}, "
+                      f"{hi if hi is not None else 'inf'}{rb}")
+
+
+_POSITIVE = _range(0, lo_open=True)
+_NON_NEGATIVE = _range(0)
+_DTYPES = _choice("float32", "bfloat16", "float16")
+
+_RULES: dict[str, _Rule] = {
+    "model.arch": _choice("qwen2", "qwen3", "llama"),
+    "model.vocab_size": _POSITIVE, "model.embed_dim": _POSITIVE, "model.num_layers": _POSITIVE,
+    "model.num_heads": _POSITIVE, "model.num_kv_heads": _POSITIVE, "model.head_dim": _POSITIVE,
+    "model.mlp_dim": _POSITIVE, "model.rope_theta": _POSITIVE, "model.rms_norm_eps": _POSITIVE,
+    "model.max_seq_len": _POSITIVE, "model.param_dtype": _DTYPES, "model.dtype": _DTYPES,
+    "model.init_std": _POSITIVE, "model.init": _choice("random", "hf"),
+    "model.logprob_impl": _choice(*LOGPROB_IMPLS), "model.vocab_chunk": _POSITIVE,
+    "distributed.initialize": _choice("auto", "always", "never"),
+    "tokenizer.kind": _choice("sentencepiece", "hf"),
+    "tokenizer.train_vocab_size": _range(16),
+    "data.source": _choice("procedural", "files"),
+    "data.on_error": _choice("raise", "skip"),
+    "data.num_train": _POSITIVE, "data.num_eval_id": _NON_NEGATIVE,
+    "data.num_eval_ood": _NON_NEGATIVE, "data.teacher_error_rate": _range(0, 1),
+    "data.reward": _choice("exact_match", "math_verify"),
+    "sampler.max_new_tokens": _POSITIVE, "sampler.temperature": _NON_NEGATIVE,
+    "sampler.top_p": _range(0, 1, lo_open=True), "sampler.top_k": _NON_NEGATIVE,
+    "rl.method": _choice(*METHODS),
+    "rl.num_samples": _range(2),
+    "rl.alpha": _range(0, 1), "rl.beta_gal": _POSITIVE, "rl.sft_loss_coef": _NON_NEGATIVE,
+    "rl.kl_coef": _NON_NEGATIVE, "rl.kl_estimator": _choice(*KL_ESTIMATORS),
+    "rl.clip_low": _range(0, 1), "rl.clip_high": _NON_NEGATIVE,
+    "rl.agg_mode": _choice(*AGG_MODES), "rl.adv_eps": _POSITIVE,
+    "rl.gal_length_norm": _choice(*GAL_LENGTH_NORMS), "rl.switch_gate": _NON_NEGATIVE,
+    "rl.offline_loss_type": _choice(*OFFLINE_LOSS_TYPES), "rl.offpolicy_shaping": _POSITIVE,
+    "rl.format_penalty_coef": _NON_NEGATIVE, "rl.sft_then_rl_switch": _NON_NEGATIVE,
+    "optim.learning_rate": _POSITIVE, "optim.schedule": _choice(*LR_SCHEDULES),
+    "optim.warmup_steps": _NON_NEGATIVE, "optim.min_lr_ratio": _range(0, 1),
+    "optim.weight_decay": _NON_NEGATIVE, "optim.b1": _range(0, 1, hi_open=True),
+    "optim.b2": _range(0, 1, hi_open=True), "optim.eps": _POSITIVE,
+    "optim.grad_clip": _NON_NEGATIVE,
+    "train.num_steps": _NON_NEGATIVE, "train.rollout_prompts": _POSITIVE,
+    "train.update_prompts": _POSITIVE, "train.micro_batches": _POSITIVE,
+    "train.max_rollouts_per_update": _POSITIVE,
+    "train.log_every": _POSITIVE, "train.checkpoint_every": _NON_NEGATIVE,
+    "train.keep_checkpoints": _POSITIVE, "train.eval_every": _NON_NEGATIVE,
+    "train.max_nonfinite_updates": _POSITIVE,
+    "eval.num_samples": _POSITIVE, "eval.temperature": _NON_NEGATIVE,
+    "eval.top_p": _range(0, 1, lo_open=True), "eval.max_new_tokens": _POSITIVE,
+    "eval.max_prompts": _POSITIVE,
+}
+
+
+def _flatten(c: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key in c.keys():
+    value = c[key]
+    path = f"{prefix}{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(_flatten(value, path + "."))
+    else:
+      out[path] = value
+  return out
+
+
+def _type_ok(value, default) -> bool:
+  if isinstance(default, bool):
+    return isinstance(value, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if isinstance(default, int):
+    return isinstance(value, int) and not isinstance(value, bool)
+  if isinstance(default, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, type(default))
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first bad key and what it allows."""
+  schema = _flatten(base_config())
+  values = _flatten(config)
+  for key in values:
+    if key not in schema:
+      section = key.rsplit(".", 1)[0] if "." in key else ""
+      known = sorted(k for k in schema if k.rsplit(".", 1)[0] == section) if section else []
+      raise ConfigError(f"unknown config key {key!r}; known keys"
+                        f"{' in ' + repr(section) if section else ''}: {known or sorted(schema)}")
+  for key in schema:
+    if key not in values:
+      raise ConfigError(f"config key {key!r} is missing (start configs from base_config())")
+  for key, value in values.items():
+    default = schema[key]
+    if not _type_ok(value, default):
+      raise ConfigError(f"config key {key!r} = {value!r} has type {type(value).__name__}; "
+                        f"expected {type(default).__name__}")
+    rule = _RULES.get(key)
+    if rule is not None and not rule.check(value):
+      raise ConfigError(f"config key {key!r} = {value!r} is not allowed; expected {rule.allowed}")
+  _validate_relations(config)
+
+
+def _validate_relations(c: ml_collections.ConfigDict) -> None:
+  """Checks that involve several keys."""
+  m = c.model
+  if m.num_heads % m.num_kv_heads:
+    raise ConfigError(f"model.num_heads={m.num_heads} must be a multiple of "
+                      f"model.num_kv_heads={m.num_kv_heads}")
+  if m.head_dim % 2:
+    raise ConfigError(f"model.head_dim={m.head_dim} must be even (RoPE rotates pairs)")
+  if m.init == "hf" and not m.hf_path:
+    raise ConfigError("model.init='hf' needs model.hf_path (a Hugging Face checkpoint directory)")
+  sizes = [c.mesh[a] for a in sharding.MESH_AXES]
+  if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+    raise ConfigError(f"mesh sizes {dict(zip(sharding.MESH_AXES, sizes))}: each >= 1, "
+                      "and at most one may be -1")
+  for rule in c.mesh.rules:
+    if len(rule) != 2:
+      raise ConfigError(f"mesh.rules entry {rule!r}: expected (logical_axis, mesh_axes)")
+    targets = (rule[1],) if isinstance(rule[1], str) else tuple(rule[1] or ())
+    for t in targets:
+      if t not in sharding.MESH_AXES:
+        raise ConfigError(f"mesh.rules entry {rule!r}: mesh axis {t!r} not in "
+                          f"{sharding.MESH_AXES}")
+  t = c.train
+  if t.update_prompts % t.micro_batches:
+    raise ConfigError(f"train.update_prompts={t.update_prompts} must be a multiple of "
+                      f"train.micro_batches={t.micro_batches}")
+  if c.rl.clip_low >= 1:
+    raise ConfigError(f"rl.clip_low={c.rl.clip_low} must be < 1 (the ratio floor 1 - clip_low)")
+  if c.data.source == "files" and not c.data.train_path:
+    raise ConfigError("data.source='files' needs data.train_path")
+  buckets = tuple(c.sampler.prompt_buckets)
+  if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
+    raise ConfigError(f"sampler.prompt_buckets={buckets}: a non-empty increasing tuple of "
+                      "positive lengths")
+  if any(k < 1 for k in c.eval.pass_ks) or max(c.eval.pass_ks, default=1) > c.eval.num_samples:
+    raise ConfigError(f"eval.pass_ks={tuple(c.eval.pass_ks)}: each k in [1, eval.num_samples="
+                      f"{c.eval.num_samples}]")
+  for name in ("max_new_tokens",):
+    if c.sampler[name] >= m.max_seq_len:
+      raise ConfigError(f"sampler.{name}={c.sampler[name]} must be < model.max_seq_len="
+                        f"{m.max_seq_len}")
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return config.to_dict()

@@ -1,0 +1,89 @@
+r"""The dypo_jax entry point: one linear run in named phases.
+
+  python -m dypo_jax.main --config=experiments/cpu_tiny.py --workdir=/tmp/dypo_tiny
+  python -m dypo_jax.main --config=experiments/cpu_tiny.py:quick --config.rl.alpha=0.8
+  python -m dypo_jax.main --config=experiments/cpu_tiny.py --mode=summary
+
+Phases: flags -> config -> distributed -> mesh -> data -> tokenizer -> model -> (train | summary).
+"""
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from dypo_jax import config as config_lib
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. experiments/cpu_tiny.py[:variant].",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where metrics, checkpoints and plots go.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "summary"],
+                          "train: the full run; summary: build everything, print, exit.")
+
+
+def check_override_keys(argv: list[str]) -> None:
+  """Names an unknown `--config.a.b=...` key with the keys that exist, before absl's terse error."""
+  schema = config_lib.base_config()
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    key = arg[len("--config."):].split("=", 1)[0]
+    node = schema
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+      if part not in node:
+        where = ".".join(parts[:i]) or "config"
+        raise config_lib.ConfigError(
+            f"unknown config key {key!r} in {arg!r}; keys of {where!r}: {sorted(node.keys())}")
+      node = node[part]
+
+
+def main(argv):
+  del argv
+  # Phase: config. Validated whole before anything is built.
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config=experiments/cpu_tiny.py")
+  config_lib.validate(config)
+  workdir = _WORKDIR.value or config.workdir or "workdir"
+  os.makedirs(workdir, exist_ok=True)
+
+  # Imports after validation: a bad config fails in a second, not after JAX starts.
+  import jax  # pylint: disable=g-import-not-at-top
+  from dypo_jax import runtime  # pylint: disable=g-import-not-at-top
+
+  # Phase: distributed.
+  runtime.maybe_initialize_distributed(config.distributed)
+  # Phase: mesh.
+  mesh = runtime.build_mesh(config.mesh)
+  # Phase: data and tokenizer.
+  pools = runtime.build_data(config, workdir)
+  tokenizer = runtime.build_tokenizer(config, workdir, pools)
+  # Phase: model (born sharded, or read from a Hugging Face directory).
+  model = runtime.build_model(config, mesh, tokenizer)
+  if jax.process_index() == 0:
+    print(runtime.summary(config, mesh, tokenizer, model, pools), flush=True)
+  if _MODE.value == "summary":
+    return
+  # Phase: train.
+  from dypo_jax import trainer  # pylint: disable=g-import-not-at-top
+  trainer.run(config, workdir=workdir, mesh=mesh, tokenizer=tokenizer, model=model, pools=pools)
+
+
+def run():
+  try:
+    check_override_keys(sys.argv[1:])
+  except config_lib.ConfigError as e:
+    sys.exit(f"config error: {e}")
+  try:
+    app.run(main)
+  except config_lib.ConfigError as e:
+    sys.exit(f"config error: {e}")
+
+
+if __name__ == "__main__":
+  logging.set_verbosity(logging.WARNING)
+  run()

@@ -1,0 +1,12 @@
+"""Models: the NNX transformer and Hugging Face safetensors import/export."""
+from dypo_jax.models.transformer import ARCHS
+from dypo_jax.models.transformer import causal_mask
+from dypo_jax.models.transformer import KVCache
+from dypo_jax.models.transformer import model_config_from_dict
+from dypo_jax.models.transformer import ModelConfig
+from dypo_jax.models.transformer import param_count
+from dypo_jax.models.transformer import positions_from_mask
+from dypo_jax.models.transformer import Transformer
+from dypo_jax.models.hf import from_pretrained
+from dypo_jax.models.hf import model_config_from_hf
+from dypo_jax.models.hf import save_pretrained

@@ -1,0 +1,590 @@
+"""Hugging Face checkpoints (config.json + safetensors) into and out of `Transformer`.
+
+Families: Qwen2 / Qwen2.5 (`qwen2`), Qwen3 (`qwen3`), Llama (`llama`), with default RoPE only.
+
+Layouts. A torch `Linear` stores its weight as [out, in]; ours put the input first and split the
+heads out: q_proj [N*H, D] -> [D, N, H], k/v_proj [KV*H, D] -> [D, KV, H], o_proj [D, N*H] ->
+[N, H, D], gate/up_proj [F, D] -> [D, F], down_proj [D, F] -> [F, D], lm_head [V, D] -> [D, V].
+Embeddings [V, D], norm scales and biases (reshaped to [N, H] / [KV, H]) keep their values.
+
+Tensors are read with the numpy API of `safetensors`; importing `ml_dtypes` registers bfloat16
+with numpy, so bf16 checkpoints read and write without torch. Nothing here imports torch.
+"""
+from collections.abc import Callable, Mapping
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from flax import nnx
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import ml_dtypes  # pylint: disable=unused-import  # Registers bfloat16 with numpy.
+import numpy as np
+from safetensors import safe_open
+import safetensors.numpy
+
+from dypo_jax.models.transformer import ARCHS
+from dypo_jax.models.transformer import ModelConfig
+from dypo_jax.models.transformer import Transformer
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+_ARCHITECTURE = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "llama": "LlamaForCausalLM"}
+# Values transformers 5 assumes when config.json omits a key (so loading matches it).
+_DEFAULT_ROPE_THETA = 10000.0  # All three families (Qwen's real configs always give 1e6 or so).
+_DEFAULT_MAX_POSITIONS = {"qwen2": 32768, "qwen3": 32768, "llama": 2048}
+_DEFAULT_HEAD_DIM = {"qwen3": 128}  # Qwen3Config's default; the others use hidden / heads.
+# Tensors some exporters write that carry no parameters.
+_IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
+# safetensors dtype tags that hold floating-point parameters we can load.
+_FLOAT_TAGS = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+
+
+# ------------------------------------------------------------------------------------------------
+# config.json <-> ModelConfig
+
+
+def _require(hf_config: Mapping[str, Any], key: str) -> Any:
+  if hf_config.get(key) is None:
+    raise ValueError(f"config.json lacks required key {key!r} (model_type="
+                     f"{hf_config.get('model_type')!r})")
+  return hf_config[key]
+
+
+def _rope_theta(hf_config: Mapping[str, Any], arch: str) -> float:
+  """The RoPE base; raises on any RoPE scaling (only the default rotation is implemented)."""
+  for key in ("rope_parameters", "rope_scaling"):
+    params = hf_config.get(key)
+    if params is None:
+      continue
+    if not isinstance(params, Mapping):
+      raise ValueError(f"config.json {key}={params!r} is unsupported: expected a dict")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in (None, "default"):
+      raise ValueError(
+          f"config.json {key}.rope_type={rope_type!r} is unsupported (model_type={arch!r}): "
+          f"only default RoPE is implemented ({key}={dict(params)!r})")
+  top = hf_config.get("rope_theta")
+  nested = (hf_config.get("rope_parameters") or {}).get("rope_theta")
+  if top is not None and nested is not None and float(top) != float(nested):
+    raise ValueError(f"config.json rope_theta={top!r} disagrees with "
+                     f"rope_parameters.rope_theta={nested!r}")
+  theta = top if top is not None else nested
+  return float(theta) if theta is not None else _DEFAULT_ROPE_THETA
+
+
+def model_config_from_hf(hf_config: Mapping[str, Any], *, dtype: str = "float32",
+                         param_dtype: str | None = None,
+                         max_seq_len: int | None = None) -> ModelConfig:
+  """A ModelConfig from a Hugging Face `config.json` dict (qwen2, qwen3 or llama).
+
+  Args:
+    hf_config: the parsed config.json.
+    dtype: compute dtype of the model.
+    param_dtype: parameter dtype; None means `dtype`.
+    max_seq_len: context length; None means the config's `max_position_embeddings`.
+
+  Keys config.json omits take transformers' defaults: rope_theta 10000, num_key_value_heads =
+  num_attention_heads, head_dim = hidden_size / num_attention_heads (128 for qwen3),
+  rms_norm_eps 1e-6, tie_word_embeddings False.
+
+  Raises:
+    ValueError naming the key and value of anything the Transformer does not implement: another
+    model_type, RoPE scaling, sliding-window attention, an activation other than silu, an o_proj
+    or MLP bias (`attention_bias` on llama/qwen3, `mlp_bias`), quantised weights.
+  """
+  arch = hf_config.get("model_type")
+  if arch not in ARCHS:
+    raise ValueError(f"config.json model_type={arch!r} is unsupported; supported: {ARCHS}")
+  archs = hf_config.get("architectures")
+  if archs is not None and list(archs) != [_ARCHITECTURE[arch]]:
+    raise ValueError(f"config.json architectures={archs!r} is unsupported for model_type="
+                     f"{arch!r}; expected [{_ARCHITECTURE[arch]!r}]")
+  unsupported = [
+      ("hidden_act", hf_config.get("hidden_act", "silu") != "silu"),
+      ("use_sliding_window", bool(hf_config.get("use_sliding_window", False))),
+      ("layer_types", any(t != "full_attention" for t in hf_config.get("layer_types") or ())),
+      ("attention_bias", arch != "qwen2" and bool(hf_config.get("attention_bias", False))),
+      ("mlp_bias", bool(hf_config.get("mlp_bias", False))),
+      ("quantization_config", hf_config.get("quantization_config") is not None),
+  ]
+  for key, bad in unsupported:
+    if bad:
+      why = " (it adds an o_proj bias, which Transformer lacks)" if key == "attention_bias" else ""
+      raise ValueError(f"config.json {key}={hf_config[key]!r} is unsupported "
+                       f"(model_type={arch!r}){why}")
+  theta = _rope_theta(hf_config, arch)
+  hidden = int(_require(hf_config, "hidden_size"))
+  heads = int(_require(hf_config, "num_attention_heads"))
+  head_dim = hf_config.get("head_dim") or _DEFAULT_HEAD_DIM.get(arch)
+  if head_dim is None:
+    if hidden % heads:
+      raise ValueError(f"config.json hidden_size={hidden} is not a multiple of "
+                       f"num_attention_heads={heads}, and head_dim is not given")
+    head_dim = hidden // heads
+  if max_seq_len is None:
+    max_seq_len = hf_config.get("max_position_embeddings") or _DEFAULT_MAX_POSITIONS[arch]
+  return ModelConfig(
+      arch=arch,
+      vocab_size=int(_require(hf_config, "vocab_size")),
+      embed_dim=hidden,
+      num_layers=int(_require(hf_config, "num_hidden_layers")),
+      num_heads=heads,
+      num_kv_heads=int(hf_config.get("num_key_value_heads") or heads),
+      head_dim=int(head_dim),
+      mlp_dim=int(_require(hf_config, "intermediate_size")),
+      rope_theta=theta,
+      rms_norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
+      tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+      qkv_bias=arch == "qwen2",
+      qk_norm=arch == "qwen3",
+      max_seq_len=int(max_seq_len),
+      param_dtype=param_dtype or dtype,
+      dtype=dtype,
+  )
+
+
+def _check_exportable(c: ModelConfig) -> None:
+  """Each family has fixed attention features; refuse a config its HF class cannot express."""
+  if c.arch == "qwen3" and not c.qk_norm:
+    raise ValueError("model.qk_norm=False cannot be exported as model.arch='qwen3' (always on)")
+  if c.arch != "qwen3" and c.qk_norm:
+    raise ValueError(f"model.qk_norm=True cannot be exported as model.arch={c.arch!r}")
+  if c.arch != "qwen2" and c.qkv_bias:
+    raise ValueError(f"model.qkv_bias=True cannot be exported as model.arch={c.arch!r} "
+                     "(its attention_bias also adds an o_proj bias)")
+
+
+def hf_config_from_model_config(c: ModelConfig, *, dtype: str) -> dict[str, Any]:
+  """The config.json dict transformers (4.x and 5.x) reads back as the same architecture."""
+  _check_exportable(c)
+  rope = {"rope_type": "default", "rope_theta": float(c.rope_theta)}
+  out = {
+      "architectures": [_ARCHITECTURE[c.arch]],
+      "model_type": c.arch,
+      "vocab_size": c.vocab_size,
+      "hidden_size": c.embed_dim,
+      "intermediate_size": c.mlp_dim,
+      "num_hidden_layers": c.num_layers,
+      "num_attention_heads": c.num_heads,
+      "num_key_value_heads": c.num_kv_heads,
+      "head_dim": c.head_dim,
+      "hidden_act": "silu",
+      "max_position_embeddings": c.max_seq_len,
+      "rms_norm_eps": c.rms_norm_eps,
+      "tie_word_embeddings": c.tie_embeddings,
+      "rope_theta": float(c.rope_theta),  # transformers 4.x.
+      "rope_parameters": rope,  # transformers 5.x.
+      "attention_dropout": 0.0,
+      "initializer_range": c.init_std,
+      "use_cache": True,
+      "dtype": dtype,  # transformers 5.x.
+      "torch_dtype": dtype,  # transformers 4.x.
+  }
+  if c.arch in ("qwen2", "qwen3"):
+    out.update(use_sliding_window=False, sliding_window=None, max_window_layers=c.num_layers)
+  if c.arch in ("qwen3", "llama"):
+    out["attention_bias"] = False
+  if c.arch == "llama":
+    out["mlp_bias"] = False
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Tensor names and layouts
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+  """One HF tensor and the parameter it becomes.
+
+  `linear`: a torch Linear weight, transposed then reshaped (ours = w.T.reshape(shape)); otherwise
+  only reshaped (biases, norms, embeddings).
+  """
+  hf_name: str
+  path: tuple[str | int, ...]  # Our state path, e.g. ("blocks", 0, "attn", "q_proj").
+  hf_shape: tuple[int, ...]
+  shape: tuple[int, ...]
+  linear: bool
+
+  def to_ours(self, w: np.ndarray) -> np.ndarray:
+    return (w.T if self.linear else w).reshape(self.shape)
+
+  def to_hf(self, x: np.ndarray) -> np.ndarray:
+    if self.linear:
+      return np.ascontiguousarray(x.reshape(self.hf_shape[::-1]).T)
+    return np.ascontiguousarray(x.reshape(self.hf_shape))
+
+
+def _specs(c: ModelConfig) -> list[_Spec]:
+  """Every tensor of the HF checkpoint for config `c`, in checkpoint order."""
+  d, n, kv, h, f, v = (c.embed_dim, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim,
+                       c.vocab_size)
+  specs = [_Spec("model.embed_tokens.weight", ("embedding",), (v, d), (v, d), False)]
+  for i in range(c.num_layers):
+    p, b = f"model.layers.{i}.", ("blocks", i)
+    attn, mlp = b + ("attn",), b + ("mlp",)
+    specs.append(_Spec(p + "input_layernorm.weight", b + ("input_norm", "scale"), (d,), (d,),
+                       False))
+    for name, heads in (("q", n), ("k", kv), ("v", kv)):
+      specs.append(_Spec(p + f"self_attn.{name}_proj.weight", attn + (f"{name}_proj",),
+                         (heads * h, d), (d, heads, h), True))
+      if c.qkv_bias:
+        specs.append(_Spec(p + f"self_attn.{name}_proj.bias", attn + (f"{name}_bias",),
+                           (heads * h,), (heads, h), False))
+    specs.append(_Spec(p + "self_attn.o_proj.weight", attn + ("o_proj",), (d, n * h), (n, h, d),
+                       True))
+    if c.qk_norm:
+      for name in ("q_norm", "k_norm"):
+        specs.append(_Spec(p + f"self_attn.{name}.weight", attn + (name, "scale"), (h,), (h,),
+                           False))
+    specs.append(_Spec(p + "post_attention_layernorm.weight", b + ("post_attn_norm", "scale"),
+                       (d,), (d,), False))
+    specs.append(_Spec(p + "mlp.gate_proj.weight", mlp + ("gate_proj",), (f, d), (d, f), True))
+    specs.append(_Spec(p + "mlp.up_proj.weight", mlp + ("up_proj",), (f, d), (d, f), True))
+    specs.append(_Spec(p + "mlp.down_proj.weight", mlp + ("down_proj",), (d, f), (f, d), True))
+  specs.append(_Spec("model.norm.weight", ("final_norm", "scale"), (d,), (d,), False))
+  if not c.tie_embeddings:
+    specs.append(_Spec("lm_head.weight", ("lm_head",), (v, d), (d, v), True))
+  return specs
+
+
+def _path_key(path) -> tuple[str | int, ...]:
+  return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
+
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tensor sources: a dict in memory, or safetensors files read lazily.
+
+
+class _DictSource:
+  """Tensors held in a mapping name -> array."""
+
+  def __init__(self, tensors: Mapping[str, Any]):
+    self._tensors = tensors
+
+  def names(self) -> set[str]:
+    return set(self._tensors)
+
+  def where(self, name: str) -> str:
+    del name
+    return ""
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(np.shape(self._tensors[name]))
+
+  def is_float(self, name: str) -> tuple[bool, str]:
+    dt = np.asarray(self._tensors[name]).dtype
+    return jnp.issubdtype(dt, jnp.floating), str(dt)
+
+  def read(self, name: str) -> np.ndarray:
+    return np.asarray(self._tensors[name])
+
+
+class _FileSource:
+  """A checkpoint directory: model.safetensors, or shards listed by model.safetensors.index.json."""
+
+  def __init__(self, path: str, stack: contextlib.ExitStack):
+    index = os.path.join(path, INDEX_FILE)
+    single = os.path.join(path, SINGLE_FILE)
+    self._handles = {}
+    if os.path.exists(index):
+      with open(index) as fh:
+        try:
+          weight_map = json.load(fh)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+          raise ValueError(f"{index}: not a safetensors index with a 'weight_map' ({e})") from e
+      files = {os.path.join(path, f) for f in weight_map.values()}
+      self._file_of = {name: os.path.join(path, f) for name, f in weight_map.items()}
+    elif os.path.exists(single):
+      files = {single}
+      self._file_of = None
+    else:
+      raise FileNotFoundError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+    for file in sorted(files):
+      if not os.path.exists(file):
+        raise FileNotFoundError(f"{file}: listed in {index} but missing")
+      self._handles[file] = stack.enter_context(safe_open(file, framework="numpy"))
+    held = {}
+    for file, handle in self._handles.items():
+      for name in handle.keys():
+        held.setdefault(name, file)
+    if self._file_of is None:
+      self._file_of = held
+    for name, file in self._file_of.items():
+      if name not in self._handles[file].keys():
+        raise ValueError(f"tensor {name!r}: {index} places it in {file}, which lacks it")
+
+  def names(self) -> set[str]:
+    return set(self._file_of)
+
+  def where(self, name: str) -> str:
+    return f" in file {self._file_of[name]}"
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._handles[self._file_of[name]].get_slice(name).get_shape())
+
+  def is_float(self, name: str) -> tuple[bool, str]:
+    tag = self._handles[self._file_of[name]].get_slice(name).get_dtype()
+    return tag in _FLOAT_TAGS, tag
+
+  def read(self, name: str) -> np.ndarray:
+    return self._handles[self._file_of[name]].get_tensor(name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _build(config: ModelConfig, source, *, shardings_for=None) -> Transformer:
+  """Validates every tensor of `source` (names, shapes, dtypes), then builds the model from it.
+
+  shardings_for: optional callable abstract_state -> {path: Sharding} placing each parameter.
+  """
+  specs = _specs(config)
+  available = source.names()
+  expected = {s.hf_name for s in specs}
+  extra = sorted(n for n in available - expected if not n.endswith(_IGNORABLE_SUFFIXES))
+  tied_copy = config.tie_embeddings and "lm_head.weight" in extra
+  if tied_copy:  # Some tied checkpoints also store the head; accepted if it equals the embedding.
+    extra.remove("lm_head.weight")
+  if extra:
+    raise ValueError(
+        f"unexpected tensor {extra[0]!r}{source.where(extra[0])} ({len(extra)} unexpected in "
+        f"all): not part of a {config.arch} model with this config")
+  missing = [s.hf_name for s in specs if s.hf_name not in available]
+  if missing:
+    raise ValueError(f"tensor {missing[0]!r} missing from the checkpoint ({len(missing)} "
+                     f"missing in all, e.g. {missing[:3]})")
+  for s in specs:
+    shape = source.shape(s.hf_name)
+    if shape != s.hf_shape:
+      raise ValueError(f"tensor {s.hf_name!r}{source.where(s.hf_name)} has shape {shape}, "
+                       f"expected {s.hf_shape} for this config")
+    ok, dt = source.is_float(s.hf_name)
+    if not ok:
+      raise ValueError(f"tensor {s.hf_name!r}{source.where(s.hf_name)} has dtype {dt}; "
+                       "expected a floating-point dtype")
+  if tied_copy:
+    head, emb = source.read("lm_head.weight"), source.read("model.embed_tokens.weight")
+    if head.shape != emb.shape or not np.array_equal(head, emb):
+      raise ValueError(f"tensor 'lm_head.weight'{source.where('lm_head.weight')} differs from "
+                       "model.embed_tokens.weight although tie_word_embeddings is true")
+
+  abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+  graphdef, abstract_state = nnx.split(abstract)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_state, is_leaf=_is_variable)
+  by_path = {s.path: s for s in specs}
+  paths = [_path_key(p) for p, _ in leaves]
+  if set(paths) != set(by_path):  # The Transformer grew or lost a parameter: fix _specs.
+    raise RuntimeError(f"hf.py has no mapping for parameters {sorted(set(paths) - set(by_path))} "
+                       f"or maps absent ones {sorted(set(by_path) - set(paths))}")
+  shardings = shardings_for(abstract_state) if shardings_for is not None else {}
+  np_dtype = jnp.dtype(config.param_dtype)
+  new_leaves = []
+  for path, (_, var) in zip(paths, leaves):
+    spec = by_path[path]
+    if var.get_value().shape != spec.shape:
+      raise RuntimeError(f"parameter {path} has shape {var.get_value().shape}; hf.py expects "
+                         f"{spec.shape}")
+    host = spec.to_ours(source.read(spec.hf_name)).astype(np_dtype)
+    sharding = shardings.get(path)
+    if sharding is None:
+      value = jnp.asarray(host)
+    else:
+      value = jax.make_array_from_callback(host.shape, sharding, lambda idx, a=host: a[idx])
+    new_leaves.append(var.replace(value=value))
+  return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, new_leaves))
+
+
+def load_state_dict(model_config: ModelConfig, tensors: Mapping[str, Any]) -> Transformer:
+  """A Transformer from HF-named tensors (`model.layers.0.self_attn.q_proj.weight`, ...).
+
+  Raises ValueError naming a missing, unexpected, misshapen or non-float tensor.
+  """
+  return _build(model_config, _DictSource(tensors))
+
+
+def _mesh_shardings(mesh, rules):
+  """abstract_state -> {path: NamedSharding} by the logical-axis rules."""
+  from dypo_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  rules = sharding_lib.DEFAULT_RULES if rules is None else rules
+
+  def shardings_for(abstract_state):
+    tree = sharding_lib.param_shardings(abstract_state, mesh, rules)
+    flat = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]
+    return {_path_key(p): s for p, s in flat}
+  return shardings_for
+
+
+def read_hf_config(path: str) -> dict[str, Any]:
+  """The parsed config.json of a checkpoint directory."""
+  file = os.path.join(path, CONFIG_FILE)
+  if not os.path.exists(file):
+    raise FileNotFoundError(f"{file} not found (not a Hugging Face checkpoint directory?)")
+  with open(file) as fh:
+    try:
+      return json.load(fh)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{file}: not valid JSON ({e})") from e
+
+
+def from_pretrained(path: str, *, dtype: str = "float32", param_dtype: str | None = None,
+                    max_seq_len: int | None = None, mesh: jax.sharding.Mesh | None = None,
+                    rules=None) -> Transformer:
+  """Loads a local Hugging Face checkpoint directory (config.json + safetensors).
+
+  Args:
+    path: directory with config.json and model.safetensors or model.safetensors.index.json.
+    dtype, param_dtype, max_seq_len: as in `model_config_from_hf` (stored tensors are cast to
+      param_dtype, which defaults to dtype).
+    mesh: place each parameter sharded over this mesh (each device receives only its shard).
+    rules: logical-axis rules for `mesh` (`dypo_jax.sharding`); default its DEFAULT_RULES.
+
+  Returns:
+    The Transformer, never randomly initialised: shapes come from `nnx.eval_shape`.
+  """
+  if rules is not None and mesh is None:
+    raise ValueError("from_pretrained: rules given without a mesh")
+  config = model_config_from_hf(read_hf_config(path), dtype=dtype, param_dtype=param_dtype,
+                                max_seq_len=max_seq_len)
+  shardings_for = _mesh_shardings(mesh, rules) if mesh is not None else None
+  with contextlib.ExitStack() as stack:
+    return _build(config, _FileSource(path, stack), shardings_for=shardings_for)
+
+
+# ------------------------------------------------------------------------------------------------
+# Saving
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def hf_state_dict(model: Transformer, *, dtype: str | None = None) -> dict[str, np.ndarray]:
+  """The model's parameters as HF-named numpy arrays in HF layouts (checkpoint order).
+
+  dtype: cast to this dtype (default: keep the parameter dtype). A qwen2 model without q/k/v
+  biases gets zero biases (Qwen2 always has them). In a multi-process run every process must call
+  this (arrays spread over processes are gathered).
+  """
+  c = model.config
+  _check_exportable(c)
+  state = nnx.state(model, nnx.Param)
+  flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_variable)[0]
+  params = {_path_key(p): var.get_value() for p, var in flat}
+  out = {}
+  for s in _specs(c):
+    x = _to_host(params[s.path])
+    out[s.hf_name] = s.to_hf(x.astype(jnp.dtype(dtype)) if dtype is not None else x)
+  if c.arch == "qwen2" and not c.qkv_bias:
+    bias_dtype = jnp.dtype(dtype or c.param_dtype)
+    for i in range(c.num_layers):
+      for name, heads in (("q", c.num_heads), ("k", c.num_kv_heads), ("v", c.num_kv_heads)):
+        out[f"model.layers.{i}.self_attn.{name}_proj.bias"] = np.zeros(
+            (heads * c.head_dim,), bias_dtype)
+  return out
+
+
+def _shard(tensors: dict[str, np.ndarray], max_shard_bytes: int | None) -> list[dict]:
+  """Greedy split in order; a tensor bigger than the limit gets a shard of its own."""
+  if max_shard_bytes is None:
+    return [tensors]
+  if max_shard_bytes <= 0:
+    raise ValueError(f"max_shard_bytes={max_shard_bytes} must be positive")
+  shards, current, size = [], {}, 0
+  for name, x in tensors.items():
+    if current and size + x.nbytes > max_shard_bytes:
+      shards.append(current)
+      current, size = {}, 0
+    current[name] = x
+    size += x.nbytes
+  shards.append(current)
+  return shards
+
+
+def _is_model_file(name: str) -> bool:
+  return name in (CONFIG_FILE, INDEX_FILE) or name.endswith(".safetensors")
+
+
+def _write_json(file: str, obj) -> None:
+  with open(file, "w") as fh:
+    json.dump(obj, fh, indent=2, sort_keys=True)
+    fh.write("\n")
+
+
+def _fsync(file: str) -> None:
+  with open(file, "rb") as fh:
+    os.fsync(fh.fileno())
+
+
+def save_pretrained(model: Transformer, path: str, *, dtype: str | None = None,
+                    max_shard_bytes: int | None = None) -> None:
+  """Writes a checkpoint directory that `transformers.AutoModelForCausalLM` loads.
+
+  Args:
+    model: the Transformer (arch qwen2, qwen3 or llama).
+    path: the directory. Files are written into a temporary sibling directory which then replaces
+      `path`, so a crash leaves the old checkpoint (or none), never half of one. Files already in
+      `path` other than config.json / *.safetensors / the index (e.g. tokenizer files) are kept.
+    dtype: dtype of the stored tensors (default: the parameter dtype), e.g. "bfloat16".
+    max_shard_bytes: split the weights into shards of at most this size (a bigger single tensor
+      gets its own shard) with model.safetensors.index.json; None writes one model.safetensors.
+
+  In a multi-process run every process must call this; only process 0 writes.
+  """
+  dtype_name = jnp.dtype(dtype or model.config.param_dtype).name
+  hf_config = hf_config_from_model_config(model.config, dtype=dtype_name)
+  tensors = hf_state_dict(model, dtype=dtype_name)
+  shards = _shard(tensors, max_shard_bytes)
+  if jax.process_index() != 0:
+    return
+  path = os.path.abspath(path)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f"save_pretrained: {path} exists and is not a directory")
+  parent, base = os.path.split(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+  try:
+    names = []
+    if len(shards) == 1:
+      names.append(SINGLE_FILE)
+    else:
+      names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+      _write_json(os.path.join(tmp, INDEX_FILE), {
+          "metadata": {"total_size": int(sum(x.nbytes for x in tensors.values()))},
+          "weight_map": {k: f for f, shard in zip(names, shards) for k in shard}})
+    for name, shard in zip(names, shards):
+      safetensors.numpy.save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+    _write_json(os.path.join(tmp, CONFIG_FILE), hf_config)
+    for name in os.listdir(tmp):
+      _fsync(os.path.join(tmp, name))
+    if os.path.isdir(path):
+      for name in os.listdir(path):
+        if not _is_model_file(name):
+          src, dst = os.path.join(path, name), os.path.join(tmp, name)
+          (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, dst)
+      old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
+      os.rename(path, os.path.join(old, base))
+      os.rename(tmp, path)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise

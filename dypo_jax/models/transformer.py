@@ -1,0 +1,326 @@
+"""One decoder-only transformer for the Qwen2 / Qwen2.5, Qwen3 and Llama families (Flax NNX).
+
+Letters: B batch, T query length, S key length (cache slots), D embed, N query heads,
+KV key/value heads, G = N // KV query heads per KV head, H head dim, F mlp, V vocab, L layers.
+
+The model knows nothing of RL. The sampler talks to it through `forward` with a `KVCache`;
+training calls it on whole sequences. Parameters carry logical axis names in their `axes`
+metadata; `dypo_jax.sharding` maps them to mesh axes.
+"""
+import dataclasses
+from typing import Any
+
+import flax
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+ARCHS = ("qwen2", "qwen3", "llama")
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture and dtype policy. `arch` picks the Hugging Face family for export."""
+  arch: str = "qwen2"
+  vocab_size: int = 512
+  embed_dim: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 32
+  mlp_dim: int = 512
+  rope_theta: float = 10000.0
+  rms_norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  qkv_bias: bool = True  # Qwen2 / Qwen2.5.
+  qk_norm: bool = False  # Qwen3.
+  max_seq_len: int = 2048  # Context length: prompt + response must fit.
+  param_dtype: str = "float32"
+  dtype: str = "float32"  # Compute dtype; logits are always float32.
+  remat: bool = False  # Recompute each block's activations in the backward pass.
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    if self.arch not in ARCHS:
+      raise ValueError(f"model.arch={self.arch!r}; allowed: {ARCHS}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"model.num_heads={self.num_heads} must be a multiple of "
+          f"model.num_kv_heads={self.num_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"model.head_dim={self.head_dim} must be even (RoPE rotates pairs)")
+
+  @property
+  def num_params(self) -> int:
+    d, h, f, v = self.embed_dim, self.head_dim, self.mlp_dim, self.vocab_size
+    attn = d * h * (self.num_heads + 2 * self.num_kv_heads) + self.num_heads * h * d
+    if self.qkv_bias:
+      attn += h * (self.num_heads + 2 * self.num_kv_heads)
+    if self.qk_norm:
+      attn += 2 * h
+    block = attn + 3 * d * f + 2 * d
+    head = 0 if self.tie_embeddings else d * v
+    return v * d + self.num_layers * block + d + head
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Per-layer keys and values; slots [0, end_index) hold written entries.
+
+  Prompts are left-padded to a common length, so one write index serves the whole batch; which
+  slots are real tokens is the caller's attention mask.
+  """
+  k: tuple[jax.Array, ...]  # L x [B, S, KV, H]
+  v: tuple[jax.Array, ...]  # L x [B, S, KV, H]
+  end_index: jax.Array  # [] int32
+
+  @classmethod
+  def zeros(cls, config: ModelConfig, batch: int, length: int, dtype=None) -> "KVCache":
+    dtype = jnp.dtype(dtype or config.dtype)
+    shape = (batch, length, config.num_kv_heads, config.head_dim)
+    return cls(
+        k=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+        v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+        end_index=jnp.zeros((), jnp.int32))
+
+  @property
+  def length(self) -> int:
+    return self.k[0].shape[1]
+
+  def repeat(self, n: int) -> "KVCache":
+    """Each batch row repeated n times in place ([B, ...] -> [B*n, ...]): k samples per prompt."""
+    rep = lambda x: jnp.repeat(x, n, axis=0)
+    return KVCache(k=tuple(map(rep, self.k)), v=tuple(map(rep, self.v)), end_index=self.end_index)
+
+
+def positions_from_mask(input_mask: jax.Array) -> jax.Array:
+  """RoPE positions [B, T]: each real token's index among the real tokens of its row."""
+  return jnp.maximum(jnp.cumsum(input_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def causal_mask(input_mask: jax.Array) -> jax.Array:
+  """[B, T] validity -> [B, T, T] mask: causal, and padding keys hidden (left or right pad)."""
+  t = input_mask.shape[-1]
+  causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
+  return causal[None] & input_mask.astype(jnp.bool_)[:, None, :]
+
+
+def _param(rngs, shape, axes, dtype, std):
+  return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.dtype(dtype)), axes=axes)
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * scale, computed in float32 (as Hugging Face does, cast before the scale)."""
+
+  def __init__(self, dim: int, *, eps: float, axis_name: str, param_dtype: str):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.dtype(param_dtype)), axes=(axis_name,))
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.scale.value.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding in the 'rotate half' layout of Hugging Face. x [B, T, *, H], positions [B, T]."""
+  h = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))  # [H/2]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, H]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention with RoPE, optional q/k/v biases (Qwen2) and q/k norms (Qwen3)."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.config = c
+    std, pd = c.init_std, c.param_dtype
+    self.q_proj = _param(rngs, (c.embed_dim, c.num_heads, c.head_dim),
+                         ("embed", "heads", "head_dim"), pd, std)
+    self.k_proj = _param(rngs, (c.embed_dim, c.num_kv_heads, c.head_dim),
+                         ("embed", "kv_heads", "head_dim"), pd, std)
+    self.v_proj = _param(rngs, (c.embed_dim, c.num_kv_heads, c.head_dim),
+                         ("embed", "kv_heads", "head_dim"), pd, std)
+    self.o_proj = _param(rngs, (c.num_heads, c.head_dim, c.embed_dim),
+                         ("heads", "head_dim", "embed"), pd, std)
+    if c.qkv_bias:
+      zeros = lambda *s: jnp.zeros(s, jnp.dtype(pd))
+      self.q_bias = nnx.Param(zeros(c.num_heads, c.head_dim), axes=("heads", "head_dim"))
+      self.k_bias = nnx.Param(zeros(c.num_kv_heads, c.head_dim), axes=("kv_heads", "head_dim"))
+      self.v_bias = nnx.Param(zeros(c.num_kv_heads, c.head_dim), axes=("kv_heads", "head_dim"))
+    if c.qk_norm:
+      self.q_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, axis_name="head_dim", param_dtype=pd)
+      self.k_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, axis_name="head_dim", param_dtype=pd)
+
+  def __call__(self, x, *, positions, attention_mask, layer_cache, end_index):
+    """x [B, T, D]; attention_mask [B, T, S]; layer_cache (k, v) [B, S, KV, H] or None."""
+    c = self.config
+    dt = x.dtype
+    q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj.value.astype(dt))
+    k = jnp.einsum("BTD,DKH->BTKH", x, self.k_proj.value.astype(dt))
+    v = jnp.einsum("BTD,DKH->BTKH", x, self.v_proj.value.astype(dt))
+    if c.qkv_bias:
+      q = q + self.q_bias.value.astype(dt)
+      k = k + self.k_bias.value.astype(dt)
+      v = v + self.v_bias.value.astype(dt)
+    if c.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = apply_rope(q, positions, c.rope_theta)
+    k = apply_rope(k, positions, c.rope_theta)
+
+    if layer_cache is not None:
+      cache_k, cache_v = layer_cache
+      start = (0, end_index, 0, 0)
+      k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
+      v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+      new_cache = (k, v)
+    else:
+      new_cache = None
+
+    b, t = q.shape[:2]
+    groups = c.num_heads // c.num_kv_heads
+    q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(dt),
+                        preferred_element_type=jnp.float32)
+    logits = logits * (c.head_dim ** -0.5)
+    logits = jnp.where(attention_mask[:, None, None, :, :], logits, _MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(dt))
+    out = out.reshape(b, t, c.num_heads, c.head_dim)
+    return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj.value.astype(dt)), new_cache
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.gate_proj = _param(rngs, (c.embed_dim, c.mlp_dim), ("embed", "mlp"), c.param_dtype,
+                            c.init_std)
+    self.up_proj = _param(rngs, (c.embed_dim, c.mlp_dim), ("embed", "mlp"), c.param_dtype,
+                          c.init_std)
+    self.down_proj = _param(rngs, (c.mlp_dim, c.embed_dim), ("mlp", "embed"), c.param_dtype,
+                            c.init_std)
+
+  def __call__(self, x):
+    dt = x.dtype
+    gate = jnp.einsum("BTD,DF->BTF", x, self.gate_proj.value.astype(dt))
+    up = jnp.einsum("BTD,DF->BTF", x, self.up_proj.value.astype(dt))
+    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, self.down_proj.value.astype(dt))
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: attention then MLP."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.input_norm = RMSNorm(c.embed_dim, eps=c.rms_norm_eps, axis_name="embed",
+                              param_dtype=c.param_dtype)
+    self.attn = Attention(c, rngs=rngs)
+    self.post_attn_norm = RMSNorm(c.embed_dim, eps=c.rms_norm_eps, axis_name="embed",
+                                  param_dtype=c.param_dtype)
+    self.mlp = MLP(c, rngs=rngs)
+
+  def __call__(self, x, *, positions, attention_mask, layer_cache, end_index):
+    attn_out, new_cache = self.attn(
+        self.input_norm(x), positions=positions, attention_mask=attention_mask,
+        layer_cache=layer_cache, end_index=end_index)
+    x = x + attn_out
+    x = x + self.mlp(self.post_attn_norm(x))
+    return x, new_cache
+
+
+class Transformer(nnx.Module):
+  """Decoder-only LM. `model(tokens)` gives float32 logits [B, T, V]."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.config = c
+    self.embedding = _param(rngs, (c.vocab_size, c.embed_dim), ("vocab", "embed"),
+                            c.param_dtype, c.init_std)
+    self.blocks = nnx.List([Block(c, rngs=rngs) for _ in range(c.num_layers)])
+    self.final_norm = RMSNorm(c.embed_dim, eps=c.rms_norm_eps, axis_name="embed",
+                              param_dtype=c.param_dtype)
+    if not c.tie_embeddings:
+      self.lm_head = _param(rngs, (c.embed_dim, c.vocab_size), ("embed", "vocab"),
+                            c.param_dtype, c.init_std)
+
+  def lm_head_kernel(self) -> jax.Array:
+    """The output projection [D, V] (the transposed embedding when tied)."""
+    if self.config.tie_embeddings:
+      return self.embedding.value.T
+    return self.lm_head.value
+
+  def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+    """hidden [B, T, D] -> float32 logits [B, T, V]."""
+    kernel = self.lm_head_kernel().astype(hidden.dtype)
+    return jnp.einsum("BTD,DV->BTV", hidden, kernel, preferred_element_type=jnp.float32)
+
+  def forward(self, tokens: jax.Array, *, positions: jax.Array, attention_mask: jax.Array,
+              cache: KVCache | None = None,
+              return_hidden: bool = False) -> tuple[jax.Array, KVCache | None]:
+    """The general forward.
+
+    Args:
+      tokens: [B, T] int token ids.
+      positions: [B, T] RoPE positions.
+      attention_mask: [B, T, S] bool, True where query t may attend key s. S = T without a cache,
+        S = cache.length with one (the new keys land in slots [end_index, end_index + T)).
+      cache: a KVCache to read and extend, or None.
+      return_hidden: return the final-norm hidden states [B, T, D] instead of logits, so a caller
+        can apply the LM head in vocabulary chunks (`lm_head_kernel`).
+
+    Returns:
+      (logits [B, T, V] float32 or hidden [B, T, D], the updated cache or None).
+    """
+    c = self.config
+    x = self.embedding.value.astype(c.dtype)[tokens]  # [B, T, D]
+    end_index = cache.end_index if cache is not None else None
+    new_k, new_v = [], []
+    for i, block in enumerate(self.blocks):
+      layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
+      if c.remat:
+        call = nnx.remat(lambda blk, h, p, m, lc, e: blk(
+            h, positions=p, attention_mask=m, layer_cache=lc, end_index=e))
+        x, updated = call(block, x, positions, attention_mask, layer_cache, end_index)
+      else:
+        x, updated = block(x, positions=positions, attention_mask=attention_mask,
+                           layer_cache=layer_cache, end_index=end_index)
+      if updated is not None:
+        new_k.append(updated[0])
+        new_v.append(updated[1])
+    x = self.final_norm(x)
+    new_cache = None
+    if cache is not None:
+      new_cache = KVCache(k=tuple(new_k), v=tuple(new_v),
+                          end_index=cache.end_index + tokens.shape[1])
+    out = x if return_hidden else self.logits_from_hidden(x)
+    return out, new_cache
+
+  def __call__(self, tokens: jax.Array, *, input_mask: jax.Array | None = None) -> jax.Array:
+    """Full forward of (possibly padded) sequences: tokens [B, T] -> logits [B, T, V] float32.
+
+    input_mask [B, T] marks real tokens (left or right padding both work); default all real.
+    """
+    if input_mask is None:
+      input_mask = jnp.ones(tokens.shape, jnp.bool_)
+    logits, _ = self.forward(tokens, positions=positions_from_mask(input_mask),
+                             attention_mask=causal_mask(input_mask))
+    return logits
+
+
+def param_count(model: nnx.Module) -> int:
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
+  """A ModelConfig from a plain dict (e.g. the `model` ConfigDict), ignoring non-architecture keys."""
+  names = {f.name for f in dataclasses.fields(ModelConfig)}
+  return ModelConfig(**{k: v for k, v in d.items() if k in names})

@@ -1,0 +1,127 @@
+"""Builders for main's phases: each reads the (validated) config once and returns plain objects."""
+import os
+
+from flax import nnx
+import jax
+import ml_collections
+
+from dypo_jax import models
+from dypo_jax import sharding
+from dypo_jax import tokenizers
+from dypo_jax.data import records as records_lib
+
+
+def maybe_initialize_distributed(cfg: ml_collections.ConfigDict) -> None:
+  """`jax.distributed.initialize` when asked, or when the environment is a multi-host job.
+
+  On a TPU pod slice JAX finds the coordinator itself, so no arguments are needed there.
+  """
+  mode = cfg.initialize
+  env_says = bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or (
+      os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0)
+  if mode == "never" or (mode == "auto" and not env_says and not cfg.coordinator_address):
+    return
+  kwargs = {}
+  if cfg.coordinator_address:
+    kwargs = dict(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
+                  process_id=cfg.process_id)
+  jax.distributed.initialize(**kwargs)
+
+
+def build_mesh(cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  return sharding.make_mesh({a: cfg[a] for a in sharding.MESH_AXES})
+
+
+def mesh_rules(config: ml_collections.ConfigDict):
+  return tuple((name, tuple(t) if isinstance(t, list) else t) for name, t in config.mesh.rules)
+
+
+def build_data(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list]:
+  """The prompt pools {"train", "eval_id", "eval_ood"} as lists of PromptRecord."""
+  d = config.data
+  if d.source == "procedural":
+    from dypo_jax.data import tasks  # pylint: disable=g-import-not-at-top
+    return tasks.make_pools(seed=config.seed, num_train=d.num_train, num_eval_id=d.num_eval_id,
+                            num_eval_ood=d.num_eval_ood, id_tasks=tuple(d.id_tasks),
+                            ood_tasks=tuple(d.ood_tasks), teacher_error_rate=d.teacher_error_rate)
+  del workdir
+  pools = {}
+  for name, paths in (("train", (d.train_path,)), ("eval_id", tuple(d.eval_id_paths)),
+                      ("eval_ood", tuple(d.eval_ood_paths))):
+    recs = []
+    for path in paths:
+      loaded, stats = records_lib.read_records(path, on_error=d.on_error)
+      if stats.get("skipped"):
+        print(f"data: {path}: skipped {stats['skipped']} malformed records "
+              f"(first: {stats['errors'][:1]})", flush=True)
+      recs.extend(loaded)
+    pools[name] = recs
+  return pools
+
+
+def build_tokenizer(config: ml_collections.ConfigDict, workdir: str,
+                    pools: dict[str, list]) -> tokenizers.Tokenizer:
+  """Loads the configured tokenizer, or trains a SentencePiece model on the training pool."""
+  t = config.tokenizer
+  if t.path:
+    tok = tokenizers.load_tokenizer(t.kind, t.path)
+  else:
+    if t.kind != "sentencepiece":
+      raise ValueError(f"tokenizer.path is empty; only kind='sentencepiece' can be trained "
+                       f"here (got kind={t.kind!r})")
+    prefix = os.path.join(workdir, "tokenizer", "spm")
+    if os.path.exists(prefix + ".model"):
+      tok = tokenizers.SentencePieceTokenizer(prefix + ".model")
+    else:
+      os.makedirs(os.path.dirname(prefix), exist_ok=True)
+      corpus = []
+      for rec in pools["train"]:
+        corpus.append(rec.prompt)
+        corpus.extend(s.response for s in rec.teachers)
+      tok = tokenizers.train_sentencepiece(corpus, vocab_size=t.train_vocab_size,
+                                           out_prefix=prefix)
+  if config.model.init == "random":
+    tokenizers.check_vocab_fits(tok, config.model.vocab_size)
+  return tok
+
+
+def model_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
+  return models.model_config_from_dict(config.model.to_dict())
+
+
+def build_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                tokenizer: tokenizers.Tokenizer | None = None) -> models.Transformer:
+  """A sharded model: fresh weights, or a Hugging Face checkpoint."""
+  m = config.model
+  rules = mesh_rules(config)
+  if m.init == "hf":
+    model = models.from_pretrained(m.hf_path, dtype=m.dtype, param_dtype=m.param_dtype,
+                                   max_seq_len=m.max_seq_len, mesh=mesh, rules=rules)
+  else:
+    mc = model_config(config)
+    model = sharding.create_sharded(lambda: models.Transformer(mc, rngs=nnx.Rngs(config.seed)),
+                                    mesh, rules)
+  if tokenizer is not None:
+    tokenizers.check_vocab_fits(tokenizer, model.config.vocab_size)
+  return model
+
+
+def summary(config, mesh, tokenizer, model, pools) -> str:
+  mc = model.config
+  lines = [
+      "=" * 100,
+      f"dypo_jax  method={config.rl.method}  seed={config.seed}",
+      f"devices   {sharding.devices_summary(mesh)}  (process {jax.process_index()} of "
+      f"{jax.process_count()})",
+      f"model     {mc.arch}  layers={mc.num_layers} embed={mc.embed_dim} heads={mc.num_heads}/"
+      f"{mc.num_kv_heads} head_dim={mc.head_dim} mlp={mc.mlp_dim} vocab={mc.vocab_size} "
+      f"tied={mc.tie_embeddings} params={models.param_count(model):,} "
+      f"dtype={mc.param_dtype}/{mc.dtype}",
+      f"tokenizer {type(tokenizer).__name__} vocab={tokenizer.vocab_size} bos={tokenizer.bos_id} "
+      f"eos={tokenizer.eos_id} pad={tokenizer.pad_id} template={config.tokenizer.template}",
+      "data      " + "  ".join(f"{k}={len(v)}" for k, v in pools.items()),
+      "shardings (parameter, shape, dtype, logical axes, partition spec):",
+  ]
+  lines += ["  " + line for line in sharding.sharding_report(model)]
+  lines.append("=" * 100)
+  return "\n".join(lines)

@@ -1,0 +1,421 @@
+"""Group sampler: k rollouts per prompt from one prefill, decoded in one jitted `lax.while_loop`.
+
+Letters: B prompts (padded up to a multiple of the batch shards), K samples per prompt,
+R = B * K rows, P prompt bucket length, T = max_new_tokens, S = P + T cache slots, V vocab.
+
+Flow of one `Sampler.sample` call (one jitted program per (P, B, K, T, mode)):
+
+  host: validate, left-pad the prompts to the smallest bucket >= the longest one
+  prefill: B rows once -> KVCache [B, S] and the last position's logits [B, V]
+  repeat: the cache and the logits K times in place -> rows r = b * K + k
+  step 0: sample from the prefill logits
+  while step < T and not all rows done: feed the last token, sample the next one
+  host: one device_get, drop padded rows
+
+Sampling rule (`sample_token`): inverse-CDF sampling with one uniform per row over the
+temperature-scaled softmax (top-p / top-k only in the `filter` mode, which sorts the vocabulary;
+the plain `sample` mode never sorts). Each row draws its uniform from
+`fold_in(fold_in(fold_in(rng, b), k), step)`, so a sample depends only on (rng, prompt index,
+sample index, step): not on the batch padding, the bucket, or how the batch is sharded.
+"""
+from collections.abc import Sequence
+import dataclasses
+import functools
+from typing import Any, Literal
+
+import flax
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dypo_jax import sharding as sharding_lib
+from dypo_jax.models import transformer
+
+STOP_TOKEN = 0  # The row sampled one of `stop_ids` (it is the last counted token).
+STOP_LENGTH = 1  # The row reached max_new_tokens.
+MAX_STOP_IDS = 8  # Stop ids travel as a fixed-size array so their number never retraces.
+DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+Mode = Literal["greedy", "sample", "filter"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOutput:
+  """Host (numpy) result of one `Sampler.sample` call.
+
+  Response (b, k) is `tokens[b, k, :lengths[b, k]]`; its prompt is
+  `prompt_tokens[b, P - prompt_lengths[b]:]` (left-padded with pad_id).
+  """
+  tokens: np.ndarray  # [B, K, T] int32, pad_id after the stop.
+  # [B, K, T] float32: log-softmax(logits / temperature)[token], over the unfiltered vocabulary
+  # (the sampling policy before top-p/top-k). With temperature 0 (greedy) the untempered value.
+  # 0 after the stop.
+  logprobs: np.ndarray
+  raw_logprobs: np.ndarray  # [B, K, T] float32: log-softmax(logits)[token] (untempered); 0 after.
+  lengths: np.ndarray  # [B, K] int32: tokens generated, the stop token included.
+  stop_reason: np.ndarray  # [B, K] int32: STOP_TOKEN or STOP_LENGTH.
+  prompt_tokens: np.ndarray  # [B, P] int32, left-padded with pad_id to the bucket P.
+  prompt_lengths: np.ndarray  # [B] int32.
+  num_compiles: int  # The sampler's trace count after this call.
+
+  def response_mask(self) -> np.ndarray:
+    """[B, K, T] bool: True on the tokens that count (up to and including the stop token)."""
+    t = self.tokens.shape[-1]
+    return np.arange(t)[None, None, :] < self.lengths[..., None]
+
+  def sequences(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Prompt and response side by side, as a trainer consumes them.
+
+    Returns:
+      tokens [B, K, P + T] int32 (left-padded prompt, then the response, pad_id after the stop),
+      prompt_mask [B, K, P + T] bool (real prompt tokens),
+      response_mask [B, K, P + T] bool (generated tokens that count).
+    """
+    b, k, t = self.tokens.shape
+    p = self.prompt_tokens.shape[1]
+    prompt = np.broadcast_to(self.prompt_tokens[:, None, :], (b, k, p))
+    tokens = np.concatenate([prompt, self.tokens], axis=-1)
+    prompt_real = np.arange(p)[None, :] >= (p - self.prompt_lengths[:, None])  # [B, P]
+    prompt_mask = np.concatenate(
+        [np.broadcast_to(prompt_real[:, None, :], (b, k, p)), np.zeros((b, k, t), bool)], axis=-1)
+    response_mask = np.concatenate([np.zeros((b, k, p), bool), self.response_mask()], axis=-1)
+    return tokens, prompt_mask, response_mask
+
+
+def sampling_mode(*, temperature: float, top_p: float, top_k: int, vocab_size: int) -> Mode:
+  """The static sampling branch: greedy, plain temperature sampling, or top-p/top-k filtering."""
+  if temperature == 0.0:
+    return "greedy"
+  if top_p < 1.0 or 0 < top_k < vocab_size:
+    return "filter"
+  return "sample"
+
+
+def _inverse_cdf(weights: jax.Array, uniform: jax.Array) -> jax.Array:
+  """Index i with probability weights[i] / sum(weights). weights [R, V] >= 0; uniform [R] in [0, 1)."""
+  cdf = jnp.cumsum(weights, axis=-1)  # [R, V]
+  target = uniform * cdf[:, -1]  # [R]
+  # The first index whose cdf exceeds the target; zero-weight entries never qualify.
+  index = jnp.sum(cdf <= target[:, None], axis=-1, dtype=jnp.int32)
+  return jnp.minimum(index, weights.shape[-1] - 1)
+
+
+def sample_token(*, logits: jax.Array, uniform: jax.Array, temperature: jax.Array,
+                 top_p: jax.Array, top_k: jax.Array,
+                 mode: Mode) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The sampling rule for one step (pure).
+
+  Args:
+    logits: [R, V] float32 next-token logits.
+    uniform: [R] uniforms in [0, 1), one per row (ignored when greedy).
+    temperature: [] > 0 (ignored when greedy).
+    top_p: [] in (0, 1]: keep the most likely tokens until their mass reaches top_p (`filter`).
+    top_k: [] int: keep the top_k most likely tokens, 0 for all (`filter`).
+    mode: "greedy" (argmax), "sample" (softmax(logits / temperature), no filtering, no sort) or
+      "filter" (the same distribution restricted by top-p and top-k, then renormalised).
+
+  Returns:
+    (tokens [R] int32,
+     logprobs [R]: log-softmax(logits / temperature) of the token over the unfiltered vocabulary;
+       the untempered log-softmax when greedy,
+     raw_logprobs [R]: log-softmax(logits) of the token).
+  """
+  logits = logits.astype(jnp.float32)
+  take = lambda x, idx: jnp.take_along_axis(x, idx[:, None], axis=-1)[:, 0]
+  raw_lse = jax.nn.logsumexp(logits, axis=-1)  # [R]
+  if mode == "greedy":
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    raw = take(logits, tokens) - raw_lse
+    return tokens, raw, raw
+
+  scaled = logits / temperature  # [R, V]
+  peak = jnp.max(scaled, axis=-1, keepdims=True)  # [R, 1]
+  weights = jnp.exp(scaled - peak)  # [R, V] unnormalised probabilities, max 1.
+  if mode == "sample":
+    tokens = _inverse_cdf(weights, uniform)
+    total = jnp.sum(weights, axis=-1)
+  elif mode == "filter":
+    v = logits.shape[-1]
+    rank = jax.lax.broadcasted_iota(jnp.int32, weights.shape, 1)  # [R, V]
+    neg_sorted, order = jax.lax.sort((-weights, rank), dimension=1, num_keys=1)
+    sorted_w = -neg_sorted  # [R, V] descending.
+    cdf = jnp.cumsum(sorted_w, axis=-1)
+    total = cdf[:, -1]
+    mass_before = cdf - sorted_w
+    keep = (mass_before < top_p * total[:, None]) | (top_p >= 1.0) | (rank == 0)
+    keep &= (rank < top_k) | (top_k <= 0) | (top_k >= v)
+    pos = _inverse_cdf(jnp.where(keep, sorted_w, 0.0), uniform)
+    tokens = take(order, pos)
+  else:
+    raise ValueError(f"sampling mode {mode!r}; allowed: greedy, sample, filter")
+  tokens = tokens.astype(jnp.int32)
+  logprobs = take(scaled, tokens) - peak[:, 0] - jnp.log(total)
+  raw = take(logits, tokens) - raw_lse
+  return tokens, logprobs, raw
+
+
+@flax.struct.dataclass
+class _DecodeState:
+  """The while-loop carry: fixed shapes, replaced (never mutated) each step."""
+  step: jax.Array  # [] int32: tokens generated so far (the next one goes to column `step`).
+  last: jax.Array  # [R] int32: the token generated at step - 1, fed next.
+  tokens: jax.Array  # [R, T] int32
+  logprobs: jax.Array  # [R, T] float32
+  raw_logprobs: jax.Array  # [R, T] float32
+  done: jax.Array  # [R] bool: sampled a stop id.
+  lengths: jax.Array  # [R] int32
+  cache: transformer.KVCache  # [R, S] per layer; end_index = P + step - 1.
+
+
+class Sampler:
+  """Samples groups of K responses per prompt; build once, call every step with new params.
+
+  `params` is the Param state of the model: `graphdef, params = nnx.split(model, nnx.Param)` (the
+  Transformer holds nothing but Params, so this split is exhaustive). Only `graphdef` is baked
+  into the compiled programs; new parameter values of the same shapes never retrace.
+  """
+
+  def __init__(self, graphdef: nnx.GraphDef, *, model_config: transformer.ModelConfig,
+               pad_id: int, prompt_buckets: Sequence[int] = DEFAULT_BUCKETS,
+               mesh: jax.sharding.Mesh | None = None,
+               rules: sharding_lib.Rules | None = None, cache_dtype: Any = None):
+    if not prompt_buckets or any(int(b) < 1 for b in prompt_buckets):
+      raise ValueError(f"prompt_buckets={tuple(prompt_buckets)} must be positive lengths")
+    if not 0 <= pad_id < model_config.vocab_size:
+      raise ValueError(f"pad_id={pad_id} outside the vocabulary [0, {model_config.vocab_size})")
+    self._graphdef = graphdef
+    self.config = model_config
+    self.pad_id = int(pad_id)
+    self.prompt_buckets = tuple(sorted({int(b) for b in prompt_buckets}))
+    self.mesh = mesh
+    self.rules = tuple(rules if rules is not None else sharding_lib.DEFAULT_RULES)
+    self.cache_dtype = jnp.dtype(cache_dtype or model_config.dtype)
+    self.trace_count = 0  # Incremented each time `_generate` is traced (= compiled).
+    self._param_shardings = None
+    if mesh is None:
+      self.batch_shards = 1
+    else:
+      spec = sharding_lib.logical_to_spec(("batch",), self.rules)[0]
+      axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+      self.batch_shards = int(np.prod([mesh.shape[a] for a in axes]))
+    self._generate_jit = jax.jit(
+        self._generate, static_argnames=("num_samples", "max_new_tokens", "mode"))
+
+  # ---------------------------------------------------------------------------------- host side
+
+  def bucket_for(self, longest_prompt: int, max_new_tokens: int) -> int:
+    """The padded prompt length P: the smallest bucket >= the longest prompt, capped so that the
+    cache (P + max_new_tokens slots) never exceeds the model's context."""
+    bucket = next((b for b in self.prompt_buckets if b >= longest_prompt), None)
+    if bucket is None:
+      raise ValueError(
+          f"longest prompt has {longest_prompt} tokens, above the largest prompt bucket "
+          f"{self.prompt_buckets[-1]} (prompt_buckets={self.prompt_buckets})")
+    return min(bucket, self.config.max_seq_len - max_new_tokens)
+
+  def _validate(self, prompts, num_samples, max_new_tokens, temperature, top_p, top_k,
+                stop_ids) -> list[np.ndarray]:
+    if len(prompts) == 0:
+      raise ValueError("prompts is empty: need at least one prompt")
+    if num_samples < 1:
+      raise ValueError(f"num_samples={num_samples} must be >= 1")
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if not temperature >= 0.0:
+      raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if not 0.0 < top_p <= 1.0:
+      raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    if top_k < 0:
+      raise ValueError(f"top_k={top_k} must be >= 0 (0 = off)")
+    if len(stop_ids) > MAX_STOP_IDS:
+      raise ValueError(f"stop_ids={tuple(stop_ids)}: at most {MAX_STOP_IDS} stop ids")
+    vocab, context = self.config.vocab_size, self.config.max_seq_len
+    for s in stop_ids:
+      if not 0 <= int(s) < vocab:
+        raise ValueError(f"stop id {s} outside the vocabulary [0, {vocab})")
+    out = []
+    for i, p in enumerate(prompts):
+      arr = np.asarray(p)
+      if arr.ndim != 1 or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"prompt {i}: expected a 1-D sequence of token ids, got {arr.dtype} "
+                         f"shape {arr.shape}")
+      if arr.size == 0:
+        raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+      if arr.size > context:
+        raise ValueError(f"prompt {i} has {arr.size} tokens, longer than the model's context "
+                         f"max_seq_len={context}")
+      if arr.size + max_new_tokens > context:
+        raise ValueError(
+            f"prompt {i} ({arr.size} tokens) + max_new_tokens={max_new_tokens} = "
+            f"{arr.size + max_new_tokens} does not fit the model's context max_seq_len={context}")
+      if arr.min() < 0 or arr.max() >= vocab:
+        raise ValueError(f"prompt {i} holds token ids outside the vocabulary [0, {vocab})")
+      out.append(arr.astype(np.int32))
+    return out
+
+  def sample(self, params: nnx.State, prompts: Sequence[Sequence[int] | np.ndarray], *,
+             num_samples: int, max_new_tokens: int, temperature: float, top_p: float = 1.0,
+             top_k: int = 0, stop_ids: Sequence[int] = (), rng: jax.Array) -> SampleOutput:
+    """Samples `num_samples` responses for each prompt (see the module docstring).
+
+    Args:
+      params: the model's Param state (`nnx.split(model, nnx.Param)[1]`).
+      prompts: B prompts of token ids, any lengths >= 1.
+      num_samples: K, responses per prompt (the group).
+      max_new_tokens: T, the most tokens generated per response.
+      temperature: 0 for greedy; else the softmax temperature (eval 0.6, training 1.0, ...).
+      top_p: nucleus filter, 1.0 for off.
+      top_k: keep the k most likely tokens, 0 for off.
+      stop_ids: token ids that end a response (the stop token is counted and returned).
+      rng: a JAX PRNG key (typed or raw uint32[2]).
+
+    Returns:
+      A SampleOutput of host numpy arrays.
+    """
+    arrays = self._validate(prompts, num_samples, max_new_tokens, temperature, top_p, top_k,
+                            stop_ids)
+    b = len(arrays)
+    lengths = np.array([a.size for a in arrays], np.int32)
+    p = self.bucket_for(int(lengths.max()), max_new_tokens)
+    b_pad = -(-b // self.batch_shards) * self.batch_shards
+    prompt_tokens = np.full((b_pad, p), self.pad_id, np.int32)
+    for i, a in enumerate(arrays):
+      prompt_tokens[i, p - a.size:] = a
+    prompt_lengths = np.ones((b_pad,), np.int32)  # Padded rows: a 1-token dummy prompt.
+    prompt_lengths[:b] = lengths
+    stops = np.full((MAX_STOP_IDS,), -1, np.int32)
+    stops[:len(stop_ids)] = np.asarray(stop_ids, np.int32)
+    mode = sampling_mode(temperature=temperature, top_p=top_p, top_k=top_k,
+                         vocab_size=self.config.vocab_size)
+    if jax.dtypes.issubdtype(getattr(rng, "dtype", None), jax.dtypes.prng_key):
+      rng = jax.random.key_data(rng)
+    scalars = (np.float32(temperature if temperature > 0 else 1.0), np.float32(top_p),
+               np.int32(top_k))
+    if self.mesh is not None:
+      params = jax.device_put(params, self._shardings_for(params))
+      batch = lambda nd: sharding_lib.batch_sharding(self.mesh, self.rules, nd)
+      prompt_dev = jax.device_put(prompt_tokens, batch(2))
+      lengths_dev = jax.device_put(prompt_lengths, batch(1))
+    else:
+      prompt_dev, lengths_dev = prompt_tokens, prompt_lengths
+    out = self._generate_jit(params, prompt_dev, lengths_dev, rng, *scalars, stops,
+                             num_samples=num_samples, max_new_tokens=max_new_tokens, mode=mode)
+    tokens, logprobs, raw, out_lengths, done = jax.device_get(out)
+    return SampleOutput(
+        tokens=tokens[:b], logprobs=logprobs[:b], raw_logprobs=raw[:b],
+        lengths=out_lengths[:b],
+        stop_reason=np.where(done[:b], STOP_TOKEN, STOP_LENGTH).astype(np.int32),
+        prompt_tokens=prompt_tokens[:b], prompt_lengths=lengths,
+        num_compiles=self.trace_count)
+
+  def _shardings_for(self, params: nnx.State):
+    if self._param_shardings is None:
+      self._param_shardings = sharding_lib.param_shardings(params, self.mesh, self.rules)
+    return self._param_shardings
+
+  def _constrain(self, x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """Pins x to its logical axes on the mesh (a no-op without a mesh)."""
+    if self.mesh is None:
+      return x
+    spec = sharding_lib.logical_to_spec(axes, self.rules, shape=x.shape, mesh=self.mesh)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(self.mesh, spec))
+
+  # -------------------------------------------------------------------------------- device side
+
+  def _row_keys(self, rng: jax.Array, b: int, k: int) -> jax.Array:
+    """[R] raw keys: row b * K + k gets fold_in(fold_in(rng, b), k)."""
+    per_prompt = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(b))  # [B, 2]
+    per_row = jax.vmap(jax.vmap(jax.random.fold_in, (None, 0)), (0, None))(
+        per_prompt, jnp.arange(k))  # [B, K, 2]
+    return per_row.reshape(b * k, -1)
+
+  def _generate(self, params, prompt_tokens, prompt_lengths, rng, temperature, top_p, top_k,
+                stop_ids, *, num_samples: int, max_new_tokens: int, mode: Mode):
+    """Prefill + decode loop. prompt_tokens [B, P] left-padded, prompt_lengths [B]."""
+    self.trace_count += 1  # Python side effect: runs once per trace.
+    model = nnx.merge(self._graphdef, params)
+    b, p = prompt_tokens.shape
+    k, t = num_samples, max_new_tokens
+    r, s = b * k, p + t
+    batch_axes = ("batch", None, "kv_heads", "head_dim")
+
+    # Prefill the B prompts once.
+    slots = jnp.arange(s, dtype=jnp.int32)  # [S]
+    pad_start = p - prompt_lengths  # [B]: first real slot of each row.
+    real = slots[None, :p] >= pad_start[:, None]  # [B, P]
+    positions = transformer.positions_from_mask(real)
+    prefill_mask = transformer.causal_mask(real)  # [B, P, P]
+    prefill_mask = jnp.pad(prefill_mask, ((0, 0), (0, 0), (0, t)))  # [B, P, S]
+    cache = transformer.KVCache.zeros(self.config, b, s, self.cache_dtype)
+    hidden, cache = model.forward(prompt_tokens, positions=positions,
+                                  attention_mask=prefill_mask, cache=cache, return_hidden=True)
+    logits = model.logits_from_hidden(hidden[:, -1:, :])[:, 0, :]  # [B, V]
+
+    # Share each prompt's cache with its K samples: rows r = b * K + k.
+    cache = cache.repeat(k)
+    cache = cache.replace(k=tuple(self._constrain(x, batch_axes) for x in cache.k),
+                          v=tuple(self._constrain(x, batch_axes) for x in cache.v))
+    logits = jnp.repeat(logits, k, axis=0)  # [R, V]
+    row_pad_start = jnp.repeat(pad_start, k)  # [R]
+    row_lengths = jnp.repeat(prompt_lengths, k)  # [R]
+    row_keys = self._row_keys(rng, b, k)  # [R, 2]
+
+    def pick(logits, step):
+      keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
+      uniform = jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(keys)
+      return sample_token(logits=logits, uniform=uniform, temperature=temperature, top_p=top_p,
+                          top_k=top_k, mode=mode)
+
+    def record(state: _DecodeState, logits: jax.Array, cache) -> _DecodeState:
+      tok, lp, raw = pick(logits, state.step)
+      live = ~state.done
+      col = lambda buf, x, fill: jax.lax.dynamic_update_slice(
+          buf, jnp.where(live, x, fill)[:, None], (0, state.step))
+      is_stop = jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+      return _DecodeState(
+          step=state.step + 1, last=tok,
+          tokens=col(state.tokens, tok, self.pad_id),
+          logprobs=col(state.logprobs, lp, 0.0),
+          raw_logprobs=col(state.raw_logprobs, raw, 0.0),
+          done=state.done | is_stop,
+          lengths=jnp.where(live, state.step + 1, state.lengths),
+          cache=cache)
+
+    def cond(state: _DecodeState):
+      return (state.step < t) & ~jnp.all(state.done)
+
+    def body(state: _DecodeState) -> _DecodeState:
+      end = state.cache.end_index  # = P + step - 1, the slot of the token fed now.
+      mask = (slots[None, :] >= row_pad_start[:, None]) & (slots[None, :] <= end)  # [R, S]
+      positions = (row_lengths + state.step - 1)[:, None]  # [R, 1]
+      logits, cache = model.forward(state.last[:, None], positions=positions,
+                                    attention_mask=mask[:, None, :], cache=state.cache)
+      return record(state, logits[:, 0, :], cache)
+
+    init = _DecodeState(
+        step=jnp.zeros((), jnp.int32), last=jnp.zeros((r,), jnp.int32),
+        tokens=self._constrain(jnp.full((r, t), self.pad_id, jnp.int32), ("batch", None)),
+        logprobs=self._constrain(jnp.zeros((r, t), jnp.float32), ("batch", None)),
+        raw_logprobs=self._constrain(jnp.zeros((r, t), jnp.float32), ("batch", None)),
+        done=jnp.zeros((r,), jnp.bool_), lengths=jnp.zeros((r,), jnp.int32), cache=cache)
+    state = jax.lax.while_loop(cond, body, record(init, logits, cache))
+
+    shape = lambda x: self._constrain(x.reshape(b, k, *x.shape[1:]),
+                                      ("batch",) + (None,) * x.ndim)
+    return (shape(state.tokens), shape(state.logprobs), shape(state.raw_logprobs),
+            shape(state.lengths), shape(state.done))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_sampler(graphdef, model_config, pad_id, prompt_buckets) -> Sampler:
+  return Sampler(graphdef, model_config=model_config, pad_id=pad_id, prompt_buckets=prompt_buckets)
+
+
+def sample(model: transformer.Transformer, prompts: Sequence[Sequence[int] | np.ndarray], *,
+           pad_id: int, prompt_buckets: Sequence[int] = DEFAULT_BUCKETS,
+           **kwargs) -> SampleOutput:
+  """Convenience: `Sampler.sample` for an unsharded model (the Sampler is cached per graphdef)."""
+  graphdef, params = nnx.split(model, nnx.Param)
+  sampler = _cached_sampler(graphdef, model.config, int(pad_id), tuple(prompt_buckets))
+  return sampler.sample(params, prompts, **kwargs)

@@ -1,0 +1,287 @@
+"""The DYPO update: a pure `(state, batch, rng) -> (state, metrics)` step, jitted once.
+
+An update batch has a fixed layout, whatever mix of Hard and Mid items it holds, so a run compiles
+one program. U items (prompts), K rows each, L = P + T tokens per row (prompt left-padded to P,
+response right-padded to T):
+
+  tokens      [U, K, L] int32   input_mask [U, K, L] bool   resp_mask [U, K, T] f32
+  old_logp    [U, K, T] f32     sampling-policy log-probs of the response tokens (rollout rows)
+  rewards     [U, K] f32        binary correctness (GAL pairs)
+  adv_rewards [U, K] f32        the reward the GRPO advantage is computed from (shaped)
+  row_kind    [U, K] int32      ROW_PAD, ROW_ROLLOUT, ROW_TEACHER_SFT, ROW_TEACHER_OFFPOLICY
+  teacher_id  [U] int32         index of the SFT row's teacher, -1 for none
+  weights     [3] f32           (w_sft, w_grpo, w_gal) of DYPO.md §1's decision, set per batch
+
+A Hard item puts its teacher trace in row 0 (rows 1..K-1 are padding); a Mid item holds its K
+rollouts; LUFFY-style mixing holds K-1 rollouts and the teacher trace as an off-policy row.
+Micro-batches are a `lax.scan` over slices of U; every loss divides by a denominator computed
+over the whole batch first, so the summed micro-batch losses and gradients equal the big batch's.
+"""
+import dataclasses
+from typing import Any
+
+import flax
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import optax
+
+from dypo_jax import losses
+from dypo_jax import models
+
+ROW_PAD, ROW_ROLLOUT, ROW_TEACHER_SFT, ROW_TEACHER_OFFPOLICY = 0, 1, 2, 3
+TERMS = ("sft", "grpo", "gal")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # [] int32, update attempts so far.
+  params: Any  # nnx.State of the policy's Params.
+  opt_state: Any
+  nonfinite_skipped: jax.Array  # [] int32
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """The plain values the step needs; the trainer builds it from the config once."""
+  prompt_len: int  # P
+  temperature: float  # Sampling temperature of the rollouts (the behaviour policy's).
+  clip_low: float
+  clip_high: float
+  kl_coef: float
+  kl_estimator: str
+  agg_mode: str
+  max_len: int  # T, for seq-mean-token-sum-norm.
+  scale_adv_by_std: bool
+  adv_eps: float
+  beta_gal: float
+  gal_length_norm: str
+  offpolicy_shaping: float
+  micro_batches: int
+  num_teachers: int  # For per-teacher SFT metrics.
+  logprob_impl: str
+  vocab_chunk: int
+  use_gal: bool  # Static: skip GAL's work in methods that never weight it.
+  per_term_grad_norms: bool  # One backward per term (3x backward cost) for the §5 metrics.
+
+
+def make_optimizer(*, learning_rate: float, schedule: str, warmup_steps: int, total_steps: int,
+                   min_lr_ratio: float, weight_decay: float, b1: float, b2: float, eps: float,
+                   grad_clip: float) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with global-norm clipping and a warm-up + (constant | cosine | linear) schedule."""
+  decay_steps = max(total_steps - warmup_steps, 1)
+  if schedule == "constant":
+    main = optax.constant_schedule(learning_rate)
+  elif schedule == "cosine":
+    main = optax.cosine_decay_schedule(learning_rate, decay_steps, alpha=min_lr_ratio)
+  elif schedule == "linear":
+    main = optax.linear_schedule(learning_rate, learning_rate * min_lr_ratio, decay_steps)
+  else:
+    raise ValueError(f"optim.schedule={schedule!r}; allowed: constant, cosine, linear")
+  if warmup_steps:
+    sched = optax.join_schedules(
+        [optax.linear_schedule(0.0, learning_rate, warmup_steps), main], [warmup_steps])
+  else:
+    sched = main
+  parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
+  parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+  return optax.chain(*parts), sched
+
+
+def _response_logprobs(graphdef, params, tokens, input_mask, row_temperature, cfg: StepConfig):
+  """Per-token log-probs and entropy of the response tokens [N, T] under `params`."""
+  model = nnx.merge(graphdef, params)
+  inputs, in_mask = tokens[:, :-1], input_mask[:, :-1]
+  hidden, _ = model.forward(inputs, positions=models.positions_from_mask(in_mask),
+                            attention_mask=models.causal_mask(in_mask), return_hidden=True)
+  # Position P-1+t predicts response token t. A per-row temperature is a per-row scale of the
+  # hidden state, since the LM head is linear.
+  hidden = hidden[:, cfg.prompt_len - 1:]  # [N, T, D]
+  hidden = hidden / row_temperature[:, None, None].astype(hidden.dtype)
+  return losses.token_logprobs(hidden=hidden, lm_head=model.lm_head_kernel(),
+                               targets=tokens[:, cfg.prompt_len:], vocab_chunk=cfg.vocab_chunk,
+                               impl=cfg.logprob_impl)
+
+
+def _masks(batch):
+  row_kind = batch["row_kind"]
+  resp = batch["resp_mask"]
+  is_rollout = (row_kind == ROW_ROLLOUT)[..., None]
+  is_sft = (row_kind == ROW_TEACHER_SFT)[..., None]
+  is_off = (row_kind == ROW_TEACHER_OFFPOLICY)[..., None]
+  return resp * is_rollout, resp * is_sft, resp * is_off
+
+
+def _denominators(batch, cfg: StepConfig) -> dict[str, jax.Array]:
+  """Global denominators over the whole update batch (before micro-batching)."""
+  m_roll, m_sft, m_off = _masks(batch)
+  u, k, t = m_roll.shape
+  rl_mask = (m_roll + m_off).reshape(u * k, t)
+  return dict(
+      grpo=losses.grpo_denominator(mask=rl_mask, agg_mode=cfg.agg_mode, max_len=cfg.max_len),
+      gal=losses.gal_denominator(rewards=batch["rewards"], mask=m_roll),
+      sft=losses.sft_denominator(mask=m_sft.reshape(u * k, t)),
+      tokens=jnp.maximum(batch["resp_mask"].sum(), 1.0),
+      rl_tokens=jnp.maximum(rl_mask.sum(), 1.0),
+      sft_items=jnp.maximum((batch["teacher_id"] >= 0).sum(), 1).astype(jnp.float32),
+  )
+
+
+def _loss_terms(params, ref_params, graphdef, mb, denoms, cfg: StepConfig):
+  """The three normalised loss terms [3] of one micro-batch, and metric sums."""
+  u, k, l = mb["tokens"].shape
+  t = l - cfg.prompt_len
+  n = u * k
+  tokens = mb["tokens"].reshape(n, l)
+  input_mask = mb["input_mask"].reshape(n, l)
+  row_kind = mb["row_kind"].reshape(n)
+  temp = jnp.where(row_kind == ROW_TEACHER_SFT, 1.0, cfg.temperature).astype(jnp.float32)
+  logp, entropy = _response_logprobs(graphdef, params, tokens, input_mask, temp, cfg)
+  needs_ref = cfg.kl_coef > 0 or cfg.use_gal
+  if needs_ref:
+    ref_logp, _ = _response_logprobs(graphdef, jax.lax.stop_gradient(ref_params), tokens,
+                                     input_mask, temp, cfg)
+    ref_logp = jax.lax.stop_gradient(ref_logp)
+  else:
+    ref_logp = None
+
+  m_roll, m_sft, m_off = (m.reshape(n, t) for m in _masks(mb))
+  advantages = losses.grpo_advantages(mb["adv_rewards"], scale_by_std=cfg.scale_adv_by_std,
+                                      eps=cfg.adv_eps).reshape(n)
+  old_logp = mb["old_logp"].reshape(n, t)
+  grpo, _ = losses.grpo_loss(
+      logp=logp, old_logp=old_logp, ref_logp=ref_logp, advantages=advantages, mask=m_roll,
+      clip_low=cfg.clip_low, clip_high=cfg.clip_high, kl_coef=cfg.kl_coef,
+      kl_estimator=cfg.kl_estimator, agg_mode=cfg.agg_mode, max_len=cfg.max_len,
+      denom=denoms["grpo"])
+  off, _ = losses.offpolicy_loss(logp=logp, advantages=advantages, mask=m_off,
+                                 agg_mode=cfg.agg_mode, shaping=cfg.offpolicy_shaping,
+                                 max_len=cfg.max_len, denom=denoms["grpo"])
+  sft, _ = losses.sft_loss(logp=logp, mask=m_sft, denom=denoms["sft"])
+  metrics = {}
+  if cfg.use_gal:
+    gal, gal_m = losses.gal_loss(
+        logp=logp.reshape(u, k, t), ref_logp=ref_logp.reshape(u, k, t), rewards=mb["rewards"],
+        mask=m_roll.reshape(u, k, t), beta=cfg.beta_gal, length_norm=cfg.gal_length_norm,
+        denom=denoms["gal"])
+    pairs = gal_m["gal_pairs"]
+    metrics.update({"gal/pairs": pairs, "gal/pair_acc_sum": gal_m["pair_accuracy"] * pairs,
+                    "gal/margin_sum": gal_m["margin"] * pairs})
+  else:
+    gal = jnp.zeros((), jnp.float32)
+  terms = jnp.stack([sft, grpo + off, gal])
+
+  # Metric sums (divided by global counts after the scan).
+  resp = mb["resp_mask"].reshape(n, t)
+  rl = m_roll + m_off
+  ratio = jnp.exp(logp - old_logp)
+  clipped = ((ratio < 1 - cfg.clip_low) | (ratio > 1 + cfg.clip_high)).astype(jnp.float32)
+  metrics.update({
+      "policy/entropy_sum": (entropy * resp).sum(),
+      "policy/clip_frac_sum": (clipped * m_roll).sum(),
+      "policy/ratio_sum": (ratio * m_roll).sum(),
+  })
+  if ref_logp is not None:
+    kl = losses.kl_penalty(logp=logp, ref_logp=ref_logp, estimator=cfg.kl_estimator)
+    metrics["policy/kl_sum"] = (kl * rl).sum()
+  # Per-teacher SFT: the sum over an item's trace tokens of -logp, by teacher.
+  item_nll = (-(logp * m_sft).sum(-1)).reshape(u, k).sum(-1)  # [u]
+  item_tokens = m_sft.sum(-1).reshape(u, k).sum(-1)
+  onehot = jax.nn.one_hot(mb["teacher_id"], cfg.num_teachers, dtype=jnp.float32)  # [u, nt]
+  metrics["sft/teacher_nll_sum"] = onehot.T @ item_nll
+  metrics["sft/teacher_tokens"] = onehot.T @ item_tokens
+  return terms, metrics
+
+
+def build_train_step(graphdef, cfg: StepConfig, tx: optax.GradientTransformation,
+                     schedule: optax.Schedule):
+  """Returns the pure step `(state, ref_params, batch, rng) -> (state, metrics)` (not jitted).
+
+  The reference parameters sit beside the state (frozen, never donated).
+  """
+
+  def step_fn(state: TrainState, ref_params, batch, rng):
+    del rng  # The update is deterministic; kept for the (state, batch, rng) signature.
+    denoms = _denominators(batch, cfg)
+    weights = batch["weights"].astype(jnp.float32)
+    mbs = jax.tree.map(
+        lambda x: x.reshape((cfg.micro_batches, x.shape[0] // cfg.micro_batches) + x.shape[1:]),
+        {k: v for k, v in batch.items() if k != "weights"})
+
+    def micro_step(carry, mb):
+      def terms_fn(p):
+        return _loss_terms(p, ref_params, graphdef, mb, denoms, cfg)
+      terms, vjp_fn, metrics = jax.vjp(terms_fn, state.params, has_aux=True)
+      if cfg.per_term_grad_norms:
+        per_term = jax.vmap(vjp_fn)(jnp.eye(len(TERMS), dtype=terms.dtype))[0]
+        grads = jax.tree.map(lambda g: jnp.tensordot(weights, g, axes=1), per_term)
+      else:
+        per_term = None
+        grads = vjp_fn(weights)[0]
+      acc_grads, acc_terms, acc_term_grads, acc_metrics = carry
+      acc_grads = jax.tree.map(jnp.add, acc_grads, grads)
+      if per_term is not None:
+        acc_term_grads = jax.tree.map(jnp.add, acc_term_grads, per_term)
+      acc_metrics = jax.tree.map(jnp.add, acc_metrics, metrics)
+      return (acc_grads, acc_terms + terms, acc_term_grads, acc_metrics), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    term_zeros = (jax.tree.map(lambda x: jnp.zeros((len(TERMS),) + x.shape, x.dtype),
+                               state.params) if cfg.per_term_grad_norms else None)
+    first_mb = jax.tree.map(lambda x: x[0], mbs)
+    metric_zeros = jax.tree.map(
+        jnp.zeros_like,
+        jax.eval_shape(lambda: _loss_terms(state.params, ref_params, graphdef, first_mb,
+                                           denoms, cfg)[1]))
+    init = (zeros, jnp.zeros((len(TERMS),), jnp.float32), term_zeros, metric_zeros)
+    (grads, terms, term_grads, sums), _ = jax.lax.scan(micro_step, init, mbs)
+
+    loss = jnp.dot(weights, terms)
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new_state = TrainState(
+        step=state.step + 1, params=keep(new_params, state.params),
+        opt_state=keep(new_opt_state, state.opt_state),
+        nonfinite_skipped=state.nonfinite_skipped + (~ok).astype(jnp.int32))
+
+    m_roll, _, _ = _masks(batch)
+    rollout_tokens = jnp.maximum(m_roll.sum(), 1.0)
+    metrics = {
+        "loss/total": loss, "loss/sft": terms[0], "loss/grpo": terms[1], "loss/gal": terms[2],
+        "grad/norm": grad_norm, "train/update_skipped": (~ok).astype(jnp.int32),
+        "train/nonfinite_skipped": new_state.nonfinite_skipped, "lr": schedule(state.step),
+        "policy/entropy": sums["policy/entropy_sum"] / denoms["tokens"],
+        "policy/clip_frac": sums["policy/clip_frac_sum"] / rollout_tokens,
+        "policy/ratio_mean": sums["policy/ratio_sum"] / rollout_tokens,
+        "sft/teacher_nll_sum": sums["sft/teacher_nll_sum"],
+        "sft/teacher_tokens": sums["sft/teacher_tokens"],
+        "batch/tokens": batch["resp_mask"].sum(),
+    }
+    if "policy/kl_sum" in sums:
+      metrics["policy/kl"] = sums["policy/kl_sum"] / denoms["rl_tokens"]
+    if cfg.use_gal:
+      pairs = sums["gal/pairs"]
+      metrics["gal/pairs"] = pairs
+      metrics["gal/pair_acc"] = sums["gal/pair_acc_sum"] / jnp.maximum(pairs, 1.0)
+      metrics["gal/margin"] = sums["gal/margin_sum"] / jnp.maximum(pairs, 1.0)
+    if term_grads is not None:
+      for i, name in enumerate(TERMS):
+        metrics[f"grad/norm_{name}"] = optax.global_norm(jax.tree.map(lambda g: g[i], term_grads))
+    return new_state, metrics
+
+  return step_fn
+
+
+def batch_spec_shapes(*, items: int, k: int, prompt_len: int, max_len: int) -> dict[str, tuple]:
+  """Shapes and dtypes of an update batch (for abstract compilation and for padding)."""
+  l = prompt_len + max_len
+  return {
+      "tokens": ((items, k, l), jnp.int32), "input_mask": ((items, k, l), jnp.bool_),
+      "resp_mask": ((items, k, max_len), jnp.float32),
+      "old_logp": ((items, k, max_len), jnp.float32), "rewards": ((items, k), jnp.float32),
+      "adv_rewards": ((items, k), jnp.float32), "row_kind": ((items, k), jnp.int32),
+      "teacher_id": ((items,), jnp.int32), "weights": ((len(TERMS),), jnp.float32),
+  }

@@ -1,0 +1,105 @@
+"""Config schema: every experiment validates; unknown keys, bad types and bad values are named."""
+import glob
+import importlib.util
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from dypo_jax import config as config_lib
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_experiment(path):
+  spec = importlib.util.spec_from_file_location("exp", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_base_config_is_valid():
+  config_lib.validate(config_lib.base_config())
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(_REPO, "experiments", "*.py"))))
+def test_every_experiment_config_validates(path):
+  module = _load_experiment(path)
+  if not hasattr(module, "get_config"):
+    pytest.skip(f"{path} is a script, not a config")
+  variants = getattr(module, "VARIANTS", ("",))
+  for variant in variants:
+    config_lib.validate(module.get_config(variant))
+
+
+def test_unknown_key_is_named_with_known_keys():
+  c = config_lib.base_config()
+  c.rl.alpah = 0.3
+  with pytest.raises(config_lib.ConfigError, match=r"unknown config key 'rl.alpah'.*'rl.alpha'"):
+    config_lib.validate(c)
+
+
+def test_bad_type_is_named():
+  # ConfigDict refuses a type change on assignment; a config written as a plain dict does not.
+  d = config_lib.base_config().to_dict()
+  d["rl"]["num_samples"] = "eight"
+  c = ml_collections.ConfigDict(d)
+  with pytest.raises(config_lib.ConfigError, match=r"'rl.num_samples' = 'eight' has type str; "
+                     r"expected int"):
+    config_lib.validate(c)
+
+
+@pytest.mark.parametrize("key,value,allowed", [
+    ("rl.alpha", 1.5, r"\[0, 1\]"),
+    ("rl.num_samples", 1, r"\[2, inf\]"),
+    ("rl.agg_mode", "sum", "token-mean"),
+    ("rl.kl_estimator", "k4", "k1"),
+    ("rl.method", "ppo", "dypo"),
+    ("rl.offline_loss_type", "dpo", "sft"),
+    ("model.dtype", "int8", "bfloat16"),
+])
+def test_out_of_range_value_is_named_with_allowed(key, value, allowed):
+  c = config_lib.base_config()
+  section, name = key.split(".")
+  c[section][name] = value
+  with pytest.raises(config_lib.ConfigError, match=rf"'{key}' = .* is not allowed; expected .*"
+                     + allowed):
+    config_lib.validate(c)
+
+
+def test_relations_are_checked():
+  c = config_lib.base_config()
+  c.train.update_prompts, c.train.micro_batches = 6, 4
+  with pytest.raises(config_lib.ConfigError, match="train.update_prompts=6 must be a multiple"):
+    config_lib.validate(c)
+  c = config_lib.base_config()
+  c.model.num_heads = 6
+  c.model.num_kv_heads = 4
+  with pytest.raises(config_lib.ConfigError, match="model.num_heads=6"):
+    config_lib.validate(c)
+
+
+def _run_main(*args):
+  return subprocess.run([sys.executable, "-m", "dypo_jax.main", *args], capture_output=True,
+                        text=True, cwd=_REPO, timeout=300)
+
+
+def test_cli_unknown_override_key_is_named():
+  proc = _run_main("--config=experiments/cpu_tiny.py", "--config.rl.alpah=0.3", "--mode=summary")
+  assert proc.returncode != 0
+  assert "unknown config key 'rl.alpah'" in proc.stderr and "'alpha'" in proc.stderr
+
+
+def test_cli_out_of_range_override_is_named():
+  proc = _run_main("--config=experiments/cpu_tiny.py", "--config.rl.alpha=1.5", "--mode=summary")
+  assert proc.returncode != 0
+  assert "'rl.alpha' = 1.5 is not allowed" in proc.stderr
+
+
+def test_cli_bad_type_override_is_named():
+  proc = _run_main("--config=experiments/cpu_tiny.py", "--config.rl.num_samples=abc",
+                   "--mode=summary")
+  assert proc.returncode != 0
+  assert "rl.num_samples" in proc.stderr

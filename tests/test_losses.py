@@ -1,0 +1,503 @@
+"""Numeric tests of dypo_jax.losses (and the token log-prob helpers it re-exports).
+
+Golden values are derived by hand in the comments, or recomputed here with plain numpy from the
+formula in DYPO.md §2 -- never by calling the function under test.
+"""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dypo_jax import losses
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def _softplus(x):
+  return math.log1p(math.exp(x))
+
+
+def _sigmoid(x):
+  return 1.0 / (1.0 + math.exp(-x))
+
+
+# ------------------------------------------------------------------------------------------------
+# Advantages and KL.
+
+
+@pytest.mark.parametrize("scale_by_std", [True, False])
+def test_grpo_advantages_match_numpy(scale_by_std):
+  rewards = np.array([[1, 0, 0, 1, 1, 0, 0, 0],
+                      [1, 1, 1, 1, 1, 1, 1, 1],  # All equal: centred 0, std 0 -> advantage 0.
+                      [0.5, 0, 1, 0, 0, 0, 0, 0.2]], np.float32)
+  centred = rewards - rewards.mean(axis=1, keepdims=True)
+  want = centred / (rewards.std(axis=1, ddof=1, keepdims=True) + 1e-6) if scale_by_std else centred
+  got = losses.grpo_advantages(jnp.asarray(rewards), scale_by_std=scale_by_std)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_grpo_advantages_hand_value():
+  # R = [1, 0]: mean 0.5, unbiased std = sqrt((0.25 + 0.25) / 1) = 0.70711 -> ±0.5 / 0.70711.
+  got = losses.grpo_advantages(jnp.array([[1.0, 0.0]]), scale_by_std=True, eps=0.0)
+  np.testing.assert_allclose(got, [[0.70710678, -0.70710678]], rtol=1e-6)
+  with pytest.raises(ValueError, match="rewards"):
+    losses.grpo_advantages(jnp.ones((4,)), scale_by_std=True)
+
+
+def test_kl_estimators_golden():
+  logp = jnp.array([0.0, -1.0, -2.0])
+  ref = jnp.array([0.0, -0.5, -3.0])
+  # d = [0, -0.5, 1.0]
+  np.testing.assert_allclose(losses.kl_penalty(logp=logp, ref_logp=ref, estimator="k1"),
+                             [0.0, -0.5, 1.0], atol=1e-7)
+  # d²/2 = [0, 0.125, 0.5]
+  np.testing.assert_allclose(losses.kl_penalty(logp=logp, ref_logp=ref, estimator="k2"),
+                             [0.0, 0.125, 0.5], atol=1e-7)
+  # exp(-d) + d - 1 = [0, e^0.5 - 1.5 = 0.1487213, e^-1 = 0.3678794]
+  np.testing.assert_allclose(losses.kl_penalty(logp=logp, ref_logp=ref, estimator="k3"),
+                             [0.0, 0.1487213, 0.3678794], rtol=1e-6, atol=1e-7)
+  with pytest.raises(ValueError, match="k4"):
+    losses.kl_penalty(logp=logp, ref_logp=ref, estimator="k4")
+
+
+def test_k3_nonnegative_and_zero_at_equality():
+  d = jnp.linspace(-15.0, 15.0, 3001)
+  ref = jnp.full_like(d, -2.0)
+  k3 = losses.kl_penalty(logp=ref + d, ref_logp=ref, estimator="k3")
+  assert bool(jnp.all(k3 >= 0.0))
+  same = losses.kl_penalty(logp=ref, ref_logp=ref, estimator="k3")
+  np.testing.assert_array_equal(same, np.zeros(d.shape))
+  # Near 0, k3 ~ d²/2 (expm1 keeps the small values accurate instead of rounding to 0).
+  small = losses.kl_penalty(logp=jnp.array([1e-3]), ref_logp=jnp.array([0.0]), estimator="k3")
+  np.testing.assert_allclose(small, [0.5e-6 - 1e-9 / 6], rtol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# GRPO.
+
+# Hand-built batch: N = 2 sequences, T = 3.
+_LOGP = np.array([[-1.0, -0.5, -2.0], [-0.3, -1.2, -0.7]], np.float32)
+_OLD = np.array([[-1.0, -0.8, -1.5], [-0.5, -1.2, -0.2]], np.float32)
+_REF = np.array([[-1.2, -0.5, -9.0], [-0.3, -1.0, -0.9]], np.float32)
+_MASK = np.array([[1, 1, 0], [1, 1, 1]], np.float32)
+_ADV = np.array([1.0, -0.5], np.float32)
+# ratio ρ = exp(logp - old): row 0 [1, e^0.3 = 1.34986, (masked)]; row 1 [e^0.2 = 1.22140, 1,
+# e^-0.5 = 0.60653]. With ε_low = 0.2, ε_high = 0.28 the clip range is [0.8, 1.28]:
+#   row 0 (A = 1):    t0 -min(1, 1) = -1;  t1 -min(1.34986, 1.28) = -1.28 (clipped)
+#   row 1 (A = -0.5): t0 -min(-0.61070, -0.61070) = 0.61070;  t1 0.5;
+#                     t2 -min(-0.30327, 0.8 * -0.5 = -0.4) = 0.4 (clipped)
+_PG_TOKEN = np.array([[-1.0, -1.28, 0.0], [0.5 * math.exp(0.2), 0.5, 0.4]])
+# d = logp - ref: row 0 [0.2, 0, (masked)]; row 1 [0, -0.2, 0.2].
+_D = np.array([[0.2, 0.0, 0.0], [0.0, -0.2, 0.2]])
+_KL_TOKEN = {"k1": _D, "k2": _D**2 / 2, "k3": np.exp(-_D) + _D - 1}
+
+
+def _np_aggregate(per_token, agg_mode, max_len):
+  per_token = per_token * _MASK
+  if agg_mode == "token-mean":
+    return per_token.sum() / _MASK.sum()
+  if agg_mode == "seq-mean-token-mean":
+    return np.mean(per_token.sum(1) / _MASK.sum(1))
+  return per_token.sum() / (2 * max_len)
+
+
+def _grpo(agg_mode, estimator="k3", kl_coef=0.0, max_len=None, **kwargs):
+  return losses.grpo_loss(
+      logp=jnp.asarray(_LOGP), old_logp=jnp.asarray(_OLD), ref_logp=jnp.asarray(_REF),
+      advantages=jnp.asarray(_ADV), mask=jnp.asarray(_MASK), clip_low=0.2, clip_high=0.28,
+      kl_coef=kl_coef, kl_estimator=estimator, agg_mode=agg_mode, max_len=max_len, **kwargs)
+
+
+def test_grpo_loss_hand_golden_token_mean():
+  # Σ pg = -1 - 1.28 + 0.61070 + 0.5 + 0.4 = -0.76930 over 5 tokens -> -0.153860.
+  loss, metrics = _grpo("token-mean")
+  np.testing.assert_allclose(loss, -0.153860, atol=1e-6)
+  # seq-mean-token-mean: row means -2.28 / 2 = -1.14 and 1.51070 / 3 = 0.50357 -> -0.318216.
+  loss, _ = _grpo("seq-mean-token-mean")
+  np.testing.assert_allclose(loss, -0.318216, atol=1e-6)
+  # seq-mean-token-sum-norm with L_max = 4: -0.76930 / (2 * 4) = -0.0961625.
+  loss, _ = _grpo("seq-mean-token-sum-norm", max_len=4)
+  np.testing.assert_allclose(loss, -0.0961625, atol=1e-6)
+  # Two of the five tokens take the clipped branch; adv mean (1 - 0.5) / 2.
+  np.testing.assert_allclose(metrics["clip_fraction"], 0.4, atol=1e-7)
+  ratio_mean = (1 + math.exp(0.3) + math.exp(0.2) + 1 + math.exp(-0.5)) / 5
+  np.testing.assert_allclose(metrics["ratio_mean"], ratio_mean, rtol=1e-6)
+  np.testing.assert_allclose(metrics["adv_mean"], 0.25, atol=1e-7)
+  assert float(metrics["num_tokens"]) == 5.0 and float(metrics["num_seqs"]) == 2.0
+
+
+@pytest.mark.parametrize("agg_mode", AGG_MODES)
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_grpo_loss_golden_every_mode_and_estimator(agg_mode, estimator):
+  kl_coef = 0.1
+  want_pg = _np_aggregate(_PG_TOKEN, agg_mode, max_len=5)
+  want_kl = kl_coef * _np_aggregate(_KL_TOKEN[estimator], agg_mode, max_len=5)
+  loss, metrics = _grpo(agg_mode, estimator, kl_coef=kl_coef, max_len=5)
+  np.testing.assert_allclose(metrics["pg_loss"], want_pg, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(metrics["kl_loss"], want_kl, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(loss, want_pg + want_kl, rtol=1e-5, atol=1e-7)
+  want_kl_mean = (_KL_TOKEN[estimator] * _MASK).sum() / 5
+  np.testing.assert_allclose(metrics["kl"], want_kl_mean, rtol=1e-5, atol=1e-7)
+
+
+def test_grpo_loss_gradient_zero_on_clipped_tokens():
+  # d loss / d logp = -A ρ / 5 on unclipped tokens, 0 on clipped ones and masked ones.
+  def f(logp):
+    return losses.grpo_loss(
+        logp=logp, old_logp=jnp.asarray(_OLD), ref_logp=None, advantages=jnp.asarray(_ADV),
+        mask=jnp.asarray(_MASK), clip_low=0.2, clip_high=0.28, kl_coef=0.0, kl_estimator="k3",
+        agg_mode="token-mean")[0]
+  grad = jax.grad(f)(jnp.asarray(_LOGP))
+  want = np.array([[-1.0, 0.0, 0.0], [0.5 * math.exp(0.2), 0.5, 0.0]]) / 5
+  np.testing.assert_allclose(grad, want, rtol=1e-6, atol=1e-7)
+
+
+def test_grpo_loss_bad_inputs():
+  with pytest.raises(ValueError, match="agg_mode='seq-mean'"):
+    _grpo("seq-mean")
+  with pytest.raises(ValueError, match="ref_logp is None"):
+    losses.grpo_loss(
+        logp=jnp.asarray(_LOGP), old_logp=jnp.asarray(_OLD), ref_logp=None,
+        advantages=jnp.asarray(_ADV), mask=jnp.asarray(_MASK), clip_low=0.2, clip_high=0.2,
+        kl_coef=0.1, kl_estimator="k3", agg_mode="token-mean")
+
+
+# ------------------------------------------------------------------------------------------------
+# GAL.
+
+
+def _gal_batch():
+  """B = 3 prompts, K = 3, T = 2; ref_logp = 0 so Δ = Σ logp·m."""
+  logp = np.array([
+      [[-1.5, -1.5], [-0.5, -2.0], [-0.2, -0.3]],  # Δ = -3, -2.5, -0.5; R = 1, 0, 1
+      [[-1.0, -1.0], [-2.0, -2.0], [-3.0, -3.0]],  # R = 0, 0, 0: no pair
+      [[-0.1, -0.1], [-3.0, -3.0], [-5.0, -5.0]],  # Δ = -0.2, -3 (1 token), empty; R = 1, 0, 0
+  ], np.float32)
+  mask = np.ones_like(logp)
+  mask[2, 1, 1] = 0.0
+  mask[2, 2, :] = 0.0
+  rewards = np.array([[1, 0, 1], [0, 0, 0], [1, 0, 0]], np.float32)
+  return logp, np.zeros_like(logp), rewards, mask
+
+
+def test_gal_loss_golden_sum():
+  logp, ref, rewards, mask = _gal_batch()
+  # Prompt 0 pairs (s, f): (0, 1) d = -3 + 2.5 = -0.5; (2, 1) d = -0.5 + 2.5 = 2.0.
+  # Prompt 2: only (0, 1), d = -0.2 + 3 = 2.8 (sample 2 is empty, so never a failure).
+  # β = 1: L0 = (softplus(0.5) + softplus(-2)) / 2 = (0.974077 + 0.126928) / 2 = 0.550502;
+  # L2 = softplus(-2.8) = 0.059033; loss = (L0 + L2) / 2 prompts = 0.304768.
+  loss, m = losses.gal_loss(logp=jnp.asarray(logp), ref_logp=jnp.asarray(ref),
+                            rewards=jnp.asarray(rewards), mask=jnp.asarray(mask), beta=1.0,
+                            length_norm="sum")
+  want = ((_softplus(0.5) + _softplus(-2.0)) / 2 + _softplus(-2.8)) / 2
+  np.testing.assert_allclose(want, 0.304768, atol=1e-6)
+  np.testing.assert_allclose(loss, want, rtol=1e-6)
+  assert float(m["gal_pairs"]) == 3.0 and float(m["gal_prompts"]) == 2.0
+  np.testing.assert_allclose(m["pair_accuracy"], 2 / 3, rtol=1e-6)  # d = -0.5 is the miss.
+  np.testing.assert_allclose(m["margin"], (-0.5 + 2.0 + 2.8) / 3, rtol=1e-6)
+  # Successes of pair prompts: -3, -0.5, -0.2; failures: -2.5, -3 (prompt 1 has no pair).
+  np.testing.assert_allclose(m["delta_success_mean"], -3.7 / 3, rtol=1e-6)
+  np.testing.assert_allclose(m["delta_failure_mean"], -2.75, rtol=1e-6)
+
+
+def test_gal_loss_golden_mean_and_beta():
+  logp, ref, rewards, mask = _gal_batch()
+  ref = ref + 0.25 * mask  # Δ_i = Σ (logp - 0.25)·m; the mean norm divides by the length.
+  # Per-token mean Δ: prompt 0 [-1.75, -1.5, -0.5]; prompt 2 [-0.35, -3.25].
+  # d: prompt 0 (0,1) -0.25, (2,1) 1.0; prompt 2 2.9. β = 2.
+  loss, _ = losses.gal_loss(logp=jnp.asarray(logp), ref_logp=jnp.asarray(ref),
+                            rewards=jnp.asarray(rewards), mask=jnp.asarray(mask), beta=2.0,
+                            length_norm="mean")
+  want = ((_softplus(0.5) + _softplus(-2.0)) / 2 + _softplus(-5.8)) / 2
+  np.testing.assert_allclose(loss, want, rtol=1e-6)
+
+
+def test_gal_no_pairs_is_zero():
+  logp, ref, _, mask = _gal_batch()
+  rewards = np.array([[1, 1, 1], [0, 0, 0], [1, 1, 1]], np.float32)
+  loss, m = losses.gal_loss(logp=jnp.asarray(logp), ref_logp=jnp.asarray(ref),
+                            rewards=jnp.asarray(rewards), mask=jnp.asarray(mask), beta=1.0,
+                            length_norm="sum")
+  assert float(loss) == 0.0 and float(m["gal_pairs"]) == 0.0
+  assert float(losses.gal_denominator(rewards=jnp.asarray(rewards), mask=jnp.asarray(mask))) == 1
+
+
+@pytest.mark.parametrize("beta", [0.5, 2.0])
+def test_gal_gradient_matches_dpo_weight(beta):
+  # One pair, one token each, logp = (-0.7, -1.5), ref = (-1.0, -1.1):
+  # Δ_s = -0.7 + 1.0 = 0.3, Δ_f = -1.5 + 1.1 = -0.4, d = 0.7.
+  # d/dΔ_s softplus(-β d) = -β (1 - σ(β d)); d/dΔ_f = +β (1 - σ(β d)).
+  ref = jnp.array([[[-1.0], [-1.1]]])
+  rewards = jnp.array([[1.0, 0.0]])
+  mask = jnp.ones((1, 2, 1))
+
+  def f(logp):
+    return losses.gal_loss(logp=logp, ref_logp=ref, rewards=rewards, mask=mask, beta=beta,
+                           length_norm="sum")[0]
+  grad = jax.grad(f)(jnp.array([[[-0.7], [-1.5]]]))
+  w = beta * (1.0 - _sigmoid(beta * 0.7))
+  np.testing.assert_allclose(grad[0, :, 0], [-w, w], rtol=1e-5)
+  assert 0.0 < w < beta
+
+
+# ------------------------------------------------------------------------------------------------
+# SFT and off-policy.
+
+
+def test_sft_loss_golden():
+  logp = jnp.array([[-1.0, -2.0, -3.0], [-0.5, -9.0, -9.0]])
+  mask = jnp.array([[1, 1, 1], [1, 0, 0]])
+  # (1 + 2 + 3 + 0.5) / 4 tokens = 1.625
+  loss, m = losses.sft_loss(logp=logp, mask=mask)
+  np.testing.assert_allclose(loss, 1.625, rtol=1e-7)
+  np.testing.assert_allclose(m["sft_nll"], 1.625, rtol=1e-7)
+  assert float(m["num_tokens"]) == 4.0
+
+
+_P = np.array([[0.5, 0.1], [0.9, 0.2]])
+_P_MASK = np.array([[1.0, 1.0], [1.0, 0.0]])
+_P_ADV = np.array([2.0, -1.0])
+
+
+def test_offpolicy_loss_golden():
+  # f(p) = p / (p + 0.1): f(0.5) = 0.833333, f(0.1) = 0.5, f(0.9) = 0.9.
+  # Tokens -f·A: row 0 (A=2) [-1.666667, -1.0]; row 1 (A=-1) [0.9, (masked)].
+  # token-mean: (-2.666667 + 0.9) / 3 = -0.588889.
+  # seq-mean-token-mean: (-1.333333 + 0.9) / 2 = -0.216667.
+  # sum-norm (L_max = 2): -1.766667 / 4 = -0.441667.
+  want = {"token-mean": -0.588889, "seq-mean-token-mean": -0.216667,
+          "seq-mean-token-sum-norm": -0.441667}
+  for agg_mode, value in want.items():
+    loss, _ = losses.offpolicy_loss(logp=jnp.log(jnp.asarray(_P)), advantages=jnp.asarray(_P_ADV),
+                                    mask=jnp.asarray(_P_MASK), agg_mode=agg_mode)
+    np.testing.assert_allclose(loss, value, atol=1e-6, err_msg=agg_mode)
+
+
+def test_offpolicy_loss_gradient():
+  def f(logp):
+    return losses.offpolicy_loss(logp=logp, advantages=jnp.asarray(_P_ADV),
+                                 mask=jnp.asarray(_P_MASK), agg_mode="token-mean", shaping=0.1)[0]
+  grad = jax.grad(f)(jnp.log(jnp.asarray(_P, jnp.float32)))
+  # d(-f(p)A)/d logp = -A · f'(p) · p = -A · 0.1 · p / (p + 0.1)², over the 3 tokens.
+  want = -_P_ADV[:, None] * 0.1 * _P / (_P + 0.1)**2 / 3 * _P_MASK
+  np.testing.assert_allclose(grad, want, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Micro-batch exactness: Σ micro-batch losses with the global denominator == big-batch loss.
+
+
+def _random_rl_batch(seed, n=6, t=5):
+  rng = np.random.default_rng(seed)
+  logp = -rng.uniform(0.05, 3.0, (n, t)).astype(np.float32)
+  old = logp + rng.normal(0, 0.3, (n, t)).astype(np.float32)
+  ref = logp + rng.normal(0, 0.3, (n, t)).astype(np.float32)
+  lengths = np.array([5, 1, 3, 0, 4, 2])[:n]  # Row 3 is an empty (padding) row.
+  mask = (np.arange(t)[None, :] < lengths[:, None]).astype(np.float32)
+  adv = rng.normal(0, 1, (n,)).astype(np.float32)
+  return [jnp.asarray(x) for x in (logp, old, ref, mask, adv)]
+
+
+@pytest.mark.parametrize("agg_mode", AGG_MODES)
+def test_grpo_and_offpolicy_microbatch_exact(agg_mode):
+  logp, old, ref, mask, adv = _random_rl_batch(0)
+  common = dict(clip_low=0.2, clip_high=0.28, kl_coef=0.05, kl_estimator="k3", agg_mode=agg_mode,
+                max_len=8)
+
+  grpo_loss = jax.jit(functools.partial(losses.grpo_loss, **common))
+  offpolicy_loss = jax.jit(functools.partial(losses.offpolicy_loss, agg_mode=agg_mode, max_len=8))
+
+  def grpo(sl, denom=None):
+    return grpo_loss(logp=logp[sl], old_logp=old[sl], ref_logp=ref[sl],
+                            advantages=adv[sl], mask=mask[sl], denom=denom)[0]
+
+  def offp(sl, denom=None):
+    return offpolicy_loss(logp=logp[sl], advantages=adv[sl], mask=mask[sl], denom=denom)[0]
+
+  denom = losses.grpo_denominator(mask=mask, agg_mode=agg_mode, max_len=8)
+  parts = (slice(0, 2), slice(2, 6))  # Unequal micro-batches.
+  for fn in (grpo, offp):
+    whole = fn(slice(None))
+    summed = sum(fn(sl, denom) for sl in parts)
+    np.testing.assert_allclose(summed, whole, rtol=1e-6, atol=1e-7)
+    naive = sum(fn(sl) for sl in parts) / 2  # Mean of local means differs: the test has teeth.
+    assert abs(float(naive) - float(whole)) > 1e-3
+  # Denominators: 15 tokens; 5 non-empty rows; 5 rows * L_max 8.
+  want_denom = {"token-mean": 15, "seq-mean-token-mean": 5, "seq-mean-token-sum-norm": 40}
+  assert float(denom) == want_denom[agg_mode]
+
+
+def test_sft_microbatch_exact():
+  logp, _, _, mask, _ = _random_rl_batch(1)
+  whole, _ = losses.sft_loss(logp=logp, mask=mask)
+  denom = losses.sft_denominator(mask=mask)
+  summed = sum(losses.sft_loss(logp=logp[sl], mask=mask[sl], denom=denom)[0]
+               for sl in (slice(0, 1), slice(1, 6)))
+  np.testing.assert_allclose(summed, whole, rtol=1e-6)
+
+
+@pytest.mark.parametrize("length_norm", ["sum", "mean"])
+def test_gal_microbatch_exact(length_norm):
+  rng = np.random.default_rng(2)
+  b, k, t = 5, 4, 6
+  logp = jnp.asarray(-rng.uniform(0.05, 2.0, (b, k, t)).astype(np.float32))
+  ref = jnp.asarray(-rng.uniform(0.05, 2.0, (b, k, t)).astype(np.float32))
+  lengths = rng.integers(1, t + 1, (b, k))
+  mask = jnp.asarray((np.arange(t) < lengths[..., None]).astype(np.float32))
+  # Prompt pair counts: 4 (2/2), 3 (1/3), 0 (all 1), 0 (all 0), 3 (3/1).
+  rewards = jnp.asarray(np.array(
+      [[1, 0, 1, 0], [0, 0, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 0, 1]], np.float32))
+  gal_loss = jax.jit(functools.partial(losses.gal_loss, beta=1.0, length_norm=length_norm))
+  whole, m = gal_loss(logp=logp, ref_logp=ref, rewards=rewards, mask=mask)
+  assert float(m["gal_pairs"]) == 10.0 and float(m["gal_prompts"]) == 3.0
+  denom = losses.gal_denominator(rewards=rewards, mask=mask)
+  summed = sum(gal_loss(logp=logp[sl], ref_logp=ref[sl], rewards=rewards[sl], mask=mask[sl],
+                        denom=denom)[0]
+               for sl in (slice(0, 1), slice(1, 5)))
+  np.testing.assert_allclose(summed, whole, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# The DYPO combination.
+
+
+def test_dypo_objective_weights():
+  # 1 Hard, 3 Mid: 0.25 · 2 · 1.5 + 0.75 · (0.8 · 0.4 + 0.2 · 0.7) = 0.75 + 0.345 = 1.095.
+  loss, m = losses.dypo_objective(sft_loss=jnp.float32(1.5), grpo_loss=jnp.float32(0.4),
+                                  gal_loss=jnp.float32(0.7), n_hard=1, n_mid=3, alpha=0.8,
+                                  gamma=2.0)
+  np.testing.assert_allclose(loss, 1.095, rtol=1e-6)
+  np.testing.assert_allclose(m["sft_term"] + m["grpo_term"] + m["gal_term"], 1.095, rtol=1e-6)
+  # All-Hard is pure γ·SFT, all-Mid the pure α-mix, an empty batch 0.
+  pure_sft, _ = losses.dypo_objective(sft_loss=1.5, grpo_loss=0.4, gal_loss=0.7, n_hard=4,
+                                      n_mid=0, alpha=0.8, gamma=2.0)
+  np.testing.assert_allclose(pure_sft, 3.0, rtol=1e-6)
+  pure_mid, _ = losses.dypo_objective(sft_loss=1.5, grpo_loss=0.4, gal_loss=0.7, n_hard=0,
+                                      n_mid=jnp.int32(2), alpha=0.8, gamma=2.0)
+  np.testing.assert_allclose(pure_mid, 0.46, rtol=1e-6)
+  empty, _ = losses.dypo_objective(sft_loss=1.5, grpo_loss=0.4, gal_loss=0.7, n_hard=0, n_mid=0,
+                                   alpha=0.8, gamma=2.0)
+  assert float(empty) == 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Token log-probabilities.
+
+
+def _lm_inputs(seed, n=2, t=5, d=16, v=37, dtype=jnp.float32):
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  hidden = jax.random.normal(k1, (n, t, d), jnp.float32).astype(dtype)
+  lm_head = jax.random.normal(k2, (d, v), jnp.float32) / math.sqrt(d) * 3.0
+  targets = jax.random.randint(k3, (n, t), 0, v)
+  return hidden, lm_head, targets
+
+
+def test_full_logprobs_match_numpy():
+  hidden, lm_head, targets = _lm_inputs(0)
+  logp, ent = losses.token_logprobs(hidden=hidden, lm_head=lm_head, targets=targets,
+                                    temperature=0.7, impl="full")
+  z = np.einsum("ntd,dv->ntv", np.asarray(hidden, np.float64), np.asarray(lm_head, np.float64))
+  z = z / 0.7
+  z = z - z.max(-1, keepdims=True)
+  lp_all = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  want_logp = np.take_along_axis(lp_all, np.asarray(targets)[..., None], -1)[..., 0]
+  want_ent = -(np.exp(lp_all) * lp_all).sum(-1)
+  np.testing.assert_allclose(logp, want_logp, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ent, want_ent, rtol=1e-5, atol=1e-5)
+  assert logp.dtype == jnp.float32 and ent.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("vocab_chunk", [8, 37, 64])  # 37 = 4·8 + 5: last chunk is shifted.
+def test_chunked_matches_full_values_and_grads(vocab_chunk):
+  hidden, lm_head, targets = _lm_inputs(1)
+  w_lp = jax.random.normal(jax.random.key(7), targets.shape)
+  w_ent = jax.random.normal(jax.random.key(8), targets.shape)
+
+  def run(impl):
+    def loss(h, w):
+      lp, ent = losses.token_logprobs(hidden=h, lm_head=w, targets=targets, temperature=0.7,
+                                      vocab_chunk=vocab_chunk, impl=impl)
+      return jnp.sum(w_lp * lp) + jnp.sum(w_ent * ent), (lp, ent)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(hidden, lm_head)
+
+  (_, (lp_c, ent_c)), (gh_c, gw_c) = run("chunked")
+  (_, (lp_f, ent_f)), (gh_f, gw_f) = run("full")
+  np.testing.assert_allclose(lp_c, lp_f, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(ent_c, ent_f, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(gh_c, gh_f, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(gw_c, gw_f, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_bfloat16_hidden():
+  hidden, lm_head, targets = _lm_inputs(2, dtype=jnp.bfloat16)
+
+  def loss(h, impl):
+    lp, ent = losses.token_logprobs(hidden=h, lm_head=lm_head, targets=targets, vocab_chunk=8,
+                                    impl=impl)
+    return jnp.sum(lp) + 0.5 * jnp.sum(ent), (lp, ent)
+
+  (_, (lp_c, ent_c)), g_c = jax.value_and_grad(loss, has_aux=True)(hidden, "chunked")
+  (_, (lp_f, ent_f)), g_f = jax.value_and_grad(loss, has_aux=True)(hidden, "full")
+  assert lp_c.dtype == jnp.float32 and g_c.dtype == jnp.bfloat16
+  np.testing.assert_allclose(lp_c, lp_f, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(ent_c, ent_f, atol=1e-4, rtol=1e-4)
+  # Gradients come back in bfloat16 (8 mantissa bits): compare at that precision.
+  np.testing.assert_allclose(np.asarray(g_c, np.float32), np.asarray(g_f, np.float32),
+                             atol=2e-2, rtol=2e-2)
+
+
+def test_chunked_temp_memory_below_full():
+  n, t, d, v = 4, 64, 64, 32768  # 256 tokens; full [256, 32768] f32 logits = 32 MiB.
+  shapes = (jax.ShapeDtypeStruct((n, t, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32),
+            jax.ShapeDtypeStruct((n, t), jnp.int32))
+
+  def temp_bytes(impl):
+    def loss(h, w, y):
+      lp, ent = losses.token_logprobs(hidden=h, lm_head=w, targets=y, vocab_chunk=2048, impl=impl)
+      return jnp.sum(lp) + jnp.sum(ent)
+    out = {}
+    for name, fn in (("fwd", lambda h, w, y: loss(h, w, y)),
+                     ("grad", jax.grad(loss, argnums=(0, 1)))):
+      analysis = jax.jit(fn).lower(*shapes).compile().memory_analysis()
+      if analysis is None:
+        pytest.skip("compiled.memory_analysis() is unavailable on this backend")
+      out[name] = analysis.temp_size_in_bytes
+    return out
+
+  full, chunked = temp_bytes("full"), temp_bytes("chunked")
+  logits_bytes = n * t * v * 4
+  assert full["fwd"] >= logits_bytes and full["grad"] >= logits_bytes  # The check can fail.
+  for name in ("fwd", "grad"):
+    assert chunked[name] < full[name] / 8, (name, chunked, full)
+    assert chunked[name] < logits_bytes / 4, (name, chunked)
+
+
+def test_token_logprobs_bad_impl_and_shapes():
+  hidden, lm_head, targets = _lm_inputs(3)
+  with pytest.raises(ValueError, match="impl='fast'.*chunked"):
+    losses.token_logprobs(hidden=hidden, lm_head=lm_head, targets=targets, impl="fast")
+  with pytest.raises(ValueError, match="lm_head"):
+    losses.token_logprobs(hidden=hidden, lm_head=lm_head.T, targets=targets)
+
+
+def test_logprobs_from_logits_golden():
+  # logits [0, ln 3]: p = [1/4, 3/4]; logp(target 1) = ln 0.75;
+  # entropy = -(0.25 ln 0.25 + 0.75 ln 0.75) = 0.562335.
+  logp, ent = losses.logprobs_from_logits(logits=jnp.array([[0.0, math.log(3.0)]]),
+                                          targets=jnp.array([1]))
+  np.testing.assert_allclose(logp, [math.log(0.75)], rtol=1e-6)
+  np.testing.assert_allclose(ent, [0.562335], rtol=1e-5)
+
+
+def test_pallas_impl_matches_full():
+  pytest.importorskip("dypo_jax.kernels.logprob", reason="Pallas kernel module not present")
+  hidden, lm_head, targets = _lm_inputs(4, v=256)
+  lp_p, ent_p = losses.token_logprobs(hidden=hidden, lm_head=lm_head, targets=targets,
+                                      impl="pallas")
+  lp_f, ent_f = losses.token_logprobs(hidden=hidden, lm_head=lm_head, targets=targets,
+                                      impl="full")
+  np.testing.assert_allclose(lp_p, lp_f, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(ent_p, ent_f, atol=1e-4, rtol=1e-4)
