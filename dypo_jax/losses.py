@@ -11,6 +11,7 @@ means come with the sums/counts needed to recombine them exactly (`*_sum`, `num_
 
 Token log-probability helpers live in `dypo_jax.logprobs` and are re-exported here.
 """
+import numbers
 from typing import Literal
 
 import jax
@@ -93,7 +94,9 @@ def _nonempty_rows(mask: jax.Array) -> jax.Array:
   return jnp.any(mask, axis=-1)
 
 
-def grpo_denominator(*, mask: jax.Array, agg_mode: AggMode, max_len: int | None = None) -> jax.Array:
+def grpo_denominator(
+    *, mask: jax.Array, agg_mode: AggMode, max_len: int | None = None
+) -> jax.Array:
   """Denominator of `agg_mode` for a batch with response mask [N, T] (float32 scalar).
 
   token-mean: number of tokens; seq-mean-token-mean: number of non-empty sequences;
@@ -175,7 +178,7 @@ def grpo_loss(
   _check_same_shape("grpo_loss", logp=logp, old_logp=old_logp, ref_logp=ref_logp, mask=mask)
   if advantages.shape != logp.shape[:1]:
     raise ValueError(f"grpo_loss: advantages shape {advantages.shape} != [N] = {logp.shape[:1]}")
-  if ref_logp is None and not (isinstance(kl_coef, (int, float)) and kl_coef == 0):
+  if ref_logp is None and not (isinstance(kl_coef, numbers.Real) and kl_coef == 0):
     raise ValueError(f"grpo_loss: ref_logp is None but kl_coef={kl_coef!r} (must be 0)")
   mask = mask.astype(bool)
   logp = logp.astype(_F32)

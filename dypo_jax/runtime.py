@@ -41,9 +41,15 @@ def build_data(config: ml_collections.ConfigDict, workdir: str) -> dict[str, lis
   d = config.data
   if d.source == "procedural":
     from dypo_jax.data import tasks  # pylint: disable=g-import-not-at-top
-    return tasks.make_pools(seed=config.seed, num_train=d.num_train, num_eval_id=d.num_eval_id,
-                            num_eval_ood=d.num_eval_ood, id_tasks=tuple(d.id_tasks),
-                            ood_tasks=tuple(d.ood_tasks), teacher_error_rate=d.teacher_error_rate)
+    for name in tuple(d.id_tasks) + tuple(d.ood_tasks):
+      if name not in tasks.ALL_TASKS:
+        raise ValueError(f"data.id_tasks / data.ood_tasks: unknown task {name!r}; allowed: "
+                         f"{sorted(tasks.ALL_TASKS)}")
+    gen = lambda names, num, split: tasks.generate(list(names), num=num, seed=config.seed,
+                                                   split=split)
+    return {"train": gen(d.id_tasks, d.num_train, "train"),
+            "eval_id": gen(d.id_tasks, d.num_eval_id, "eval"),
+            "eval_ood": gen(d.ood_tasks, d.num_eval_ood, "eval")}
   del workdir
   pools = {}
   for name, paths in (("train", (d.train_path,)), ("eval_id", tuple(d.eval_id_paths)),

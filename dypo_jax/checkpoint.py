@@ -1,0 +1,204 @@
+"""A thin Orbax wrapper: save / restore the train state, JSON extras and the DYPO queues.
+
+One checkpoint is a step directory `<directory>/<step>/` written by `orbax.checkpoint.
+CheckpointManager` with three items:
+  * `state`  — a pytree of jax arrays (params, optimizer state, step, rng key *data*), saved with
+    `StandardSave` and restored with `StandardRestore` onto an abstract target whose shardings may
+    differ from the saved ones (restoring onto another mesh reshards);
+  * `extras` — a JSON-serialisable dict (data iterator state, eval history, config, counters);
+  * `queues` — optional opaque bytes (`QueueSet.to_bytes()`), stored as a JSON item
+    `{"sha256", "nbytes", "base64"}`. It rides inside the same atomic step directory as the state
+    it belongs to, and the checksum turns a damaged payload into a clear error.
+
+Atomicity: Orbax writes a step into `<step>.orbax-checkpoint-tmp-<n>/` and renames it to `<step>/`
+only once every item is complete (on object stores it writes `commit_success.txt` instead). Step
+listing (`latest_step`, `all_steps`) only returns finalised steps, so a save cut short by kill -9
+is invisible on restart; `cleanup_tmp_directories=True` deletes such leftovers when a writable
+Checkpointer opens the directory.
+
+Multi-process: call `save` / `restore` on every process (they are collective); JSON items (extras,
+queues) are written by the primary process only, so pass the same values everywhere.
+"""
+import base64
+import hashlib
+import json
+import os
+import signal
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+_ITEMS = ("state", "extras", "queues")
+_QUEUES_FORMAT = "dypo_jax.queues.base64"
+
+
+def abstract_like(tree: Any) -> Any:
+  """`jax.ShapeDtypeStruct`s (with each array's sharding) mirroring a pytree of arrays."""
+
+  def one(path, x):
+    if isinstance(x, jax.Array):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    if isinstance(x, (np.ndarray, np.generic)):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype)
+    raise ValueError(f"abstract_like: leaf {jax.tree_util.keystr(path)} is a "
+                     f"{type(x).__name__}, not an array")
+
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def _json_problem(value: Any, path: str = "extras") -> str | None:
+  """The path of the first value json cannot encode, or None."""
+  if isinstance(value, dict):
+    for k, v in value.items():
+      if not isinstance(k, str):
+        return f"{path}[{k!r}] (key is a {type(k).__name__}, not a str)"
+      problem = _json_problem(v, f"{path}[{k!r}]")
+      if problem:
+        return problem
+    return None
+  if isinstance(value, (list, tuple)):
+    for i, v in enumerate(value):
+      problem = _json_problem(v, f"{path}[{i}]")
+      if problem:
+        return problem
+    return None
+  if value is None or isinstance(value, (str, bool, int, float)):
+    return None
+  return f"{path} (a {type(value).__name__})"
+
+
+class Checkpointer:
+  """Saves and restores DYPO checkpoints under `directory` (see the module docstring)."""
+
+  def __init__(self, directory: str, *, keep: int | None, async_save: bool = True,
+               read_only: bool = False):
+    """`keep`: how many most recent steps to keep (None keeps all).
+
+    `read_only`: for evaluation / export; the directory must exist and nothing is written.
+    """
+    if keep is not None and keep < 1:
+      raise ValueError(f"Checkpointer(keep={keep}): keep must be >= 1 or None")
+    self.directory = os.path.abspath(os.fspath(directory))
+    self._read_only = read_only
+    if read_only and not os.path.isdir(self.directory):
+      raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=async_save, read_only=read_only,
+        create=not read_only, cleanup_tmp_directories=False)
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def save(self, step: int, *, state: Any, extras: dict[str, Any], queues: bytes | None = None,
+           force: bool = False) -> bool:
+    """Saves `step` (asynchronously when `async_save`); the caller decides when to save.
+
+    Returns False without writing if `step` is already saved (a finished checkpoint is never
+    overwritten), else what Orbax returns (True when a save was started).
+    `queues`: e.g. `QueueSet.to_bytes()`; `restore_queues` gives it back.
+    """
+    if self._read_only:
+      raise ValueError(f"Checkpointer({self.directory}) is read-only; cannot save step {step}")
+    if not isinstance(extras, dict):
+      raise ValueError(f"extras for step {step} must be a dict, got {type(extras).__name__}")
+    problem = _json_problem(extras)
+    if problem:
+      raise ValueError(f"extras for step {step} are not JSON-serialisable at {problem}")
+    if step in self.all_steps():
+      return False
+    items = {"state": ocp.args.StandardSave(state), "extras": ocp.args.JsonSave(extras)}
+    if queues is not None:
+      data = bytes(queues)
+      items["queues"] = ocp.args.JsonSave({
+          "format": _QUEUES_FORMAT, "nbytes": len(data),
+          "sha256": hashlib.sha256(data).hexdigest(),
+          "base64": base64.b64encode(data).decode("ascii")})
+    return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
+
+  def wait(self) -> None:
+    """Blocks until an asynchronous save has been finalised."""
+    self._manager.wait_until_finished()
+
+  def all_steps(self) -> list[int]:
+    """The finalised steps, ascending."""
+    if self._read_only:
+      self._manager.reload()  # A writer elsewhere may have added steps.
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def _resolve(self, step: int | None) -> int:
+    steps = self.all_steps()
+    if step is None:
+      if not steps:
+        raise FileNotFoundError(f"no finalised checkpoint in {self.directory}")
+      return steps[-1]
+    if step not in steps:
+      raise FileNotFoundError(
+          f"checkpoint step {step} not found in {self.directory} (available: {steps})")
+    return step
+
+  def restore(self, step: int | None = None, *, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    """Restores `(state, extras)` of `step` (default: the latest).
+
+    `abstract_state`: a pytree of `jax.ShapeDtypeStruct` with the target shardings (e.g.
+    `abstract_like(state)` or `jax.eval_shape` plus shardings). A missing step raises
+    FileNotFoundError; an unreadable one ValueError naming its directory.
+    """
+    step = self._resolve(step)
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                              extras=ocp.args.JsonRestore())
+    try:
+      restored = self._manager.restore(step, args=args)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"checkpoint {self.step_dir(step)} is corrupt or does not match "
+                       f"abstract_state: {type(e).__name__}: {e}") from e
+    return restored["state"], restored["extras"]
+
+  def restore_queues(self, step: int | None = None) -> bytes | None:
+    """The `queues` bytes saved with `step` (default: the latest), or None if none were saved."""
+    step = self._resolve(step)
+    if not os.path.isdir(os.path.join(self.step_dir(step), "queues")):
+      return None
+    where = f"checkpoint {self.step_dir(step)} item 'queues'"
+    try:
+      payload = self._manager.restore(
+          step, args=ocp.args.Composite(queues=ocp.args.JsonRestore()))["queues"]
+      if payload.get("format") != _QUEUES_FORMAT:
+        raise ValueError(f"format {payload.get('format')!r}, expected {_QUEUES_FORMAT!r}")
+      data = base64.b64decode(payload["base64"], validate=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"{where} is unreadable: {type(e).__name__}: {e}") from e
+    if len(data) != payload["nbytes"] or hashlib.sha256(data).hexdigest() != payload["sha256"]:
+      raise ValueError(f"{where} fails its size / sha256 check")
+    return data
+
+  def close(self) -> None:
+    """Waits for a pending save and releases Orbax's resources."""
+    self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def install_sigterm_handler(callback: Callable[[], None]):
+  """Calls `callback()` when the process receives SIGTERM; returns the previous handler.
+
+  The callback runs between two Python bytecodes of the main thread, possibly in the middle of a
+  step: let it set a flag that the training loop checks at the step boundary (then save, `wait`,
+  exit) rather than save from inside the handler. Must be called from the main thread.
+  """
+
+  def handler(signum, frame):
+    del signum, frame
+    callback()
+
+  return signal.signal(signal.SIGTERM, handler)

@@ -1,0 +1,71 @@
+"""Evaluation: n samples per prompt at the eval temperature, pass@1 (mean over n) and pass@k."""
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from dypo_jax import passk
+from dypo_jax import rewards as rewards_lib
+from dypo_jax import sampler as sampler_lib
+from dypo_jax import templates
+from dypo_jax import tokenizers
+from dypo_jax.data import records as records_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  num_samples: int
+  temperature: float
+  top_p: float
+  max_new_tokens: int
+  pass_ks: tuple[int, ...]
+  max_prompts: int
+  batch_prompts: int = 32
+  reward: str = "exact_match"
+  template: str = "plain"
+
+
+def encode_prompt(tokenizer: tokenizers.Tokenizer, record: records_lib.PromptRecord,
+                  template: str) -> list[int]:
+  """The prompt's token ids with the template applied (bos first where the tokenizer has one)."""
+  text = templates.apply_template(template, record.prompt)
+  return tokenizer.encode(text, add_bos=tokenizer.bos_id is not None)
+
+
+def decode_response(tokenizer: tokenizers.Tokenizer, tokens: np.ndarray, length: int) -> str:
+  return tokenizer.decode(np.asarray(tokens[:length]))
+
+
+def evaluate(*, sampler: sampler_lib.Sampler, params, tokenizer: tokenizers.Tokenizer,
+             records: Sequence[records_lib.PromptRecord], settings: EvalSettings,
+             rng: jax.Array, pool=None) -> tuple[dict[str, float], np.ndarray]:
+  """Samples each record `num_samples` times; returns ({pass@k, ...}, correct [P, n] bool)."""
+  records = list(records)[:settings.max_prompts]
+  if not records:
+    return {}, np.zeros((0, settings.num_samples), bool)
+  stop_ids = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
+  correct = []
+  lengths = []
+  for start in range(0, len(records), settings.batch_prompts):
+    chunk = records[start:start + settings.batch_prompts]
+    # A fixed batch size keeps one compiled program: pad the last chunk with copies.
+    padded = chunk + [chunk[-1]] * (settings.batch_prompts - len(chunk))
+    prompts = [encode_prompt(tokenizer, r, settings.template) for r in padded]
+    out = sampler.sample(params, prompts, num_samples=settings.num_samples,
+                         max_new_tokens=settings.max_new_tokens,
+                         temperature=settings.temperature, top_p=settings.top_p,
+                         stop_ids=stop_ids, rng=jax.random.fold_in(rng, start))
+    texts, recs = [], []
+    for i, rec in enumerate(chunk):
+      for j in range(settings.num_samples):
+        texts.append(decode_response(tokenizer, out.tokens[i, j], out.lengths[i, j]))
+        recs.append(rec)
+    scores, _ = rewards_lib.reward_batch(settings.reward, recs, texts, pool=pool)
+    correct.append(scores.reshape(len(chunk), settings.num_samples) > 0.5)
+    lengths.append(out.lengths[:len(chunk)])
+  correct = np.concatenate(correct)
+  summary = passk.summarize(correct, ks=tuple(settings.pass_ks))
+  summary["response_len"] = float(np.mean(np.concatenate(lengths)))
+  summary["num_prompts"] = len(records)
+  return summary, correct

@@ -1,0 +1,160 @@
+"""The pure DYPO update: micro-batching is exact, sharding changes nothing, one compile per run."""
+import dataclasses
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dypo_jax import models
+from dypo_jax import train_step as step_lib
+
+_MODEL = models.ModelConfig(vocab_size=48, embed_dim=32, num_layers=2, num_heads=4,
+                            num_kv_heads=2, head_dim=8, mlp_dim=64, max_seq_len=64)
+_U, _K, _P, _T = 4, 4, 6, 8
+
+
+def make_batch(seed: int = 0, weights=(0.5, 0.25, 0.25)) -> dict[str, np.ndarray]:
+  """Two Mid items (K rollouts, mixed rewards), one Hard item (a teacher row), one LUFFY group."""
+  rng = np.random.default_rng(seed)
+  shapes = step_lib.batch_spec_shapes(items=_U, k=_K, prompt_len=_P, max_len=_T)
+  b = {n: np.zeros(s, np.dtype(d)) for n, (s, d) in shapes.items()}
+  b["tokens"][:] = rng.integers(1, _MODEL.vocab_size, size=b["tokens"].shape)
+  b["teacher_id"][:] = -1
+  for u in range(_U):
+    plen = int(rng.integers(2, _P + 1))
+    for k in range(_K):
+      rlen = int(rng.integers(1, _T + 1))
+      b["input_mask"][u, k, _P - plen:_P + rlen] = True
+      b["resp_mask"][u, k, :rlen] = 1.0
+      b["old_logp"][u, k, :rlen] = -rng.uniform(0.5, 5.0, size=rlen)
+  b["row_kind"][0:2] = step_lib.ROW_ROLLOUT
+  b["rewards"][0] = [1, 0, 0, 1]
+  b["rewards"][1] = [0, 1, 1, 1]
+  b["row_kind"][2, 0] = step_lib.ROW_TEACHER_SFT
+  b["teacher_id"][2] = 1
+  b["row_kind"][3, :_K - 1] = step_lib.ROW_ROLLOUT
+  b["row_kind"][3, _K - 1] = step_lib.ROW_TEACHER_OFFPOLICY
+  b["rewards"][3] = [0, 1, 0, 1]
+  b["adv_rewards"][:] = b["rewards"]
+  b["weights"][:] = weights
+  return b
+
+
+def step_config(**overrides) -> step_lib.StepConfig:
+  base = dict(prompt_len=_P, temperature=1.0, clip_low=0.2, clip_high=0.2, kl_coef=0.01,
+              kl_estimator="k3", agg_mode="token-mean", max_len=_T, scale_adv_by_std=True,
+              adv_eps=1e-6, beta_gal=1.0, gal_length_norm="sum", offpolicy_shaping=0.1,
+              micro_batches=1, num_teachers=3, logprob_impl="full", vocab_chunk=16, use_gal=True,
+              per_term_grad_norms=True)
+  base.update(overrides)
+  return step_lib.StepConfig(**base)
+
+
+def make_state(seed: int = 0):
+  model = models.Transformer(_MODEL, rngs=nnx.Rngs(seed))
+  graphdef, params = nnx.split(model, nnx.Param)
+  # A perturbed reference so that KL and GAL's Δ are not zero.
+  ref = jax.tree.map(lambda x: x + 0.01 * jnp.sin(jnp.arange(x.size).reshape(x.shape)), params)
+  tx, sched = step_lib.make_optimizer(learning_rate=1e-3, schedule="constant", warmup_steps=0,
+                                      total_steps=10, min_lr_ratio=0.1, weight_decay=0.0,
+                                      b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0)
+  state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                              opt_state=tx.init(params), nonfinite_skipped=jnp.zeros((), jnp.int32))
+  return graphdef, state, ref, tx, sched
+
+
+def run_step(cfg, batch, seed=0):
+  graphdef, state, ref, tx, sched = make_state(seed)
+  fn = jax.jit(step_lib.build_train_step(graphdef, cfg, tx, sched))
+  new_state, metrics = fn(state, ref, batch, jax.random.key(0))
+  return new_state, jax.device_get(metrics)
+
+
+@pytest.mark.parametrize("agg_mode", ["token-mean", "seq-mean-token-mean",
+                                      "seq-mean-token-sum-norm"])
+def test_micro_batches_equal_big_batch(agg_mode):
+  batch = make_batch()
+  big_state, big = run_step(step_config(agg_mode=agg_mode), batch)
+  small_state, small = run_step(step_config(agg_mode=agg_mode, micro_batches=4), batch)
+  for name in ("loss/total", "loss/sft", "loss/grpo", "loss/gal", "grad/norm", "grad/norm_sft",
+               "grad/norm_grpo", "grad/norm_gal", "policy/entropy", "policy/kl", "gal/pairs"):
+    np.testing.assert_allclose(small[name], big[name], rtol=2e-5, atol=1e-6, err_msg=name)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               small_state.params, big_state.params)
+
+
+def test_weights_select_terms_and_update_moves_params():
+  batch = make_batch(weights=(1.0, 0.0, 0.0))
+  state0 = make_state()[1]
+  state, m = run_step(step_config(), batch)
+  np.testing.assert_allclose(m["loss/total"], m["loss/sft"], rtol=1e-6)
+  # GAL pairs: item 0 [1,0,0,1] has 2x2, item 1 [0,1,1,1] 3x1, the LUFFY group's rollout rows
+  # [0,1,0] 1x2 (its teacher row is not a rollout, so it is no GAL member): 9.
+  assert m["loss/sft"] > 0 and np.isfinite(m["loss/grpo"]) and m["gal/pairs"] == 9
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state.params,
+                                       state0.params))
+  assert max(moved) > 0
+  assert int(state.step) == 1 and int(state.nonfinite_skipped) == 0
+  # Per-teacher SFT metrics: only teacher 1 has a trace in this batch.
+  assert m["sft/teacher_tokens"][1] > 0 and m["sft/teacher_tokens"][0] == 0
+
+
+def test_nonfinite_update_is_skipped_and_counted():
+  batch = make_batch()
+  batch["old_logp"][0, 0, 0] = np.nan  # A corrupted behaviour log-prob poisons the loss.
+  graphdef, state, ref, tx, sched = make_state()
+  before = jax.tree.map(np.asarray, state.params)
+  fn = jax.jit(step_lib.build_train_step(graphdef, step_config(), tx, sched))
+  new_state, m = fn(state, ref, batch, jax.random.key(0))
+  assert int(m["train/update_skipped"]) == 1 and int(new_state.nonfinite_skipped) == 1
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, new_state.params), before)
+
+
+def test_step_compiles_once_over_a_run():
+  graphdef, state, ref, tx, sched = make_state()
+  traces = []
+  step_fn = step_lib.build_train_step(graphdef, step_config(), tx, sched)
+
+  def counted(*args):
+    traces.append(1)
+    return step_fn(*args)
+
+  fn = jax.jit(counted, donate_argnums=(0,))
+  for i in range(4):
+    state, _ = fn(state, ref, make_batch(seed=i, weights=(i / 4, 1 - i / 4, 0.0)),
+                  jax.random.key(i))
+  assert len(traces) == 1
+
+
+def test_sharded_step_equals_single_device(fake_devices):
+  out = fake_devices("""
+    import jax, numpy as np
+    from flax import nnx
+    from dypo_jax import sharding
+    import tests.test_train_step as t
+    from dypo_jax import train_step as step_lib
+    batch = t.make_batch()
+    _, single = t.run_step(t.step_config(), batch)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    rules = sharding.DEFAULT_RULES
+    graphdef, state, ref, tx, sched = t.make_state()
+    shardings = sharding.param_shardings(nnx.state(nnx.merge(graphdef, state.params)), mesh, rules)
+    params = jax.device_put(state.params, shardings)
+    ref = jax.device_put(ref, shardings)
+    state = step_lib.TrainState(step=state.step, params=params, opt_state=tx.init(params),
+                                nonfinite_skipped=state.nonfinite_skipped)
+    batch_sh = {k: (sharding.batch_sharding(mesh, rules, v.ndim) if k != "weights" else
+                    jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+                for k, v in batch.items()}
+    dbatch = {k: jax.device_put(v, batch_sh[k]) for k, v in batch.items()}
+    fn = jax.jit(step_lib.build_train_step(graphdef, t.step_config(), tx, sched))
+    new_state, sharded = fn(state, ref, dbatch, jax.random.key(0))
+    sharded = jax.device_get(sharded)
+    for k in ("loss/total", "grad/norm", "loss/gal", "policy/kl"):
+      np.testing.assert_allclose(sharded[k], single[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    spec = new_state.params["blocks"][0]["attn"]["q_proj"].value.sharding.spec
+    print("OK", spec)
+  """)
+  assert "OK" in out and "fsdp" in out
