@@ -86,7 +86,7 @@ class Checkpointer:
       raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, read_only=read_only,
-        create=not read_only, cleanup_tmp_directories=False)
+        create=not read_only, cleanup_tmp_directories=not read_only)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
 
   def step_dir(self, step: int) -> str:

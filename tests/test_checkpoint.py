@@ -55,11 +55,12 @@ def test_save_restore_nnx_state_optax_state_and_extras(tmp_path):
   with checkpoint.Checkpointer(str(tmp_path), keep=3) as ckpt:  # As after a restart.
     assert ckpt.latest_step() == 3
     restored, restored_extras = ckpt.restore(abstract_state=checkpoint.abstract_like(state))
-    assert ckpt.restore_queues(3) == queues.to_bytes()
+    queue_bytes = ckpt.restore_queues(3)
+  assert queue_bytes == queues.to_bytes()
+  assert QueueSet.from_bytes(queue_bytes).hard[0].uid == "q1"
   assert isinstance(restored["params"], nnx.State)
   _assert_trees_equal(restored, state)
   assert restored_extras == extras
-  assert QueueSet.from_bytes(ckpt.restore_queues(3)).hard[0].uid == "q1"
 
 
 def test_keep_2_keeps_the_last_two_and_async_save_then_wait(tmp_path):
