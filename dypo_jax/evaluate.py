@@ -34,7 +34,10 @@ def encode_prompt(tokenizer: tokenizers.Tokenizer, record: records_lib.PromptRec
 
 
 def decode_response(tokenizer: tokenizers.Tokenizer, tokens: np.ndarray, length: int) -> str:
-  return tokenizer.decode(np.asarray(tokens[:length]))
+  """The response text. Ids past the tokenizer's vocabulary (a model's embedding is often padded
+  beyond it) have no text and are dropped; the reward sees what remains."""
+  ids = np.asarray(tokens[:length])
+  return tokenizer.decode(ids[ids < tokenizer.vocab_size])
 
 
 def evaluate(*, sampler: sampler_lib.Sampler, params, tokenizer: tokenizers.Tokenizer,

@@ -379,6 +379,8 @@ class Sampler:
     hidden, cache = model.forward(prompt_tokens, positions=positions,
                                   attention_mask=prefill_mask, cache=cache, return_hidden=True)
     logits = model.logits_from_hidden(hidden[:, -1:, :])[:, 0, :]  # [B, V]
+    # Sampling reduces over the vocabulary many times: gather it once (rows stay batch-sharded).
+    logits = self._constrain(logits, ("batch", None))
 
     # Share each prompt's cache with its K samples: rows r = b * K + k.
     cache = cache.repeat(k)
@@ -428,7 +430,7 @@ class Sampler:
       positions = (row_lengths + state.step - 1)[:, None]  # [R, 1]
       logits, cache = model.forward(state.last[:, None], positions=positions,
                                     attention_mask=mask[:, None, :], cache=state.cache)
-      return record(state, logits[:, 0, :], cache)
+      return record(state, self._constrain(logits[:, 0, :], ("batch", None)), cache)
 
     init = _DecodeState(
         step=jnp.zeros((), jnp.int32), last=jnp.zeros((r,), jnp.int32),

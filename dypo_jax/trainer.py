@@ -287,7 +287,7 @@ class Trainer:
     texts, flat_recs, finished = [], [], []
     for b, rec in enumerate(recs):
       for j in range(k):
-        texts.append(self.tok.decode(out.tokens[b, j, :out.lengths[b, j]]))
+        texts.append(evaluate_lib.decode_response(self.tok, out.tokens[b, j], out.lengths[b, j]))
         flat_recs.append(rec)
         finished.append(out.stop_reason[b, j] == sampler_lib.STOP_TOKEN)
     scores, rstats = rewards_lib.reward_batch(cfg.data.reward, flat_recs, texts,
@@ -466,7 +466,7 @@ class Trainer:
     ckpt = checkpoint_lib.Checkpointer(ckpt_dir, keep=tr.keep_checkpoints)
     resumed = self.restore(ckpt)
     writer = metrics_lib.MetricsWriter(self.workdir, enabled=self.is_main)
-    progress = metrics_lib.Progress(tr.num_steps)
+    progress = metrics_lib.Progress(tr.num_steps, start_step=int(self.state.step))
     stop_requested = []
     checkpoint_lib.install_sigterm_handler(lambda: stop_requested.append(True))
     if self.is_main:

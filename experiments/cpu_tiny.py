@@ -13,9 +13,9 @@ def get_config(variant: str = ""):
   c = config_lib.base_config()
   c.seed = 0
   c.model.update(dict(
-      arch="qwen2", vocab_size=256, embed_dim=128, num_layers=2, num_heads=4, num_kv_heads=2,
+      arch="qwen2", vocab_size=128, embed_dim=128, num_layers=2, num_heads=4, num_kv_heads=2,
       head_dim=32, mlp_dim=384, max_seq_len=256, tie_embeddings=True, logprob_impl="full"))
-  c.tokenizer.train_vocab_size = 256
+  c.tokenizer.train_vocab_size = 128
   c.sampler.max_new_tokens = 96
   c.rl.num_samples = 8
   c.optim.learning_rate = 1e-3

@@ -1,0 +1,104 @@
+"""The DYPO loop end to end on CPU: every method runs, queues survive a restart, reward rises."""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from dypo_jax import config as config_lib
+from dypo_jax import metrics as metrics_lib
+from dypo_jax import runtime
+from dypo_jax import trainer as trainer_lib
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_METHODS = ("sft", "grpo", "sft_then_rl", "luffy", "ladder_rl", "ladder_grading", "dypo")
+
+
+def tiny_config(method: str = "dypo", **train):
+  """The baselines' config at a size that compiles in seconds."""
+  c = config_lib.load_experiment(os.path.join(_REPO, "experiments", "baselines.py"),
+                                 f"{method},quick")
+  c.model.update(dict(vocab_size=40, embed_dim=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
+                      mlp_dim=64))
+  c.data.update(dict(num_train=64, num_eval_id=8, num_eval_ood=8, id_tasks=("add",),
+                     ood_tasks=("add_long",)))
+  c.sampler.max_new_tokens = 40
+  c.eval.max_new_tokens = 40
+  c.tokenizer.train_vocab_size = 40
+  c.rl.num_samples = 4
+  c.train.update(dict(num_steps=3, rollout_prompts=4, update_prompts=4, eval_every=0,
+                      checkpoint_every=0, log_every=1))
+  c.train.update(train)
+  config_lib.validate(c)
+  return c
+
+
+def build(config, workdir):
+  mesh = runtime.build_mesh(config.mesh)
+  pools = runtime.build_data(config, workdir)
+  tok = runtime.build_tokenizer(config, workdir, pools)
+  model = runtime.build_model(config, mesh, tok)
+  return trainer_lib.Trainer(config, workdir=workdir, mesh=mesh, tokenizer=tok, model=model,
+                             pools=pools)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", _METHODS)
+def test_every_method_runs_and_logs(method, tmp_path):
+  config = tiny_config(method)
+  trainer = build(config, str(tmp_path))
+  trainer.run()
+  records = metrics_lib.read_jsonl(str(tmp_path / "metrics.jsonl"))
+  assert [r["step"] for r in records] == [1, 2, 3]
+  for r in records:
+    assert np.isfinite(r["loss/total"]), r
+    assert "batch/offline_ratio" in r and "queue/hard" in r
+    if method != "sft":
+      for key in ("route/easy_frac", "route/mid_frac", "route/hard_frac", "reward/binary"):
+        assert key in r, key
+      assert abs(r["route/easy_frac"] + r["route/mid_frac"] + r["route/hard_frac"] - 1) < 1e-6
+  if method == "sft":
+    assert all(r["batch/offline_ratio"] == 1.0 for r in records)
+  if method in ("grpo", "luffy"):
+    assert all(r["batch/weight_sft"] == 0.0 for r in records)
+  assert trainer.step_trace_count == 1  # One compiled update for the whole run.
+
+
+@pytest.mark.slow
+def test_queues_and_position_survive_save_and_restore(tmp_path):
+  # Rollouts of 8 prompts against updates of 4: items stay queued across the checkpoint.
+  config = tiny_config("dypo", num_steps=2, rollout_prompts=8, checkpoint_every=1)
+  first = build(config, str(tmp_path))
+  first.run()
+  assert len(first.queues) > 0
+  saved_queue = first.queues.to_bytes()
+  resumed = build(config, str(tmp_path))
+  assert resumed.restore(
+      __import__("dypo_jax.checkpoint", fromlist=["x"]).Checkpointer(
+          os.path.join(str(tmp_path), "checkpoints"), keep=3))
+  assert resumed.queues.to_bytes() == saved_queue
+  assert int(resumed.state.step) == 2
+  assert resumed.stream.state() == first.stream.state()
+  assert resumed.rollout_round == first.rollout_round
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state.params),
+               jax.device_get(first.state.params))
+
+
+@pytest.mark.slow
+def test_dypo_raises_reward_on_a_handful_of_prompts(tmp_path):
+  """Overfit check: 4 addition prompts; DYPO's Hard-prompt SFT then GRPO+GAL lifts the reward."""
+  config = tiny_config("dypo", num_steps=300, rollout_prompts=4, update_prompts=4, log_every=1)
+  config.data.num_train = 4
+  config.model.update(dict(embed_dim=64, num_heads=4, num_kv_heads=2, mlp_dim=128))
+  config.optim.learning_rate = 3e-3
+  config.sampler.max_new_tokens = 80  # Whole teacher traces fit (truncated ones are no target).
+  trainer = build(config, str(tmp_path))
+  trainer.run()
+  records = metrics_lib.read_jsonl(str(tmp_path / "metrics.jsonl"))
+  early = np.mean([r["reward/binary"] for r in records[:20]])
+  late = np.mean([r["reward/binary"] for r in records[-20:]])
+  assert early < 0.05
+  # Sampled at temperature 1 from a 0.1M-parameter model that starts from random weights: the
+  # rise is modest but well clear of zero (0.0 -> 0.1-0.3 in the runs seen).
+  assert late > early + 0.08, (early, late)
+  assert any(r["route/mid_frac"] > 0 for r in records)  # Mid groups appeared: GRPO + GAL ran.
