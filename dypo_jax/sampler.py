@@ -5,18 +5,29 @@ R = B * K rows, P prompt bucket length, T = max_new_tokens, S = P + T cache slot
 
 Flow of one `Sampler.sample` call (one jitted program per (P, B, K, T, mode)):
 
-  host: validate, left-pad the prompts to the smallest bucket >= the longest one
+  host: validate (errors before anything compiles), left-pad the prompts to the smallest bucket
+        >= the longest one (capped so that P + T <= max_seq_len), pad B to the batch shards
   prefill: B rows once -> KVCache [B, S] and the last position's logits [B, V]
   repeat: the cache and the logits K times in place -> rows r = b * K + k
   step 0: sample from the prefill logits
   while step < T and not all rows done: feed the last token, sample the next one
   host: one device_get, drop padded rows
 
+Static (retracing) arguments: P, B, K, T and the mode ("greedy" when temperature == 0,
+"filter" when top-p < 1 or 0 < top-k < V, else "sample"). Temperature, top-p, top-k and the stop
+ids (a fixed array of MAX_STOP_IDS) are traced values: eval at 0.6 and training at 1.0 share a
+program, and new parameters of the same shapes never retrace.
+
 Sampling rule (`sample_token`): inverse-CDF sampling with one uniform per row over the
-temperature-scaled softmax (top-p / top-k only in the `filter` mode, which sorts the vocabulary;
-the plain `sample` mode never sorts). Each row draws its uniform from
-`fold_in(fold_in(fold_in(rng, b), k), step)`, so a sample depends only on (rng, prompt index,
-sample index, step): not on the batch padding, the bucket, or how the batch is sharded.
+temperature-scaled softmax; top-k / top-p (only in the `filter` mode) find exact thresholds by
+bisection instead of sorting the vocabulary. Row r = b * K + k at step i uses
+uniform(fold_in(fold_in(fold_in(rng, b), k), i)), all drawn before the loop: a sample depends
+only on (rng, prompt index, sample index, step), not on the batch padding, the bucket, the stop
+ids or how the batch is sharded.
+
+Log-probs: `logprobs` is log-softmax(logits / temperature) of the sampled token over the whole
+vocabulary (the filters are not renormalised into it); with temperature 0 it is the untempered
+log-softmax. `raw_logprobs` is always the untempered log-softmax (temperature 1).
 """
 from collections.abc import Sequence
 import dataclasses
@@ -102,20 +113,23 @@ def _inverse_cdf(weights: jax.Array, uniform: jax.Array) -> jax.Array:
 
 
 # float32 bit patterns of non-negative numbers sort like the numbers: bisection on them finds an
-# exact threshold in 31 fused compare-and-reduce passes, without sorting the vocabulary.
+# exact threshold in 31 fused compare-and-reduce passes over [R, V], without sorting the
+# vocabulary (an XLA:CPU sort of [64, 512] per step cost ~4 ms, ten times the whole search).
 _ONE_BITS = 0x3F800000  # float32 1.0, the largest weight.
 _BISECT_STEPS = 31  # Halves [0, 1.0 bits + 1] down to adjacent integers.
 
 
 def _largest_threshold(bits: jax.Array, enough) -> jax.Array:
   """[R] the largest int32 t with enough(bits >= t) true (enough is monotone, true at t = 0)."""
-  lo = jnp.zeros(bits.shape[:-1], jnp.int32)
-  hi = jnp.full(bits.shape[:-1], _ONE_BITS + 1, jnp.int32)
-  for _ in range(_BISECT_STEPS):
+  def halve(_, bounds):
+    lo, hi = bounds
     mid = lo + (hi - lo) // 2
     ok = enough(bits >= mid[:, None])
-    lo, hi = jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-  return lo
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+  lo = jnp.zeros(bits.shape[:-1], jnp.int32)
+  hi = jnp.full(bits.shape[:-1], _ONE_BITS + 1, jnp.int32)
+  return jax.lax.fori_loop(0, _BISECT_STEPS, halve, (lo, hi))[0]
 
 
 def _top_k_top_p_mask(weights: jax.Array, *, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -129,12 +143,17 @@ def _top_k_top_p_mask(weights: jax.Array, *, top_k: jax.Array, top_p: jax.Array)
   v = weights.shape[-1]
   bits = jax.lax.bitcast_convert_type(weights, jnp.int32)  # [R, V]
   k = jnp.where((top_k <= 0) | (top_k >= v), v, top_k)
-  t_k = _largest_threshold(bits, lambda sel: jnp.sum(sel, axis=-1, dtype=jnp.int32) >= k)
+  keep_all = lambda: jnp.zeros(bits.shape[:-1], jnp.int32)  # Threshold 0 keeps every token.
+  t_k = jax.lax.cond(  # Each search runs only when its filter is on (the values are dynamic).
+      k >= v, keep_all,
+      lambda: _largest_threshold(bits, lambda sel: jnp.sum(sel, axis=-1, dtype=jnp.int32) >= k))
   kept = jnp.where(bits >= t_k[:, None], weights, 0.0)
   need = top_p * jnp.sum(kept, axis=-1)  # [R]
-  t_p = _largest_threshold(
-      bits, lambda sel: jnp.sum(jnp.where(sel, kept, 0.0), axis=-1) >= need)
-  return (bits >= t_k[:, None]) & ((bits >= t_p[:, None]) | (top_p >= 1.0))
+  t_p = jax.lax.cond(
+      top_p >= 1.0, keep_all,
+      lambda: _largest_threshold(
+          bits, lambda sel: jnp.sum(jnp.where(sel, kept, 0.0), axis=-1) >= need))
+  return (bits >= t_k[:, None]) & (bits >= t_p[:, None])
 
 
 def sample_token(*, logits: jax.Array, uniform: jax.Array, temperature: jax.Array,
@@ -316,8 +335,8 @@ class Sampler:
     stops[:len(stop_ids)] = np.asarray(stop_ids, np.int32)
     mode = sampling_mode(temperature=temperature, top_p=top_p, top_k=top_k,
                          vocab_size=self.config.vocab_size)
-    if jax.dtypes.issubdtype(getattr(rng, "dtype", None), jax.dtypes.prng_key):
-      rng = jax.random.key_data(rng)
+    if not jax.dtypes.issubdtype(getattr(rng, "dtype", None), jax.dtypes.prng_key):
+      rng = jax.random.wrap_key_data(rng)  # Raw uint32 keys -> typed: one program for both.
     scalars = (np.float32(temperature if temperature > 0 else 1.0), np.float32(top_p),
                np.int32(top_k))
     if self.mesh is not None:
@@ -327,7 +346,7 @@ class Sampler:
       lengths_dev = jax.device_put(prompt_lengths, batch(1))
     else:
       prompt_dev, lengths_dev = prompt_tokens, prompt_lengths
-    out = self._generate_jit(params, prompt_dev, lengths_dev, rng, *scalars, stops,
+    out = self._generate_jit(params, prompt_dev, lengths_dev, np.int32(b), rng, *scalars, stops,
                              num_samples=num_samples, max_new_tokens=max_new_tokens, mode=mode)
     tokens, logprobs, raw, out_lengths, done = jax.device_get(out)
     return SampleOutput(
@@ -352,15 +371,19 @@ class Sampler:
   # -------------------------------------------------------------------------------- device side
 
   def _row_keys(self, rng: jax.Array, b: int, k: int) -> jax.Array:
-    """[R] raw keys: row b * K + k gets fold_in(fold_in(rng, b), k)."""
-    per_prompt = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(b))  # [B, 2]
+    """[R] keys: row b * K + k gets fold_in(fold_in(rng, b), k)."""
+    per_prompt = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(b))  # [B]
     per_row = jax.vmap(jax.vmap(jax.random.fold_in, (None, 0)), (0, None))(
-        per_prompt, jnp.arange(k))  # [B, K, 2]
-    return per_row.reshape(b * k, -1)
+        per_prompt, jnp.arange(k))  # [B, K]
+    return per_row.reshape(b * k)
 
-  def _generate(self, params, prompt_tokens, prompt_lengths, rng, temperature, top_p, top_k,
-                stop_ids, *, num_samples: int, max_new_tokens: int, mode: Mode):
-    """Prefill + decode loop. prompt_tokens [B, P] left-padded, prompt_lengths [B]."""
+  def _generate(self, params, prompt_tokens, prompt_lengths, num_real, rng, temperature, top_p,
+                top_k, stop_ids, *, num_samples: int, max_new_tokens: int, mode: Mode):
+    """Prefill + decode loop.
+
+    prompt_tokens [B, P] left-padded; prompt_lengths [B]; rows >= num_real only pad the batch to
+    the shards (they start done, so they never keep the loop running).
+    """
     self.trace_count += 1  # Python side effect: runs once per trace.
     model = nnx.merge(self._graphdef, params)
     b, p = prompt_tokens.shape
@@ -394,9 +417,9 @@ class Sampler:
     else:
       # All the randomness up front ([T, R], one batch of threefry): row r at step i draws
       # uniform(fold_in(row_key[r], i)). Nothing random is computed inside the loop.
-      row_keys = self._row_keys(rng, b, k)  # [R, 2]
+      row_keys = self._row_keys(rng, b, k)  # [R]
       step_keys = jax.vmap(jax.vmap(jax.random.fold_in, (0, None)), (None, 0))(
-          row_keys, jnp.arange(t))  # [T, R, 2]
+          row_keys, jnp.arange(t))  # [T, R]
       uniforms = jax.vmap(jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32)))(
           step_keys)  # [T, R]
       uniforms = self._constrain(uniforms, (None, "batch"))
@@ -437,11 +460,11 @@ class Sampler:
         tokens=self._constrain(jnp.full((r, t), self.pad_id, jnp.int32), ("batch", None)),
         logprobs=self._constrain(jnp.zeros((r, t), jnp.float32), ("batch", None)),
         raw_logprobs=self._constrain(jnp.zeros((r, t), jnp.float32), ("batch", None)),
-        done=jnp.zeros((r,), jnp.bool_), lengths=jnp.zeros((r,), jnp.int32), cache=cache)
+        done=jnp.arange(r) >= num_real * k, lengths=jnp.zeros((r,), jnp.int32), cache=cache)
     state = jax.lax.while_loop(cond, body, record(init, logits, cache))
 
-    shape = lambda x: self._constrain(x.reshape(b, k, *x.shape[1:]),
-                                      ("batch",) + (None,) * x.ndim)
+    # The results are small: replicate them, so that every process can fetch them (multi-host).
+    shape = lambda x: self._constrain(x.reshape(b, k, *x.shape[1:]), (None,) * (x.ndim + 1))
     return (shape(state.tokens), shape(state.logprobs), shape(state.raw_logprobs),
             shape(state.lengths), shape(state.done))
 

@@ -1,0 +1,101 @@
+"""The NNX transformer: the KV-cache forward equals the full forward; padding and dtypes behave."""
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dypo_jax import models
+
+_VARIANTS = {
+    "qwen2": dict(arch="qwen2", qkv_bias=True, qk_norm=False, tie_embeddings=False),
+    "qwen3": dict(arch="qwen3", qkv_bias=False, qk_norm=True, tie_embeddings=True),
+    "llama": dict(arch="llama", qkv_bias=False, qk_norm=False, tie_embeddings=False),
+}
+
+
+def tiny(**kw):
+  base = dict(vocab_size=61, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+              mlp_dim=48, rope_theta=5000.0, max_seq_len=64)
+  base.update(kw)
+  return models.ModelConfig(**base)
+
+
+@pytest.mark.parametrize("variant", sorted(_VARIANTS))
+def test_cached_token_by_token_equals_full_forward(variant):
+  config = tiny(**_VARIANTS[variant])
+  model = models.Transformer(config, rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(1), (3, 9), 0, config.vocab_size)
+  full = model(tokens)
+  assert full.shape == (3, 9, config.vocab_size) and full.dtype == jnp.float32
+  cache = models.KVCache.zeros(config, 3, 12)
+  # Prefill the first 4 tokens in one call, then decode the rest one at a time.
+  slots = jnp.arange(12)
+  mask = (slots[None, :] <= jnp.arange(4)[:, None])[None].repeat(3, 0)
+  out, cache = model.forward(tokens[:, :4], positions=jnp.arange(4)[None].repeat(3, 0),
+                             attention_mask=mask, cache=cache)
+  outs = [out]
+  for t in range(4, 9):
+    mask = (slots <= t)[None, None, :].repeat(3, 0)
+    out, cache = model.forward(tokens[:, t:t + 1], positions=jnp.full((3, 1), t),
+                               attention_mask=mask, cache=cache)
+    outs.append(out)
+  np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-5)
+  assert int(cache.end_index) == 9
+
+
+def test_left_and_right_padding_leave_real_tokens_unchanged():
+  config = tiny()
+  model = models.Transformer(config, rngs=nnx.Rngs(0))
+  seq = jax.random.randint(jax.random.key(2), (1, 5), 1, config.vocab_size)
+  alone = model(seq)
+  pad = jnp.zeros((1, 3), jnp.int32)
+  left = model(jnp.concatenate([pad, seq], 1),
+               input_mask=jnp.concatenate([jnp.zeros((1, 3), bool), jnp.ones((1, 5), bool)], 1))
+  right = model(jnp.concatenate([seq, pad], 1),
+                input_mask=jnp.concatenate([jnp.ones((1, 5), bool), jnp.zeros((1, 3), bool)], 1))
+  np.testing.assert_allclose(left[:, 3:], alone, atol=1e-5)
+  np.testing.assert_allclose(right[:, :5], alone, atol=1e-5)
+
+
+def test_hidden_and_lm_head_give_the_logits():
+  for tied in (True, False):
+    model = models.Transformer(tiny(tie_embeddings=tied), rngs=nnx.Rngs(0))
+    tokens = jnp.arange(6)[None] % 61
+    mask = jnp.ones((1, 6), bool)
+    hidden, _ = model.forward(tokens, positions=models.positions_from_mask(mask),
+                              attention_mask=models.causal_mask(mask), return_hidden=True)
+    np.testing.assert_allclose(hidden @ model.lm_head_kernel(), model(tokens), atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_logits_and_remat_matches():
+  config = tiny(dtype="bfloat16", param_dtype="float32")
+  model = models.Transformer(config, rngs=nnx.Rngs(0))
+  tokens = jnp.arange(8)[None]
+  logits = model(tokens)
+  assert logits.dtype == jnp.float32
+  ref = models.Transformer(tiny(), rngs=nnx.Rngs(0))(tokens)
+  assert float(jnp.abs(logits - ref).max()) < 0.1
+  remat = models.Transformer(tiny(remat=True), rngs=nnx.Rngs(0))
+  grads = lambda m: jax.grad(lambda st: nnx.merge(nnx.graphdef(m), st)(tokens).sum())(
+      nnx.state(m))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               grads(remat), grads(models.Transformer(tiny(), rngs=nnx.Rngs(0))))
+
+
+def test_param_count_matches_config_and_axes_are_named():
+  for variant in _VARIANTS.values():
+    config = tiny(**variant)
+    model = models.Transformer(config, rngs=nnx.Rngs(0))
+    assert models.param_count(model) == config.num_params
+  state = nnx.state(models.Transformer(tiny(), rngs=nnx.Rngs(0)))
+  axes = {a for v in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+          for a in v.get_metadata()["axes"]}
+  assert axes == {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp"}
+
+
+def test_bad_architecture_values_are_named():
+  with pytest.raises(ValueError, match="model.arch='gpt2'"):
+    tiny(arch="gpt2")
+  with pytest.raises(ValueError, match="num_heads=6 must be a multiple of model.num_kv_heads=4"):
+    tiny(num_heads=6, num_kv_heads=4)
