@@ -120,6 +120,14 @@ def base_config() -> ml_collections.ConfigDict:
       per_term_grad_norms=True,
   ))
 
+  c.pretrain = ml_collections.ConfigDict(dict(
+      # Small experiments start from a partly capable base: teacher SFT from scratch, stopped
+      # when a greedy held-out ID accuracy crosses target_accuracy (DYPO.md §7), saved to
+      # workdir/base_model and reused. max_minutes is only a guard, reported when it fires.
+      enabled=False, target_accuracy=0.35, max_steps=3000, eval_every=50, eval_prompts=64,
+      learning_rate=1e-3, update_prompts=32, max_minutes=8.0,
+  ))
+
   c.eval = ml_collections.ConfigDict(dict(
       num_samples=4, temperature=0.6, top_p=1.0, max_new_tokens=96, pass_ks=(1,),
       max_prompts=200,
@@ -194,6 +202,10 @@ _RULES: dict[str, _Rule] = {
     "train.log_every": _POSITIVE, "train.checkpoint_every": _NON_NEGATIVE,
     "train.keep_checkpoints": _POSITIVE, "train.eval_every": _NON_NEGATIVE,
     "train.max_nonfinite_updates": _POSITIVE,
+    "pretrain.target_accuracy": _range(0, 1), "pretrain.max_steps": _POSITIVE,
+    "pretrain.eval_every": _POSITIVE, "pretrain.eval_prompts": _POSITIVE,
+    "pretrain.learning_rate": _POSITIVE, "pretrain.update_prompts": _POSITIVE,
+    "pretrain.max_minutes": _POSITIVE,
     "eval.num_samples": _POSITIVE, "eval.temperature": _NON_NEGATIVE,
     "eval.top_p": _range(0, 1, lo_open=True), "eval.max_new_tokens": _POSITIVE,
     "eval.max_prompts": _POSITIVE,

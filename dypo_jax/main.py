@@ -64,6 +64,11 @@ def main(argv):
   tokenizer = runtime.build_tokenizer(config, workdir, pools)
   # Phase: model (born sharded, or read from a Hugging Face directory).
   model = runtime.build_model(config, mesh, tokenizer)
+  if config.pretrain.enabled and _MODE.value == "train":
+    # Phase: base model (teacher SFT to an accuracy gate, saved and reused).
+    from dypo_jax import pretrain  # pylint: disable=g-import-not-at-top
+    model = pretrain.ensure_base(config, workdir=workdir, mesh=mesh, tokenizer=tokenizer,
+                                 model=model, pools=pools)
   if jax.process_index() == 0:
     print(runtime.summary(config, mesh, tokenizer, model, pools), flush=True)
   if _MODE.value == "summary":
@@ -71,6 +76,10 @@ def main(argv):
   # Phase: train.
   from dypo_jax import trainer  # pylint: disable=g-import-not-at-top
   trainer.run(config, workdir=workdir, mesh=mesh, tokenizer=tokenizer, model=model, pools=pools)
+  if jax.process_index() == 0:
+    # Phase: report (plots and the final table of base vs trained accuracy).
+    from dypo_jax import report  # pylint: disable=g-import-not-at-top
+    print(report.write_report(workdir), flush=True)
 
 
 def run():

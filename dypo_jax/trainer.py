@@ -26,44 +26,16 @@ from dypo_jax import rewards as rewards_lib
 from dypo_jax import sampler as sampler_lib
 from dypo_jax import sharding
 from dypo_jax import train_step as step_lib
+from dypo_jax.data import pipeline as pipeline_lib
 from dypo_jax.data import records as records_lib
 
 # Methods whose rollouts are graded and routed (after rl.switch_gate).
 _ROUTED = ("dypo",)
 
 
-class PromptStream:
-  """Seeded epochs over this process's shard of the training pool; its state is two integers."""
-
-  def __init__(self, num_records: int, *, seed: int, shuffle: bool):
-    self.indices = np.arange(jax.process_index(), num_records, jax.process_count())
-    if not len(self.indices):
-      raise ValueError(f"the training pool ({num_records} records) has none for process "
-                       f"{jax.process_index()} of {jax.process_count()}")
-    self.seed, self.shuffle = seed, shuffle
-    self.epoch, self.pos = 0, 0
-
-  def _order(self, epoch: int) -> np.ndarray:
-    if not self.shuffle:
-      return self.indices
-    return np.random.default_rng([self.seed, epoch]).permutation(self.indices)
-
-  def take(self, n: int) -> list[int]:
-    out = []
-    while len(out) < n:
-      order = self._order(self.epoch)
-      grab = order[self.pos:self.pos + n - len(out)]
-      out.extend(int(i) for i in grab)
-      self.pos += len(grab)
-      if self.pos >= len(order):
-        self.epoch, self.pos = self.epoch + 1, 0
-    return out
-
-  def state(self) -> dict[str, int]:
-    return {"epoch": self.epoch, "pos": self.pos}
-
-  def restore(self, state: dict[str, int]) -> None:
-    self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+# Seeded epochs over this process's shard of the training pool (a grain pipeline): take(n) gives
+# record indices, state() a JSON dict that restore() resumes exactly. See data/pipeline.py.
+PromptStream = pipeline_lib.IndexStream
 
 
 @dataclasses.dataclass
@@ -460,7 +432,9 @@ class Trainer:
 
   # ------------------------------------------------------------------------------------- loop
 
-  def run(self) -> dict[str, Any]:
+  def run(self, should_stop=None) -> dict[str, Any]:
+    """The loop. `should_stop(trainer) -> bool`, checked after each update, ends it early
+    (the base model's accuracy gate uses it)."""
     cfg, tr = self.config, self.config.train
     ckpt_dir = os.path.join(self.workdir, "checkpoints")
     ckpt = checkpoint_lib.Checkpointer(ckpt_dir, keep=tr.keep_checkpoints)
@@ -522,6 +496,8 @@ class Trainer:
       if tr.checkpoint_every and step % tr.checkpoint_every == 0:
         ckpt.save(step, state=self.checkpoint_state(), extras=self.checkpoint_extras())
       last_metrics = metrics
+      if should_stop is not None and should_stop(self):
+        break
     step = int(self.state.step)
     if stop_requested or (tr.checkpoint_every and step % tr.checkpoint_every):
       ckpt.save(step, state=self.checkpoint_state(), extras=self.checkpoint_extras())

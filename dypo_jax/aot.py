@@ -1,0 +1,441 @@
+r"""Ahead-of-time compilation for a TPU topology, on any machine: does a config fit a pod slice?
+
+  python -m dypo_jax.aot --config=experiments/tpu_v4.py [--topology=v4:2x4x4] \
+      [--what=train,generate] [--config.train.micro_batches=16 ...]
+
+Needs `pip install -e ".[tpu]"` (libtpu; no TPU is needed: its compiler runs on the CPU). The
+topology's chips are compile-only devices (`jax.experimental.topologies`); a mesh over them and
+abstract inputs (`jax.ShapeDtypeStruct`s with `NamedSharding`s, parameters from `nnx.eval_shape`,
+no weights anywhere) go through the real TPU compiler, which reports per-device memory and flops.
+
+Programs (`--what`):
+  train     the DYPO update exactly as the Trainer jits it: `train_step.build_train_step` with the
+            config's StepConfig, the TrainState donated, the optimizer state sharded as
+            `jit(tx.init)` propagates it, the reference parameters beside it, and the fixed
+            update batch [U, K, P + T];
+  generate  the sampler's jitted `_generate` (prefill of B prompts, then the `while_loop` decode of
+            B * K rows over a [B * K, P + T] KV cache), B = train.rollout_prompts.
+P is the worst case the Trainer can pick: the largest prompt bucket, capped by model.max_seq_len
+minus sampler.max_new_tokens (--prompt_len overrides).
+
+Output: one row per program with the per-device argument, output, aliased (donated), temporary and
+generated-code bytes, their total against the chip's usable HBM (asked of the compiler itself), and
+the per-device flops of the compiled program (XLA counts a loop body once: `train` flops are one
+micro-batch's, `generate` flops are the prefill plus one decode step). The exit status is 1 when a
+program does not fit, with the compiler's RESOURCE_EXHAUSTED message.
+
+A config with model.init = "hf" is compiled with the architecture of its hf_path's config.json
+when that file is readable here, else with the config's own architecture fields.
+"""
+from collections.abc import Sequence
+import dataclasses
+import importlib.util
+import os
+import re
+import sys
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from dypo_jax import config as config_lib
+
+_PROGRAMS = ("train", "generate")
+_GIB = 1024 ** 3
+# Teachers per prompt for the per-teacher SFT metrics (paper: DeepSeek-R1 and Qwen3-235B); it only
+# sizes two [num_teachers] metric vectors.
+NUM_TEACHERS = 2
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. experiments/tpu_v4.py[:variant].",
+    lock_config=True)
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "TPU topology, e.g. v4:2x4x4 (v4-64), v4:2x2x2, v5e:4x4, v6e:2x4. Default: "
+    "the experiment file's TOPOLOGY.")
+_CHIPS_PER_HOST = flags.DEFINE_string(
+    "chips_per_host", "2,2,1", "Chips per host as x,y,z (2,2,1: 4 chips a host, as on v4/v5p).")
+_WHAT = flags.DEFINE_list("what", list(_PROGRAMS), f"Programs to compile, from {_PROGRAMS}.")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 0, "P; 0: the worst case (largest bucket).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+  """Per-device needs of one compiled program (bytes), or why it did not compile."""
+  name: str
+  shapes: str  # The program's defining shapes, for the table.
+  argument: int = 0
+  output: int = 0
+  alias: int = 0  # Output bytes that reuse donated argument buffers.
+  temp: int = 0
+  code: int = 0
+  flops: float = 0.0
+  compile_s: float = 0.0
+  error: str = ""  # The compiler's message when it did not compile (RESOURCE_EXHAUSTED, ...).
+
+  @property
+  def total(self) -> int:
+    return self.argument + self.output - self.alias + self.temp + self.code
+
+  def fits(self, hbm_bytes: int) -> bool:
+    return not self.error and self.total <= hbm_bytes
+
+
+# ------------------------------------------------------------------------------------------------
+# Topology and chip memory.
+
+
+def topology_devices(topology: str, chips_per_host: Sequence[int] = (2, 2, 1)) -> list[Any]:
+  """The compile-only devices of a TPU topology such as "v4:2x4x4" (needs libtpu)."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  kind = topology.split(":", 1)[0]
+  kwargs = {}
+  if kind in ("v4", "v5p"):  # Two TensorCores a chip, used as one device.
+    kwargs["chip_config_name"] = "megacore"
+  try:
+    desc = topologies.get_topology_desc(
+        topology_name=topology, platform="tpu", chips_per_host_bounds=tuple(chips_per_host),
+        num_slices=1, wrap=(False,) * 3, **kwargs)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"cannot describe TPU topology {topology!r} with chips_per_host="
+                     f"{tuple(chips_per_host)} (is libtpu installed? pip install -e '.[tpu]'): "
+                     f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+  return list(desc.devices)
+
+
+_HBM_RE = re.compile(r"available HBM \(([\d.]+)([KMGT])\)")
+
+
+def usable_hbm_bytes(device) -> int:
+  """The chip's usable HBM, from the compiler's own out-of-memory message for a 1 TiB program."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  mesh = jax.sharding.Mesh([device], ("x",))
+  huge = jax.ShapeDtypeStruct((1 << 38,), jnp.float32,
+                              sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  try:
+    jax.jit(lambda x: x * 2 + 1).lower(huge).compile()
+  except Exception as e:  # pylint: disable=broad-except
+    match = _HBM_RE.search(str(e))
+    if match:
+      return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2)))
+  raise RuntimeError(f"could not read the usable HBM of {device.device_kind} from the compiler")
+
+
+# ------------------------------------------------------------------------------------------------
+# Abstract inputs.
+
+
+def model_config(config) -> Any:
+  """The ModelConfig a run would build: the config's fields, or hf_path's config.json if readable.
+
+  The schema-only fields (remat, dtypes, max_seq_len) always come from the config.
+  """
+  from dypo_jax import models  # pylint: disable=g-import-not-at-top
+  from dypo_jax.models import hf  # pylint: disable=g-import-not-at-top
+  mc = models.model_config_from_dict(config.model.to_dict())
+  m = config.model
+  if m.init == "hf" and os.path.exists(os.path.join(m.hf_path, hf.CONFIG_FILE)):
+    from_file = hf.model_config_from_hf(hf.read_hf_config(m.hf_path), dtype=m.dtype,
+                                        param_dtype=m.param_dtype, max_seq_len=m.max_seq_len)
+    mc = dataclasses.replace(
+        from_file, **{f.name: getattr(mc, f.name) for f in dataclasses.fields(mc)
+                      if f.name not in _ARCH_FIELDS})
+  return mc
+
+
+# Fields a Hugging Face config.json decides; the others come from the dypo_jax config.
+_ARCH_FIELDS = ("arch", "vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads",
+                "head_dim", "mlp_dim", "rope_theta", "rms_norm_eps", "tie_embeddings",
+                "qkv_bias", "qk_norm")
+
+
+def abstract_params(mc, mesh, rules):
+  """(graphdef, Param state of ShapeDtypeStructs sharded by the rules): no weights materialise."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from dypo_jax import models  # pylint: disable=g-import-not-at-top
+  from dypo_jax import sharding  # pylint: disable=g-import-not-at-top
+  abstract = nnx.eval_shape(lambda: models.Transformer(mc, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract, nnx.Param)
+  shardings = sharding.param_shardings(state, mesh, rules)
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  params = jax.tree.map(
+      lambda var, s: var.replace(value=jax.ShapeDtypeStruct(var.value.shape, var.value.dtype,
+                                                            sharding=s)),
+      state, shardings, is_leaf=is_var)
+  return graphdef, params
+
+
+def _replicated(mesh):
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def _sds(shape, dtype, sharding):
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+
+
+def _key_sds(mesh):
+  import jax  # pylint: disable=g-import-not-at-top
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  return _sds(key.shape, key.dtype, _replicated(mesh))
+
+
+def worst_prompt_len(config, mc) -> int:
+  """The P the Trainer picks for the longest prompt its buckets allow (Sampler.bucket_for)."""
+  return min(max(config.sampler.prompt_buckets), mc.max_seq_len - config.sampler.max_new_tokens)
+
+
+def step_config(config, *, prompt_len: int, num_teachers: int = NUM_TEACHERS):
+  """The StepConfig the Trainer builds from a config (the same expression as Trainer.__init__)."""
+  from dypo_jax import train_step as step_lib  # pylint: disable=g-import-not-at-top
+  from dypo_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  rl, tr, sp = config.rl, config.train, config.sampler
+  return step_lib.StepConfig(
+      prompt_len=prompt_len, temperature=max(sp.temperature, 1e-6),
+      clip_low=rl.clip_low, clip_high=rl.clip_high, kl_coef=rl.kl_coef,
+      kl_estimator=rl.kl_estimator, agg_mode=rl.agg_mode, max_len=sp.max_new_tokens,
+      scale_adv_by_std=rl.scale_adv_by_std, adv_eps=rl.adv_eps, beta_gal=rl.beta_gal,
+      gal_length_norm=rl.gal_length_norm, offpolicy_shaping=rl.offpolicy_shaping,
+      micro_batches=tr.micro_batches, num_teachers=max(num_teachers, 1),
+      logprob_impl=config.model.logprob_impl, vocab_chunk=config.model.vocab_chunk,
+      use_gal=rl.method in trainer_lib._ROUTED and rl.alpha < 1.0,  # pylint: disable=protected-access
+      per_term_grad_norms=tr.per_term_grad_norms)
+
+
+# ------------------------------------------------------------------------------------------------
+# Compiling.
+
+
+def _compile(name: str, shapes: str, lower) -> Report:
+  """Runs `lower().compile()` and reads its memory and cost analyses; compiler errors -> error."""
+  start = time.perf_counter()
+  try:
+    compiled = lower().compile()
+  except Exception as e:  # pylint: disable=broad-except  # XlaRuntimeError and friends.
+    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return Report(name=name, shapes=shapes, compile_s=time.perf_counter() - start, error=message)
+  seconds = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # Older JAX: one dict per module.
+    cost = cost[0] if cost else {}
+  return Report(
+      name=name, shapes=shapes, argument=int(mem.argument_size_in_bytes),
+      output=int(mem.output_size_in_bytes), alias=int(mem.alias_size_in_bytes),
+      temp=int(mem.temp_size_in_bytes), code=int(mem.generated_code_size_in_bytes),
+      flops=float((cost or {}).get("flops", 0.0)), compile_s=seconds)
+
+
+def compile_train_step(config, mesh, *, prompt_len: int | None = None) -> Report:
+  """AOT-compiles the DYPO update the way the Trainer jits it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from dypo_jax import runtime  # pylint: disable=g-import-not-at-top
+  from dypo_jax import sharding  # pylint: disable=g-import-not-at-top
+  from dypo_jax import train_step as step_lib  # pylint: disable=g-import-not-at-top
+
+  rules = runtime.mesh_rules(config)
+  mc = model_config(config)
+  p = prompt_len or worst_prompt_len(config, mc)
+  tr, o = config.train, config.optim
+  u, k, t = tr.update_prompts, config.rl.num_samples, config.sampler.max_new_tokens
+  shapes = f"U={u} K={k} L={p}+{t} micro={tr.micro_batches}"
+  batch_shards = sharding_batch_shards(mesh, rules)
+  per_micro = u // tr.micro_batches
+  if u % tr.micro_batches or per_micro % batch_shards:
+    return Report(name="train", shapes=shapes, error=(
+        f"train.update_prompts / train.micro_batches = {u} / {tr.micro_batches} must be a "
+        f"whole multiple of the {batch_shards} batch shards of the mesh"))
+
+  graphdef, params = abstract_params(mc, mesh, rules)
+  param_shardings = jax.tree.map(lambda x: x.sharding, params)
+  tx, schedule = step_lib.make_optimizer(
+      learning_rate=o.learning_rate, schedule=o.schedule, warmup_steps=o.warmup_steps,
+      total_steps=tr.num_steps, min_lr_ratio=o.min_lr_ratio, weight_decay=o.weight_decay,
+      b1=o.b1, b2=o.b2, eps=o.eps, grad_clip=o.grad_clip)
+  # As Trainer._init_state: moments sharded as `jit(tx.init)` propagates, scalars replicated.
+  replicated = _replicated(mesh)
+  probe = jax.jit(tx.init).lower(params).compile().output_shardings
+  opt_abstract = jax.eval_shape(tx.init, params)
+  opt_shardings = jax.tree.map(lambda x, s: replicated if x.ndim == 0 else s, opt_abstract, probe)
+  state_shardings = step_lib.TrainState(step=replicated, params=param_shardings,
+                                        opt_state=opt_shardings, nonfinite_skipped=replicated)
+  scalar = _sds((), jnp.int32, replicated)
+  state = step_lib.TrainState(
+      step=scalar, params=params,
+      opt_state=jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s), opt_abstract, opt_shardings),
+      nonfinite_skipped=scalar)
+
+  spec = step_lib.batch_spec_shapes(items=u, k=k, prompt_len=p, max_len=t)
+  batch_shardings = {
+      name: (sharding.batch_sharding(mesh, rules, len(shape)) if name != "weights"
+             else replicated) for name, (shape, _) in spec.items()}
+  batch = {name: _sds(shape, dtype, batch_shardings[name])
+           for name, (shape, dtype) in spec.items()}
+
+  step_fn = step_lib.build_train_step(graphdef, step_config(config, prompt_len=p), tx, schedule)
+  jitted = jax.jit(step_fn, donate_argnums=(0,),
+                   in_shardings=(state_shardings, param_shardings, batch_shardings, replicated),
+                   out_shardings=(state_shardings, replicated))
+  return _compile("train", shapes, lambda: jitted.lower(state, params, batch, _key_sds(mesh)))
+
+
+def sharding_batch_shards(mesh, rules) -> int:
+  """How many ways the `batch` rule splits a batch on this mesh."""
+  import math  # pylint: disable=g-import-not-at-top
+  from dypo_jax import sharding  # pylint: disable=g-import-not-at-top
+  spec = sharding.logical_to_spec(("batch",), rules)[0]
+  axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def compile_generate(config, mesh, *, prompt_len: int | None = None) -> Report:
+  """AOT-compiles the sampler's jitted generate (prefill + decode loop) for one rollout round."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from dypo_jax import runtime  # pylint: disable=g-import-not-at-top
+  from dypo_jax import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
+  from dypo_jax import sharding  # pylint: disable=g-import-not-at-top
+
+  rules = runtime.mesh_rules(config)
+  mc = model_config(config)
+  sp = config.sampler
+  p = prompt_len or worst_prompt_len(config, mc)
+  k, t = config.rl.num_samples, sp.max_new_tokens
+  graphdef, params = abstract_params(mc, mesh, rules)
+  sampler = sampler_lib.Sampler(graphdef, model_config=mc, pad_id=0,
+                                prompt_buckets=tuple(sp.prompt_buckets), mesh=mesh, rules=rules)
+  b = -(-config.train.rollout_prompts // sampler.batch_shards) * sampler.batch_shards
+  shapes = f"B={b} K={k} S={p}+{t} rows={b * k}"
+  replicated = _replicated(mesh)
+  args = (params,
+          _sds((b, p), jnp.int32, sharding.batch_sharding(mesh, rules, 2)),
+          _sds((b,), jnp.int32, sharding.batch_sharding(mesh, rules, 1)),
+          _sds((), jnp.int32, replicated), _key_sds(mesh),
+          _sds((), jnp.float32, replicated), _sds((), jnp.float32, replicated),
+          _sds((), jnp.int32, replicated),
+          _sds((sampler_lib.MAX_STOP_IDS,), jnp.int32, replicated))
+  mode = sampler_lib.sampling_mode(temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
+                                   vocab_size=mc.vocab_size)
+  return _compile("generate", shapes, lambda: sampler._generate_jit.lower(  # pylint: disable=protected-access
+      *args, num_samples=k, max_new_tokens=t, mode=mode))
+
+
+_COMPILERS = {"train": compile_train_step, "generate": compile_generate}
+
+
+def compile_programs(config, mesh, what: Sequence[str] = _PROGRAMS, *,
+                     prompt_len: int | None = None) -> list[Report]:
+  unknown = [w for w in what if w not in _COMPILERS]
+  if unknown:
+    raise ValueError(f"--what: unknown programs {unknown}; allowed: {_PROGRAMS}")
+  return [_COMPILERS[w](config, mesh, prompt_len=prompt_len) for w in what]
+
+
+# ------------------------------------------------------------------------------------------------
+# Report.
+
+
+def _gib(n: int) -> str:
+  return f"{n / _GIB:8.2f}"
+
+
+def format_table(reports: Sequence[Report], *, hbm_bytes: int, header: str = "") -> str:
+  """The per-device table; a program that does not fit gets a NO FIT line with the reason."""
+  cols = ("program", "argument", "output", "alias", "temp", "code", "total", "of HBM", "TFLOP",
+          "compile")
+  lines = [header] if header else []
+  lines.append(f"{cols[0]:9s} " + " ".join(f"{c:>8s}" for c in cols[1:]) + "   shapes")
+  for r in reports:
+    if r.error:
+      lines.append(f"{r.name:9s} {'does not compile':>62s}   {r.shapes}")
+      continue
+    verdict = "" if r.fits(hbm_bytes) else "  NO FIT"
+    lines.append(
+        f"{r.name:9s} {_gib(r.argument)} {_gib(r.output)} {_gib(r.alias)} {_gib(r.temp)} "
+        f"{_gib(r.code)} {_gib(r.total)} {100 * r.total / hbm_bytes:7.1f}% "
+        f"{r.flops / 1e12:8.2f} {r.compile_s:7.1f}s   {r.shapes}{verdict}")
+  lines.append(f"(GiB per device; usable HBM {hbm_bytes / _GIB:.2f} GiB; total = argument + "
+               "output - alias + temp + code; TFLOP per device, loop bodies counted once)")
+  for r in reports:
+    if not r.fits(hbm_bytes):
+      why = r.error or (f"needs {r.total / _GIB:.2f} GiB per device, above the usable "
+                        f"{hbm_bytes / _GIB:.2f} GiB")
+      lines.append(f"NO FIT: {r.name} ({r.shapes}): {why}")
+  return "\n".join(lines)
+
+
+def _experiment_topology(path: str) -> str | None:
+  """The TOPOLOGY constant of an experiment file, if it declares one."""
+  file = path.split(":", 1)[0]
+  spec = importlib.util.spec_from_file_location("dypo_aot_experiment", file)
+  if spec is None or not os.path.exists(file):
+    return None
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return getattr(module, "TOPOLOGY", None)
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config=experiments/tpu_v4.py")
+  config_lib.validate(config)
+  topology = _TOPOLOGY.value or _experiment_topology(flags.FLAGS["config"].config_filename)
+  if not topology:
+    raise app.UsageError("--topology is required (the experiment file sets no TOPOLOGY)")
+  chips_per_host = tuple(int(x) for x in _CHIPS_PER_HOST.value.split(","))
+
+  from dypo_jax import runtime  # pylint: disable=g-import-not-at-top
+  from dypo_jax import sharding  # pylint: disable=g-import-not-at-top
+  devices = topology_devices(topology, chips_per_host)
+  mesh = sharding.make_mesh({a: config.mesh[a] for a in sharding.MESH_AXES}, devices)
+  hbm = usable_hbm_bytes(devices[0])
+  mc = model_config(config)
+  header = (f"{topology}: {len(devices)} x {devices[0].device_kind}, mesh "
+            + ", ".join(f"{a}={n}" for a, n in mesh.shape.items())
+            + f"; {mc.arch} {mc.num_layers}x{mc.embed_dim} params={mc.num_params / 1e9:.2f}B "
+            f"{mc.param_dtype}/{mc.dtype} remat={mc.remat}; rules {runtime.mesh_rules(config)}")
+  reports = compile_programs(config, mesh, _WHAT.value, prompt_len=_PROMPT_LEN.value or None)
+  print(format_table(reports, hbm_bytes=hbm, header=header), flush=True)
+  if not all(r.fits(hbm) for r in reports):
+    sys.exit(1)
+
+
+def _check_override_keys(argv: Sequence[str]) -> None:
+  """As dypo_jax.main's: names an unknown `--config.a.b=...` key (main's flags clash with ours)."""
+  schema = config_lib.base_config()
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    key = arg[len("--config."):].split("=", 1)[0]
+    node = schema
+    for i, part in enumerate(key.split(".")):
+      if not isinstance(node, type(schema)) or part not in node:
+        where = ".".join(key.split(".")[:i]) or "config"
+        raise config_lib.ConfigError(f"unknown config key {key!r} in {arg!r}; keys of {where!r}: "
+                                     f"{sorted(node.keys()) if isinstance(node, type(schema)) else []}")
+      node = node[part]
+
+
+def run():
+  # Compile-only TPU devices need no TPU backend: keep JAX on the CPU unless told otherwise.
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  try:
+    _check_override_keys(sys.argv[1:])
+  except config_lib.ConfigError as e:
+    sys.exit(f"config error: {e}")
+  try:
+    app.run(main)
+  except (config_lib.ConfigError, ValueError) as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  logging.set_verbosity(logging.WARNING)
+  run()

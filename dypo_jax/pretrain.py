@@ -1,0 +1,103 @@
+"""A partly capable base model for small experiments: teacher SFT stopped on an accuracy gate.
+
+DYPO.md §7: SFT of a tiny model from scratch has a sharp transition, so a base trained for a fixed
+time lands anywhere; stop on a quick held-out greedy accuracy crossing a target instead. The base
+is saved as a Hugging Face directory (`workdir/base_model`) so every method of a comparison starts
+from the same weights, and a restarted run reuses it.
+"""
+import copy
+import json
+import os
+import time
+
+from flax import nnx
+import jax
+import ml_collections
+
+from dypo_jax import evaluate as evaluate_lib
+from dypo_jax import models
+from dypo_jax import trainer as trainer_lib
+
+BASE_DIR = "base_model"
+
+
+def base_dir(workdir: str) -> str:
+  return os.path.join(workdir, BASE_DIR)
+
+
+def greedy_accuracy(trainer: trainer_lib.Trainer, records, *, max_new_tokens: int,
+                    template: str, reward: str) -> float:
+  settings = evaluate_lib.EvalSettings(
+      num_samples=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, pass_ks=(1,),
+      max_prompts=len(records), batch_prompts=min(32, len(records)), reward=reward,
+      template=template)
+  summary, _ = evaluate_lib.evaluate(sampler=trainer.sampler, params=trainer.state.params,
+                                     tokenizer=trainer.tok, records=records, settings=settings,
+                                     rng=jax.random.key(0))
+  return float(summary["pass@1"])
+
+
+def sft_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The run's config turned into the base model's SFT run."""
+  p = config.pretrain
+  c = copy.deepcopy(config)
+  c.rl.method = "sft"
+  c.optim.learning_rate = p.learning_rate
+  c.optim.schedule = "constant"
+  c.optim.warmup_steps = 0
+  c.train.num_steps = p.max_steps
+  c.train.update_prompts = p.update_prompts
+  c.train.rollout_prompts = p.update_prompts
+  c.train.micro_batches = 1
+  c.train.eval_every = 0
+  c.train.checkpoint_every = 0
+  c.train.log_every = p.eval_every
+  return c
+
+
+def ensure_base(config: ml_collections.ConfigDict, *, workdir: str, mesh, tokenizer,
+                model: models.Transformer, pools) -> models.Transformer:
+  """Returns the base model: read from `workdir/base_model` if there, else trained and saved."""
+  path = base_dir(workdir)
+  rules = tuple((n, tuple(t) if isinstance(t, list) else t) for n, t in config.mesh.rules)
+  if os.path.exists(os.path.join(path, "config.json")):
+    print(f"pretrain: reusing the base model in {path}", flush=True)
+    return models.from_pretrained(path, dtype=config.model.dtype,
+                                  param_dtype=config.model.param_dtype,
+                                  max_seq_len=config.model.max_seq_len, mesh=mesh, rules=rules)
+  p = config.pretrain
+  c = sft_config(config)
+  sft_workdir = os.path.join(workdir, "pretrain")
+  os.makedirs(sft_workdir, exist_ok=True)
+  trainer = trainer_lib.Trainer(c, workdir=sft_workdir, mesh=mesh, tokenizer=tokenizer,
+                                model=model, pools=pools)
+  gate_records = list(pools["eval_id"])[:p.eval_prompts]
+  start = time.perf_counter()
+  history = []
+
+  def gate(t: trainer_lib.Trainer) -> bool:
+    step = int(t.state.step)
+    if step % p.eval_every:
+      return False
+    acc = greedy_accuracy(t, gate_records, max_new_tokens=config.sampler.max_new_tokens,
+                          template=config.tokenizer.template, reward=config.data.reward)
+    minutes = (time.perf_counter() - start) / 60
+    history.append({"step": step, "greedy_id_acc": acc, "minutes": minutes})
+    print(f"pretrain: step {step} greedy ID accuracy {acc:.3f} (gate {p.target_accuracy}) "
+          f"{minutes:.1f} min", flush=True)
+    if acc >= p.target_accuracy:
+      return True
+    if minutes >= p.max_minutes:
+      print(f"pretrain: WARNING stopped by pretrain.max_minutes={p.max_minutes} before the "
+            f"accuracy gate {p.target_accuracy} (reached {acc:.3f})", flush=True)
+      return True
+    return False
+
+  trainer.run(should_stop=gate)
+  base = nnx.merge(trainer.graphdef, trainer.state.params)
+  if jax.process_index() == 0:
+    with open(os.path.join(sft_workdir, "gate.json"), "w") as f:
+      json.dump(history, f, indent=1)
+  models.save_pretrained(base, path)
+  print(f"pretrain: base model saved to {path}", flush=True)
+  return base
