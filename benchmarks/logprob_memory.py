@@ -9,9 +9,11 @@ argument + output + temp bytes) and the wall time of:
   fused    dypo_jax.kernels.logprob.fused_token_logprobs (Pallas; interpret mode on CPU);
   chunked  (--chunked) token_logprobs(..., impl="chunked") from dypo_jax.losses or
            dypo_jax.logprobs, whichever exists.
-Memory is compiled at the full size without running it. On CPU the Pallas kernel runs in
-interpret mode, which is slow and says nothing about TPU speed, and the full path at M = 4096
-needs ~10 GiB; so on CPU the wall time is measured at --time_tokens (default 256) tokens.
+Memory is compiled at the full size without running it. On CPU the full path at M = 4096 needs
+~10 GiB, so wall time is measured at --time_tokens (default 256) tokens. The Pallas kernel runs
+there in interpret mode: its memory is the interpreter's (which NaN-pads and copies operands, not
+the kernel's own), and it is far too slow to time (~5 minutes for M=64 at V=151,936 on 2 busy
+cores, whatever M: the cost is per grid step), so on CPU it is timed only with --time_fused.
 
 With --tpu_topology (needs libtpu importable, e.g. `pip install "jax[tpu]==0.10.2"`) memory is
 compiled for one chip of that TPU topology instead, the fused kernel through Mosaic; wall time is
@@ -50,6 +52,8 @@ def _parse_args(argv):
                       help="tokens for the wall-time runs; 0 skips timing; default: --tokens on "
                            "an accelerator, 256 on CPU")
   parser.add_argument("--iters", type=int, default=3, help="timed runs after one warm-up")
+  parser.add_argument("--time_fused", action="store_true",
+                      help="time the fused kernel even in (slow) interpret mode on CPU")
   parser.add_argument("--chunked", action="store_true", help="also the jnp chunked path")
   parser.add_argument("--vocab_chunk", type=int, default=4096, help="C for --chunked")
   parser.add_argument("--tpu_topology", default=None,
@@ -173,19 +177,20 @@ def main(argv):
   print(f"M={m} D={d} V={v} dtype={args.dtype} temperature={args.temperature} "
         f"blocks={args.block_m}x{args.block_v}; forward + backward w.r.t. hidden and lm_head")
   if time_tokens:
-    print(f"wall time: median of {args.iters} runs at M={time_tokens}"
-          + (" (reduced from M={m} on CPU; fused runs the Pallas interpreter, not a TPU "
-             "speed)".format(m=m) if time_tokens != m else ""))
+    print(f"wall time: median of {args.iters} runs after a warm-up, at M={time_tokens}"
+          + (f" (reduced from M={m})" if time_tokens != m else ""))
 
   abstract = _abstract_args(m, d, v, dtype, sharding)
   concrete = _concrete_args(time_tokens, d, v, dtype) if time_tokens else None
-  header = f"{'path':<8} {'args MiB':>9} {'out MiB':>9} {'temp MiB':>9} {'peak MiB':>9} {'time s':>8}"
+  header = (f"{'path':<8} {'args MiB':>9} {'out MiB':>9} {'temp MiB':>9} {'peak MiB':>9} "
+            f"{'time s':>8}")
   rows, peaks = [], {}
   for name, step in paths.items():
     arg, out, temp, peak = _memory(step, abstract)
     peaks[name] = peak
-    seconds = _wall_time(step, concrete, args.iters) if concrete else float("nan")
-    rows.append(f"{name:<8} {arg:>9.1f} {out:>9.1f} {temp:>9.1f} {peak:>9.1f} {seconds:>8.3f}"
+    timed = concrete is not None and (name != "fused" or not interpret or args.time_fused)
+    seconds = f"{_wall_time(step, concrete, args.iters):.3f}" if timed else "-"
+    rows.append(f"{name:<8} {arg:>9.1f} {out:>9.1f} {temp:>9.1f} {peak:>9.1f} {seconds:>8}"
                 f"  {notes[name]}")
   print(header)
   print("\n".join(rows))
@@ -193,6 +198,10 @@ def main(argv):
         f"(one [M, V] f32 logits array alone is {m * v * 4 / _MIB:.0f} MiB)")
   if "chunked" in peaks:
     print(f"peak memory full / chunked: {peaks['full'] / peaks['chunked']:.1f}x")
+  if interpret:
+    print("note: fused memory above is the Pallas interpreter's on CPU (it NaN-pads and copies "
+          "operands); --tpu_topology v4:2x2x1 compiles the real kernel for a TPU chip."
+          + ("" if args.time_fused else " Fused not timed on CPU (interpret mode; --time_fused)."))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 8 prompts x 8 samples (one prefill per prompt, shared by its 8 samples), prompts of 32 tokens,
 temperature 0.9, top-p 1.0, stop at EOS like the peers. Tokens counted as the peers count them:
 the generated tokens that are kept (`SampleOutput.lengths`). Figures: median tokens/s over the
-timed repeats (after warm-up), first-call seconds (includes the compile), peak RSS.
+timed repeats (after warm-up), first-call seconds (includes the compile), peak RSS, and the
+process CPU time per call (all threads; steadier than wall time when other jobs load the CPUs).
 
 Run (from the repository root):
   python benchmarks/sampler.py                 # peers' protocol: 6 reps, median of reps 2-5
@@ -51,18 +52,19 @@ def main():
   sampler = sampler_lib.Sampler(graphdef, model_config=config, pad_id=w1.PAD_ID,
                                 cache_dtype=args.cache_dtype)
 
-  rates, first = [], None
+  rates, cpu_ms, first = [], [], None
   for rep in range(args.reps):
-    ts = time.perf_counter()
+    ts, cs = time.perf_counter(), time.process_time()
     out = sampler.sample(params, prompts, num_samples=k, max_new_tokens=w1.NEW_TOKENS,
                          temperature=w1.TEMPERATURE, top_p=w1.TOP_P, stop_ids=(w1.EOS_ID,),
                          rng=jax.random.key(rep))
-    te = time.perf_counter()
+    te, ce = time.perf_counter(), time.process_time()
     ntok = int(out.lengths.sum())
     if rep == 0:
       first = te - ts
     if rep >= args.warmup:
       rates.append(ntok / (te - ts))
+      cpu_ms.append(1e3 * (ce - cs))
     print(f"sampler rep{rep}: {n_prompts * k} seqs, {ntok} new tokens, {te - ts:.4f}s -> "
           f"{ntok / (te - ts):.1f} tok/s" + (" (includes compile)" if rep == 0 else ""),
           flush=True)
@@ -70,7 +72,7 @@ def main():
   print(f"RESULT dypo_sampler tokens/s = {np.median(rates):.1f} (median of reps "
         f"{args.warmup}-{args.reps - 1}; {n_prompts * k} seqs x {w1.NEW_TOKENS} new tokens, "
         f"prompt {len(prompts[0])}, {n_prompts} prompts x {k} samples; min {np.min(rates):.1f} "
-        f"max {np.max(rates):.1f})")
+        f"max {np.max(rates):.1f}; process CPU {np.median(cpu_ms):.1f} ms/call)")
   print(f"RESULT dypo_sampler first call (compile) s = {first:.2f}; compiles = "
         f"{sampler.trace_count}; peak RSS MB = {peak_mb:.0f}")
 

@@ -271,6 +271,53 @@ def run_step(trainer: trainer_lib.Trainer) -> dict[str, Any]:
   }
 
 
+def synthetic_batch(trainer: trainer_lib.Trainer, *, seed: int = 0) -> dict[str, np.ndarray]:
+  """A full update batch without sampling: every item a Mid group of full-length responses
+  (random tokens, rewards alternating 1/0 so that GRPO and GAL both have signal), laid out by
+  the real `Trainer.build_batch`."""
+  rng = np.random.default_rng(seed)
+  u, k, t = trainer.config.train.update_prompts, trainer.k, trainer.max_len
+  v = trainer.tok.vocab_size
+  mid = []
+  for i in range(u):
+    rewards = (np.arange(k) % 2 == 0).astype(np.float32)
+    mid.append(trainer_lib.queues_lib.MidItem(
+        uid=f"synthetic/{i}",
+        prompt_tokens=np.asarray(trainer.prompt_tokens[i % len(trainer.prompt_tokens)], np.int32),
+        response_tokens=rng.integers(3, v, (k, t)).astype(np.int32),
+        response_lengths=np.full((k,), t, np.int32), rewards=rewards, shaped_rewards=rewards,
+        logprobs=np.full((k, t), -np.log(v), np.float32), step=0))
+  batch, _ = trainer.build_batch([], mid)
+  return batch
+
+
+def update_flops(*, mc, rows: int, prompt_len: int, resp_len: int,
+                 with_ref: bool) -> dict[str, float]:
+  """Model FLOPs of one update on `rows` sequences of P + T tokens (matmuls only, 2 per MAC).
+
+  The step feeds L - 1 = P + T - 1 tokens per row through the policy; per token and layer the
+  projections cost 2·D·H·(N + 2·KV) + 2·N·H·D, the SwiGLU MLP 3·2·D·F, and attention
+  2·2·(L - 1)·N·H (scores and values over the whole padded square, as executed; causal-only
+  counting would halve it); the LM head 2·D·V only at the T response positions. Training =
+  3 x the policy forward (forward + backward) + 1 x the reference forward (when it runs).
+  Not counted: the chunked log-prob's recomputed logits in the backward (recompute, not model
+  work), norms, softmax, RoPE, the optimizer. `six_n` is the usual 6·N·tokens for comparison,
+  N = the non-embedding parameters including the LM head.
+  """
+  d, h, n, kv, f, v = (mc.embed_dim, mc.head_dim, mc.num_heads, mc.num_kv_heads, mc.mlp_dim,
+                       mc.vocab_size)
+  l1 = prompt_len + resp_len - 1
+  per_token_layer = 2 * d * h * (n + 2 * kv) + 2 * n * h * d + 6 * d * f
+  attn_per_token_layer = 4 * l1 * n * h
+  fwd = rows * (l1 * mc.num_layers * (per_token_layer + attn_per_token_layer)
+                + resp_len * 2 * d * v)
+  total = 3 * fwd + (fwd if with_ref else 0)
+  non_embedding = mc.num_params - mc.vocab_size * mc.embed_dim
+  return {"policy_fwd": float(fwd), "total": float(total),
+          "attention_share": rows * l1 * mc.num_layers * attn_per_token_layer / fwd,
+          "six_n": float(6 * non_embedding * rows * l1)}
+
+
 def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

@@ -191,20 +191,9 @@ def worst_prompt_len(config, mc) -> int:
 
 
 def step_config(config, *, prompt_len: int, num_teachers: int = NUM_TEACHERS):
-  """The StepConfig the Trainer builds from a config (the same expression as Trainer.__init__)."""
-  from dypo_jax import train_step as step_lib  # pylint: disable=g-import-not-at-top
+  """The StepConfig the Trainer builds from a config."""
   from dypo_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
-  rl, tr, sp = config.rl, config.train, config.sampler
-  return step_lib.StepConfig(
-      prompt_len=prompt_len, temperature=max(sp.temperature, 1e-6),
-      clip_low=rl.clip_low, clip_high=rl.clip_high, kl_coef=rl.kl_coef,
-      kl_estimator=rl.kl_estimator, agg_mode=rl.agg_mode, max_len=sp.max_new_tokens,
-      scale_adv_by_std=rl.scale_adv_by_std, adv_eps=rl.adv_eps, beta_gal=rl.beta_gal,
-      gal_length_norm=rl.gal_length_norm, offpolicy_shaping=rl.offpolicy_shaping,
-      micro_batches=tr.micro_batches, num_teachers=max(num_teachers, 1),
-      logprob_impl=config.model.logprob_impl, vocab_chunk=config.model.vocab_chunk,
-      use_gal=rl.method in trainer_lib._ROUTED and rl.alpha < 1.0,  # pylint: disable=protected-access
-      per_term_grad_norms=tr.per_term_grad_norms)
+  return trainer_lib.step_config(config, prompt_len=prompt_len, num_teachers=num_teachers)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -161,6 +161,7 @@ def token_logprobs(
     temperature: float | jax.Array = 1.0,
     vocab_chunk: int = 4096,
     impl: Impl = "chunked",
+    pallas_interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Target log-probabilities and entropies of softmax((hidden @ lm_head) / temperature).
 
@@ -172,6 +173,8 @@ def token_logprobs(
     vocab_chunk: vocabulary chunk width C for impl="chunked" (need not divide V).
     impl: "chunked" (default, O(M*C) memory forward and backward), "full" (reference) or
       "pallas" (dypo_jax.kernels.logprob.fused_token_logprobs).
+    pallas_interpret: for impl="pallas": run the Pallas interpreter (True), compile with Mosaic
+      (False; TPU only) or decide by backend (None: interpreter on CPU only).
 
   Returns:
     (logp [N, T] float32, entropy [N, T] float32); both differentiable w.r.t. hidden and lm_head.
@@ -197,7 +200,8 @@ def token_logprobs(
     logp, entropy = _chunked(hidden2d, lm_head, targets1d, inv_temp, int(vocab_chunk))
   else:
     from dypo_jax.kernels import logprob  # pylint: disable=g-import-not-at-top
-    # interpret=None: the Pallas interpreter on CPU, compiled (Mosaic, TPU only) elsewhere.
+    # The kernel takes one dtype for both operands (the compute dtype of the hidden state).
     logp, entropy = logprob.fused_token_logprobs(
-        hidden2d, lm_head, targets1d, temperature=temperature, interpret=None)
+        hidden2d, lm_head.astype(hidden2d.dtype), targets1d, temperature=temperature,
+        interpret=pallas_interpret)
   return logp.reshape(n, t), entropy.reshape(n, t)

@@ -104,12 +104,16 @@ def sampling_mode(*, temperature: float, top_p: float, top_k: int, vocab_size: i
 
 
 def _inverse_cdf(weights: jax.Array, uniform: jax.Array) -> jax.Array:
-  """Index i with probability weights[i] / sum(weights). weights [R, V] >= 0; uniform [R] in [0, 1)."""
+  """Index i with probability weights[i] / sum(weights).
+
+  weights [R, V] >= 0 with a positive sum; uniform [R] in [0, 1).
+  """
   cdf = jnp.cumsum(weights, axis=-1)  # [R, V]
-  target = uniform * cdf[:, -1]  # [R]
-  # The first index whose cdf exceeds the target; zero-weight entries never qualify.
-  index = jnp.sum(cdf <= target[:, None], axis=-1, dtype=jnp.int32)
-  return jnp.minimum(index, weights.shape[-1] - 1)
+  total = cdf[:, -1]
+  # With target < total (a guard: IEEE rounding already keeps u * total < total for u < 1), the
+  # first index whose cdf exceeds the target has a positive weight; filtered (zero) ones never.
+  target = jnp.minimum(uniform * total, jnp.nextafter(total, 0.0))  # [R]
+  return jnp.sum(cdf <= target[:, None], axis=-1, dtype=jnp.int32)
 
 
 # float32 bit patterns of non-negative numbers sort like the numbers: bisection on them finds an

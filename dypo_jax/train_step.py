@@ -61,6 +61,7 @@ class StepConfig:
   num_teachers: int  # For per-teacher SFT metrics.
   logprob_impl: str
   vocab_chunk: int
+  pallas_interpret: bool
   use_gal: bool  # Static: skip GAL's work in methods that never weight it.
   per_term_grad_norms: bool  # One backward per term (3x backward cost) for the §5 metrics.
 
@@ -100,7 +101,7 @@ def _response_logprobs(graphdef, params, tokens, input_mask, row_temperature, cf
   hidden = hidden / row_temperature[:, None, None].astype(hidden.dtype)
   return losses.token_logprobs(hidden=hidden, lm_head=model.lm_head_kernel(),
                                targets=tokens[:, cfg.prompt_len:], vocab_chunk=cfg.vocab_chunk,
-                               impl=cfg.logprob_impl)
+                               impl=cfg.logprob_impl, pallas_interpret=cfg.pallas_interpret)
 
 
 def _masks(batch):

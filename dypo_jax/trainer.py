@@ -1,21 +1,40 @@
 """The DYPO loop: rollout -> reward -> grade -> queue -> update -> log -> eval -> checkpoint.
 
 The loop only orchestrates; the maths are in `losses`, `gating` and `train_step`. Everything a
-restart needs (train state, reference params, rng, data position, queues, eval history, counters)
-is saved together in one Orbax checkpoint.
+restart needs (train state, reference params, rng, data position, queues, eval history, counters,
+the config) is saved together in one Orbax checkpoint, every `train.checkpoint_every` steps, at the
+end, and at the step boundary after a SIGTERM. A restart from it continues the run exactly: the
+metrics of every later step equal an uninterrupted run's (same machine).
+
+Multi-process (one controller per host, `jax.distributed`): every process runs this loop in
+lockstep on the same global arrays (params, optimizer state, update batch: global `jax.Array`s on
+the global mesh). What is per process:
+  * the data: each process reads its own shard of the training pool (`PromptStream`) and takes
+    rollout_prompts / process_count prompts per round; the round's global prompt list is the
+    processes' lists concatenated in process order (an all-gather of indices);
+  * rewards: process p scores the rollouts of its own prompts (rows of the sampler's replicated
+    output), and the scores are all-gathered;
+  * device transfers: each process puts only the shards of the update batch its devices hold.
+The graded items, and so the Hard and Mid queues, are the same on every process, so an update
+batch holds the U oldest items of the whole job in arrival order, as with one process, and the
+metrics (global means) are identical on every process; process 0 logs them. A checkpoint holds
+the queues once and every process's data position (`extras["streams"][p]`).
 """
-import base64
 import dataclasses
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any
 
 from flax import nnx
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from dypo_jax import checkpoint as checkpoint_lib
 from dypo_jax import evaluate as evaluate_lib
@@ -31,6 +50,8 @@ from dypo_jax.data import records as records_lib
 
 # Methods whose rollouts are graded and routed (after rl.switch_gate).
 _ROUTED = ("dypo",)
+# Version of what `Trainer.checkpoint_extras` writes (read by `restore` and `dypo_jax.export`).
+CHECKPOINT_FORMAT = 1
 
 
 # Seeded epochs over this process's shard of the training pool (a grain pipeline): take(n) gives
@@ -77,6 +98,37 @@ def _left_pad(tokens, length: int, pad_id: int) -> np.ndarray:
   return out
 
 
+def _gather_rows(x: np.ndarray) -> np.ndarray:
+  """Every process's `x` (the same shape on each) concatenated along axis 0, in process order.
+
+  Collective: every process calls it. With one process, `x` itself (no collective).
+  """
+  x = np.asarray(x)
+  if jax.process_count() == 1:
+    return x
+  stacked = np.asarray(multihost_utils.process_allgather(x, tiled=False))  # [processes, ...]
+  return stacked.reshape((-1,) + x.shape[1:])
+
+
+def _gather_json(value: Any) -> list[Any]:
+  """The JSON-serialisable `value` of every process, in process order. Collective."""
+  if jax.process_count() == 1:
+    return [value]
+  data = np.frombuffer(json.dumps(value, sort_keys=True).encode("utf-8"), np.uint8)
+  sizes = _gather_rows(np.array([data.size], np.int32))
+  padded = np.zeros((1, int(sizes.max())), np.uint8)
+  padded[0, :data.size] = data
+  rows = _gather_rows(padded)
+  return [json.loads(rows[i, :sizes[i]].tobytes().decode("utf-8")) for i in range(len(sizes))]
+
+
+def _any_process(flag: bool) -> bool:
+  """True when `flag` is true on any process, so that every process takes the same branch."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(_gather_rows(np.array([int(bool(flag))], np.int32)).any())
+
+
 class Trainer:
   """Holds what the loop needs between steps; `run()` is the loop."""
 
@@ -90,6 +142,11 @@ class Trainer:
     self.max_len = sp.max_new_tokens
     self.rules = tuple((n, tuple(t) if isinstance(t, list) else t) for n, t in config.mesh.rules)
     self.is_main = jax.process_index() == 0
+    self.num_processes, self.process_index = jax.process_count(), jax.process_index()
+    if tr.rollout_prompts % self.num_processes:
+      raise ValueError(f"train.rollout_prompts={tr.rollout_prompts} must be a multiple of the "
+                       f"{self.num_processes} processes (each samples an equal share of the "
+                       f"prompts from its own data shard)")
     if self.tok.pad_id is None:
       raise ValueError("the tokenizer has neither a pad nor an eos token; dypo_jax needs one")
     self.pad_id = self.tok.pad_id
@@ -108,6 +165,7 @@ class Trainer:
 
     # Model, reference and optimizer state, all sharded by the rules.
     self.graphdef, params = nnx.split(model, nnx.Param)
+    self.model_config = model.config
     self.sampler = sampler_lib.Sampler(
         self.graphdef, model_config=model.config, pad_id=self.pad_id,
         prompt_buckets=tuple(sp.prompt_buckets), mesh=mesh, rules=self.rules)
@@ -132,16 +190,8 @@ class Trainer:
     if per_micro % batch_shards:
       raise ValueError(f"train.update_prompts / train.micro_batches = {per_micro} must be a "
                        f"multiple of the {batch_shards} batch shards of the mesh")
-    step_cfg = step_lib.StepConfig(
-        prompt_len=self.prompt_len, temperature=max(sp.temperature, 1e-6),
-        clip_low=rl.clip_low, clip_high=rl.clip_high, kl_coef=rl.kl_coef,
-        kl_estimator=rl.kl_estimator, agg_mode=rl.agg_mode, max_len=self.max_len,
-        scale_adv_by_std=rl.scale_adv_by_std, adv_eps=rl.adv_eps, beta_gal=rl.beta_gal,
-        gal_length_norm=rl.gal_length_norm, offpolicy_shaping=rl.offpolicy_shaping,
-        micro_batches=tr.micro_batches, num_teachers=max(len(self.teacher_names), 1),
-        logprob_impl=config.model.logprob_impl, vocab_chunk=config.model.vocab_chunk,
-        use_gal=self.method in _ROUTED and rl.alpha < 1.0,
-        per_term_grad_norms=tr.per_term_grad_norms)
+    step_cfg = step_config(config, prompt_len=self.prompt_len,
+                           num_teachers=len(self.teacher_names))
     self.step_cfg = step_cfg
     step_fn = step_lib.build_train_step(self.graphdef, step_cfg, self.tx, self.schedule)
     shapes = step_lib.batch_spec_shapes(items=tr.update_prompts, k=self.k,
@@ -182,16 +232,17 @@ class Trainer:
     return ids
 
   def _init_state(self, params):
-    """Optimizer state born sharded like the parameters; scalars replicated on every device.
+    """Optimizer state born sharded like the parameters; the rest replicated on every device.
 
-    The moments' shardings come from propagation through `tx.init` (they are zeros_like of the
-    sharded params); counters are pinned replicated, since a jitted init otherwise leaves them
-    on one device, which a multi-process Orbax save refuses.
+    Each parameter-shaped leaf of the optimizer state (Adam's moments) takes its parameter's
+    sharding (`optax.tree_utils.tree_map_params`); counters are pinned replicated. Propagation
+    through a jitted `tx.init` is not enough: it leaves the counters, and the moments of
+    replicated parameters, on one device, which a multi-device jit and Orbax refuse.
     """
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    probe = jax.jit(self.tx.init)(params)
-    opt_shardings = jax.tree.map(lambda x: replicated if x.ndim == 0 else x.sharding, probe)
-    del probe
+    opt_shardings = optax.tree_utils.tree_map_params(
+        self.tx, lambda _, sharding: sharding, jax.eval_shape(self.tx.init, params),
+        self.param_shardings, transform_non_params=lambda _: replicated)
     state_shardings = step_lib.TrainState(
         step=replicated, params=self.param_shardings, opt_state=opt_shardings,
         nonfinite_skipped=replicated)
@@ -212,6 +263,16 @@ class Trainer:
     return (self.method == "sft_then_rl"
             and int(self.state.step) < self.config.rl.sft_then_rl_switch)
 
+  def _take_prompts(self, n: int) -> list[int]:
+    """The round's n prompts (training-pool indices): the same list on every process.
+
+    Each process takes n / process_count indices from its own shard; the list is their
+    concatenation in process order, so process p's prompts are rows [p * n_local, (p + 1) *
+    n_local) of the round (the rows it scores).
+    """
+    local = np.asarray(self.stream.take(n // self.num_processes), np.int32)
+    return [int(i) for i in _gather_rows(local)]
+
   def _pick_teachers(self, idx: list[int]) -> np.ndarray:
     num = np.array([len(self.teacher_tokens[i]) for i in idx], np.int32)
     key = jax.random.fold_in(jax.random.fold_in(self.rng, 2), self.rollout_round)
@@ -229,7 +290,7 @@ class Trainer:
 
   def sft_round(self, stats: _RoundStats) -> None:
     """SFT-only methods: queue teacher traces without sampling."""
-    idx = self.stream.take(self.config.train.rollout_prompts)
+    idx = self._take_prompts(self.config.train.rollout_prompts)
     choices = self._pick_teachers(idx)
     for i, c in zip(idx, choices):
       if c < 0:
@@ -241,7 +302,7 @@ class Trainer:
   def rollout_round_(self, stats: _RoundStats) -> None:
     """Samples a group per prompt, scores, grades and queues (DYPO.md §1 steps 1-4)."""
     cfg, rl = self.config, self.config.rl
-    idx = self.stream.take(cfg.train.rollout_prompts)
+    idx = self._take_prompts(cfg.train.rollout_prompts)
     luffy = self.method == "luffy"
     offpolicy_hard = self._routing_on() and rl.offline_loss_type == "rl"
     k = self.k - 1 if luffy else self.k
@@ -256,18 +317,24 @@ class Trainer:
 
     start = time.perf_counter()
     recs = [self.pools["train"][i] for i in idx]
+    # Each process scores the rollouts of its own prompts (rows `mine`); the scores are gathered.
+    n_local = len(idx) // self.num_processes
+    mine = range(self.process_index * n_local, (self.process_index + 1) * n_local)
     texts, flat_recs, finished = [], [], []
-    for b, rec in enumerate(recs):
+    for b in mine:
       for j in range(k):
         texts.append(evaluate_lib.decode_response(self.tok, out.tokens[b, j], out.lengths[b, j]))
-        flat_recs.append(rec)
+        flat_recs.append(recs[b])
         finished.append(out.stop_reason[b, j] == sampler_lib.STOP_TOKEN)
     scores, rstats = rewards_lib.reward_batch(cfg.data.reward, flat_recs, texts,
                                               pool=self.reward_pool)
-    stats.reward_errors += int(rstats.get("reward_errors", 0))
-    rewards = scores.reshape(len(idx), k).astype(np.float32)
     penalty = np.array([rewards_lib.format_penalty(t, finished=f, coef=rl.format_penalty_coef)
-                        for t, f in zip(texts, finished)], np.float32).reshape(len(idx), k)
+                        for t, f in zip(texts, finished)], np.float32).reshape(n_local, k)
+    scored = _gather_rows(np.stack([scores.reshape(n_local, k).astype(np.float32), penalty],
+                                   axis=-1))  # [B, K, 2]
+    rewards, penalty = scored[..., 0], scored[..., 1]
+    stats.reward_errors += int(_gather_rows(
+        np.array([int(rstats.get("reward_errors", 0))], np.int32)).sum())
     shaped = rewards + penalty
     stats.reward_s += time.perf_counter() - start
     grades = np.asarray(gating.grade(rewards))
@@ -373,8 +440,12 @@ class Trainer:
     return batch, info
 
   def update(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-    device_batch = {name: jax.device_put(value, self.batch_shardings[name])
-                    for name, value in batch.items()}
+    # Every process holds the whole host batch and places only the shards its devices hold (a
+    # device_put of host data onto a multi-process sharding would first compare it across hosts).
+    device_batch = {
+        name: jax.make_array_from_callback(value.shape, self.batch_shardings[name],
+                                           lambda index, value=value: value[index])
+        for name, value in batch.items()}
     key = jax.random.fold_in(jax.random.fold_in(self.rng, 3), int(self.state.step))
     self.state, metrics = self.train_step(self.state, self.ref_params, device_batch, key)
     return metrics
@@ -406,26 +477,50 @@ class Trainer:
     return result
 
   def checkpoint_state(self) -> dict[str, Any]:
-    return {"train": self.state, "ref": self.ref_params,
-            "rng": jax.random.key_data(self.rng)}
+    """The arrays of a checkpoint: the train state (policy params, optimizer state, step, skip
+    counter) and the frozen reference params (global arrays; restored onto any mesh)."""
+    return {"train": self.state, "ref": self.ref_params}
 
   def checkpoint_extras(self) -> dict[str, Any]:
-    return {"stream": self.stream.state(), "rollout_round": self.rollout_round,
-            "queues": base64.b64encode(self.queues.to_bytes()).decode("ascii"), "eval_history": self.eval_history,
-            "teacher_counts": self.teacher_counts.tolist(), "config": self.config.to_json()}
+    """The JSON part of a checkpoint. Collective: every process calls it, since each process's
+    position in its own data shard is gathered (`streams[p]` is process p's)."""
+    return {"format": CHECKPOINT_FORMAT, "process_count": self.num_processes,
+            "streams": _gather_json(self.stream.state()), "rollout_round": self.rollout_round,
+            "rng": np.asarray(jax.random.key_data(self.rng)).tolist(),
+            "eval_history": self.eval_history, "teacher_counts": self.teacher_counts.tolist(),
+            "config": self.config.to_json(),
+            "model_config": dataclasses.asdict(self.model_config)}
+
+  def save_checkpoint(self, ckpt: "checkpoint_lib.Checkpointer", step: int) -> bool:
+    """Saves `step` with the queues (collective; asynchronous; a saved step is never rewritten)."""
+    return ckpt.save(step, state=self.checkpoint_state(), extras=self.checkpoint_extras(),
+                     queues=self.queues.to_bytes())
 
   def restore(self, ckpt: "checkpoint_lib.Checkpointer") -> bool:
+    """Restores the latest finalised checkpoint, if any, resharded onto this trainer's mesh."""
     step = ckpt.latest_step()
     if step is None:
       return False
+    where = f"checkpoint {ckpt.step_dir(step)}"
     abstract = checkpoint_lib.abstract_like(self.checkpoint_state())
     state, extras = ckpt.restore(step, abstract_state=abstract)
+    if extras.get("format") != CHECKPOINT_FORMAT:
+      raise ValueError(f"{where}: extras format {extras.get('format')!r}; this trainer reads "
+                       f"format {CHECKPOINT_FORMAT}")
+    streams = extras["streams"]
+    if extras["process_count"] != self.num_processes or len(streams) != self.num_processes:
+      raise ValueError(
+          f"{where} was written by {extras['process_count']} processes and this run has "
+          f"{self.num_processes}: each process's position in its own data shard cannot be carried "
+          f"over; resume with {extras['process_count']} processes (the mesh shape may differ)")
+    queue_bytes = ckpt.restore_queues(step)
+    if queue_bytes is None:
+      raise ValueError(f"{where} has no 'queues' item")
     self.state, self.ref_params = state["train"], state["ref"]
-    self.rng = jax.random.wrap_key_data(state["rng"])
-    self.stream.restore(extras["stream"])
+    self.rng = jax.random.wrap_key_data(np.asarray(extras["rng"], np.uint32))
+    self.stream.restore(streams[self.process_index])
     self.rollout_round = int(extras["rollout_round"])
-    self.queues = queues_lib.QueueSet.from_bytes(base64.b64decode(extras["queues"]),
-                                                 source=f"checkpoint step {step}")
+    self.queues = queues_lib.QueueSet.from_bytes(queue_bytes, source=f"{where} item 'queues'")
     self.eval_history = list(extras["eval_history"])
     self.teacher_counts = np.asarray(extras["teacher_counts"], np.int64)
     return True
@@ -434,79 +529,105 @@ class Trainer:
 
   def run(self, should_stop=None) -> dict[str, Any]:
     """The loop. `should_stop(trainer) -> bool`, checked after each update, ends it early
-    (the base model's accuracy gate uses it)."""
+    (the base model's accuracy gate uses it).
+
+    Resumes from the latest checkpoint in `workdir/checkpoints` if there is one. After a SIGTERM
+    the loop stops at the next step boundary, saves and returns. More non-finite updates than
+    `train.max_nonfinite_updates` raise FloatingPointError (the failing step is logged, not
+    saved). In a multi-process run every process calls this, and they move in lockstep.
+    """
     cfg, tr = self.config, self.config.train
     ckpt_dir = os.path.join(self.workdir, "checkpoints")
     ckpt = checkpoint_lib.Checkpointer(ckpt_dir, keep=tr.keep_checkpoints)
-    resumed = self.restore(ckpt)
-    writer = metrics_lib.MetricsWriter(self.workdir, enabled=self.is_main)
-    progress = metrics_lib.Progress(tr.num_steps, start_step=int(self.state.step))
+    writer = None
     stop_requested = []
-    checkpoint_lib.install_sigterm_handler(lambda: stop_requested.append(True))
-    if self.is_main:
-      print(f"train: method={self.method} k={self.k} P={self.prompt_len} T={self.max_len} "
-            f"U={tr.update_prompts} teachers={self.teacher_names} "
-            f"{'resumed at step ' + str(int(self.state.step)) if resumed else 'from scratch'}",
-            flush=True)
-    last_metrics: dict[str, Any] = {}
-    if cfg.train.eval_every and int(self.state.step) == 0 and not resumed:
-      self._log_eval(writer, self.evaluate())
-    while int(self.state.step) < tr.num_steps and not stop_requested:
-      step_start = time.perf_counter()
-      stats = _RoundStats()
-      rounds = 0
-      while not self.queues.ready(tr.update_prompts) and rounds < tr.max_rollouts_per_update:
-        if self._sft_phase():
-          self.sft_round(stats)
-        else:
-          self.rollout_round_(stats)
-        rounds += 1
-      hard, mid, _ = self.queues.pop_batch(min(tr.update_prompts, len(self.queues)))
-      if not hard and not mid:
-        # Every prompt was Easy for max_rollouts_per_update rounds: nothing to learn from.
-        self.state = self.state.replace(step=self.state.step + 1)
-        metrics = {"train/empty_update": 1}
-      else:
-        batch, info = self.build_batch(hard, mid)
-        update_start = time.perf_counter()
-        metrics = self.update(batch)
-        metrics = jax.device_get(metrics)
-        update_s = time.perf_counter() - update_start
-        metrics = self._host_metrics(metrics, info, update_s, batch)
-      metrics.update(stats.metrics())
-      metrics.update({"queue/hard": self.queues.depths()["hard"],
-                      "queue/mid": self.queues.depths()["mid"],
-                      "time/step_s": time.perf_counter() - step_start,
-                      "train/compiles": self.step_trace_count})
-      step = int(self.state.step)
-      if metrics.get("train/nonfinite_skipped", 0) > tr.max_nonfinite_updates:
-        ckpt.wait()
-        raise FloatingPointError(
-            f"{metrics['train/nonfinite_skipped']} updates had a non-finite loss or gradient "
-            f"(limit train.max_nonfinite_updates={tr.max_nonfinite_updates}); stopping. The "
-            f"last good checkpoint is kept in {ckpt_dir} (step {ckpt.latest_step()}).")
-      if step % tr.log_every == 0 or step == tr.num_steps:
-        writer.write(step, metrics)
-        if self.is_main:
-          print(progress.line(step, metrics, keys=(
-              "reward/binary", "route/hard_frac", "route/mid_frac", "batch/offline_ratio",
-              "loss/total", "policy/entropy")), flush=True)
-      if tr.eval_every and step % tr.eval_every == 0:
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():
+      previous_handler = checkpoint_lib.install_sigterm_handler(
+          lambda: stop_requested.append(True)) or signal.SIG_DFL
+    try:
+      resumed = self.restore(ckpt)
+      writer = metrics_lib.MetricsWriter(self.workdir, enabled=self.is_main)
+      progress = metrics_lib.Progress(max(tr.num_steps, 1), start_step=int(self.state.step))
+      if self.is_main:
+        print(f"train: method={self.method} k={self.k} P={self.prompt_len} T={self.max_len} "
+              f"U={tr.update_prompts} teachers={self.teacher_names} processes="
+              f"{self.num_processes} "
+              f"{'resumed at step ' + str(int(self.state.step)) if resumed else 'from scratch'}",
+              flush=True)
+      last_metrics: dict[str, Any] = {}
+      if cfg.train.eval_every and int(self.state.step) == 0 and not resumed:
         self._log_eval(writer, self.evaluate())
-      if tr.checkpoint_every and step % tr.checkpoint_every == 0:
-        ckpt.save(step, state=self.checkpoint_state(), extras=self.checkpoint_extras())
-      last_metrics = metrics
-      if should_stop is not None and should_stop(self):
-        break
-    step = int(self.state.step)
-    if stop_requested or (tr.checkpoint_every and step % tr.checkpoint_every):
-      ckpt.save(step, state=self.checkpoint_state(), extras=self.checkpoint_extras())
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
-    if self.reward_pool is not None:
-      self.reward_pool.close()
-    return last_metrics
+      stopped = False
+      while int(self.state.step) < tr.num_steps:
+        if _any_process(bool(stop_requested)):  # Every process stops at the same step.
+          stopped = True
+          break
+        step_start = time.perf_counter()
+        stats = _RoundStats()
+        rounds = 0
+        while not self.queues.ready(tr.update_prompts) and rounds < tr.max_rollouts_per_update:
+          if self._sft_phase():
+            self.sft_round(stats)
+          else:
+            self.rollout_round_(stats)
+          rounds += 1
+        hard, mid, _ = self.queues.pop_batch(min(tr.update_prompts, len(self.queues)))
+        if not hard and not mid:
+          # Every prompt was Easy for max_rollouts_per_update rounds: nothing to learn from.
+          self.state = self.state.replace(step=self.state.step + 1)
+          metrics = {"train/empty_update": 1}
+        else:
+          batch, info = self.build_batch(hard, mid)
+          update_start = time.perf_counter()
+          metrics = self.update(batch)
+          metrics = jax.device_get(metrics)
+          update_s = time.perf_counter() - update_start
+          metrics = self._host_metrics(metrics, info, update_s, batch)
+        metrics.update(stats.metrics())
+        metrics.update({"queue/hard": self.queues.depths()["hard"],
+                        "queue/mid": self.queues.depths()["mid"],
+                        "time/step_s": time.perf_counter() - step_start,
+                        "train/compiles": self.step_trace_count})
+        step = int(self.state.step)
+        too_many_nonfinite = metrics.get("train/nonfinite_skipped", 0) > tr.max_nonfinite_updates
+        if step % tr.log_every == 0 or step == tr.num_steps or too_many_nonfinite:
+          writer.write(step, metrics)
+          if self.is_main:
+            print(progress.line(step, metrics, keys=(
+                "reward/binary", "route/hard_frac", "route/mid_frac", "batch/offline_ratio",
+                "loss/total", "policy/entropy")), flush=True)
+        if too_many_nonfinite:
+          ckpt.wait()
+          raise FloatingPointError(
+              f"{metrics['train/nonfinite_skipped']} updates had a non-finite loss or gradient "
+              f"(limit train.max_nonfinite_updates={tr.max_nonfinite_updates}); stopping at step "
+              f"{step}. The last good checkpoint is kept in {ckpt_dir} (step "
+              f"{ckpt.latest_step()}).")
+        if tr.eval_every and step % tr.eval_every == 0:
+          self._log_eval(writer, self.evaluate())
+        if tr.checkpoint_every and step % tr.checkpoint_every == 0:
+          self.save_checkpoint(ckpt, step)
+        last_metrics = metrics
+        if should_stop is not None and should_stop(self):
+          break
+      step = int(self.state.step)
+      stopped = stopped or _any_process(bool(stop_requested))
+      if stopped or (tr.checkpoint_every and step % tr.checkpoint_every):
+        self.save_checkpoint(ckpt, step)
+      ckpt.wait()
+      if stopped and self.is_main:
+        print(f"train: SIGTERM: stopped at step {step}; checkpoint {ckpt.step_dir(step)}",
+              flush=True)
+      return last_metrics
+    finally:
+      ckpt.close()  # Waits for a pending save.
+      if writer is not None:
+        writer.close()
+      if self.reward_pool is not None:
+        self.reward_pool.close()
+      if previous_handler is not None:
+        signal.signal(signal.SIGTERM, previous_handler)
 
   def _log_eval(self, writer, result: dict[str, Any]) -> None:
     writer.write(result["step"], {f"eval/{k}": v for k, v in result.items() if k != "step"})
@@ -531,6 +652,23 @@ class Trainer:
     out["time/update_s"] = update_s
     out["perf/update_tok_s"] = float(batch["input_mask"].sum()) / max(update_s, 1e-9)
     return out
+
+
+def step_config(config: ml_collections.ConfigDict, *, prompt_len: int,
+                num_teachers: int) -> step_lib.StepConfig:
+  """The plain values the update step needs, read from the config once."""
+  rl, tr, sp = config.rl, config.train, config.sampler
+  return step_lib.StepConfig(
+      prompt_len=prompt_len, temperature=max(sp.temperature, 1e-6),
+      clip_low=rl.clip_low, clip_high=rl.clip_high, kl_coef=rl.kl_coef,
+      kl_estimator=rl.kl_estimator, agg_mode=rl.agg_mode, max_len=sp.max_new_tokens,
+      scale_adv_by_std=rl.scale_adv_by_std, adv_eps=rl.adv_eps, beta_gal=rl.beta_gal,
+      gal_length_norm=rl.gal_length_norm, offpolicy_shaping=rl.offpolicy_shaping,
+      micro_batches=tr.micro_batches, num_teachers=max(num_teachers, 1),
+      logprob_impl=config.model.logprob_impl, vocab_chunk=config.model.vocab_chunk,
+      pallas_interpret=config.model.pallas_interpret,
+      use_gal=rl.method in _ROUTED and rl.alpha < 1.0,
+      per_term_grad_norms=tr.per_term_grad_norms)
 
 
 def run(config: ml_collections.ConfigDict, *, workdir: str, mesh, tokenizer, model,

@@ -46,7 +46,8 @@ def step_config(**overrides) -> step_lib.StepConfig:
   base = dict(prompt_len=_P, temperature=1.0, clip_low=0.2, clip_high=0.2, kl_coef=0.01,
               kl_estimator="k3", agg_mode="token-mean", max_len=_T, scale_adv_by_std=True,
               adv_eps=1e-6, beta_gal=1.0, gal_length_norm="sum", offpolicy_shaping=0.1,
-              micro_batches=1, num_teachers=3, logprob_impl="full", vocab_chunk=16, use_gal=True,
+              micro_batches=1, num_teachers=3, logprob_impl="full", vocab_chunk=16,
+              pallas_interpret=True, use_gal=True,
               per_term_grad_norms=True)
   base.update(overrides)
   return step_lib.StepConfig(**base)

@@ -5,7 +5,7 @@ processes, which would need absl flags parsed and buy nothing for index streams)
 
     range(num_records) | source(records)     the pool, random access
       [process_index::process_count]         this process's shard (disjoint; the union is the pool)
-      .shuffle(seed=mixed seed)              a fresh permutation every epoch (grain uses seed + epoch)
+      .shuffle(seed=mixed seed)              a new permutation each epoch (grain: seed + epoch)
       .repeat(num_epochs)                    None: endless
       .to_iter_dataset()                     an iterator with get_state() / set_state()
 

@@ -1,0 +1,201 @@
+r"""Where one DYPO step on W1 spends its time, and whether anything recompiles.
+
+Builds the W1 DYPO trainer of `w1_step.py` (alpha 0.5, beta_KL 0.04), runs --warmup untimed
+steps, then --steps timed steps, each split by `w1_step.run_step` into
+
+  sample   Sampler.sample (prefill + decode + device_get), inside Trainer.rollout_round_
+  reward   decode the responses, toy reward, format penalty (host)
+  route    grading, teacher draw, MidItem/HardItem construction, queue pushes (host)
+  build    QueueSet.pop_batch + Trainer.build_batch (host numpy)
+  update   Trainer.update: device_put of the batch + the jitted step + device_get of the metrics
+  host     Trainer._host_metrics + _RoundStats.metrics
+
+with wall and CPU seconds (process time, all threads: steadier than wall on a shared machine).
+
+The reference log-probs are computed inside the jitted update, so their share is estimated by
+timing variants of the same jitted step on the same batch (a real DYPO batch from the last step):
+  full        the trainer's StepConfig (kl 0.04, GAL on): policy fwd+bwd, reference fwd, GAL
+  no GAL      kl 0.04, GAL off: the reference forward still runs (for the KL term)
+  no ref      kl 0, GAL off: no reference forward at all
+  ref share ~ (no GAL - no ref) / full,   GAL share ~ (full - no GAL) / full
+plus, for context: per-term gradient norms on (base_config's default), logprob_impl="full",
+and the policy forward alone (no backward).
+
+Finally the compile counts after warm-up: the step's and the sampler's trace counters and their
+jit caches (both should stay at 1).
+
+Run (from the repository root):
+  python benchmarks/profile_step.py --steps 5
+  python benchmarks/profile_step.py --tiny --steps 1 --reps 1
+"""
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dypo_jax import train_step as step_lib  # noqa: E402
+import w1_step  # noqa: E402
+
+PHASES = ("sample_s", "reward_s", "route_s", "build_s", "update_s", "host_metrics_s")
+
+
+def _cache_size(fn) -> int | None:
+  size = getattr(fn, "_cache_size", None)
+  return size() if callable(size) else None
+
+
+def _timed_step(trainer):
+  c0 = time.process_time()
+  s = w1_step.run_step(trainer)
+  s["cpu_s"] = time.process_time() - c0
+  return s
+
+
+def _time_fn(fn, reps: int) -> tuple[float, float]:
+  """(median wall s, median cpu s) of fn() over reps calls (after one untimed call)."""
+  fn()
+  walls, cpus = [], []
+  for _ in range(reps):
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    walls.append(time.perf_counter() - w0)
+    cpus.append(time.process_time() - c0)
+  return float(np.median(walls)), float(np.median(cpus))
+
+
+def step_variants(trainer, batch: dict[str, np.ndarray], reps: int) -> dict[str, tuple]:
+  """Median (wall, cpu) of variants of the jitted update on one batch (see module docstring)."""
+  base = trainer.step_cfg
+  variants = {
+      "full": base,
+      "no GAL": dataclasses.replace(base, use_gal=False),
+      "no ref": dataclasses.replace(base, use_gal=False, kl_coef=0.0),
+      "per-term grad norms": dataclasses.replace(base, per_term_grad_norms=True),
+      "logprob_impl=full": dataclasses.replace(base, logprob_impl="full"),
+  }
+  device_batch = {name: jax.device_put(value, trainer.batch_shardings[name])
+                  for name, value in batch.items()}
+  key = jax.random.key(0)
+  out = {}
+  for name, cfg in variants.items():
+    step = jax.jit(step_lib.build_train_step(trainer.graphdef, cfg, trainer.tx, trainer.schedule))
+    state = jax.tree.map(jnp.copy, trainer.state)
+
+    def call(step=step, state=state):
+      jax.block_until_ready(step(state, trainer.ref_params, device_batch, key))
+
+    out[name] = _time_fn(call, reps)
+
+  # The policy forward alone (log-probs of every row at the sampling temperature), no backward.
+  n = batch["tokens"].shape[0] * batch["tokens"].shape[1]
+  tokens = device_batch["tokens"].reshape(n, -1)
+  mask = device_batch["input_mask"].reshape(n, -1)
+  temp = jnp.full((n,), base.temperature, jnp.float32)
+  fwd = jax.jit(lambda p: step_lib._response_logprobs(  # pylint: disable=protected-access
+      trainer.graphdef, p, tokens, mask, temp, base))
+  out["policy forward only"] = _time_fn(
+      lambda: jax.block_until_ready(fwd(trainer.state.params)), reps)
+  return out
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--steps", type=int, default=5)
+  ap.add_argument("--warmup", type=int, default=2)
+  ap.add_argument("--reps", type=int, default=5, help="timed calls per update variant")
+  ap.add_argument("--method", choices=("grpo", "dypo"), default="dypo")
+  w1_step.add_size_args(ap)
+  args = ap.parse_args()
+  w1_step.apply_tiny(args)
+  print("command: " + " ".join([os.path.basename(sys.executable)] + sys.argv), flush=True)
+  print(f"jax {jax.__version__} devices={jax.devices()}", flush=True)
+  total = args.warmup + args.steps
+  config = w1_step.w1_config(args.method, hidden=args.hidden, layers=args.layers,
+                             prompts=args.prompts, k=args.gens, new_tokens=args.new_tokens,
+                             kl_coef=args.beta, alpha=args.alpha,
+                             per_term_grad_norms=args.per_term_grad_norms, num_steps=total)
+  trainer = w1_step.build_trainer(config, num_records=args.prompts * total * 2)
+  print(f"W1 {args.method}: params {trainer.sampler.config.num_params / 1e6:.3f}M, "
+        f"{args.prompts} prompts x {args.gens}, T={args.new_tokens}, use_gal="
+        f"{trainer.step_cfg.use_gal}, kl={trainer.step_cfg.kl_coef}", flush=True)
+
+  for i in range(args.warmup):
+    s = _timed_step(trainer)
+    print(f"warm-up step {i}: {s['step_s']:.2f}s (update {s['update_s']:.2f}s, sample "
+          f"{s['sample_s']:.2f}s)", flush=True)
+  compiles_after_warmup = (trainer.step_trace_count, trainer.sampler.trace_count)
+
+  timed = []
+  for i in range(args.steps):
+    timed.append(_timed_step(trainer))
+    s = timed[-1]
+    print(f"step {i}: wall {s['step_s']:.3f}s cpu {s['cpu_s']:.3f}s; " + ", ".join(
+        f"{p[:-2]} {s[p]:.4f}" for p in PHASES), flush=True)
+
+  wall = np.median([s["step_s"] for s in timed])
+  print(f"\nPhase shares of the median step ({wall:.3f}s wall; medians per phase):")
+  total_med = 0.0
+  for p in PHASES:
+    med = float(np.median([s[p] for s in timed]))
+    total_med += med
+    print(f"  {p[:-2]:<8} {med:8.4f}s  {100 * med / wall:5.1f}%")
+  print(f"  {'other':<8} {max(wall - total_med, 0):8.4f}s  "
+        f"{100 * max(wall - total_med, 0) / wall:5.1f}%  (loop, pops, unaccounted)")
+
+  # Small host costs inside the rollout round, measured alone.
+  idx = list(range(args.prompts))
+  pick = _time_fn(lambda: trainer._pick_teachers(idx), 20)  # pylint: disable=protected-access
+  sync = _time_fn(lambda: int(trainer.state.step), 50)
+  print(f"\nInside 'route': Trainer._pick_teachers (eager jax.random) {1e3 * pick[0]:.2f} ms; "
+        f"int(state.step) host read {1e3 * sync[0]:.3f} ms (3 per step)")
+
+  # A real batch from the queue for the update variants: roll out once more and build it.
+  stats = w1_step.trainer_lib._RoundStats()  # pylint: disable=protected-access
+  while not trainer.queues.ready(config.train.update_prompts):
+    trainer.rollout_round_(stats)
+  hard, mid, _ = trainer.queues.pop_batch(config.train.update_prompts)
+  batch, _ = trainer.build_batch(hard, mid)
+  put = _time_fn(lambda: jax.block_until_ready(
+      {n: jax.device_put(v, trainer.batch_shardings[n]) for n, v in batch.items()}), 10)
+  real = batch["input_mask"].sum()
+  print(f"Update batch: {len(hard)} hard / {len(mid)} mid items; tokens [U, K, L] = "
+        f"{batch['tokens'].shape}; real tokens {int(real)} of {batch['tokens'].size} "
+        f"({100 * real / batch['tokens'].size:.0f}%); response tokens "
+        f"{int(batch['resp_mask'].sum())} of {batch['resp_mask'].size}; device_put of the batch "
+        f"{1e3 * put[0]:.2f} ms")
+
+  print(f"\nJitted update variants on that batch (median of {args.reps}; wall s / cpu s):")
+  var = step_variants(trainer, batch, args.reps)
+  full_w, full_c = var["full"]
+  for name, (w, c) in var.items():
+    print(f"  {name:<22} {w:8.4f} / {c:8.4f}   {100 * w / full_w:6.1f}% of full (wall), "
+          f"{100 * c / full_c:6.1f}% (cpu)")
+  ref_w = (var["no GAL"][0] - var["no ref"][0]) / full_w
+  ref_c = (var["no GAL"][1] - var["no ref"][1]) / full_c
+  gal_w = (full_w - var["no GAL"][0]) / full_w
+  upd = float(np.median([s["update_s"] for s in timed]))
+  print(f"  reference log-probs ~ {100 * ref_w:.0f}% of the update (wall), {100 * ref_c:.0f}% "
+        f"(cpu) = ~{100 * ref_w * upd / wall:.0f}% of the step; GAL loss ~ {100 * gal_w:.0f}% "
+        f"of the update")
+
+  compiles = (trainer.step_trace_count, trainer.sampler.trace_count)
+  caches = (_cache_size(trainer.train_step),
+            _cache_size(trainer.sampler._generate_jit))  # pylint: disable=protected-access
+  ok = compiles == (1, 1) and compiles == compiles_after_warmup and all(
+      c in (None, 1) for c in caches)
+  print(f"\nCompiles: step traced {compiles[0]}x, sampler traced {compiles[1]}x (after warm-up: "
+        f"{compiles_after_warmup}); jit cache entries step {caches[0]}, sampler {caches[1]} -> "
+        f"{'OK (1 each)' if ok else 'RECOMPILED'}")
+  print(f"Peak RSS MB = {w1_step.peak_rss_mb():.0f}")
+
+
+if __name__ == "__main__":
+  main()

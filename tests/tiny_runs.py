@@ -1,0 +1,113 @@
+"""Helpers for the resume / fault / multi-host / export tests: one tiny run config, subprocesses.
+
+The same overrides serve in-process trainers (`tiny_config`) and `python -m dypo_jax.main`
+command lines (`main_command`), so both compile the same programs; subprocesses share a
+persistent compilation cache for the session (compiling dominates these tests on CPU).
+"""
+import atexit
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+from dypo_jax import config as config_lib
+from dypo_jax import metrics as metrics_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(REPO, "tests")
+
+# A model and run small enough that a subprocess compiles and runs a few steps in seconds.
+OVERRIDES = {
+    "model.vocab_size": 64, "model.embed_dim": 32, "model.num_layers": 1, "model.num_heads": 2,
+    "model.num_kv_heads": 1, "model.head_dim": 16, "model.mlp_dim": 64, "model.max_seq_len": 128,
+    "tokenizer.train_vocab_size": 64,
+    "data.num_train": 64, "data.num_eval_id": 4, "data.num_eval_ood": 4,
+    "sampler.max_new_tokens": 32, "eval.max_new_tokens": 32, "eval.num_samples": 2,
+    "eval.max_prompts": 4, "rl.num_samples": 4,
+    "train.num_steps": 5, "train.rollout_prompts": 6, "train.update_prompts": 4,
+    "train.max_rollouts_per_update": 2, "train.log_every": 1, "train.checkpoint_every": 2,
+    "train.keep_checkpoints": 3, "train.eval_every": 0, "train.per_term_grad_norms": False,
+}
+
+_CACHE_DIR = tempfile.mkdtemp(prefix="dypo_test_jit_cache_")
+atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+
+# Keys whose values are wall-clock measurements (never equal between two runs).
+_TIMING_PREFIXES = ("time/", "perf/")
+
+
+def tiny_config(**overrides):
+  """experiments/cpu_tiny.py:quick with OVERRIDES, then `overrides` ("section.key": value)."""
+  c = config_lib.load_experiment(os.path.join(REPO, "experiments", "cpu_tiny.py"), "quick")
+  for key, value in {**OVERRIDES, **overrides}.items():
+    section, name = key.split(".")
+    c[section][name] = value
+  config_lib.validate(c)
+  return c
+
+
+def build_trainer(config, workdir: str):
+  """main's phases (mesh, data, tokenizer, model) and a Trainer, in this process."""
+  from dypo_jax import runtime  # pylint: disable=g-import-not-at-top
+  from dypo_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  os.makedirs(workdir, exist_ok=True)
+  mesh = runtime.build_mesh(config.mesh)
+  pools = runtime.build_data(config, workdir)
+  tok = runtime.build_tokenizer(config, workdir, pools)
+  model = runtime.build_model(config, mesh, tok)
+  return trainer_lib.Trainer(config, workdir=workdir, mesh=mesh, tokenizer=tok, model=model,
+                             pools=pools)
+
+
+def subprocess_env(num_devices: int = 1) -> dict[str, str]:
+  env = dict(os.environ)
+  env.update({
+      "JAX_PLATFORMS": "cpu",
+      "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}",
+      "PYTHONPATH": os.pathsep.join([REPO, TESTS, env.get("PYTHONPATH", "")]),
+      "JAX_COMPILATION_CACHE_DIR": _CACHE_DIR,
+      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+      "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+  })
+  return env
+
+
+def run_python(code: str, *args: str, num_devices: int = 1, timeout: int = 300) -> str:
+  """Runs `code` in a fresh Python (tests/ importable) with `num_devices` CPU devices."""
+  proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args],
+                        capture_output=True, text=True, env=subprocess_env(num_devices),
+                        timeout=timeout, cwd=REPO)
+  if proc.returncode != 0:
+    raise AssertionError(f"subprocess failed (rc={proc.returncode}):\nSTDOUT:\n{proc.stdout}\n"
+                         f"STDERR:\n{proc.stderr[-6000:]}")
+  return proc.stdout
+
+
+def main_command(workdir: str, **overrides) -> list[str]:
+  """`python -m dypo_jax.main` on the tiny config, with `overrides` ("section.key": value)."""
+  cmd = [sys.executable, "-m", "dypo_jax.main", "--config=experiments/cpu_tiny.py:quick",
+         f"--workdir={workdir}"]
+  for key, value in {**OVERRIDES, **overrides}.items():
+    cmd.append(f"--config.{key}={value}")
+  return cmd
+
+
+def comparable_metrics(workdir: str) -> dict[int, dict]:
+  """{step: metrics} of a run (the last line of a re-logged step wins), timings left out."""
+  records = metrics_lib.merge_by_step(
+      metrics_lib.read_jsonl(os.path.join(workdir, metrics_lib.METRICS_FILENAME)))
+  return {r["step"]: {k: v for k, v in r.items()
+                      if k != "step" and not k.startswith(_TIMING_PREFIXES)} for r in records}
+
+
+def assert_same_metrics(got: dict[int, dict], want: dict[int, dict], steps=None) -> None:
+  """Every value of every step equal (exactly); a failure names the first differing key."""
+  steps = sorted(want) if steps is None else steps
+  for step in steps:
+    assert step in got, f"step {step} missing (logged steps: {sorted(got)})"
+    assert set(got[step]) == set(want[step]), (step, set(got[step]) ^ set(want[step]))
+    for key in sorted(want[step]):
+      assert got[step][key] == want[step][key], (
+          f"step {step} {key}: {got[step][key]!r} != {want[step][key]!r}")
