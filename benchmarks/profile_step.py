@@ -52,13 +52,6 @@ def _cache_size(fn) -> int | None:
   return size() if callable(size) else None
 
 
-def _timed_step(trainer):
-  c0 = time.process_time()
-  s = w1_step.run_step(trainer)
-  s["cpu_s"] = time.process_time() - c0
-  return s
-
-
 def _time_fn(fn, reps: int) -> tuple[float, float]:
   """(median wall s, median cpu s) of fn() over reps calls (after one untimed call)."""
   fn()
@@ -128,14 +121,14 @@ def main():
         f"{trainer.step_cfg.use_gal}, kl={trainer.step_cfg.kl_coef}", flush=True)
 
   for i in range(args.warmup):
-    s = _timed_step(trainer)
+    s = w1_step.run_step(trainer)
     print(f"warm-up step {i}: {s['step_s']:.2f}s (update {s['update_s']:.2f}s, sample "
           f"{s['sample_s']:.2f}s)", flush=True)
   compiles_after_warmup = (trainer.step_trace_count, trainer.sampler.trace_count)
 
   timed = []
   for i in range(args.steps):
-    timed.append(_timed_step(trainer))
+    timed.append(w1_step.run_step(trainer))
     s = timed[-1]
     print(f"step {i}: wall {s['step_s']:.3f}s cpu {s['cpu_s']:.3f}s; " + ", ".join(
         f"{p[:-2]} {s[p]:.4f}" for p in PHASES), flush=True)

@@ -10,6 +10,7 @@ Run (from the repository root):
   python benchmarks/sampler.py                 # peers' protocol: 6 reps, median of reps 2-5
   python benchmarks/sampler.py --reps 30       # more timed repeats, steadier median
   python benchmarks/sampler.py --distinct      # 64 distinct prompts x 1 sample (as the peers)
+  python benchmarks/sampler.py --devices 2     # 2 host devices, batch split over data=2
 """
 import argparse
 import os
@@ -18,6 +19,10 @@ import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "--devices" in sys.argv:  # XLA reads the device count once, before jax is imported.
+  _n = sys.argv[sys.argv.index("--devices") + 1]
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + f" --xla_force_host_platform_device_count={_n}")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
@@ -25,6 +30,7 @@ from flax import nnx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dypo_jax import sampler as sampler_lib  # noqa: E402
+from dypo_jax import sharding  # noqa: E402
 import w1  # noqa: E402
 
 
@@ -36,11 +42,18 @@ def main():
   ap.add_argument("--hidden", type=int, default=128)
   ap.add_argument("--layers", type=int, default=2)
   ap.add_argument("--cache-dtype", default=None)
+  ap.add_argument("--devices", type=int, default=1,
+                  help="host CPU devices; > 1 splits the batch over a data-parallel mesh")
   args = ap.parse_args()
 
   print(f"jax {jax.__version__} devices={jax.devices()}", flush=True)
   config = w1.model_config(hidden=args.hidden, layers=args.layers)
-  model = w1.make_model(config)
+  mesh = None
+  if args.devices > 1:
+    mesh = sharding.make_mesh({"data": args.devices})
+    model = sharding.create_sharded(lambda: w1.make_model(config), mesh, sharding.DEFAULT_RULES)
+  else:
+    model = w1.make_model(config)
   graphdef, params = nnx.split(model, nnx.Param)
   n_prompts, k = w1.NUM_PROMPTS, w1.NUM_SAMPLES
   if args.distinct:
@@ -50,7 +63,7 @@ def main():
         f"heads={config.num_heads}/{config.num_kv_heads} vocab={config.vocab_size} "
         f"params={config.num_params / 1e6:.3f}M; prompts from {source}", flush=True)
   sampler = sampler_lib.Sampler(graphdef, model_config=config, pad_id=w1.PAD_ID,
-                                cache_dtype=args.cache_dtype)
+                                cache_dtype=args.cache_dtype, mesh=mesh)
 
   rates, cpu_ms, first = [], [], None
   for rep in range(args.reps):
@@ -71,7 +84,8 @@ def main():
   peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print(f"RESULT dypo_sampler tokens/s = {np.median(rates):.1f} (median of reps "
         f"{args.warmup}-{args.reps - 1}; {n_prompts * k} seqs x {w1.NEW_TOKENS} new tokens, "
-        f"prompt {len(prompts[0])}, {n_prompts} prompts x {k} samples; min {np.min(rates):.1f} "
+        f"prompt {len(prompts[0])}, {n_prompts} prompts x {k} samples, {args.devices} device(s); "
+        f"min {np.min(rates):.1f} "
         f"max {np.max(rates):.1f}; process CPU {np.median(cpu_ms):.1f} ms/call)")
   print(f"RESULT dypo_sampler first call (compile) s = {first:.2f}; compiles = "
         f"{sampler.trace_count}; peak RSS MB = {peak_mb:.0f}")

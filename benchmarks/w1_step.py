@@ -239,6 +239,7 @@ def build_trainer(config, *, num_records: int, tokenizer: WordTokenizer | None =
 def run_step(trainer: trainer_lib.Trainer) -> dict[str, Any]:
   """One update of the loop (Trainer.run's body without writer/eval/checkpoint), timed by phase."""
   tr = trainer.config.train
+  c0 = time.process_time()
   t0 = time.perf_counter()
   stats = trainer_lib._RoundStats()  # pylint: disable=protected-access
   rounds = 0
@@ -256,12 +257,14 @@ def run_step(trainer: trainer_lib.Trainer) -> dict[str, Any]:
     t2 = time.perf_counter()
     metrics = jax.device_get(trainer.update(batch))
     t3 = time.perf_counter()
-    metrics = trainer._host_metrics(metrics, info, t3 - t2, batch)  # pylint: disable=protected-access
+    host_metrics = trainer._host_metrics  # pylint: disable=protected-access
+    metrics = host_metrics(metrics, info, t3 - t2, batch)
   metrics.update(stats.metrics())
   t4 = time.perf_counter()
   grades = np.concatenate(stats.grades) if stats.grades else np.zeros((0,), np.int32)
   return {
-      "step_s": t4 - t0, "rollout_rounds_s": t1 - t0, "sample_s": stats.rollout_s,
+      "step_s": t4 - t0, "cpu_s": time.process_time() - c0, "rollout_rounds_s": t1 - t0,
+      "sample_s": stats.rollout_s,
       "reward_s": stats.reward_s, "route_s": (t1 - t0) - stats.rollout_s - stats.reward_s,
       "build_s": t2 - t1, "update_s": t3 - t2, "host_metrics_s": t4 - t3,
       "tokens": stats.tokens, "rounds": rounds, "hard_items": len(hard), "mid_items": len(mid),
@@ -373,7 +376,8 @@ def main():
     s = run_step(trainer)
     steps.append(s)
     m = s["metrics"]
-    print(f"step {i}{' (warm-up)' if i < args.warmup else ''}: {s['step_s']:.3f}s = sample "
+    print(f"step {i}{' (warm-up)' if i < args.warmup else ''}: {s['step_s']:.3f}s (cpu "
+          f"{s['cpu_s']:.3f}s) = sample "
           f"{s['sample_s']:.3f} + reward {s['reward_s']:.3f} + route {s['route_s']:.3f} + build "
           f"{s['build_s']:.3f} + update {s['update_s']:.3f} + host {s['host_metrics_s']:.3f}; "
           f"{s['tokens']} tokens in {s['rounds']} round(s); groups {s['groups']}; items "
@@ -386,7 +390,8 @@ def main():
   gen_tok = sum(s["tokens"] for s in timed)
   gen_time = sum(s["sample_s"] for s in timed)
   seqs = args.prompts * args.gens
-  print(f"warm-up steps (incl. jit compile): {[round(s['step_s'], 2) for s in steps[:args.warmup]]}")
+  warm = [round(s["step_s"], 2) for s in steps[:args.warmup]]
+  print(f"warm-up steps (incl. jit compile): {warm}")
   print(f"per-step times (s): {[round(float(x), 3) for x in times]}")
   print(f"RESULT {name} steps/s = {len(times) / times.sum():.3f}  (mean step {times.mean():.3f}s, "
         f"median {np.median(times):.3f}s, {seqs} seqs/step)")
@@ -396,6 +401,8 @@ def main():
   print(f"RESULT {name} rollout-only tokens/s = {gen_tok / gen_time:.1f} (rollout "
         f"{gen_time / len(times):.3f}s/step = {100 * gen_time / times.sum():.0f}% of step; "
         f"{gen_tok / len(times):.0f} tokens/step)")
+  print(f"RESULT {name} process CPU s/step = {np.median([s['cpu_s'] for s in timed]):.3f} "
+        f"(median; all threads: steadier than wall on a shared machine)")
   print(f"RESULT {name} first step (compile) s = {steps[0]['step_s']:.2f}; peak RSS MB = "
         f"{peak_rss_mb():.0f}; compiles: step {trainer.step_trace_count}, sampler "
         f"{trainer.sampler.trace_count}")

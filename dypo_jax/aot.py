@@ -224,6 +224,7 @@ def compile_train_step(config, mesh, *, prompt_len: int | None = None) -> Report
   """AOT-compiles the DYPO update the way the Trainer jits it."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
   from dypo_jax import runtime  # pylint: disable=g-import-not-at-top
   from dypo_jax import sharding  # pylint: disable=g-import-not-at-top
   from dypo_jax import train_step as step_lib  # pylint: disable=g-import-not-at-top
@@ -247,11 +248,11 @@ def compile_train_step(config, mesh, *, prompt_len: int | None = None) -> Report
       learning_rate=o.learning_rate, schedule=o.schedule, warmup_steps=o.warmup_steps,
       total_steps=tr.num_steps, min_lr_ratio=o.min_lr_ratio, weight_decay=o.weight_decay,
       b1=o.b1, b2=o.b2, eps=o.eps, grad_clip=o.grad_clip)
-  # As Trainer._init_state: moments sharded as `jit(tx.init)` propagates, scalars replicated.
+  # As Trainer._init_state: Adam's moments sharded like their parameters, counters replicated.
   replicated = _replicated(mesh)
-  probe = jax.jit(tx.init).lower(params).compile().output_shardings
   opt_abstract = jax.eval_shape(tx.init, params)
-  opt_shardings = jax.tree.map(lambda x, s: replicated if x.ndim == 0 else s, opt_abstract, probe)
+  opt_shardings = optax.tree_utils.tree_map_params(
+      tx, lambda _, s: s, opt_abstract, param_shardings, transform_non_params=lambda _: replicated)
   state_shardings = step_lib.TrainState(step=replicated, params=param_shardings,
                                         opt_state=opt_shardings, nonfinite_skipped=replicated)
   scalar = _sds((), jnp.int32, replicated)

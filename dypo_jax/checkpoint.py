@@ -160,6 +160,35 @@ class Checkpointer:
                        f"abstract_state: {type(e).__name__}: {e}") from e
     return restored["state"], restored["extras"]
 
+  def restore_extras(self, step: int | None = None) -> dict[str, Any]:
+    """The JSON extras of `step` (default: the latest), without reading any array."""
+    step = self._resolve(step)
+    try:
+      return self._manager.restore(
+          step, args=ocp.args.Composite(extras=ocp.args.JsonRestore()))["extras"]
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"checkpoint {self.step_dir(step)} item 'extras' is unreadable: "
+                       f"{type(e).__name__}: {e}") from e
+
+  def restore_subtree(self, step: int | None = None, *, abstract_subtree: Any) -> Any:
+    """Restores only the arrays of the saved state that `abstract_subtree` names.
+
+    `abstract_subtree`: `jax.ShapeDtypeStruct`s (with target shardings) at a subset of the saved
+    state's key paths, e.g. `{"train": {"params": abstract_params}}` for the policy alone: the
+    rest (optimizer state, reference) is neither read nor allocated. Use it on a Checkpointer
+    that has not restored `state` with `restore` (the two use different Orbax handlers).
+    """
+    step = self._resolve(step)
+    args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=abstract_subtree,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_subtree),
+        partial_restore=True))
+    try:
+      return self._manager.restore(step, args=args)["state"]
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"checkpoint {self.step_dir(step)} is corrupt or does not hold the "
+                       f"requested arrays: {type(e).__name__}: {e}") from e
+
   def restore_queues(self, step: int | None = None) -> bytes | None:
     """The `queues` bytes saved with `step` (default: the latest), or None if none were saved."""
     step = self._resolve(step)

@@ -5,6 +5,13 @@ r"""The dypo_jax entry point: one linear run in named phases.
   python -m dypo_jax.main --config=experiments/cpu_tiny.py --mode=summary
 
 Phases: flags -> config -> distributed -> mesh -> data -> tokenizer -> model -> (train | summary).
+
+Rerunning with the same --workdir resumes from its latest checkpoint (SIGTERM saves one and
+exits); `python -m dypo_jax.export --workdir=W --out=DIR` writes a checkpoint's policy as a Hugging
+Face directory. Several processes (one per host; here two on one machine) join one run with
+  --config.distributed.coordinator_address=127.0.0.1:12345 --config.distributed.num_processes=2
+  --config.distributed.process_id=0   (and =1 in the second process)
+(on a TPU pod, `--config.distributed.initialize=always` lets JAX find the coordinator itself).
 """
 import os
 import sys
@@ -91,6 +98,8 @@ def run():
     app.run(main)
   except config_lib.ConfigError as e:
     sys.exit(f"config error: {e}")
+  except FloatingPointError as e:  # Too many non-finite updates (train.max_nonfinite_updates).
+    sys.exit(f"training stopped: {e}")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ def sft_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.train.eval_every = 0
   c.train.checkpoint_every = 0
   c.train.log_every = p.eval_every
+  c.train.per_term_grad_norms = False  # Only the SFT term is active.
   return c
 
 

@@ -1,8 +1,10 @@
 """Builders for main's phases: each reads the (validated) config once and returns plain objects."""
+import glob
 import os
 
 from flax import nnx
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 
 from dypo_jax import models
@@ -76,16 +78,24 @@ def build_tokenizer(config: ml_collections.ConfigDict, workdir: str,
       raise ValueError(f"tokenizer.path is empty; only kind='sentencepiece' can be trained "
                        f"here (got kind={t.kind!r})")
     prefix = os.path.join(workdir, "tokenizer", "spm")
-    if os.path.exists(prefix + ".model"):
-      tok = tokenizers.SentencePieceTokenizer(prefix + ".model")
-    else:
+    # Process 0 trains (the workdir is shared); the others wait for its file. Training writes
+    # under a temporary name that is renamed when complete, so a run killed meanwhile never
+    # leaves a half-written spm.model for the restart to read.
+    if not os.path.exists(prefix + ".model") and jax.process_index() == 0:
       os.makedirs(os.path.dirname(prefix), exist_ok=True)
+      for leftover in glob.glob(prefix + ".tmp-*"):
+        os.remove(leftover)
       corpus = []
       for rec in pools["train"]:
         corpus.append(rec.prompt)
         corpus.extend(s.response for s in rec.teachers)
-      tok = tokenizers.train_sentencepiece(corpus, vocab_size=t.train_vocab_size,
-                                           out_prefix=prefix)
+      tmp = f"{prefix}.tmp-{os.getpid()}"
+      tokenizers.train_sentencepiece(corpus, vocab_size=t.train_vocab_size, out_prefix=tmp)
+      os.replace(tmp + ".vocab", prefix + ".vocab")
+      os.replace(tmp + ".model", prefix + ".model")  # Last: its presence means complete.
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("dypo_jax.runtime.build_tokenizer")
+    tok = tokenizers.SentencePieceTokenizer(prefix + ".model")
   if config.model.init == "random":
     tokenizers.check_vocab_fits(tok, config.model.vocab_size)
   return tok

@@ -171,8 +171,9 @@ def sample_token(*, logits: jax.Array, uniform: jax.Array, temperature: jax.Arra
     temperature: [] > 0 (ignored when greedy).
     top_p: [] in (0, 1]: keep the most likely tokens until their mass reaches top_p (`filter`).
     top_k: [] int: keep the top_k most likely tokens, 0 for all (`filter`).
-    mode: "greedy" (argmax), "sample" (softmax(logits / temperature), no filtering, no sort) or
-      "filter" (the same distribution restricted by top-p and top-k, then renormalised).
+    mode: "greedy" (argmax), "sample" (softmax(logits / temperature), no filtering) or "filter"
+      (the same distribution restricted by top-k, then by top-p on the renormalised top-k mass,
+      then renormalised; thresholds by bisection, no sort).
 
   Returns:
     (tokens [R] int32,

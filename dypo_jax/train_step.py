@@ -9,11 +9,13 @@ response right-padded to T):
   rewards     [U, K] f32        binary correctness (GAL pairs)
   adv_rewards [U, K] f32        the reward the GRPO advantage is computed from (shaped)
   row_kind    [U, K] int32      ROW_PAD, ROW_ROLLOUT, ROW_TEACHER_SFT, ROW_TEACHER_OFFPOLICY
-  teacher_id  [U] int32         index of the SFT row's teacher, -1 for none
+  teacher_id  [U, K] int32      index of an SFT row's teacher, -1 elsewhere
   weights     [3] f32           (w_sft, w_grpo, w_gal) of DYPO.md §1's decision, set per batch
 
-A Hard item puts its teacher trace in row 0 (rows 1..K-1 are padding); a Mid item holds its K
-rollouts; LUFFY-style mixing holds K-1 rollouts and the teacher trace as an off-policy row.
+Hard items are packed K to a slot, one teacher trace per row; a Mid item holds its K rollouts;
+LUFFY-style mixing holds K-1 rollouts and the teacher trace as an off-policy row. U itself comes
+in a few buckets (the trainer picks the smallest that holds the batch), so an all-Hard batch does
+not pay for the rows an all-Mid batch needs.
 Micro-batches are a `lax.scan` over slices of U; every loss divides by a denominator computed
 over the whole batch first, so the summed micro-batch losses and gradients equal the big batch's.
 """
@@ -185,12 +187,12 @@ def _loss_terms(params, ref_params, graphdef, mb, denoms, cfg: StepConfig):
   if ref_logp is not None:
     kl = losses.kl_penalty(logp=logp, ref_logp=ref_logp, estimator=cfg.kl_estimator)
     metrics["policy/kl_sum"] = (kl * rl).sum()
-  # Per-teacher SFT: the sum over an item's trace tokens of -logp, by teacher.
-  item_nll = (-(logp * m_sft).sum(-1)).reshape(u, k).sum(-1)  # [u]
-  item_tokens = m_sft.sum(-1).reshape(u, k).sum(-1)
-  onehot = jax.nn.one_hot(mb["teacher_id"], cfg.num_teachers, dtype=jnp.float32)  # [u, nt]
-  metrics["sft/teacher_nll_sum"] = onehot.T @ item_nll
-  metrics["sft/teacher_tokens"] = onehot.T @ item_tokens
+  # Per-teacher SFT: the sum over each trace's tokens of -logp, by teacher.
+  row_nll = -(logp * m_sft).sum(-1)  # [n]
+  onehot = jax.nn.one_hot(mb["teacher_id"].reshape(n), cfg.num_teachers,
+                          dtype=jnp.float32)  # [n, teachers]; -1 rows are all zero.
+  metrics["sft/teacher_nll_sum"] = onehot.T @ row_nll
+  metrics["sft/teacher_tokens"] = onehot.T @ m_sft.sum(-1)
   return terms, metrics
 
 
@@ -235,7 +237,10 @@ def build_train_step(graphdef, cfg: StepConfig, tx: optax.GradientTransformation
         jax.eval_shape(lambda: _loss_terms(state.params, ref_params, graphdef, first_mb,
                                            denoms, cfg)[1]))
     init = (zeros, jnp.zeros((len(TERMS),), jnp.float32), term_zeros, metric_zeros)
-    (grads, terms, term_grads, sums), _ = jax.lax.scan(micro_step, init, mbs)
+    if cfg.micro_batches == 1:  # A one-iteration scan costs XLA:CPU ~3 s more compile time.
+      (grads, terms, term_grads, sums), _ = micro_step(init, first_mb)
+    else:
+      (grads, terms, term_grads, sums), _ = jax.lax.scan(micro_step, init, mbs)
 
     loss = jnp.dot(weights, terms)
     grad_norm = optax.global_norm(grads)
@@ -284,5 +289,5 @@ def batch_spec_shapes(*, items: int, k: int, prompt_len: int, max_len: int) -> d
       "resp_mask": ((items, k, max_len), jnp.float32),
       "old_logp": ((items, k, max_len), jnp.float32), "rewards": ((items, k), jnp.float32),
       "adv_rewards": ((items, k), jnp.float32), "row_kind": ((items, k), jnp.int32),
-      "teacher_id": ((items,), jnp.int32), "weights": ((len(TERMS),), jnp.float32),
+      "teacher_id": ((items, k), jnp.int32), "weights": ((len(TERMS),), jnp.float32),
   }

@@ -193,6 +193,12 @@ class Trainer:
     step_cfg = step_config(config, prompt_len=self.prompt_len,
                            num_teachers=len(self.teacher_names))
     self.step_cfg = step_cfg
+    # Update batches come in up to three slot counts (a quarter, half or all of update_prompts,
+    # rounded up to what micro-batches and batch shards divide), so packed Hard items need not
+    # fill a batch sized for Mid groups; each size compiles once.
+    quantum = tr.micro_batches * batch_shards
+    self.slot_buckets = sorted({-(-max(tr.update_prompts * f // 4, 1) // quantum) * quantum
+                                for f in (1, 2, 4)})
     step_fn = step_lib.build_train_step(self.graphdef, step_cfg, self.tx, self.schedule)
     shapes = step_lib.batch_spec_shapes(items=tr.update_prompts, k=self.k,
                                         prompt_len=self.prompt_len, max_len=self.max_len)
@@ -386,8 +392,13 @@ class Trainer:
   # ----------------------------------------------------------------------------------- update
 
   def build_batch(self, hard: list, mid: list) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Lays queued items out in the fixed [U, K, L] update batch (see train_step's docstring)."""
-    u, k, p, t = self.config.train.update_prompts, self.k, self.prompt_len, self.max_len
+    """Lays queued items out in a [U, K, L] update batch (see train_step's docstring).
+
+    Hard items are packed K to a slot; U is the smallest slot bucket that holds the batch.
+    """
+    k, p, t = self.k, self.prompt_len, self.max_len
+    hard_slots = -(-len(hard) // k)
+    u = next(b for b in self.slot_buckets if b >= hard_slots + len(mid))
     shapes = step_lib.batch_spec_shapes(items=u, k=k, prompt_len=p, max_len=t)
     batch = {name: np.zeros(shape, np.dtype(dtype)) for name, (shape, dtype) in shapes.items()}
     batch["tokens"][:] = self.pad_id
@@ -402,11 +413,10 @@ class Trainer:
       if old_logp is not None:
         batch["old_logp"][slot, row, :len(response)] = old_logp[:len(response)]
 
-    slot = 0
-    for item in hard:
-      put_row(slot, 0, item.prompt_tokens, item.response_tokens, step_lib.ROW_TEACHER_SFT)
-      batch["teacher_id"][slot] = self.teacher_index[item.teacher]
-      slot += 1
+    for i, item in enumerate(hard):
+      put_row(i // k, i % k, item.prompt_tokens, item.response_tokens, step_lib.ROW_TEACHER_SFT)
+      batch["teacher_id"][i // k, i % k] = self.teacher_index[item.teacher]
+    slot = hard_slots
     offline = 0
     for item in mid:
       rollouts = k - 1 if item.teacher_tokens is not None else k
@@ -600,9 +610,9 @@ class Trainer:
         if too_many_nonfinite:
           ckpt.wait()
           raise FloatingPointError(
-              f"{metrics['train/nonfinite_skipped']} updates had a non-finite loss or gradient "
-              f"(limit train.max_nonfinite_updates={tr.max_nonfinite_updates}); stopping at step "
-              f"{step}. The last good checkpoint is kept in {ckpt_dir} (step "
+              f"{int(metrics['train/nonfinite_skipped'])} updates had a non-finite loss or "
+              f"gradient (limit train.max_nonfinite_updates={tr.max_nonfinite_updates}); stopping "
+              f"at step {step}. The last good checkpoint is kept in {ckpt_dir} (step "
               f"{ckpt.latest_step()}).")
         if tr.eval_every and step % tr.eval_every == 0:
           self._log_eval(writer, self.evaluate())

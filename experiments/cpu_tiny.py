@@ -22,7 +22,7 @@ def get_config(variant: str = ""):
       arch="qwen2", vocab_size=128, embed_dim=128, num_layers=2, num_heads=4, num_kv_heads=2,
       head_dim=32, mlp_dim=384, max_seq_len=160, tie_embeddings=True, logprob_impl="full"))
   c.tokenizer.train_vocab_size = 128
-  c.data.update(dict(num_train=3000, num_eval_id=200, num_eval_ood=200))
+  c.data.update(dict(num_train=2000, num_eval_id=200, num_eval_ood=200))
   c.sampler.update(dict(max_new_tokens=96, prompt_buckets=(16, 32, 64)))
   c.rl.num_samples = 8
   c.optim.update(dict(learning_rate=2e-4, grad_clip=1.0))

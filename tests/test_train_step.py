@@ -16,7 +16,7 @@ _U, _K, _P, _T = 4, 4, 6, 8
 
 
 def make_batch(seed: int = 0, weights=(0.5, 0.25, 0.25)) -> dict[str, np.ndarray]:
-  """Two Mid items (K rollouts, mixed rewards), one Hard item (a teacher row), one LUFFY group."""
+  """Two Mid items (K rollouts, mixed rewards), one Hard slot (one teacher row), one LUFFY group."""
   rng = np.random.default_rng(seed)
   shapes = step_lib.batch_spec_shapes(items=_U, k=_K, prompt_len=_P, max_len=_T)
   b = {n: np.zeros(s, np.dtype(d)) for n, (s, d) in shapes.items()}
@@ -33,7 +33,7 @@ def make_batch(seed: int = 0, weights=(0.5, 0.25, 0.25)) -> dict[str, np.ndarray
   b["rewards"][0] = [1, 0, 0, 1]
   b["rewards"][1] = [0, 1, 1, 1]
   b["row_kind"][2, 0] = step_lib.ROW_TEACHER_SFT
-  b["teacher_id"][2] = 1
+  b["teacher_id"][2, 0] = 1
   b["row_kind"][3, :_K - 1] = step_lib.ROW_ROLLOUT
   b["row_kind"][3, _K - 1] = step_lib.ROW_TEACHER_OFFPOLICY
   b["rewards"][3] = [0, 1, 0, 1]

@@ -99,3 +99,50 @@ def test_bad_architecture_values_are_named():
     tiny(arch="gpt2")
   with pytest.raises(ValueError, match="num_heads=6 must be a multiple of model.num_kv_heads=4"):
     tiny(num_heads=6, num_kv_heads=4)
+
+
+@pytest.mark.parametrize("chunk", [3, 4, 16])
+def test_query_chunked_attention_equals_plain_forward_and_gradients(chunk):
+  # 9 and 11 tokens do not divide by 3 or 4 (padded blocks); 16 exceeds T (the plain path).
+  plain = models.Transformer(tiny(), rngs=nnx.Rngs(0))
+  chunked = models.Transformer(tiny(attention_chunk=chunk, remat=True), rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(3), (2, 11), 0, 61)
+  mask = jnp.arange(11)[None, :] >= jnp.array([[0], [2]])  # Row 1 left-padded by 2.
+  np.testing.assert_allclose(chunked(tokens, input_mask=mask), plain(tokens, input_mask=mask),
+                             atol=1e-5)
+  grads = lambda m: jax.grad(lambda st: (nnx.merge(nnx.graphdef(m), st)(
+      tokens, input_mask=mask) * mask[..., None]).sum())(nnx.state(m))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               grads(chunked), grads(plain))
+  # The cached path (a prefill longer than the chunk, then one decode step) agrees too.
+  cache = models.KVCache.zeros(chunked.config, 2, 12)
+  slots = jnp.arange(12)
+  pre = (slots[None, :] <= jnp.arange(9)[:, None])[None].repeat(2, 0)
+  out, cache = chunked.forward(tokens[:, :9], positions=jnp.arange(9)[None].repeat(2, 0),
+                               attention_mask=pre, cache=cache)
+  full = plain(tokens[:, :10])
+  np.testing.assert_allclose(out, full[:, :9], atol=1e-5)
+  step, _ = chunked.forward(tokens[:, 9:10], positions=jnp.full((2, 1), 9),
+                            attention_mask=(slots <= 9)[None, None, :].repeat(2, 0), cache=cache)
+  np.testing.assert_allclose(step[:, 0], full[:, 9], atol=1e-5)
+
+
+def test_remat_works_when_params_come_from_an_outer_trace():
+  # The train step evaluates its loss under jax.eval_shape and the sampler decodes inside a
+  # while_loop, both with Params merged from the enclosing jit: remat must not write them back.
+  model = models.Transformer(tiny(remat=True, attention_chunk=4), rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  tokens = jnp.arange(9)[None] % 61
+
+  shapes = []
+
+  @jax.jit
+  def grads_and_loop(st):
+    loss = lambda s: nnx.merge(graphdef, s)(tokens).sum()
+    shapes.append(jax.eval_shape(lambda: loss(st)).shape)
+    body = lambda i, acc: acc + loss(st)
+    return jax.grad(loss)(st), jax.lax.fori_loop(0, 2, body, 0.0)
+
+  grads, looped = grads_and_loop(state)
+  assert shapes == [()] and np.isfinite(float(looped))
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))

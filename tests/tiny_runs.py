@@ -5,6 +5,7 @@ command lines (`main_command`), so both compile the same programs; subprocesses 
 persistent compilation cache for the session (compiling dominates these tests on CPU).
 """
 import atexit
+import math
 import os
 import shutil
 import subprocess
@@ -29,13 +30,15 @@ OVERRIDES = {
     "train.num_steps": 5, "train.rollout_prompts": 6, "train.update_prompts": 4,
     "train.max_rollouts_per_update": 2, "train.log_every": 1, "train.checkpoint_every": 2,
     "train.keep_checkpoints": 3, "train.eval_every": 0, "train.per_term_grad_norms": False,
+    "pretrain.enabled": False,  # main would first train a base model to an accuracy gate.
 }
 
 _CACHE_DIR = tempfile.mkdtemp(prefix="dypo_test_jit_cache_")
 atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 
-# Keys whose values are wall-clock measurements (never equal between two runs).
-_TIMING_PREFIXES = ("time/", "perf/")
+# Keys that describe the process rather than the run: wall-clock measurements, and the count of
+# update programs this process compiled (a restarted process compiles again).
+_PROCESS_KEYS = ("time/", "perf/", "train/compiles")
 
 
 def tiny_config(**overrides):
@@ -46,6 +49,12 @@ def tiny_config(**overrides):
     c[section][name] = value
   config_lib.validate(c)
   return c
+
+
+def model_config():
+  """The tiny config's ModelConfig."""
+  from dypo_jax import models  # pylint: disable=g-import-not-at-top
+  return models.model_config_from_dict(tiny_config().model.to_dict())
 
 
 def build_trainer(config, workdir: str):
@@ -99,15 +108,18 @@ def comparable_metrics(workdir: str) -> dict[int, dict]:
   records = metrics_lib.merge_by_step(
       metrics_lib.read_jsonl(os.path.join(workdir, metrics_lib.METRICS_FILENAME)))
   return {r["step"]: {k: v for k, v in r.items()
-                      if k != "step" and not k.startswith(_TIMING_PREFIXES)} for r in records}
+                      if k != "step" and not k.startswith(_PROCESS_KEYS)} for r in records}
 
 
-def assert_same_metrics(got: dict[int, dict], want: dict[int, dict], steps=None) -> None:
-  """Every value of every step equal (exactly); a failure names the first differing key."""
-  steps = sorted(want) if steps is None else steps
-  for step in steps:
+def assert_same_metrics(got: dict[int, dict], want: dict[int, dict], *,
+                        rtol: float = 0.0) -> None:
+  """Every value of every step equal (floats within `rtol` if given, else exactly); a failure
+  names the first differing key."""
+  for step in sorted(want):
     assert step in got, f"step {step} missing (logged steps: {sorted(got)})"
     assert set(got[step]) == set(want[step]), (step, set(got[step]) ^ set(want[step]))
     for key in sorted(want[step]):
-      assert got[step][key] == want[step][key], (
-          f"step {step} {key}: {got[step][key]!r} != {want[step][key]!r}")
+      a, b = got[step][key], want[step][key]
+      same = a == b or (rtol > 0 and isinstance(a, float) and isinstance(b, float)
+                        and math.isclose(a, b, rel_tol=rtol))
+      assert same, f"step {step} {key}: {a!r} != {b!r}"
