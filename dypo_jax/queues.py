@@ -19,11 +19,12 @@ import dataclasses
 import io
 import json
 import os
-import tempfile
 import zipfile
 import zlib
 
 import numpy as np
+
+from dypo_jax import fileio
 
 QUEUES_FILENAME = "queues.npz"
 _FORMAT = "dypo_jax.queues"
@@ -281,19 +282,7 @@ class QueueSet:
     """
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, QUEUES_FILENAME)
-    data = self.to_bytes()
-    fd, tmp = tempfile.mkstemp(prefix=f".{QUEUES_FILENAME}.", suffix=".tmp", dir=directory)
-    try:
-      with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-      raise
-    _fsync_dir(directory)
+    fileio.atomic_write_bytes(path, self.to_bytes())
     return path
 
   @classmethod
@@ -311,17 +300,3 @@ class QueueSet:
     with open(path, "rb") as f:
       data = f.read()
     return cls.from_bytes(data, source=path)
-
-
-def _fsync_dir(directory: str) -> None:
-  """Makes a rename inside `directory` durable (best effort where directories can't be opened)."""
-  try:
-    fd = os.open(directory, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)

@@ -52,25 +52,31 @@ class TokenizerFileError(ValueError, FileNotFoundError):
 class Tokenizer(abc.ABC):
   """Text <-> token ids. Subclasses implement `_encode_texts`, `_decode_ids`, `id_of`."""
 
-  @property
-  @abc.abstractmethod
-  def vocab_size(self) -> int:
-    """One more than the largest id this tokenizer produces."""
+  # Subclasses set these four in __init__.
+  _size: int
+  _bos: int | None
+  _eos: int | None
+  _pad: int | None
 
   @property
-  @abc.abstractmethod
+  def vocab_size(self) -> int:
+    """Largest id + 1: the smallest embedding that fits every id."""
+    return self._size
+
+  @property
   def bos_id(self) -> int | None:
     """Beginning-of-sequence id, or None (e.g. Qwen has no bos)."""
+    return self._bos
 
   @property
-  @abc.abstractmethod
   def eos_id(self) -> int | None:
     """End-of-sequence id, or None when the tokenizer names none."""
+    return self._eos
 
   @property
-  @abc.abstractmethod
   def pad_id(self) -> int | None:
     """Pad id; falls back to `eos_id` when the tokenizer has no pad token."""
+    return self._pad
 
   @abc.abstractmethod
   def id_of(self, token: str) -> int:
@@ -154,22 +160,6 @@ class SentencePieceTokenizer(Tokenizer):
 
   def __repr__(self) -> str:
     return f"SentencePieceTokenizer({self.path!r})"
-
-  @property
-  def vocab_size(self) -> int:
-    return self._size
-
-  @property
-  def bos_id(self) -> int | None:
-    return self._bos
-
-  @property
-  def eos_id(self) -> int | None:
-    return self._eos
-
-  @property
-  def pad_id(self) -> int | None:
-    return self._pad
 
   def id_of(self, token: str) -> int:
     token_id = self._sp.PieceToId(token)
@@ -312,22 +302,6 @@ class HFTokenizer(Tokenizer):
 
   def __repr__(self) -> str:
     return f"HFTokenizer({self.path!r})"
-
-  @property
-  def vocab_size(self) -> int:
-    return self._size
-
-  @property
-  def bos_id(self) -> int | None:
-    return self._bos
-
-  @property
-  def eos_id(self) -> int | None:
-    return self._eos
-
-  @property
-  def pad_id(self) -> int | None:
-    return self._pad
 
   def id_of(self, token: str) -> int:
     token_id = self._tok.token_to_id(token)

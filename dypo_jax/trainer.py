@@ -481,10 +481,18 @@ class Trainer:
       for name, value in summary.items():
         result[f"{prefix}/{name}"] = value
     self.eval_history.append(result)
-    if self.is_main:
-      with open(os.path.join(self.workdir, "eval.jsonl"), "a") as f:
-        f.write(json.dumps(result) + "\n")
+    self._write_eval_history()
     return result
+
+  def _write_eval_history(self) -> None:
+    """workdir/eval.jsonl := the eval history (what a checkpoint holds), replaced atomically: a
+    kill leaves no partial line, a restart from a checkpoint no evaluation of a lost step."""
+    if not self.is_main:
+      return
+    path = os.path.join(self.workdir, "eval.jsonl")
+    with open(path + ".tmp", "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in self.eval_history)
+    os.replace(path + ".tmp", path)
 
   def checkpoint_state(self) -> dict[str, Any]:
     """The arrays of a checkpoint: the train state (policy params, optimizer state, step, skip
@@ -533,6 +541,8 @@ class Trainer:
     self.queues = queues_lib.QueueSet.from_bytes(queue_bytes, source=f"{where} item 'queues'")
     self.eval_history = list(extras["eval_history"])
     self.teacher_counts = np.asarray(extras["teacher_counts"], np.int64)
+    if self.eval_history:
+      self._write_eval_history()
     return True
 
   # ------------------------------------------------------------------------------------- loop

@@ -7,8 +7,9 @@ import dataclasses
 import gzip
 import json
 import os
-import tempfile
 from typing import Any, Iterable, Literal, Mapping
+
+from dypo_jax import fileio
 
 
 @dataclasses.dataclass(frozen=True)
@@ -490,16 +491,5 @@ def write_jsonl(records: Iterable[PromptRecord], path: str | os.PathLike) -> int
   payload = "".join(lines).encode("utf-8")
   if path.endswith(".gz"):
     payload = gzip.compress(payload, mtime=0)
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(payload)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  fileio.atomic_write_bytes(path, payload)
   return len(lines)
