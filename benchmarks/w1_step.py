@@ -199,7 +199,7 @@ def make_records(n: int, *, seed: int = 0) -> list[records_lib.PromptRecord]:
 def w1_config(method: str = "grpo", *, hidden: int = 128, layers: int = 2, prompts: int = 8,
               k: int = 8, new_tokens: int = 32, kl_coef: float = 0.04, alpha: float = 0.5,
               per_term_grad_norms: bool = False, num_steps: int = 100, micro_batches: int = 1,
-              seed: int = 0):
+              attention_chunk: int = 0, seed: int = 0):
   """The W1 config from `base_config()` (validated, then the reward set to "w1_toy")."""
   c = config_lib.base_config()
   c.seed = seed
@@ -208,6 +208,8 @@ def w1_config(method: str = "grpo", *, hidden: int = 128, layers: int = 2, promp
       num_kv_heads=2, head_dim=hidden // 4, mlp_dim=4 * hidden, rope_theta=10000.0,
       rms_norm_eps=1e-6, tie_embeddings=False, qkv_bias=True, qk_norm=False,
       max_seq_len=max(256, 32 + new_tokens + 1), param_dtype="float32", dtype="float32"))
+  if attention_chunk:
+    c.model.attention_chunk = attention_chunk  # Query blocks (validate() needs the key).
   c.tokenizer.template = "plain"
   c.data.shuffle = False  # The peers take the prompts in order.
   c.sampler.update(dict(max_new_tokens=new_tokens, temperature=0.9, top_p=1.0, top_k=0))

@@ -38,6 +38,7 @@ import optax
 
 from dypo_jax import checkpoint as checkpoint_lib
 from dypo_jax import evaluate as evaluate_lib
+from dypo_jax import fileio
 from dypo_jax import gating
 from dypo_jax import metrics as metrics_lib
 from dypo_jax import queues as queues_lib
@@ -489,10 +490,8 @@ class Trainer:
     kill leaves no partial line, a restart from a checkpoint no evaluation of a lost step."""
     if not self.is_main:
       return
-    path = os.path.join(self.workdir, "eval.jsonl")
-    with open(path + ".tmp", "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in self.eval_history)
-    os.replace(path + ".tmp", path)
+    fileio.atomic_write_bytes(os.path.join(self.workdir, "eval.jsonl"), "".join(
+        json.dumps(r) + "\n" for r in self.eval_history).encode("utf-8"))
 
   def checkpoint_state(self) -> dict[str, Any]:
     """The arrays of a checkpoint: the train state (policy params, optimizer state, step, skip

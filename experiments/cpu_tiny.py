@@ -22,15 +22,18 @@ def get_config(variant: str = ""):
       arch="qwen2", vocab_size=128, embed_dim=128, num_layers=2, num_heads=4, num_kv_heads=2,
       head_dim=32, mlp_dim=384, max_seq_len=160, tie_embeddings=True, logprob_impl="full"))
   c.tokenizer.train_vocab_size = 128
-  c.data.update(dict(num_train=2000, num_eval_id=200, num_eval_ood=200))
-  c.sampler.update(dict(max_new_tokens=96, prompt_buckets=(16, 32, 64)))
+  # Multi-term addition in-distribution (three teacher styles, one of them sloppy); longer sums
+  # and 3-digit terms out of distribution: reachable, not trivial (DYPO.md §7).
+  c.data.update(dict(num_train=2000, num_eval_id=200, num_eval_ood=200, id_tasks=("add",),
+                     ood_tasks=("add_long", "add_3digit")))
+  c.sampler.update(dict(max_new_tokens=64, prompt_buckets=(16, 32, 64)))
   c.rl.num_samples = 8
   c.optim.update(dict(learning_rate=2e-4, grad_clip=1.0))
-  c.train.update(dict(num_steps=150, rollout_prompts=16, update_prompts=16, log_every=5,
+  c.train.update(dict(num_steps=100, rollout_prompts=16, update_prompts=16, log_every=5,
                       checkpoint_every=50, eval_every=50))
   c.eval.update(dict(num_samples=4, temperature=0.6, max_new_tokens=96, max_prompts=200))
   c.pretrain.update(dict(enabled=True, target_accuracy=0.35, eval_every=50, eval_prompts=64,
-                         learning_rate=2e-3, update_prompts=32, max_minutes=6.0))
+                         learning_rate=1e-3, update_prompts=32, max_minutes=5.0))
   if variant == "quick":
     c.model.update(dict(embed_dim=64, num_heads=2, num_kv_heads=1, mlp_dim=192))
     c.data.update(dict(num_train=400, num_eval_id=32, num_eval_ood=32))

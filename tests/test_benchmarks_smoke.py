@@ -1,7 +1,7 @@
 """Smoke tests: every benchmark script runs end to end at toy sizes and prints its figures.
 
 Nothing here checks a timing. Each script compiles a sampler and/or an update step, which takes
-10-30 s on 2 shared cores, so every case is marked slow.
+10-30 s on 2 shared cores, so every case but the MFU one is marked slow.
 """
 import os
 import subprocess
@@ -49,8 +49,7 @@ def test_scaling_quick(tmp_path):
   assert "XLA total MB" in out and png.exists() and png.stat().st_size > 1000
 
 
-@pytest.mark.slow
-def test_mfu_tiny():
+def test_mfu_tiny():  # ~13 s.
   out = _run([sys.executable, "benchmarks/mfu.py", "--tiny", "--reps", "1", "--peak-reps", "2"])
   assert "RESULT mfu achieved" in out and "utilisation = " in out
 

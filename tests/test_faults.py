@@ -12,7 +12,6 @@ import numpy as np
 
 from dypo_jax import checkpoint as checkpoint_lib
 from dypo_jax import models
-from dypo_jax import queues as queues_lib
 import tiny_runs
 
 _TMP_MARK = ".orbax-checkpoint-tmp"
@@ -78,7 +77,8 @@ def test_kill_9_mid_save_then_sigterm_then_finish_equals_an_uninterrupted_run(tm
   seen_tmp = None
   while proc.poll() is None and seen_tmp is None:
     for name in _ckpt_entries(work):
-      if _TMP_MARK in name and int(name.split(".")[0]) >= target:
+      step = name.split(".")[0]
+      if _TMP_MARK in name and step.isdigit() and int(step) >= target:
         proc.kill()  # SIGKILL.
         seen_tmp = name
         break
@@ -97,7 +97,6 @@ def test_kill_9_mid_save_then_sigterm_then_finish_equals_an_uninterrupted_run(tm
   assert queue_bytes == ref_bytes
   for key in ("streams", "rollout_round", "teacher_counts", "rng"):
     assert extras[key] == ref_extras[key], key
-  assert len(queues_lib.QueueSet.from_bytes(queue_bytes)) > 0 or last == 0
 
   # Run 2: resumes from `last`; SIGTERM as soon as it has logged a new step: it saves and exits.
   metrics_path = os.path.join(work, "metrics.jsonl")

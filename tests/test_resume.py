@@ -1,6 +1,7 @@
 """Resuming from a checkpoint continues the run exactly, and onto another mesh it reshards."""
 import os
 
+from dypo_jax import metrics as metrics_lib
 import tiny_runs
 
 
@@ -27,6 +28,8 @@ def test_resumed_run_logs_the_uninterrupted_runs_metrics(tmp_path):
   assert any(want[s]["route/hard_frac"] > 0 for s in (4, 5)), want
   assert "eval/id/pass@1" in want[4]
   tiny_runs.assert_same_metrics(got, want)
+  evals = [metrics_lib.read_jsonl(os.path.join(w, "eval.jsonl")) for w in (whole, split)]
+  assert [r["step"] for r in evals[0]] == [0, 2, 4] and evals[1] == evals[0]
   # Nothing re-logged: the first part ended at its checkpoint (one train line per step, plus
   # the eval lines of steps 0, 2 and 4).
   for workdir in (whole, split):

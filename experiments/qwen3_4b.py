@@ -1,0 +1,56 @@
+r"""DYPO on Qwen3-4B with the paper's method settings (DYPO.md §3), on a TPU v4-16 (v4:2x2x2).
+
+  python -m dypo_jax.aot --config=experiments/qwen3_4b.py          # Proves it fits, on any machine.
+  python -m dypo_jax.main --config=experiments/qwen3_4b.py --workdir=... \
+      --config.model.hf_path=/mnt/disks/ckpt/Qwen3-4B \
+      --config.tokenizer.path=/mnt/disks/ckpt/Qwen3-4B \
+      --config.data.train_path=/mnt/disks/data/train.parquet
+
+Same method as experiments/tpu_v4.py (k = 8, 8,192-token responses, lr 1e-6, α = 0.5, β_GAL = 1,
+γ = 1, β_KL = 0.001 k3, bfloat16 compute over float32 parameters); the model is Qwen3-4B (tied
+embeddings, q/k norms, 8 KV heads) on 8 v4 chips: fsdp 4 x tensor 2.
+"""
+import os
+
+from dypo_jax import config as config_lib
+
+# The compile-only topology `python -m dypo_jax.aot` uses for this config (--topology overrides).
+TOPOLOGY = "v4:2x2x2"
+
+# config.json of Qwen/Qwen3-4B (its model card).
+QWEN3_4B = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 2560,
+    "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+    "intermediate_size": 9728, "vocab_size": 151936, "rope_theta": 1000000.0,
+    "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+    "attention_bias": False, "hidden_act": "silu", "use_sliding_window": False,
+    "sliding_window": None, "max_window_layers": 36, "torch_dtype": "bfloat16",
+}
+HF_PATH = "/mnt/disks/ckpt/Qwen3-4B"  # Placeholder: --config.model.hf_path=...
+
+
+def _load_tpu_v4():
+  """experiments/tpu_v4.py as a module (its constants and `model_fields`)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(__file__), "tpu_v4.py")
+  spec = importlib.util.spec_from_file_location("dypo_experiment_tpu_v4_base", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(variant: str = ""):
+  if variant:
+    raise ValueError(f"unknown variant {variant!r} of experiments/qwen3_4b.py; allowed: ''")
+  base = _load_tpu_v4()
+  c = base.get_config()  # The method, data, sampler and optimizer settings.
+  c.model.update(base.model_fields(QWEN3_4B,
+                                   max_seq_len=base.PROMPT_BUCKETS[-1] + base.RESPONSE_LEN))
+  c.model.update(dict(init="hf", hf_path=HF_PATH))
+  c.mesh.update(dict(data=1, fsdp=4, tensor=2))
+  c.tokenizer.update(dict(kind="hf", path=HF_PATH, template="qwen3_chat"))
+  c.train.update(dict(rollout_prompts=32, update_prompts=32, micro_batches=8))
+  return c
+
+
+VARIANTS = ("",)
