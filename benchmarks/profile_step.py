@@ -22,7 +22,8 @@ plus, for context: per-term gradient norms on (base_config's default), logprob_i
 and the policy forward alone (no backward).
 
 Finally the compile counts after warm-up: the step's and the sampler's trace counters and their
-jit caches (both should stay at 1).
+jit caches (both should stay at 1: the trainer compiles one step per update-batch slot bucket, and
+W1's batches of 8 Mid items, or 1 packed Hard slot + 7 Mid, always fill the largest bucket).
 
 Run (from the repository root):
   python benchmarks/profile_step.py --steps 5

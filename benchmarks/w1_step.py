@@ -34,7 +34,8 @@ group would get an SFT row on its teacher trace (31 even words + EOS, given to e
 
 Figures (the peers' RESULT lines, plus first step and memory): steps/s (mean and median),
 generated tokens/s over the whole step, rollout-only tokens/s (sampler calls), first-step
-(compile) seconds, peak resident memory (ru_maxrss), and the compile counts of step and sampler.
+(compile) seconds, peak resident memory (ru_maxrss), the compile counts of step and sampler, and
+the median process CPU seconds per step (all threads; steadier than wall time on a shared machine).
 
 Run (from the repository root):
   python benchmarks/w1_step.py --method grpo --steps 10

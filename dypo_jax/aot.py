@@ -59,6 +59,9 @@ _CHIPS_PER_HOST = flags.DEFINE_string(
     "chips_per_host", "2,2,1", "Chips per host as x,y,z (2,2,1: 4 chips a host, as on v4/v5p).")
 _WHAT = flags.DEFINE_list("what", list(_PROGRAMS), f"Programs to compile, from {_PROGRAMS}.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 0, "P; 0: the worst case (largest bucket).")
+_PIN = flags.DEFINE_bool(
+    "pin_activations", True, "Pin the residual stream to the batch sharding "
+    "(Transformer.activation_sharding); --nopin_activations shows what XLA does unpinned.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,13 +155,19 @@ _ARCH_FIELDS = ("arch", "vocab_size", "embed_dim", "num_layers", "num_heads", "n
                 "qkv_bias", "qk_norm")
 
 
-def abstract_params(mc, mesh, rules):
-  """(graphdef, Param state of ShapeDtypeStructs sharded by the rules): no weights materialise."""
+def abstract_params(mc, mesh, rules, *, pin_activations: bool = True):
+  """(graphdef, Param state of ShapeDtypeStructs sharded by the rules): no weights materialise.
+
+  `pin_activations`: the model's residual stream is pinned to the batch sharding
+  (`Transformer.activation_sharding`), as a run must do on a multi-chip mesh.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from dypo_jax import models  # pylint: disable=g-import-not-at-top
   from dypo_jax import sharding  # pylint: disable=g-import-not-at-top
   abstract = nnx.eval_shape(lambda: models.Transformer(mc, rngs=nnx.Rngs(0)))
+  if pin_activations:
+    abstract.activation_sharding = sharding.batch_sharding(mesh, rules, 3)
   graphdef, state = nnx.split(abstract, nnx.Param)
   shardings = sharding.param_shardings(state, mesh, rules)
   is_var = lambda x: isinstance(x, nnx.Variable)
@@ -220,7 +229,8 @@ def _compile(name: str, shapes: str, lower) -> Report:
       flops=float((cost or {}).get("flops", 0.0)), compile_s=seconds)
 
 
-def compile_train_step(config, mesh, *, prompt_len: int | None = None) -> Report:
+def compile_train_step(config, mesh, *, prompt_len: int | None = None,
+                       pin_activations: bool = True) -> Report:
   """AOT-compiles the DYPO update the way the Trainer jits it."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -242,7 +252,7 @@ def compile_train_step(config, mesh, *, prompt_len: int | None = None) -> Report
         f"train.update_prompts / train.micro_batches = {u} / {tr.micro_batches} must be a "
         f"whole multiple of the {batch_shards} batch shards of the mesh"))
 
-  graphdef, params = abstract_params(mc, mesh, rules)
+  graphdef, params = abstract_params(mc, mesh, rules, pin_activations=pin_activations)
   param_shardings = jax.tree.map(lambda x: x.sharding, params)
   tx, schedule = step_lib.make_optimizer(
       learning_rate=o.learning_rate, schedule=o.schedule, warmup_steps=o.warmup_steps,
@@ -284,7 +294,8 @@ def sharding_batch_shards(mesh, rules) -> int:
   return math.prod(mesh.shape[a] for a in axes)
 
 
-def compile_generate(config, mesh, *, prompt_len: int | None = None) -> Report:
+def compile_generate(config, mesh, *, prompt_len: int | None = None,
+                     pin_activations: bool = True) -> Report:
   """AOT-compiles the sampler's jitted generate (prefill + decode loop) for one rollout round."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from dypo_jax import runtime  # pylint: disable=g-import-not-at-top
@@ -296,7 +307,7 @@ def compile_generate(config, mesh, *, prompt_len: int | None = None) -> Report:
   sp = config.sampler
   p = prompt_len or worst_prompt_len(config, mc)
   k, t = config.rl.num_samples, sp.max_new_tokens
-  graphdef, params = abstract_params(mc, mesh, rules)
+  graphdef, params = abstract_params(mc, mesh, rules, pin_activations=pin_activations)
   sampler = sampler_lib.Sampler(graphdef, model_config=mc, pad_id=0,
                                 prompt_buckets=tuple(sp.prompt_buckets), mesh=mesh, rules=rules)
   b = -(-config.train.rollout_prompts // sampler.batch_shards) * sampler.batch_shards
@@ -319,11 +330,12 @@ _COMPILERS = {"train": compile_train_step, "generate": compile_generate}
 
 
 def compile_programs(config, mesh, what: Sequence[str] = _PROGRAMS, *,
-                     prompt_len: int | None = None) -> list[Report]:
+                     prompt_len: int | None = None, pin_activations: bool = True) -> list[Report]:
   unknown = [w for w in what if w not in _COMPILERS]
   if unknown:
     raise ValueError(f"--what: unknown programs {unknown}; allowed: {_PROGRAMS}")
-  return [_COMPILERS[w](config, mesh, prompt_len=prompt_len) for w in what]
+  return [_COMPILERS[w](config, mesh, prompt_len=prompt_len, pin_activations=pin_activations)
+          for w in what]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -390,8 +402,10 @@ def main(argv):
   header = (f"{topology}: {len(devices)} x {devices[0].device_kind}, mesh "
             + ", ".join(f"{a}={n}" for a, n in mesh.shape.items())
             + f"; {mc.arch} {mc.num_layers}x{mc.embed_dim} params={mc.num_params / 1e9:.2f}B "
-            f"{mc.param_dtype}/{mc.dtype} remat={mc.remat}; rules {runtime.mesh_rules(config)}")
-  reports = compile_programs(config, mesh, _WHAT.value, prompt_len=_PROMPT_LEN.value or None)
+            f"{mc.param_dtype}/{mc.dtype} remat={mc.remat} attention_chunk={mc.attention_chunk} "
+            f"pinned activations={_PIN.value}; rules {runtime.mesh_rules(config)}")
+  reports = compile_programs(config, mesh, _WHAT.value, prompt_len=_PROMPT_LEN.value or None,
+                             pin_activations=_PIN.value)
   print(format_table(reports, hbm_bytes=hbm, header=header), flush=True)
   if not all(r.fits(hbm) for r in reports):
     sys.exit(1)
@@ -414,8 +428,10 @@ def _check_override_keys(argv: Sequence[str]) -> None:
 
 
 def run():
-  # Compile-only TPU devices need no TPU backend: keep JAX on the CPU unless told otherwise.
+  # Compile-only TPU devices need no TPU backend: keep JAX on the CPU unless told otherwise, and
+  # let libtpu load beside another process that holds its lockfile (a run on the same machine).
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     _check_override_keys(sys.argv[1:])
   except config_lib.ConfigError as e:

@@ -118,8 +118,8 @@ def base_config() -> ml_collections.ConfigDict:
       max_rollouts_per_update=8,  # Rollout rounds before an update fires with what is queued.
       log_every=1, checkpoint_every=50, keep_checkpoints=3, eval_every=0,
       max_nonfinite_updates=10,
-      # One backward per loss term for the per-term gradient norms of DYPO.md §5 (3x the
-      # backward cost: on for small runs, off for large ones).
+      # One backward per loss term for the per-term gradient norms of DYPO.md §5, on logged
+      # updates only (3x the backward cost there; off for large models).
       per_term_grad_norms=True,
   ))
 

@@ -16,7 +16,7 @@ Hard items are packed K to a slot, one teacher trace per row; a Mid item holds i
 LUFFY-style mixing holds K-1 rollouts and the teacher trace as an off-policy row. U itself comes
 in a few buckets (the trainer picks the smallest that holds the batch), so an all-Hard batch does
 not pay for the rows an all-Mid batch needs.
-Micro-batches are a `lax.scan` over slices of U; every loss divides by a denominator computed
+Micro-batches are a `lax.scan` over strided slices of U; every loss divides by a denominator computed
 over the whole batch first, so the summed micro-batch losses and gradients equal the big batch's.
 """
 import dataclasses
@@ -207,8 +207,12 @@ def build_train_step(graphdef, cfg: StepConfig, tx: optax.GradientTransformation
     del rng  # The update is deterministic; kept for the (state, batch, rng) signature.
     denoms = _denominators(batch, cfg)
     weights = batch["weights"].astype(jnp.float32)
+    # Micro-batch j holds items j, j + M, j + 2M, ... (M = micro_batches): a strided split keeps
+    # each micro-batch spread over the batch shards like U itself. A contiguous split would put
+    # each micro-batch on one shard, and every chip would then compute on all of its rows.
     mbs = jax.tree.map(
-        lambda x: x.reshape((cfg.micro_batches, x.shape[0] // cfg.micro_batches) + x.shape[1:]),
+        lambda x: jnp.swapaxes(
+            x.reshape((x.shape[0] // cfg.micro_batches, cfg.micro_batches) + x.shape[1:]), 0, 1),
         {k: v for k, v in batch.items() if k != "weights"})
 
     def micro_step(carry, mb):

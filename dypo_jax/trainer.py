@@ -200,7 +200,6 @@ class Trainer:
     quantum = tr.micro_batches * batch_shards
     self.slot_buckets = sorted({-(-max(tr.update_prompts * f // 4, 1) // quantum) * quantum
                                 for f in (1, 2, 4)})
-    step_fn = step_lib.build_train_step(self.graphdef, step_cfg, self.tx, self.schedule)
     shapes = step_lib.batch_spec_shapes(items=tr.update_prompts, k=self.k,
                                         prompt_len=self.prompt_len, max_len=self.max_len)
     self.batch_shardings = {
@@ -210,15 +209,24 @@ class Trainer:
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     self.step_trace_count = 0
 
-    def counted_step(*args):
-      self.step_trace_count += 1
-      return step_fn(*args)
+    def jit_step(cfg: step_lib.StepConfig):
+      step_fn = step_lib.build_train_step(self.graphdef, cfg, self.tx, self.schedule)
 
-    self.train_step = jax.jit(
-        counted_step, donate_argnums=(0,),
-        in_shardings=(self.state_shardings, self.param_shardings, self.batch_shardings,
-                      replicated),
-        out_shardings=(self.state_shardings, replicated))
+      def counted_step(*args):
+        self.step_trace_count += 1
+        return step_fn(*args)
+
+      return jax.jit(
+          counted_step, donate_argnums=(0,),
+          in_shardings=(self.state_shardings, self.param_shardings, self.batch_shardings,
+                        replicated),
+          out_shardings=(self.state_shardings, replicated))
+
+    # The per-term gradient norms cost a backward pass per loss term: only updates that are
+    # logged compute them (a second compiled variant of the same step).
+    self.train_step = jit_step(dataclasses.replace(step_cfg, per_term_grad_norms=False))
+    self.train_step_with_term_norms = (jit_step(step_cfg) if step_cfg.per_term_grad_norms
+                                       else self.train_step)
 
     self.queues = queues_lib.QueueSet()
     self.stream = PromptStream(len(train), seed=config.seed, shuffle=config.data.shuffle)
@@ -457,8 +465,11 @@ class Trainer:
         name: jax.make_array_from_callback(value.shape, self.batch_shardings[name],
                                            lambda index, value=value: value[index])
         for name, value in batch.items()}
-    key = jax.random.fold_in(jax.random.fold_in(self.rng, 3), int(self.state.step))
-    self.state, metrics = self.train_step(self.state, self.ref_params, device_batch, key)
+    step = int(self.state.step)
+    key = jax.random.fold_in(jax.random.fold_in(self.rng, 3), step)
+    logged = (step + 1) % self.config.train.log_every == 0 or step + 1 == self.config.train.num_steps
+    fn = self.train_step_with_term_norms if logged else self.train_step
+    self.state, metrics = fn(self.state, self.ref_params, device_batch, key)
     return metrics
 
   # --------------------------------------------------------------------------- eval and ckpt

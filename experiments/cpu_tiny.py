@@ -19,9 +19,9 @@ def get_config(variant: str = ""):
   c = config_lib.base_config()
   c.seed = 0
   c.model.update(dict(
-      arch="qwen2", vocab_size=128, embed_dim=128, num_layers=2, num_heads=4, num_kv_heads=2,
+      arch="qwen2", vocab_size=64, embed_dim=128, num_layers=2, num_heads=4, num_kv_heads=2,
       head_dim=32, mlp_dim=384, max_seq_len=160, tie_embeddings=True, logprob_impl="full"))
-  c.tokenizer.train_vocab_size = 128
+  c.tokenizer.train_vocab_size = 64  # Addition traces hold 72 distinct pieces at most.
   # Multi-term addition in-distribution (three teacher styles, one of them sloppy); longer sums
   # and 3-digit terms out of distribution: reachable, not trivial (DYPO.md §7).
   c.data.update(dict(num_train=2000, num_eval_id=200, num_eval_ood=200, id_tasks=("add",),

@@ -66,7 +66,8 @@ def test_every_method_runs_and_logs(method, tmp_path):
     assert all(r["batch/offline_ratio"] == 1.0 for r in records)
   if method in ("grpo", "luffy"):
     assert all(r["batch/weight_sft"] == 0.0 for r in records)
-  # One compiled update per slot bucket used, at most three for the whole run.
+  # One compiled update per slot bucket used (at most three), and per variant (with per-term
+  # gradient norms on logged updates; every update is logged here).
   assert 1 <= trainer.step_trace_count <= len(trainer.slot_buckets) <= 3
 
 

@@ -310,6 +310,10 @@ class Transformer(nnx.Module):
     if not c.tie_embeddings:
       self.lm_head = _param(rngs, (c.embed_dim, c.vocab_size), ("embed", "vocab"),
                             c.param_dtype, c.init_std)
+    # Sharding of the residual stream [B, T, D] between blocks (None: XLA chooses). Whoever places
+    # the model on a mesh sets it (`sharding.batch_sharding(mesh, rules, 3)`); without it XLA may
+    # shard activations like the FSDP parameters (on D) and hold every row on every chip.
+    self.activation_sharding = None
 
   def lm_head_kernel(self) -> jax.Array:
     """The output projection [D, V] (the transposed embedding when tied)."""
@@ -340,7 +344,10 @@ class Transformer(nnx.Module):
       (logits [B, T, V] float32 or hidden [B, T, D], the updated cache or None).
     """
     c = self.config
-    x = self.embedding.value.astype(c.dtype)[tokens]  # [B, T, D]
+    pin = lambda h: h
+    if self.activation_sharding is not None:
+      pin = lambda h: jax.lax.with_sharding_constraint(h, self.activation_sharding)
+    x = pin(self.embedding.value.astype(c.dtype)[tokens])  # [B, T, D]
     end_index = cache.end_index if cache is not None else None
     new_k, new_v = [], []
     for i, block in enumerate(self.blocks):
@@ -350,6 +357,7 @@ class Transformer(nnx.Module):
       else:
         x, updated = block(x, positions=positions, attention_mask=attention_mask,
                            layer_cache=layer_cache, end_index=end_index)
+      x = pin(x)
       if updated is not None:
         new_k.append(updated[0])
         new_v.append(updated[1])
