@@ -59,9 +59,9 @@ _CHIPS_PER_HOST = flags.DEFINE_string(
     "chips_per_host", "2,2,1", "Chips per host as x,y,z (2,2,1: 4 chips a host, as on v4/v5p).")
 _WHAT = flags.DEFINE_list("what", list(_PROGRAMS), f"Programs to compile, from {_PROGRAMS}.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 0, "P; 0: the worst case (largest bucket).")
-_PIN = flags.DEFINE_bool(
-    "pin_activations", True, "Pin the residual stream to the batch sharding "
-    "(Transformer.activation_sharding); --nopin_activations shows what XLA does unpinned.")
+_ACTIVATION_AXES = flags.DEFINE_list(
+    "activation_axes", ["data", "fsdp", "tensor"], "Mesh axes the residual stream's rows are "
+    "split over (Transformer.activation_sharding); 'none' leaves activations to XLA.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +130,18 @@ def usable_hbm_bytes(device) -> int:
 # ------------------------------------------------------------------------------------------------
 # Abstract inputs.
 
+# The residual stream's rows go over every mesh axis: a DYPO item's K rows need not share a chip,
+# so with fsdp 8 x tensor 4 a micro-batch of 8 items (64 rows) puts 2 rows on each of 32 chips, not
+# 8 rows on each fsdp shard. Inside a block XLA gathers what attention and the MLP need.
+ACTIVATION_AXES = ("data", "fsdp", "tensor")
+
+
+def activation_sharding(mesh, axes: Sequence[str]):
+  """NamedSharding of a [B, T, D] activation whose B is split over `axes` of `mesh`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  axes = tuple(a for a in axes if mesh.shape[a] > 1) or None
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes, None, None))
+
 
 def model_config(config) -> Any:
   """The ModelConfig a run would build: the config's fields, or hf_path's config.json if readable.
@@ -155,19 +167,20 @@ _ARCH_FIELDS = ("arch", "vocab_size", "embed_dim", "num_layers", "num_heads", "n
                 "qkv_bias", "qk_norm")
 
 
-def abstract_params(mc, mesh, rules, *, pin_activations: bool = True):
+def abstract_params(mc, mesh, rules, *, activation_axes: Sequence[str] | None = ACTIVATION_AXES):
   """(graphdef, Param state of ShapeDtypeStructs sharded by the rules): no weights materialise.
 
-  `pin_activations`: the model's residual stream is pinned to the batch sharding
-  (`Transformer.activation_sharding`), as a run must do on a multi-chip mesh.
+  `activation_axes`: mesh axes the rows of the residual stream [B, T, D] are split over
+  (`Transformer.activation_sharding`, which a run on a multi-chip mesh must set too); None leaves
+  activations to XLA.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from dypo_jax import models  # pylint: disable=g-import-not-at-top
   from dypo_jax import sharding  # pylint: disable=g-import-not-at-top
   abstract = nnx.eval_shape(lambda: models.Transformer(mc, rngs=nnx.Rngs(0)))
-  if pin_activations:
-    abstract.activation_sharding = sharding.batch_sharding(mesh, rules, 3)
+  if activation_axes:
+    abstract.activation_sharding = activation_sharding(mesh, activation_axes)
   graphdef, state = nnx.split(abstract, nnx.Param)
   shardings = sharding.param_shardings(state, mesh, rules)
   is_var = lambda x: isinstance(x, nnx.Variable)
@@ -230,7 +243,7 @@ def _compile(name: str, shapes: str, lower) -> Report:
 
 
 def compile_train_step(config, mesh, *, prompt_len: int | None = None,
-                       pin_activations: bool = True) -> Report:
+                       activation_axes: Sequence[str] | None = ACTIVATION_AXES) -> Report:
   """AOT-compiles the DYPO update the way the Trainer jits it."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -252,7 +265,7 @@ def compile_train_step(config, mesh, *, prompt_len: int | None = None,
         f"train.update_prompts / train.micro_batches = {u} / {tr.micro_batches} must be a "
         f"whole multiple of the {batch_shards} batch shards of the mesh"))
 
-  graphdef, params = abstract_params(mc, mesh, rules, pin_activations=pin_activations)
+  graphdef, params = abstract_params(mc, mesh, rules, activation_axes=activation_axes)
   param_shardings = jax.tree.map(lambda x: x.sharding, params)
   tx, schedule = step_lib.make_optimizer(
       learning_rate=o.learning_rate, schedule=o.schedule, warmup_steps=o.warmup_steps,
@@ -295,7 +308,7 @@ def sharding_batch_shards(mesh, rules) -> int:
 
 
 def compile_generate(config, mesh, *, prompt_len: int | None = None,
-                     pin_activations: bool = True) -> Report:
+                     activation_axes: Sequence[str] | None = ACTIVATION_AXES) -> Report:
   """AOT-compiles the sampler's jitted generate (prefill + decode loop) for one rollout round."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from dypo_jax import runtime  # pylint: disable=g-import-not-at-top
@@ -307,7 +320,7 @@ def compile_generate(config, mesh, *, prompt_len: int | None = None,
   sp = config.sampler
   p = prompt_len or worst_prompt_len(config, mc)
   k, t = config.rl.num_samples, sp.max_new_tokens
-  graphdef, params = abstract_params(mc, mesh, rules, pin_activations=pin_activations)
+  graphdef, params = abstract_params(mc, mesh, rules, activation_axes=activation_axes)
   sampler = sampler_lib.Sampler(graphdef, model_config=mc, pad_id=0,
                                 prompt_buckets=tuple(sp.prompt_buckets), mesh=mesh, rules=rules)
   b = -(-config.train.rollout_prompts // sampler.batch_shards) * sampler.batch_shards
@@ -330,11 +343,12 @@ _COMPILERS = {"train": compile_train_step, "generate": compile_generate}
 
 
 def compile_programs(config, mesh, what: Sequence[str] = _PROGRAMS, *,
-                     prompt_len: int | None = None, pin_activations: bool = True) -> list[Report]:
+                     prompt_len: int | None = None,
+                     activation_axes: Sequence[str] | None = ACTIVATION_AXES) -> list[Report]:
   unknown = [w for w in what if w not in _COMPILERS]
   if unknown:
     raise ValueError(f"--what: unknown programs {unknown}; allowed: {_PROGRAMS}")
-  return [_COMPILERS[w](config, mesh, prompt_len=prompt_len, pin_activations=pin_activations)
+  return [_COMPILERS[w](config, mesh, prompt_len=prompt_len, activation_axes=activation_axes)
           for w in what]
 
 
@@ -399,13 +413,14 @@ def main(argv):
   mesh = sharding.make_mesh({a: config.mesh[a] for a in sharding.MESH_AXES}, devices)
   hbm = usable_hbm_bytes(devices[0])
   mc = model_config(config)
+  axes = None if _ACTIVATION_AXES.value == ["none"] else tuple(_ACTIVATION_AXES.value)
   header = (f"{topology}: {len(devices)} x {devices[0].device_kind}, mesh "
             + ", ".join(f"{a}={n}" for a, n in mesh.shape.items())
             + f"; {mc.arch} {mc.num_layers}x{mc.embed_dim} params={mc.num_params / 1e9:.2f}B "
             f"{mc.param_dtype}/{mc.dtype} remat={mc.remat} attention_chunk={mc.attention_chunk} "
-            f"pinned activations={_PIN.value}; rules {runtime.mesh_rules(config)}")
+            f"activation rows over {axes}; rules {runtime.mesh_rules(config)}")
   reports = compile_programs(config, mesh, _WHAT.value, prompt_len=_PROMPT_LEN.value or None,
-                             pin_activations=_PIN.value)
+                             activation_axes=axes)
   print(format_table(reports, hbm_bytes=hbm, header=header), flush=True)
   if not all(r.fits(hbm) for r in reports):
     sys.exit(1)

@@ -29,7 +29,7 @@ def get_config(variant: str = ""):
   c.sampler.update(dict(max_new_tokens=64, prompt_buckets=(16, 32, 64)))
   c.rl.num_samples = 8
   c.optim.update(dict(learning_rate=2e-4, grad_clip=1.0))
-  c.train.update(dict(num_steps=100, rollout_prompts=16, update_prompts=16, log_every=5,
+  c.train.update(dict(num_steps=150, rollout_prompts=16, update_prompts=16, log_every=5,
                       checkpoint_every=50, eval_every=50))
   c.eval.update(dict(num_samples=4, temperature=0.6, max_new_tokens=96, max_prompts=200))
   c.pretrain.update(dict(enabled=True, target_accuracy=0.35, eval_every=50, eval_prompts=64,
