@@ -59,9 +59,10 @@ _CHIPS_PER_HOST = flags.DEFINE_string(
     "chips_per_host", "2,2,1", "Chips per host as x,y,z (2,2,1: 4 chips a host, as on v4/v5p).")
 _WHAT = flags.DEFINE_list("what", list(_PROGRAMS), f"Programs to compile, from {_PROGRAMS}.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 0, "P; 0: the worst case (largest bucket).")
-_ACTIVATION_AXES = flags.DEFINE_list(
-    "activation_axes", ["data", "fsdp", "tensor"], "Mesh axes the residual stream's rows are "
-    "split over (Transformer.activation_sharding); 'none' leaves activations to XLA.")
+_ACTIVATION_AXES = flags.DEFINE_string(
+    "activation_axes", "data,fsdp/tensor", "Mesh axes of the residual stream's rows / sequence "
+    "between blocks (Transformer.activation_sharding), e.g. 'data,fsdp/' for rows only; 'none' "
+    "leaves activations to XLA.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,17 +131,19 @@ def usable_hbm_bytes(device) -> int:
 # ------------------------------------------------------------------------------------------------
 # Abstract inputs.
 
-# The residual stream's rows go over every mesh axis: a DYPO item's K rows need not share a chip,
-# so with fsdp 8 x tensor 4 a micro-batch of 8 items (64 rows) puts 2 rows on each of 32 chips, not
-# 8 rows on each fsdp shard. Inside a block XLA gathers what attention and the MLP need.
-ACTIVATION_AXES = ("data", "fsdp", "tensor")
+# How the residual stream [B, T, D] is split between blocks (`Transformer.activation_sharding`):
+# rows over the batch axes, and the sequence over the tensor axis (sequence parallelism: the
+# activations each block saves for the backward pass are a quarter as large on tensor = 4; XLA
+# gathers the sequence inside a block where attention needs it).
+ACTIVATION_AXES = (("data", "fsdp"), ("tensor",))
 
 
-def activation_sharding(mesh, axes: Sequence[str]):
-  """NamedSharding of a [B, T, D] activation whose B is split over `axes` of `mesh`."""
+def activation_sharding(mesh, axes):
+  """NamedSharding of a [B, T, D] activation: B over axes[0], T over axes[1] (mesh axes)."""
   import jax  # pylint: disable=g-import-not-at-top
-  axes = tuple(a for a in axes if mesh.shape[a] > 1) or None
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes, None, None))
+  keep = lambda names: tuple(a for a in names if mesh.shape[a] > 1) or None
+  rows, seq = axes
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(keep(rows), keep(seq), None))
 
 
 def model_config(config) -> Any:
@@ -167,10 +170,10 @@ _ARCH_FIELDS = ("arch", "vocab_size", "embed_dim", "num_layers", "num_heads", "n
                 "qkv_bias", "qk_norm")
 
 
-def abstract_params(mc, mesh, rules, *, activation_axes: Sequence[str] | None = ACTIVATION_AXES):
+def abstract_params(mc, mesh, rules, *, activation_axes=ACTIVATION_AXES):
   """(graphdef, Param state of ShapeDtypeStructs sharded by the rules): no weights materialise.
 
-  `activation_axes`: mesh axes the rows of the residual stream [B, T, D] are split over
+  `activation_axes`: (row axes, sequence axes) of the residual stream [B, T, D] between blocks
   (`Transformer.activation_sharding`, which a run on a multi-chip mesh must set too); None leaves
   activations to XLA.
   """
@@ -243,7 +246,7 @@ def _compile(name: str, shapes: str, lower) -> Report:
 
 
 def compile_train_step(config, mesh, *, prompt_len: int | None = None,
-                       activation_axes: Sequence[str] | None = ACTIVATION_AXES) -> Report:
+                       activation_axes=ACTIVATION_AXES) -> Report:
   """AOT-compiles the DYPO update the way the Trainer jits it."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -308,7 +311,7 @@ def sharding_batch_shards(mesh, rules) -> int:
 
 
 def compile_generate(config, mesh, *, prompt_len: int | None = None,
-                     activation_axes: Sequence[str] | None = ACTIVATION_AXES) -> Report:
+                     activation_axes=ACTIVATION_AXES) -> Report:
   """AOT-compiles the sampler's jitted generate (prefill + decode loop) for one rollout round."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from dypo_jax import runtime  # pylint: disable=g-import-not-at-top
@@ -344,7 +347,7 @@ _COMPILERS = {"train": compile_train_step, "generate": compile_generate}
 
 def compile_programs(config, mesh, what: Sequence[str] = _PROGRAMS, *,
                      prompt_len: int | None = None,
-                     activation_axes: Sequence[str] | None = ACTIVATION_AXES) -> list[Report]:
+                     activation_axes=ACTIVATION_AXES) -> list[Report]:
   unknown = [w for w in what if w not in _COMPILERS]
   if unknown:
     raise ValueError(f"--what: unknown programs {unknown}; allowed: {_PROGRAMS}")
@@ -413,7 +416,10 @@ def main(argv):
   mesh = sharding.make_mesh({a: config.mesh[a] for a in sharding.MESH_AXES}, devices)
   hbm = usable_hbm_bytes(devices[0])
   mc = model_config(config)
-  axes = None if _ACTIVATION_AXES.value == ["none"] else tuple(_ACTIVATION_AXES.value)
+  axes = None
+  if _ACTIVATION_AXES.value != "none":
+    rows, _, seq = _ACTIVATION_AXES.value.partition("/")
+    axes = tuple(tuple(a for a in part.split(",") if a) for part in (rows, seq))
   header = (f"{topology}: {len(devices)} x {devices[0].device_kind}, mesh "
             + ", ".join(f"{a}={n}" for a, n in mesh.shape.items())
             + f"; {mc.arch} {mc.num_layers}x{mc.embed_dim} params={mc.num_params / 1e9:.2f}B "
