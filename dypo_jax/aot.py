@@ -60,8 +60,9 @@ _CHIPS_PER_HOST = flags.DEFINE_string(
 _WHAT = flags.DEFINE_list("what", list(_PROGRAMS), f"Programs to compile, from {_PROGRAMS}.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 0, "P; 0: the worst case (largest bucket).")
 _ACTIVATION_AXES = flags.DEFINE_string(
-    "activation_axes", "data,fsdp/tensor", "Mesh axes of the residual stream's rows / sequence "
-    "between blocks (Transformer.activation_sharding), e.g. 'data,fsdp/' for rows only; 'none' "
+    "activation_axes", "data,fsdp/", "Mesh axes of the residual stream's rows / sequence "
+    "between blocks (Transformer.activation_sharding), e.g. 'data,fsdp/tensor' to split the "
+    "sequence over tensor too; 'none' "
     "leaves activations to XLA.")
 
 
@@ -132,10 +133,10 @@ def usable_hbm_bytes(device) -> int:
 # Abstract inputs.
 
 # How the residual stream [B, T, D] is split between blocks (`Transformer.activation_sharding`):
-# rows over the batch axes, and the sequence over the tensor axis (sequence parallelism: the
-# activations each block saves for the backward pass are a quarter as large on tensor = 4; XLA
-# gathers the sequence inside a block where attention needs it).
-ACTIVATION_AXES = (("data", "fsdp"), ("tensor",))
+# (row axes, sequence axes). Rows over the batch axes, like the update batch. Splitting the
+# sequence over `tensor` too (sequence parallelism, "data,fsdp/tensor") would quarter the saved
+# activations, but XLA's partitioner then needed more than this 23 GB host to compile the 7B step.
+ACTIVATION_AXES = (("data", "fsdp"), ())
 
 
 def activation_sharding(mesh, axes):

@@ -43,6 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
       # Attention in blocks of this many queries (0: off): bounds the [T, S] attention logits,
       # which at 8k-token rows do not fit a TPU's HBM (see dypo_jax.aot). Same result.
       attention_chunk=0,
+      # The MLP in sequence blocks of this many tokens (0: off): bounds its [B, T, F]
+      # intermediates in the same way. Same result.
+      mlp_chunk=0,
       # "random": fresh weights from the fields above; "hf": a Hugging Face directory (hf_path),
       # whose config.json then overrides the architecture fields.
       init="random", hf_path="",
@@ -174,7 +177,7 @@ _RULES: dict[str, _Rule] = {
     "model.mlp_dim": _POSITIVE, "model.rope_theta": _POSITIVE, "model.rms_norm_eps": _POSITIVE,
     "model.max_seq_len": _POSITIVE, "model.param_dtype": _DTYPES, "model.dtype": _DTYPES,
     "model.init_std": _POSITIVE, "model.init": _choice("random", "hf"),
-    "model.attention_chunk": _NON_NEGATIVE,
+    "model.attention_chunk": _NON_NEGATIVE, "model.mlp_chunk": _NON_NEGATIVE,
     "model.logprob_impl": _choice(*LOGPROB_IMPLS), "model.vocab_chunk": _POSITIVE,
     "distributed.initialize": _choice("auto", "always", "never"),
     "tokenizer.kind": _choice("sentencepiece", "hf"),

@@ -56,7 +56,7 @@ def get_config(variant: str = ""):
   c = config_lib.base_config()
   c.model.update(model_fields(QWEN25_MATH_7B, max_seq_len=PROMPT_BUCKETS[-1] + RESPONSE_LEN))
   c.model.update(dict(init="hf", hf_path=HF_PATH, remat=True, logprob_impl="chunked",
-                      vocab_chunk=4096, attention_chunk=1024))
+                      vocab_chunk=4096, attention_chunk=1024, mlp_chunk=1024))
   c.mesh.update(dict(data=1, fsdp=8, tensor=4))
   c.tokenizer.update(dict(kind="hf", path=HF_PATH, template="qwen_chat"))
   c.data.update(dict(source="files", train_path="/mnt/disks/data/train.parquet",

@@ -102,10 +102,11 @@ def test_bad_architecture_values_are_named():
 
 
 @pytest.mark.parametrize("chunk", [3, 4, 16])
-def test_query_chunked_attention_equals_plain_forward_and_gradients(chunk):
+def test_query_chunked_attention_and_mlp_equal_plain_forward_and_gradients(chunk):
   # 9 and 11 tokens do not divide by 3 or 4 (padded blocks); 16 exceeds T (the plain path).
   plain = models.Transformer(tiny(), rngs=nnx.Rngs(0))
-  chunked = models.Transformer(tiny(attention_chunk=chunk, remat=True), rngs=nnx.Rngs(0))
+  chunked = models.Transformer(tiny(attention_chunk=chunk, mlp_chunk=chunk + 1, remat=True),
+                               rngs=nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.key(3), (2, 11), 0, 61)
   mask = jnp.arange(11)[None, :] >= jnp.array([[0], [2]])  # Row 1 left-padded by 2.
   np.testing.assert_allclose(chunked(tokens, input_mask=mask), plain(tokens, input_mask=mask),
@@ -130,7 +131,7 @@ def test_query_chunked_attention_equals_plain_forward_and_gradients(chunk):
 def test_remat_works_when_params_come_from_an_outer_trace():
   # The train step evaluates its loss under jax.eval_shape and the sampler decodes inside a
   # while_loop, both with Params merged from the enclosing jit: remat must not write them back.
-  model = models.Transformer(tiny(remat=True, attention_chunk=4), rngs=nnx.Rngs(0))
+  model = models.Transformer(tiny(remat=True, attention_chunk=4, mlp_chunk=4), rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
   tokens = jnp.arange(9)[None] % 61
 

@@ -42,6 +42,9 @@ class ModelConfig:
   # Attention over query blocks of this many tokens (0: all at once). Bounds the [T, S] logits
   # to [attention_chunk, S] per step, forward and backward; same result.
   attention_chunk: int = 0
+  # The MLP over sequence blocks of this many tokens (0: all at once). Bounds its [B, T, F]
+  # intermediates to [B, mlp_chunk, F], forward and backward; same result.
+  mlp_chunk: int = 0
   init_std: float = 0.02
 
   def __post_init__(self):
@@ -55,6 +58,8 @@ class ModelConfig:
       raise ValueError(f"model.head_dim={self.head_dim} must be even (RoPE rotates pairs)")
     if self.attention_chunk < 0:
       raise ValueError(f"model.attention_chunk={self.attention_chunk} must be >= 0 (0: off)")
+    if self.mlp_chunk < 0:
+      raise ValueError(f"model.mlp_chunk={self.mlp_chunk} must be >= 0 (0: off)")
 
   @property
   def num_params(self) -> int:
@@ -241,8 +246,16 @@ class MLP(nnx.Module):
                           c.init_std)
     self.down_proj = _param(rngs, (c.mlp_dim, c.embed_dim), ("mlp", "embed"), c.param_dtype,
                             c.init_std)
+    self.chunk = c.mlp_chunk
 
   def __call__(self, x):
+    if self.chunk and x.shape[1] > self.chunk:
+      dt = x.dtype
+      weights = tuple(w.value.astype(dt) for w in (self.gate_proj, self.up_proj, self.down_proj))
+      return _sequence_chunked(lambda h: _swiglu(h, *weights), x, self.chunk)
+    return self._dense(x)
+
+  def _dense(self, x):
     """x [B, T, D] -> [B, T, D], computed on the flattened tokens M = B·T.
 
     Same maths as the [B, T, D] einsums; on XLA:CPU their backward transposed the [B, T, F]
@@ -250,12 +263,32 @@ class MLP(nnx.Module):
     and the whole W1 update ~1.6x slower (benchmarks/profile_step.py).
     """
     dt = x.dtype
-    b, t, d = x.shape
-    x = x.reshape(b * t, d)
-    gate = jnp.einsum("MD,DF->MF", x, self.gate_proj.value.astype(dt))
-    up = jnp.einsum("MD,DF->MF", x, self.up_proj.value.astype(dt))
-    out = jnp.einsum("MF,FD->MD", jax.nn.silu(gate) * up, self.down_proj.value.astype(dt))
-    return out.reshape(b, t, d)
+    return _swiglu(x, self.gate_proj.value.astype(dt), self.up_proj.value.astype(dt),
+                   self.down_proj.value.astype(dt))
+
+
+def _swiglu(x, w_gate, w_up, w_down):
+  """down(silu(gate(x)) * up(x)) on x [B, T, D] (see MLP._dense on the flattened layout)."""
+  b, t, d = x.shape
+  x = x.reshape(b * t, d)
+  gate = jnp.einsum("MD,DF->MF", x, w_gate)
+  up = jnp.einsum("MD,DF->MF", x, w_up)
+  out = jnp.einsum("MF,FD->MD", jax.nn.silu(gate) * up, w_down)
+  return out.reshape(b, t, d)
+
+
+def _sequence_chunked(fn, x, chunk: int):
+  """fn over sequence blocks of x [B, T, D] (a token-wise fn), one rematerialised block at a time.
+
+  Blocks run one after another (`lax.map`) and are `jax.checkpoint`ed, so neither pass holds more
+  than one block's intermediates. Chunks split T, not B, so each keeps x's batch sharding.
+  """
+  b, t, d = x.shape
+  n = -(-t // chunk)
+  xs = jnp.pad(x, ((0, 0), (0, n * chunk - t), (0, 0)))
+  xs = jnp.moveaxis(xs.reshape(b, n, chunk, d), 1, 0)  # [n, B, C, D]
+  out = jax.lax.map(jax.checkpoint(fn), xs)  # [n, B, C, D]
+  return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, d)[:, :t]
 
 
 class Block(nnx.Module):
