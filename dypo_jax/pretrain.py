@@ -63,9 +63,11 @@ def ensure_base(config: ml_collections.ConfigDict, *, workdir: str, mesh, tokeni
   rules = tuple((n, tuple(t) if isinstance(t, list) else t) for n, t in config.mesh.rules)
   if os.path.exists(os.path.join(path, "config.json")):
     print(f"pretrain: reusing the base model in {path}", flush=True)
-    return models.from_pretrained(path, dtype=config.model.dtype,
-                                  param_dtype=config.model.param_dtype,
-                                  max_seq_len=config.model.max_seq_len, mesh=mesh, rules=rules)
+    m = config.model
+    return models.from_pretrained(
+        path, dtype=m.dtype, param_dtype=m.param_dtype, max_seq_len=m.max_seq_len, mesh=mesh,
+        rules=rules, compute_options=dict(remat=m.remat, attention_chunk=m.attention_chunk,
+                                          mlp_chunk=m.mlp_chunk))
   p = config.pretrain
   c = sft_config(config)
   sft_workdir = os.path.join(workdir, "pretrain")

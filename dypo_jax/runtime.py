@@ -111,8 +111,11 @@ def build_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   m = config.model
   rules = mesh_rules(config)
   if m.init == "hf":
-    model = models.from_pretrained(m.hf_path, dtype=m.dtype, param_dtype=m.param_dtype,
-                                   max_seq_len=m.max_seq_len, mesh=mesh, rules=rules)
+    model = models.from_pretrained(
+        m.hf_path, dtype=m.dtype, param_dtype=m.param_dtype, max_seq_len=m.max_seq_len,
+        mesh=mesh, rules=rules,
+        compute_options=dict(remat=m.remat, attention_chunk=m.attention_chunk,
+                             mlp_chunk=m.mlp_chunk))
   else:
     mc = model_config(config)
     model = sharding.create_sharded(lambda: models.Transformer(mc, rngs=nnx.Rngs(config.seed)),

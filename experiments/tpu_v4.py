@@ -10,11 +10,11 @@ Method: k = 8 rollouts at temperature 1, responses up to 8,192 tokens, lr 1e-6, 
 (mixed precision, as verl's FSDP does): a 1e-6 step is below bfloat16's resolution for most
 weights, so bfloat16 master weights would silently not train.
 
-Memory plan (per chip of 32, 30.75 GiB usable HBM; `dypo_jax.aot` prints the compiler's numbers):
-the mesh is fsdp 8 x tensor 4 (heads, MLP and vocabulary over 4 chips, everything else over 8),
-each block is rematerialised, attention runs in query chunks (the [T, S] logits of an 8.7k-token
-row do not fit otherwise), and the update batch is split into micro-batches of one item (8 rows)
-per fsdp shard. Placeholder paths (hf_path, tokenizer, data) are set on the command line.
+Memory (per chip of 32, 30.75 GiB usable; `python -m dypo_jax.aot` prints the compiler's numbers):
+fsdp 8 x tensor 4, every block rematerialised, attention and MLP in 1,024-token blocks, the
+residual stream pinned to the batch sharding, micro-batches of one item (8 rows) per fsdp shard.
+The rollout program fits; the update does not yet (35 GiB of temporaries at 8,192-token
+responses; see BUILD_NOTES.md for what remains). Placeholder paths are set on the command line.
 """
 from dypo_jax import config as config_lib
 from dypo_jax.models import hf

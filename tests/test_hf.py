@@ -385,3 +385,16 @@ def test_from_pretrained_onto_a_mesh(tmp_path, fake_devices):
   """, num_devices=4)
   diff = float(out.split("DIFF")[1])
   assert diff < 1e-5
+
+
+def test_compute_options_reach_the_model_and_unknown_ones_are_refused(tmp_path):
+  from dypo_jax import models as models_lib  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  config = models_lib.ModelConfig(vocab_size=32, embed_dim=16, num_layers=1, num_heads=2,
+                                  num_kv_heads=1, head_dim=8, mlp_dim=32)
+  models_lib.save_pretrained(models_lib.Transformer(config, rngs=nnx.Rngs(0)), str(tmp_path))
+  model = models_lib.from_pretrained(str(tmp_path), compute_options=dict(
+      remat=True, attention_chunk=4, mlp_chunk=4))
+  assert model.config.remat and model.config.attention_chunk == 4 and model.config.mlp_chunk == 4
+  with pytest.raises(ValueError, match="compute_options \\['vocab_size'\\]"):
+    models_lib.from_pretrained(str(tmp_path), compute_options=dict(vocab_size=64))

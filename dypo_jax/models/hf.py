@@ -442,7 +442,7 @@ def read_hf_config(path: str) -> dict[str, Any]:
 
 def from_pretrained(path: str, *, dtype: str = "float32", param_dtype: str | None = None,
                     max_seq_len: int | None = None, mesh: jax.sharding.Mesh | None = None,
-                    rules=None) -> Transformer:
+                    rules=None, compute_options: dict | None = None) -> Transformer:
   """Loads a local Hugging Face checkpoint directory (config.json + safetensors).
 
   Args:
@@ -451,6 +451,8 @@ def from_pretrained(path: str, *, dtype: str = "float32", param_dtype: str | Non
       param_dtype, which defaults to dtype).
     mesh: place each parameter sharded over this mesh (each device receives only its shard).
     rules: logical-axis rules for `mesh` (`dypo_jax.sharding`); default its DEFAULT_RULES.
+    compute_options: ModelConfig fields that a checkpoint does not hold and the run chooses
+      (`remat`, `attention_chunk`, `mlp_chunk`); anything else is an error.
 
   Returns:
     The Transformer, never randomly initialised: shapes come from `nnx.eval_shape`.
@@ -459,6 +461,12 @@ def from_pretrained(path: str, *, dtype: str = "float32", param_dtype: str | Non
     raise ValueError("from_pretrained: rules given without a mesh")
   config = model_config_from_hf(read_hf_config(path), dtype=dtype, param_dtype=param_dtype,
                                 max_seq_len=max_seq_len)
+  options = dict(compute_options or {})
+  unknown = set(options) - {"remat", "attention_chunk", "mlp_chunk"}
+  if unknown:
+    raise ValueError(f"from_pretrained: compute_options {sorted(unknown)} are not run-time "
+                     "choices (allowed: remat, attention_chunk, mlp_chunk)")
+  config = dataclasses.replace(config, **options)
   shardings_for = _mesh_shardings(mesh, rules) if mesh is not None else None
   with contextlib.ExitStack() as stack:
     return _build(config, _FileSource(path, stack), shardings_for=shardings_for)
