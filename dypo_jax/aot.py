@@ -433,29 +433,13 @@ def main(argv):
     sys.exit(1)
 
 
-def _check_override_keys(argv: Sequence[str]) -> None:
-  """As dypo_jax.main's: names an unknown `--config.a.b=...` key (main's flags clash with ours)."""
-  schema = config_lib.base_config()
-  for arg in argv:
-    if not arg.startswith("--config."):
-      continue
-    key = arg[len("--config."):].split("=", 1)[0]
-    node = schema
-    for i, part in enumerate(key.split(".")):
-      if not isinstance(node, type(schema)) or part not in node:
-        where = ".".join(key.split(".")[:i]) or "config"
-        raise config_lib.ConfigError(f"unknown config key {key!r} in {arg!r}; keys of {where!r}: "
-                                     f"{sorted(node.keys()) if isinstance(node, type(schema)) else []}")
-      node = node[part]
-
-
 def run():
   # Compile-only TPU devices need no TPU backend: keep JAX on the CPU unless told otherwise, and
   # let libtpu load beside another process that holds its lockfile (a run on the same machine).
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
-    _check_override_keys(sys.argv[1:])
+    config_lib.check_override_keys(sys.argv[1:])
   except config_lib.ConfigError as e:
     sys.exit(f"config error: {e}")
   try:

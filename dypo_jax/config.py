@@ -323,3 +323,21 @@ def load_experiment(path: str, variant: str = "") -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(variant)
+
+
+def check_override_keys(argv: list[str]) -> None:
+  """Names an unknown `--config.a.b=...` override with the keys that exist (before absl parses
+  the flags, which would only say "Unknown command line flag")."""
+  schema = base_config()
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    key = arg[len("--config."):].split("=", 1)[0]
+    node = schema
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        where = ".".join(parts[:i]) or "config"
+        known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        raise ConfigError(f"unknown config key {key!r} in {arg!r}; keys of {where!r}: {known}")
+      node = node[part]

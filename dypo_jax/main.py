@@ -31,23 +31,6 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "summary"],
                           "train: the full run; summary: build everything, print, exit.")
 
 
-def check_override_keys(argv: list[str]) -> None:
-  """Names an unknown `--config.a.b=...` key with the keys that exist, before absl's terse error."""
-  schema = config_lib.base_config()
-  for arg in argv:
-    if not arg.startswith("--config."):
-      continue
-    key = arg[len("--config."):].split("=", 1)[0]
-    node = schema
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-      if part not in node:
-        where = ".".join(parts[:i]) or "config"
-        raise config_lib.ConfigError(
-            f"unknown config key {key!r} in {arg!r}; keys of {where!r}: {sorted(node.keys())}")
-      node = node[part]
-
-
 def main(argv):
   del argv
   # Phase: config. Validated whole before anything is built.
@@ -91,7 +74,7 @@ def main(argv):
 
 def run():
   try:
-    check_override_keys(sys.argv[1:])
+    config_lib.check_override_keys(sys.argv[1:])
   except config_lib.ConfigError as e:
     sys.exit(f"config error: {e}")
   try:
