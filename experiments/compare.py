@@ -71,6 +71,8 @@ def run_seed(seed: int, *, workdir: str, size: str, steps: int | None, methods) 
       if steps is not None:
         overrides["train.num_steps"] = steps
         overrides["train.eval_every"] = steps
+        if method == "sft_then_rl":  # Keep the switch at half the (overridden) budget.
+          overrides["rl.sft_then_rl_switch"] = steps // 2
       _run(_main_cmd(f"experiments/baselines.py:{method}{',' + size if size else ''}", run_dir,
                      overrides), os.path.join(run_dir, "log.txt"))
     results[method] = _read_jsonl(eval_path)[-1]
