@@ -1,5 +1,6 @@
 """`python -m dypo_jax.export`: a checkpoint's policy as a Hugging Face directory."""
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -87,3 +88,95 @@ def test_missing_or_corrupt_checkpoint_is_a_clear_error(trained_workdir, tmp_pat
                         env=tiny_runs.subprocess_env(), cwd=tiny_runs.REPO, timeout=300)
   assert proc.returncode != 0
   assert f"export error: checkpoint {step_dir} is corrupt" in proc.stderr
+
+
+# ------------------------------------------------------------------ python -m dypo_jax.eval_checkpoint
+
+
+def _eval_checkpoint(*flags: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "dypo_jax.eval_checkpoint", *flags],
+                        capture_output=True, text=True, env=tiny_runs.subprocess_env(),
+                        cwd=tiny_runs.REPO, timeout=300)
+
+
+def test_eval_checkpoint_equals_evaluating_the_checkpointed_params(trained_workdir, tmp_path):
+  out = str(tmp_path / "eval.json")
+  proc = _eval_checkpoint(f"--workdir={trained_workdir}", "--step=1", "--num_samples=3",
+                          "--pass_ks=1,3", "--temperature=0.6", "--seed=5", f"--out={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(out) as f:
+    result = json.load(f)
+  assert result["source"] == {"workdir": trained_workdir, "step": 1}
+  assert set(result["results"]) == {"eval_id", "eval_ood"}
+  assert "| eval_id | 4 |" in proc.stdout  # The printed table.
+
+  # The same evaluation in this process, on the params read straight from the checkpoint.
+  from dypo_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from dypo_jax import runtime  # pylint: disable=g-import-not-at-top
+  from dypo_jax import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
+  from dypo_jax import sharding  # pylint: disable=g-import-not-at-top
+  config = tiny_runs.tiny_config()
+  pools = runtime.build_data(config, trained_workdir)
+  tok = runtime.build_tokenizer(config, trained_workdir, pools)
+  like = models.Transformer(tiny_runs.model_config(), rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(_checkpointed_model(trained_workdir, 1, like), nnx.Param)
+  sampler = sampler_lib.Sampler(graphdef, model_config=like.config, pad_id=tok.pad_id,
+                                prompt_buckets=tuple(config.sampler.prompt_buckets),
+                                mesh=sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}),
+                                rules=sharding.DEFAULT_RULES)
+  settings = evaluate_lib.EvalSettings(
+      num_samples=3, temperature=0.6, top_p=1.0, max_new_tokens=config.eval.max_new_tokens,
+      pass_ks=(1, 3), max_prompts=config.eval.max_prompts,
+      batch_prompts=min(32, config.eval.max_prompts), reward=config.data.reward,
+      template=config.tokenizer.template)
+  for split in ("eval_id", "eval_ood"):
+    want, _ = evaluate_lib.evaluate(sampler=sampler, params=params, tokenizer=tok,
+                                    records=pools[split], settings=settings,
+                                    rng=jax.random.key(5))
+    got = result["results"][split]
+    assert got["num_prompts"] == want["num_prompts"] == 4
+    for key in ("pass@1", "pass@3", "response_len"):
+      assert got[key] == pytest.approx(want[key], abs=1e-9), (split, key)
+
+
+def test_eval_checkpoint_of_an_export_and_on_a_record_file(trained_workdir, tmp_path):
+  hf_dir = str(tmp_path / "hf")
+  export_lib.export(trained_workdir, hf_dir, step=2)
+  data = tmp_path / "records.jsonl"
+  rows = [{"prompt": f"{a} + {b} =", "answer": str(a + b), "source": "add"}
+          for a, b in ((1, 2), (3, 4), (5, 6))]
+  data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+  by_step = str(tmp_path / "by_step.json")
+  by_hf = str(tmp_path / "by_hf.json")
+  common = ("--num_samples=2", f"--data={data}", "--max_new_tokens=16")
+  proc = _eval_checkpoint(f"--workdir={trained_workdir}", "--step=2", f"--out={by_step}",
+                          *common)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # The exported folder read in place of the checkpoint (the run's config and tokenizer): the
+  # same samples, the same scores.
+  proc = _eval_checkpoint(f"--hf_path={hf_dir}", f"--workdir={trained_workdir}",
+                          f"--out={by_hf}", *common)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(by_step) as f, open(by_hf) as g:
+    a, b = json.load(f)["results"], json.load(g)["results"]
+  assert list(a) == ["records.jsonl"] and a == b
+  assert a["records.jsonl"]["num_prompts"] == 3
+  # A Hugging Face folder alone, as a user brings one (here with its SentencePiece file).
+  alone = str(tmp_path / "alone.json")
+  proc = _eval_checkpoint(f"--hf_path={hf_dir}", f"--tokenizer={hf_dir}/spm.model",
+                          f"--out={alone}", *common)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(alone) as f:
+    result = json.load(f)
+  assert result["source"] == {"hf_path": hf_dir}
+  assert result["results"]["records.jsonl"]["num_prompts"] == 3
+
+
+def test_eval_checkpoint_bad_input_is_named(trained_workdir, tmp_path):
+  proc = _eval_checkpoint(f"--workdir={trained_workdir}", "--num_samples=2", "--pass_ks=4",
+                          f"--out={tmp_path / 'x.json'}")
+  assert proc.returncode != 0
+  assert "--pass_ks=(4,): each k must lie in [1, --num_samples=2]" in proc.stderr
+  proc = _eval_checkpoint(f"--workdir={tmp_path / 'nowhere'}")
+  assert proc.returncode != 0 and "no checkpoint directory" in proc.stderr
+  assert not os.path.exists(tmp_path / "x.json")

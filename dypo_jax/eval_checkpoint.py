@@ -1,0 +1,226 @@
+r"""Standalone evaluation of a training checkpoint or a Hugging Face directory: pass@1 and pass@k.
+
+  python -m dypo_jax.eval_checkpoint --workdir=/tmp/dypo_tiny                 # latest step
+  python -m dypo_jax.eval_checkpoint --workdir=/tmp/dypo_tiny --step=50 --num_samples=8 \
+      --pass_ks=1,4,8
+  python -m dypo_jax.eval_checkpoint --workdir=/tmp/dypo_tiny --hf_path=/tmp/dypo_tiny/base_model
+  python -m dypo_jax.eval_checkpoint --hf_path=/ckpt/Qwen2.5-Math-7B --benchmarks=gsm8k,math500 \
+      --template=qwen_chat --max_new_tokens=2048 --out=/tmp/qwen_eval.json
+
+The policy is a checkpoint's (`--workdir`, `--step`; only its parameters are read) or a Hugging
+Face directory (`--hf_path`). The evaluation sets are, by default, the run's own held-out ID and
+OOD pools, rebuilt from the config saved in the checkpoint; `--benchmarks` names real benchmarks
+(`dypo_jax.data.benchmarks`: gsm8k, math500, math with math-verify, arc_challenge with exact
+match of the letter) and
+`--data` record files (JSONL / Parquet). Settings default to the run's `eval` section (or the
+base config's). The result is printed as a table and written as JSON: `--out`, by default
+`<workdir>/eval_checkpoint/step_<N>.json` (or `hf_<folder>.json`); --hf_path without --workdir
+needs --out.
+"""
+import json
+import os
+import sys
+from typing import Any
+
+from absl import app
+from absl import flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir (checkpoints/, config).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_HF_PATH = flags.DEFINE_string("hf_path", None, "Evaluate this Hugging Face directory instead.")
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer", None, "Tokenizer file or folder (default: the run's, or --hf_path's).")
+_BENCHMARKS = flags.DEFINE_list("benchmarks", [], "Real benchmarks to evaluate on.")
+_DATA = flags.DEFINE_list("data", [], "Record files (JSONL / Parquet) to evaluate on.")
+_SPLITS = flags.DEFINE_list("splits", ["eval_id", "eval_ood"],
+                            "The run's own pools to evaluate on when neither --benchmarks nor "
+                            "--data is given.")
+_TEMPLATE = flags.DEFINE_string("template", None, "Prompt template (default: the run's).")
+_REWARD = flags.DEFINE_string("reward", None, "Reward (default: the run's for its pools and "
+                              "--data; per benchmark for --benchmarks).")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Samples per prompt.")
+_TEMPERATURE = flags.DEFINE_float("temperature", None, "Sampling temperature.")
+_TOP_P = flags.DEFINE_float("top_p", None, "Nucleus threshold.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", None, "Response length limit.")
+_MAX_PROMPTS = flags.DEFINE_integer("max_prompts", None, "First N prompts of each set.")
+_PASS_KS = flags.DEFINE_list("pass_ks", None, "The k of pass@k (each <= num_samples).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_OUT = flags.DEFINE_string("out", None, "JSON file to write.")
+
+
+class EvalCheckpointError(ValueError):
+  """A flag, checkpoint or data source that cannot be evaluated (the message names it)."""
+
+
+def _as_config(saved: dict[str, Any]):
+  """The run's saved config (JSON) over the base config: keys it lacks keep their defaults, keys
+  the base config no longer has are ignored (an older run's config still evaluates)."""
+  from dypo_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  tuples = lambda v: tuple(tuples(x) for x in v) if isinstance(v, list) else v
+  config = config_lib.base_config()
+  with config.unlocked():
+    for section, values in saved.items():
+      if section not in config:
+        continue
+      if isinstance(values, dict):
+        for key, value in values.items():
+          if key in config[section]:
+            config[section][key] = tuples(value)
+      else:
+        config[section] = tuples(values)
+  return config
+
+
+def eval_settings(config, *, reward: str, template: str):
+  """EvalSettings from the config's eval section, overridden by the flags that were given."""
+  from dypo_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  e = config.eval
+  pick = lambda flag, default: default if flag.value is None else flag.value
+  num_samples = pick(_NUM_SAMPLES, e.num_samples)
+  pass_ks = tuple(int(k) for k in _PASS_KS.value) if _PASS_KS.value else (
+      tuple(k for k in e.pass_ks if k <= num_samples) or (1,))
+  if num_samples < 1 or any(k < 1 or k > num_samples for k in pass_ks):
+    raise EvalCheckpointError(f"--pass_ks={pass_ks}: each k must lie in [1, --num_samples="
+                              f"{num_samples}]")
+  max_prompts = pick(_MAX_PROMPTS, e.max_prompts)
+  return evaluate_lib.EvalSettings(
+      num_samples=num_samples, temperature=pick(_TEMPERATURE, e.temperature),
+      top_p=pick(_TOP_P, e.top_p), max_new_tokens=pick(_MAX_NEW_TOKENS, e.max_new_tokens),
+      pass_ks=pass_ks, max_prompts=max_prompts, batch_prompts=min(32, max_prompts),
+      reward=reward, template=template)
+
+
+def load_sets(config, workdir: str | None) -> dict[str, tuple[list, str]]:
+  """{set name: (records, reward name)} from --benchmarks, --data or the run's own pools."""
+  from dypo_jax import runtime  # pylint: disable=g-import-not-at-top
+  from dypo_jax.data import benchmarks  # pylint: disable=g-import-not-at-top
+  from dypo_jax.data import records as records_lib  # pylint: disable=g-import-not-at-top
+  sets = {}
+  for name in _BENCHMARKS.value:
+    # ARC's gold is a choice letter: compared exactly; the math sets need math-verify.
+    default = "exact_match" if name == "arc_challenge" else "math_verify"
+    sets[name] = (benchmarks.load_benchmark(name), _REWARD.value or default)
+  for path in _DATA.value:
+    recs, _ = records_lib.read_records(path, on_error="raise")
+    sets[os.path.basename(path)] = (recs, _REWARD.value or config.data.reward)
+  if sets:
+    return sets
+  if config.data.source != "procedural" and not (config.data.eval_id_paths or
+                                                 config.data.eval_ood_paths):
+    raise EvalCheckpointError("no evaluation set: pass --benchmarks or --data (the run has no "
+                              "eval pools)")
+  pools = runtime.build_data(config, workdir or "")
+  for split in _SPLITS.value:
+    if split not in pools:
+      raise EvalCheckpointError(f"--splits: unknown pool {split!r}; allowed: {sorted(pools)}")
+    if pools[split]:
+      sets[split] = (pools[split], _REWARD.value or config.data.reward)
+  if not sets:
+    raise EvalCheckpointError(f"the run's pools {_SPLITS.value} are empty")
+  return sets
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+  keys = sorted({k for r in results.values() for k in r if k.startswith("pass@")},
+                key=lambda k: int(k.split("@")[1]))
+  rows = ["| set | prompts | " + " | ".join(keys) + " | mean response tokens |",
+          "|---|---|" + "---|" * len(keys) + "---|"]
+  for name, r in results.items():
+    cells = " | ".join(f"{100 * r[k]:.1f}%" if k in r else "–" for k in keys)
+    rows.append(f"| {name} | {r['num_prompts']} | {cells} | {r['response_len']:.1f} |")
+  return "\n".join(rows)
+
+
+def run(workdir: str | None, *, step: int | None, hf_path: str | None) -> dict[str, Any]:
+  """Evaluates the chosen policy on the chosen sets; returns the JSON-ready result."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from dypo_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from dypo_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from dypo_jax import models  # pylint: disable=g-import-not-at-top
+  from dypo_jax import restore  # pylint: disable=g-import-not-at-top
+  from dypo_jax import rewards as rewards_lib  # pylint: disable=g-import-not-at-top
+  from dypo_jax import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
+  from dypo_jax import sharding  # pylint: disable=g-import-not-at-top
+  from dypo_jax import tokenizers  # pylint: disable=g-import-not-at-top
+
+  mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+  if hf_path:
+    config = config_lib.base_config()
+    if workdir:  # A run's base model or export: its tokenizer, template and pools still apply.
+      config = _as_config(restore.restore_config(workdir, step=step))
+    model = models.from_pretrained(hf_path, mesh=mesh)
+    source = {"hf_path": os.path.abspath(hf_path)}
+  else:
+    policy = restore.restore_policy(workdir, step=step)
+    config, model = _as_config(policy.config), policy.model
+    source = {"workdir": os.path.abspath(workdir), "step": policy.step}
+
+  if _TOKENIZER.value:
+    kind = "sentencepiece" if _TOKENIZER.value.endswith(".model") else "hf"
+    tok = tokenizers.load_tokenizer(kind, _TOKENIZER.value)
+  elif hf_path and not workdir:
+    tok = tokenizers.load_tokenizer("hf", hf_path)
+  elif config.tokenizer.path:
+    tok = tokenizers.load_tokenizer(config.tokenizer.kind, config.tokenizer.path)
+  else:
+    tok = tokenizers.SentencePieceTokenizer(os.path.join(workdir, "tokenizer", "spm.model"))
+  tokenizers.check_vocab_fits(tok, model.config.vocab_size)
+  if tok.pad_id is None:
+    raise EvalCheckpointError(f"the tokenizer {tok!r} has neither a pad nor an eos token")
+  template = _TEMPLATE.value or config.tokenizer.template
+
+  graphdef, params = nnx.split(model, nnx.Param)
+  buckets = tuple(config.sampler.prompt_buckets) or sampler_lib.DEFAULT_BUCKETS
+  sampler = sampler_lib.Sampler(graphdef, model_config=model.config, pad_id=tok.pad_id,
+                                prompt_buckets=buckets, mesh=mesh,
+                                rules=sharding.DEFAULT_RULES)
+  sets = load_sets(config, workdir)
+  pool = None
+  if any(reward == "math_verify" for _, reward in sets.values()):
+    pool = rewards_lib.MathVerifyPool(num_workers=2)
+  results, settings_json = {}, {}
+  try:
+    for name, (records, reward) in sets.items():
+      settings = eval_settings(config, reward=reward, template=template)
+      summary, _ = evaluate_lib.evaluate(sampler=sampler, params=params, tokenizer=tok,
+                                         records=records, settings=settings,
+                                         rng=jax.random.key(_SEED.value), pool=pool)
+      results[name] = summary
+      settings_json[name] = {k: getattr(settings, k) for k in (
+          "num_samples", "temperature", "top_p", "max_new_tokens", "pass_ks", "reward",
+          "template")}
+      print(f"eval: {name}: " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                          for k, v in summary.items()), flush=True)
+  finally:
+    if pool is not None:
+      pool.close()
+  return {"source": source, "seed": _SEED.value, "settings": settings_json, "results": results}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  workdir, hf_path = _WORKDIR.value, _HF_PATH.value
+  if not workdir and not hf_path:
+    raise app.UsageError("pass --workdir (a training run) or --hf_path (a Hugging Face folder)")
+  if hf_path and not workdir and not _OUT.value:
+    raise app.UsageError("--out is required with --hf_path and no --workdir")
+  try:
+    result = run(workdir, step=_STEP.value, hf_path=hf_path)
+  except (EvalCheckpointError, ValueError, FileNotFoundError) as e:
+    sys.exit(f"eval_checkpoint error: {e}")
+  out = _OUT.value
+  if out is None:
+    name = ("hf_" + os.path.basename(os.path.normpath(hf_path)) if hf_path
+            else f"step_{result['source']['step']}")
+    out = os.path.join(workdir, "eval_checkpoint", name + ".json")
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  from dypo_jax import fileio  # pylint: disable=g-import-not-at-top
+  fileio.atomic_write_bytes(out, json.dumps(result, indent=1).encode("utf-8"))
+  print(format_table(result["results"]), flush=True)
+  print(f"eval_checkpoint: wrote {out}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
