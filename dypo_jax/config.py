@@ -186,7 +186,6 @@ _RULES: dict[str, _Rule] = {
     "data.on_error": _choice("raise", "skip"),
     "data.num_train": _POSITIVE, "data.num_eval_id": _NON_NEGATIVE,
     "data.num_eval_ood": _NON_NEGATIVE,
-    "data.reward": _choice("exact_match", "math_verify"),
     "sampler.max_new_tokens": _POSITIVE, "sampler.temperature": _NON_NEGATIVE,
     "sampler.top_p": _range(0, 1, lo_open=True), "sampler.top_k": _NON_NEGATIVE,
     "rl.method": _choice(*METHODS),
@@ -295,6 +294,13 @@ def _validate_relations(c: ml_collections.ConfigDict) -> None:
                       f"train.micro_batches={t.micro_batches}")
   if c.rl.clip_low >= 1:
     raise ConfigError(f"rl.clip_low={c.rl.clip_low} must be < 1 (the ratio floor 1 - clip_low)")
+  # The reward registry is open (`rewards.register`): a reward registered by the experiment file
+  # before validation is as good as a built-in one.
+  from dypo_jax import rewards  # pylint: disable=g-import-not-at-top  # No JAX: cheap.
+  if c.data.reward not in rewards.REWARDS:
+    raise ConfigError(f"config key 'data.reward' = {c.data.reward!r} is not a registered reward; "
+                      f"expected one of {sorted(rewards.REWARDS)} (or register one with "
+                      f"dypo_jax.rewards.register)")
   if c.data.source == "files" and not c.data.train_path:
     raise ConfigError("data.source='files' needs data.train_path")
   buckets = tuple(c.sampler.prompt_buckets)

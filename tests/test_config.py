@@ -81,6 +81,21 @@ def test_relations_are_checked():
     config_lib.validate(c)
 
 
+def test_reward_must_be_registered_and_a_registered_one_is_accepted():
+  from dypo_jax import rewards  # pylint: disable=g-import-not-at-top
+  c = config_lib.base_config()
+  c.data.reward = "length_bonus"
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"'data.reward' = 'length_bonus' is not a registered reward.*"
+                           r"'exact_match', 'math_verify'"):
+    config_lib.validate(c)
+  rewards.register("length_bonus")(lambda record, response: float(len(response) > 3))
+  try:
+    config_lib.validate(c)  # An experiment file may register its own reward first.
+  finally:
+    del rewards.REWARDS["length_bonus"]
+
+
 def _run_main(*args):
   return subprocess.run([sys.executable, "-m", "dypo_jax.main", *args], capture_output=True,
                         text=True, cwd=_REPO, timeout=300)
