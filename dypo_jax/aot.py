@@ -60,10 +60,10 @@ _CHIPS_PER_HOST = flags.DEFINE_string(
 _WHAT = flags.DEFINE_list("what", list(_PROGRAMS), f"Programs to compile, from {_PROGRAMS}.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 0, "P; 0: the worst case (largest bucket).")
 _ACTIVATION_AXES = flags.DEFINE_string(
-    "activation_axes", "data,fsdp/", "Mesh axes of the residual stream's rows / sequence "
-    "between blocks (Transformer.activation_sharding), e.g. 'data,fsdp/tensor' to split the "
-    "sequence over tensor too; 'none' "
-    "leaves activations to XLA.")
+    "activation_axes", "", "Mesh axes of the residual stream's rows / sequence between blocks "
+    "(Transformer.activation_sharding), e.g. 'data,fsdp/tensor' to split the sequence over "
+    "tensor too; 'none' leaves activations to XLA. Default: what runtime.build_model sets (rows "
+    "over the `batch` rule's axes, sequence whole), so the check compiles a run's program.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,18 +133,16 @@ def usable_hbm_bytes(device) -> int:
 # Abstract inputs.
 
 # How the residual stream [B, T, D] is split between blocks (`Transformer.activation_sharding`):
-# (row axes, sequence axes). Rows over the batch axes, like the update batch. Splitting the
-# sequence over `tensor` too (sequence parallelism, "data,fsdp/tensor") would quarter the saved
-# activations, but XLA's partitioner then needed more than this 23 GB host to compile the 7B step.
-ACTIVATION_AXES = (("data", "fsdp"), ())
+# (row axes, sequence axes), or None to leave activations to XLA. RUN_AXES: what
+# `runtime.build_model` sets, `sharding.activation_axes(rules)` (rows over the `batch` rule's mesh
+# axes, the sequence whole). Splitting the sequence over `tensor` too ("data,fsdp/tensor") made
+# XLA's partitioner need more than this 23 GB host to compile the 7B step.
+RUN_AXES = "run"
 
 
-def activation_sharding(mesh, axes):
-  """NamedSharding of a [B, T, D] activation: B over axes[0], T over axes[1] (mesh axes)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  keep = lambda names: tuple(a for a in names if mesh.shape[a] > 1) or None
-  rows, seq = axes
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(keep(rows), keep(seq), None))
+def _activation_axes(axes, rules):
+  from dypo_jax import sharding  # pylint: disable=g-import-not-at-top
+  return sharding.activation_axes(rules) if axes == RUN_AXES else axes
 
 
 def model_config(config) -> Any:
@@ -171,11 +169,11 @@ _ARCH_FIELDS = ("arch", "vocab_size", "embed_dim", "num_layers", "num_heads", "n
                 "qkv_bias", "qk_norm")
 
 
-def abstract_params(mc, mesh, rules, *, activation_axes=ACTIVATION_AXES):
+def abstract_params(mc, mesh, rules, *, activation_axes=RUN_AXES):
   """(graphdef, Param state of ShapeDtypeStructs sharded by the rules): no weights materialise.
 
   `activation_axes`: (row axes, sequence axes) of the residual stream [B, T, D] between blocks
-  (`Transformer.activation_sharding`, which a run on a multi-chip mesh must set too); None leaves
+  (`Transformer.activation_sharding`); RUN_AXES: as `runtime.build_model` sets them; None leaves
   activations to XLA.
   """
   import jax  # pylint: disable=g-import-not-at-top
@@ -183,8 +181,8 @@ def abstract_params(mc, mesh, rules, *, activation_axes=ACTIVATION_AXES):
   from dypo_jax import models  # pylint: disable=g-import-not-at-top
   from dypo_jax import sharding  # pylint: disable=g-import-not-at-top
   abstract = nnx.eval_shape(lambda: models.Transformer(mc, rngs=nnx.Rngs(0)))
-  if activation_axes:
-    abstract.activation_sharding = activation_sharding(mesh, activation_axes)
+  abstract.activation_sharding = sharding.activation_sharding(
+      mesh, _activation_axes(activation_axes, rules))
   graphdef, state = nnx.split(abstract, nnx.Param)
   shardings = sharding.param_shardings(state, mesh, rules)
   is_var = lambda x: isinstance(x, nnx.Variable)
@@ -247,7 +245,7 @@ def _compile(name: str, shapes: str, lower) -> Report:
 
 
 def compile_train_step(config, mesh, *, prompt_len: int | None = None,
-                       activation_axes=ACTIVATION_AXES) -> Report:
+                       activation_axes=RUN_AXES) -> Report:
   """AOT-compiles the DYPO update the way the Trainer jits it."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -262,12 +260,10 @@ def compile_train_step(config, mesh, *, prompt_len: int | None = None,
   tr, o = config.train, config.optim
   u, k, t = tr.update_prompts, config.rl.num_samples, config.sampler.max_new_tokens
   shapes = f"U={u} K={k} L={p}+{t} micro={tr.micro_batches}"
-  batch_shards = sharding_batch_shards(mesh, rules)
-  per_micro = u // tr.micro_batches
-  if u % tr.micro_batches or per_micro % batch_shards:
-    return Report(name="train", shapes=shapes, error=(
-        f"train.update_prompts / train.micro_batches = {u} / {tr.micro_batches} must be a "
-        f"whole multiple of the {batch_shards} batch shards of the mesh"))
+  error = step_lib.micro_batch_error(items=u, micro_batches=tr.micro_batches, k=k,
+                                     batch_shards=sharding_batch_shards(mesh, rules))
+  if error:  # As the Trainer refuses it.
+    return Report(name="train", shapes=shapes, error=error)
 
   graphdef, params = abstract_params(mc, mesh, rules, activation_axes=activation_axes)
   param_shardings = jax.tree.map(lambda x: x.sharding, params)
@@ -306,13 +302,11 @@ def sharding_batch_shards(mesh, rules) -> int:
   """How many ways the `batch` rule splits a batch on this mesh."""
   import math  # pylint: disable=g-import-not-at-top
   from dypo_jax import sharding  # pylint: disable=g-import-not-at-top
-  spec = sharding.logical_to_spec(("batch",), rules)[0]
-  axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
-  return math.prod(mesh.shape[a] for a in axes)
+  return math.prod(mesh.shape[a] for a in sharding.batch_axes(rules))
 
 
 def compile_generate(config, mesh, *, prompt_len: int | None = None,
-                     activation_axes=ACTIVATION_AXES) -> Report:
+                     activation_axes=RUN_AXES) -> Report:
   """AOT-compiles the sampler's jitted generate (prefill + decode loop) for one rollout round."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from dypo_jax import runtime  # pylint: disable=g-import-not-at-top
@@ -348,7 +342,7 @@ _COMPILERS = {"train": compile_train_step, "generate": compile_generate}
 
 def compile_programs(config, mesh, what: Sequence[str] = _PROGRAMS, *,
                      prompt_len: int | None = None,
-                     activation_axes=ACTIVATION_AXES) -> list[Report]:
+                     activation_axes=RUN_AXES) -> list[Report]:
   unknown = [w for w in what if w not in _COMPILERS]
   if unknown:
     raise ValueError(f"--what: unknown programs {unknown}; allowed: {_PROGRAMS}")
@@ -417,15 +411,17 @@ def main(argv):
   mesh = sharding.make_mesh({a: config.mesh[a] for a in sharding.MESH_AXES}, devices)
   hbm = usable_hbm_bytes(devices[0])
   mc = model_config(config)
-  axes = None
-  if _ACTIVATION_AXES.value != "none":
+  axes = _activation_axes(RUN_AXES, runtime.mesh_rules(config))
+  if _ACTIVATION_AXES.value == "none":
+    axes = None
+  elif _ACTIVATION_AXES.value:
     rows, _, seq = _ACTIVATION_AXES.value.partition("/")
     axes = tuple(tuple(a for a in part.split(",") if a) for part in (rows, seq))
   header = (f"{topology}: {len(devices)} x {devices[0].device_kind}, mesh "
             + ", ".join(f"{a}={n}" for a, n in mesh.shape.items())
             + f"; {mc.arch} {mc.num_layers}x{mc.embed_dim} params={mc.num_params / 1e9:.2f}B "
             f"{mc.param_dtype}/{mc.dtype} remat={mc.remat} attention_chunk={mc.attention_chunk} "
-            f"activation rows over {axes}; rules {runtime.mesh_rules(config)}")
+            f"activation (rows, sequence) over {axes}; rules {runtime.mesh_rules(config)}")
   reports = compile_programs(config, mesh, _WHAT.value, prompt_len=_PROMPT_LEN.value or None,
                              activation_axes=axes)
   print(format_table(reports, hbm_bytes=hbm, header=header), flush=True)

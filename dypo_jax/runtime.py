@@ -107,7 +107,13 @@ def model_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
 
 def build_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                 tokenizer: tokenizers.Tokenizer | None = None) -> models.Transformer:
-  """A sharded model: fresh weights, or a Hugging Face checkpoint."""
+  """A sharded model: fresh weights, or a Hugging Face checkpoint.
+
+  On a multi-device mesh the residual stream is pinned to the batch sharding
+  (`Transformer.activation_sharding`, `sharding.activation_sharding`), exactly as
+  `python -m dypo_jax.aot` compiles it, so a run builds the program whose memory that check proved.
+  On one device nothing is pinned.
+  """
   m = config.model
   rules = mesh_rules(config)
   if m.init == "hf":
@@ -120,6 +126,7 @@ def build_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     mc = model_config(config)
     model = sharding.create_sharded(lambda: models.Transformer(mc, rngs=nnx.Rngs(config.seed)),
                                     mesh, rules)
+  model.activation_sharding = sharding.activation_sharding(mesh, sharding.activation_axes(rules))
   if tokenizer is not None:
     tokenizers.check_vocab_fits(tokenizer, model.config.vocab_size)
   return model

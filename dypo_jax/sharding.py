@@ -127,6 +127,44 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules, ndim: int) -> NamedSha
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
 
 
+ActivationAxes = tuple[tuple[str, ...], tuple[str, ...]]
+
+
+def batch_axes(rules: Rules) -> tuple[str, ...]:
+  """The mesh axes the `batch` rule splits a batch over, e.g. ("data", "fsdp")."""
+  spec = logical_to_spec(("batch",), rules)[0]
+  return (spec,) if isinstance(spec, str) else tuple(spec or ())
+
+
+def activation_axes(rules: Rules) -> ActivationAxes:
+  """(row axes, sequence axes) of the residual stream [B, T, D] between blocks, by default.
+
+  Rows go over the `batch` rule's mesh axes (the update batch's rows, flattened from [U, K], and
+  the sampler's prompts are split the same way); the sequence stays whole.
+  """
+  return batch_axes(rules), ()
+
+
+def activation_sharding(mesh: jax.sharding.Mesh,
+                        axes: ActivationAxes | None) -> NamedSharding | None:
+  """NamedSharding of a [B, T, D] activation: B over axes[0], T over axes[1] (mesh axes).
+
+  This is `Transformer.activation_sharding`: the model pins its residual stream (and its token,
+  position and mask inputs) to it, so every chip computes on its own rows only. Without it XLA
+  may shard activations like the FSDP parameters (on D) and hold every row on every chip. None
+  (nothing pinned) for `axes=None` and on a single device, where a pin would change nothing.
+  """
+  if axes is None or mesh.devices.size == 1:
+    return None
+  unknown = [a for part in axes for a in part if a not in mesh.shape]
+  if unknown:
+    raise ValueError(f"activation axes {unknown} are not mesh axes; mesh axes: "
+                     f"{tuple(mesh.shape)}")
+  keep = lambda names: tuple(a for a in names if mesh.shape[a] > 1) or None
+  rows, seq = axes
+  return NamedSharding(mesh, P(keep(rows), keep(seq), None))
+
+
 def sharding_report(model: nnx.Module) -> list[str]:
   """One line per parameter: path, shape, dtype, logical axes, PartitionSpec actually held."""
   lines = []

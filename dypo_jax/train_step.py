@@ -18,8 +18,13 @@ in a few buckets (the trainer picks the smallest that holds the batch), so an al
 not pay for the rows an all-Mid batch needs.
 Micro-batches are a `lax.scan` over strided slices of U; every loss divides by a denominator computed
 over the whole batch first, so the summed micro-batch losses and gradients equal the big batch's.
+The model runs on a micro-batch's rows flattened to [U/M * K, L] and split over the batch shards
+(`Transformer.activation_sharding`), so a micro-batch may hold fewer items than there are shards as
+long as its rows divide evenly (`micro_batch_error`): one item of K = 8 rows on 8 chips is one
+row a chip, not one chip holding all 8 rows.
 """
 import dataclasses
+import math
 from typing import Any
 
 import flax
@@ -66,6 +71,41 @@ class StepConfig:
   pallas_interpret: bool
   use_gal: bool  # Static: skip GAL's work in methods that never weight it.
   per_term_grad_norms: bool  # One backward per term (3x backward cost) for the §5 metrics.
+
+
+def micro_batch_error(*, items: int, micro_batches: int, k: int, batch_shards: int) -> str | None:
+  """Why an update batch of `items` slots cannot be split as asked on the mesh, or None.
+
+  The batch [items, K, L] is placed with its items over the batch shards, and each of the
+  `micro_batches` micro-batches runs on its items * K rows split over the same shards.
+  """
+  if items % micro_batches:
+    return (f"train.update_prompts={items} must be a multiple of "
+            f"train.micro_batches={micro_batches}")
+  if items % batch_shards:
+    return (f"train.update_prompts={items} must be a multiple of the {batch_shards} batch "
+            f"shards of the mesh (the update batch's items are split over them)")
+  rows = items // micro_batches * k
+  if rows % batch_shards:
+    return (f"a micro-batch holds train.update_prompts / train.micro_batches * K = {items} / "
+            f"{micro_batches} * {k} = {rows} rows, which must be a multiple of the "
+            f"{batch_shards} batch shards of the mesh")
+  return None
+
+
+def slot_buckets(*, update_prompts: int, micro_batches: int, k: int,
+                 batch_shards: int) -> list[int]:
+  """The update batch's slot counts: a quarter, half or all of update_prompts, rounded up.
+
+  Each is the smallest multiple of the quantum that micro-batches and batch shards allow (see
+  `micro_batch_error`), so packed Hard items need not fill a batch sized for Mid groups.
+  """
+  # A bucket is micro_batches * j slots, with j * K rows and micro_batches * j slots both
+  # dividing over the batch shards.
+  j = math.lcm(batch_shards // math.gcd(batch_shards, k),
+               batch_shards // math.gcd(batch_shards, micro_batches))
+  quantum = micro_batches * j
+  return sorted({-(-max(update_prompts * f // 4, 1) // quantum) * quantum for f in (1, 2, 4)})
 
 
 def make_optimizer(*, learning_rate: float, schedule: str, warmup_steps: int, total_steps: int,
@@ -208,8 +248,9 @@ def build_train_step(graphdef, cfg: StepConfig, tx: optax.GradientTransformation
     denoms = _denominators(batch, cfg)
     weights = batch["weights"].astype(jnp.float32)
     # Micro-batch j holds items j, j + M, j + 2M, ... (M = micro_batches): a strided split keeps
-    # each micro-batch spread over the batch shards like U itself. A contiguous split would put
-    # each micro-batch on one shard, and every chip would then compute on all of its rows.
+    # each micro-batch spread over the batch shards like U itself when it holds at least one item
+    # per shard (a contiguous split would put it on one shard). With fewer, its flattened rows
+    # are split over the shards inside the model (`_loss_terms`, activation_sharding).
     mbs = jax.tree.map(
         lambda x: jnp.swapaxes(
             x.reshape((x.shape[0] // cfg.micro_batches, cfg.micro_batches) + x.shape[1:]), 0, 1),
@@ -220,7 +261,12 @@ def build_train_step(graphdef, cfg: StepConfig, tx: optax.GradientTransformation
         return _loss_terms(p, ref_params, graphdef, mb, denoms, cfg)
       terms, vjp_fn, metrics = jax.vjp(terms_fn, state.params, has_aux=True)
       if cfg.per_term_grad_norms:
-        per_term = jax.vmap(vjp_fn)(jnp.eye(len(TERMS), dtype=terms.dtype))[0]
+        # One VJP per term, not `jax.vmap(vjp_fn)(eye)`: under jit (jax 0.10.2, XLA:CPU) the
+        # vmapped VJP of the transformer returned wrong gradients for rows > 0 once the batch
+        # had ~128 rows (a zero cotangent gave a non-zero gradient; BUILD_NOTES.md, traps).
+        unit = jnp.eye(len(TERMS), dtype=terms.dtype)
+        per_term = [vjp_fn(unit[i])[0] for i in range(len(TERMS))]
+        per_term = jax.tree.map(lambda *g: jnp.stack(g), *per_term)
         grads = jax.tree.map(lambda g: jnp.tensordot(weights, g, axes=1), per_term)
       else:
         per_term = None

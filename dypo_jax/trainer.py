@@ -186,20 +186,18 @@ class Trainer:
     # The frozen reference: a copy of the starting policy (never donated, never updated).
     self.ref_params = jax.tree.map(jnp.copy, params)
 
-    batch_shards = self.sampler.batch_shards
-    per_micro = tr.update_prompts // tr.micro_batches
-    if per_micro % batch_shards:
-      raise ValueError(f"train.update_prompts / train.micro_batches = {per_micro} must be a "
-                       f"multiple of the {batch_shards} batch shards of the mesh")
+    split = dict(micro_batches=tr.micro_batches, k=self.k,
+                 batch_shards=self.sampler.batch_shards)
+    error = step_lib.micro_batch_error(items=tr.update_prompts, **split)
+    if error:
+      raise ValueError(error)
     step_cfg = step_config(config, prompt_len=self.prompt_len,
                            num_teachers=len(self.teacher_names))
     self.step_cfg = step_cfg
     # Update batches come in up to three slot counts (a quarter, half or all of update_prompts,
     # rounded up to what micro-batches and batch shards divide), so packed Hard items need not
     # fill a batch sized for Mid groups; each size compiles once.
-    quantum = tr.micro_batches * batch_shards
-    self.slot_buckets = sorted({-(-max(tr.update_prompts * f // 4, 1) // quantum) * quantum
-                                for f in (1, 2, 4)})
+    self.slot_buckets = step_lib.slot_buckets(update_prompts=tr.update_prompts, **split)
     shapes = step_lib.batch_spec_shapes(items=tr.update_prompts, k=self.k,
                                         prompt_len=self.prompt_len, max_len=self.max_len)
     self.batch_shardings = {

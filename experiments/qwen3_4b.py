@@ -8,7 +8,15 @@ r"""DYPO on Qwen3-4B with the paper's method settings (DYPO.md §3), on a TPU v4
 
 Same method as experiments/tpu_v4.py (k = 8, 8,192-token responses, lr 1e-6, α = 0.5, β_GAL = 1,
 γ = 1, β_KL = 0.001 k3, bfloat16 compute over float32 parameters); the model is Qwen3-4B (tied
-embeddings, q/k norms, 8 KV heads) on 8 v4 chips: fsdp 4 x tensor 2.
+embeddings, q/k norms, 8 KV heads) on 8 v4 chips.
+
+Memory (per chip of 8, 30.75 GiB usable; `python -m dypo_jax.aot` prints the compiler's numbers):
+float32 parameters, Adam moments and the reference take 7.5 GiB a chip before any activation, so
+the update needs one row of 9,215 tokens a chip: pure FSDP over the 8 chips (fsdp 8 x tensor 1),
+32 micro-batches of one item (8 rows, one a chip), attention in 512-token blocks: 28.95 GiB
+(94%). fsdp 4 x tensor 2 puts 2 rows on a chip (34.9 GiB, no fit), and 8 micro-batches 8 rows
+(38.5 GiB of temporaries). Rollouts: 8 prompts x 8 samples a sampler call, 16.4 GiB (the KV cache
+of 32 prompts needs 44.6 GiB).
 """
 import os
 
@@ -47,10 +55,12 @@ def get_config(variant: str = ""):
   c.model.update(base.model_fields(QWEN3_4B,
                                    max_seq_len=base.PROMPT_BUCKETS[-1] + base.RESPONSE_LEN))
   c.model.update(dict(init="hf", hf_path=HF_PATH))
-  c.mesh.update(dict(data=1, fsdp=4, tensor=2))
+  c.model.update(dict(attention_chunk=512))
+  c.mesh.update(dict(data=1, fsdp=8, tensor=1))
   c.tokenizer.update(dict(kind="hf", path=HF_PATH, template="qwen3_chat"))
-  # Rollouts: 8 prompts x 8 samples; the [64, 9216] KV cache is 11 GiB a chip (32 prompts: 44).
-  c.train.update(dict(rollout_prompts=8, update_prompts=32, micro_batches=8))
+  # Rollouts: 8 prompts x 8 samples a sampler call (32 prompts: 44.6 GiB a chip). The update:
+  # micro-batches of one item, whose 8 rows are split one a chip over the 8 fsdp shards.
+  c.train.update(dict(rollout_prompts=8, update_prompts=32, micro_batches=32))
   return c
 
 

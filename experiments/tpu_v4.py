@@ -12,9 +12,11 @@ weights, so bfloat16 master weights would silently not train.
 
 Memory (per chip of 32, 30.75 GiB usable; `python -m dypo_jax.aot` prints the compiler's numbers):
 fsdp 8 x tensor 4, every block rematerialised, attention and MLP in 1,024-token blocks, the
-residual stream pinned to the batch sharding, micro-batches of one item (8 rows) per fsdp shard.
-The rollout program fits; the update does not yet (35 GiB of temporaries at 8,192-token
-responses; see BUILD_NOTES.md for what remains). Placeholder paths are set on the command line.
+residual stream pinned to the batch sharding (`runtime.build_model` sets it as the AOT check
+does). The update runs 32 micro-batches of 2 items = 16 rows, split by row over the 8 fsdp
+shards: 2 rows of 9,215 tokens a chip, 21.5 GiB in all. (8 micro-batches of 8 items put 8 rows on
+each chip: 35 GiB of temporaries, no fit; 64 micro-batches of one item: 14.6 GiB.) Both programs
+fit; see BUILD_NOTES.md. Placeholder paths are set on the command line.
 """
 from dypo_jax import config as config_lib
 from dypo_jax.models import hf
@@ -66,7 +68,7 @@ def get_config(variant: str = ""):
   c.rl.update(dict(method="dypo", num_samples=8, alpha=0.5, beta_gal=1.0, sft_loss_coef=1.0,
                    kl_coef=0.001, kl_estimator="k3"))
   c.optim.update(dict(learning_rate=1e-6, schedule="constant", grad_clip=1.0))
-  c.train.update(dict(num_steps=500, rollout_prompts=64, update_prompts=64, micro_batches=8,
+  c.train.update(dict(num_steps=500, rollout_prompts=64, update_prompts=64, micro_batches=32,
                       per_term_grad_norms=False, log_every=1, checkpoint_every=20,
                       eval_every=50))
   c.eval.update(dict(num_samples=8, temperature=0.6, max_new_tokens=RESPONSE_LEN, pass_ks=(1, 8),

@@ -53,6 +53,37 @@ def test_sharded_forward_equals_single_device_and_specs_follow_rules(fake_device
   assert "OK" in out
 
 
+def test_activation_sharding_follows_the_batch_rule_and_is_off_on_one_device():
+  rules = sharding.DEFAULT_RULES
+  assert sharding.activation_axes(rules) == (("data", "fsdp"), ())
+  one = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
+  assert sharding.activation_sharding(one, sharding.activation_axes(rules)) is None
+  assert sharding.activation_sharding(one, None) is None
+
+
+def test_build_model_sets_the_activation_sharding_aot_compiles(fake_devices):
+  out = fake_devices("""
+    from dypo_jax import aot, config as config_lib, runtime, sharding
+    c = config_lib.load_experiment("experiments/cpu_tiny.py", "quick")
+    c.mesh.update(dict(data=2, fsdp=2, tensor=2))
+    mesh = runtime.build_mesh(c.mesh)
+    model = runtime.build_model(c, mesh)
+    rules = runtime.mesh_rules(c)
+    expected = aot.abstract_params(runtime.model_config(c), mesh, rules)[0]
+    assert model.activation_sharding is not None
+    assert tuple(model.activation_sharding.spec) == (("data", "fsdp"), None, None)
+    abstract = sharding.activation_sharding(mesh, sharding.activation_axes(rules))
+    assert model.activation_sharding == abstract
+    # The graph a run jits carries the same sharding as the one dypo_jax.aot compiles.
+    from flax import nnx
+    assert nnx.split(model, nnx.Param)[0] == expected, "graphdefs differ"
+    one = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, mesh.devices.flat[:1])
+    assert runtime.build_model(c, one).activation_sharding is None
+    print("OK")
+  """)
+  assert "OK" in out
+
+
 @pytest.mark.slow
 def test_main_summary_builds_mesh_tokenizer_model_and_exits(tmp_path):
   proc = subprocess.run(

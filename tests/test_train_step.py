@@ -5,6 +5,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from dypo_jax import models
@@ -129,6 +130,33 @@ def test_step_compiles_once_over_a_run():
   assert len(traces) == 1
 
 
+def sharded_run(mesh, *, activation_sharding: bool, **cfg_overrides):
+  """`run_step` on `mesh`: params, reference and batch placed by the default rules (and, if
+  asked, the model's residual stream pinned as `runtime.build_model` pins it). Returns
+  (new state, metrics on the host)."""
+  from dypo_jax import sharding  # pylint: disable=g-import-not-at-top
+  rules = sharding.DEFAULT_RULES
+  batch = make_batch()
+  graphdef, state, ref, tx, sched = make_state()
+  model = nnx.merge(graphdef, state.params)
+  if activation_sharding:
+    model.activation_sharding = sharding.activation_sharding(
+        mesh, sharding.activation_axes(rules))
+  graphdef = nnx.split(model, nnx.Param)[0]
+  shardings = sharding.param_shardings(nnx.state(model, nnx.Param), mesh, rules)
+  params = jax.device_put(state.params, shardings)
+  ref = jax.device_put(ref, shardings)
+  state = step_lib.TrainState(step=state.step, params=params, opt_state=tx.init(params),
+                              nonfinite_skipped=state.nonfinite_skipped)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  dbatch = {k: jax.device_put(v, replicated if k == "weights"
+                              else sharding.batch_sharding(mesh, rules, v.ndim))
+            for k, v in batch.items()}
+  fn = jax.jit(step_lib.build_train_step(graphdef, step_config(**cfg_overrides), tx, sched))
+  new_state, metrics = fn(state, ref, dbatch, jax.random.key(0))
+  return new_state, jax.device_get(metrics)
+
+
 def test_sharded_step_equals_single_device(fake_devices):
   out = fake_devices("""
     import jax, numpy as np
@@ -139,23 +167,70 @@ def test_sharded_step_equals_single_device(fake_devices):
     batch = t.make_batch()
     _, single = t.run_step(t.step_config(), batch)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    rules = sharding.DEFAULT_RULES
-    graphdef, state, ref, tx, sched = t.make_state()
-    shardings = sharding.param_shardings(nnx.state(nnx.merge(graphdef, state.params)), mesh, rules)
-    params = jax.device_put(state.params, shardings)
-    ref = jax.device_put(ref, shardings)
-    state = step_lib.TrainState(step=state.step, params=params, opt_state=tx.init(params),
-                                nonfinite_skipped=state.nonfinite_skipped)
-    batch_sh = {k: (sharding.batch_sharding(mesh, rules, v.ndim) if k != "weights" else
-                    jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-                for k, v in batch.items()}
-    dbatch = {k: jax.device_put(v, batch_sh[k]) for k, v in batch.items()}
-    fn = jax.jit(step_lib.build_train_step(graphdef, t.step_config(), tx, sched))
-    new_state, sharded = fn(state, ref, dbatch, jax.random.key(0))
-    sharded = jax.device_get(sharded)
+    new_state, sharded = t.sharded_run(mesh, activation_sharding=False)
     for k in ("loss/total", "grad/norm", "loss/gal", "policy/kl"):
       np.testing.assert_allclose(sharded[k], single[k], rtol=1e-5, atol=1e-6, err_msg=k)
     spec = new_state.params["blocks"][0]["attn"]["q_proj"].value.sharding.spec
     print("OK", spec)
   """)
   assert "OK" in out and "fsdp" in out
+
+
+def test_micro_batch_rows_may_be_fewer_items_than_batch_shards():
+  # 8 shards: a micro-batch of one item is fine when its K = 8 rows divide over them.
+  assert step_lib.micro_batch_error(items=64, micro_batches=64, k=8, batch_shards=8) is None
+  assert step_lib.slot_buckets(update_prompts=64, micro_batches=64, k=8, batch_shards=8) == [64]
+  assert step_lib.slot_buckets(update_prompts=64, micro_batches=16, k=8,
+                               batch_shards=8) == [16, 32, 64]
+  assert step_lib.slot_buckets(update_prompts=64, micro_batches=8, k=8,
+                               batch_shards=8) == [16, 32, 64]
+  assert "12 rows, which must be a multiple of the 8" in step_lib.micro_batch_error(
+      items=16, micro_batches=4, k=3, batch_shards=8)
+  assert "multiple of the 8 batch shards" in step_lib.micro_batch_error(
+      items=4, micro_batches=4, k=8, batch_shards=8)
+  assert "multiple of train.micro_batches=3" in step_lib.micro_batch_error(
+      items=8, micro_batches=3, k=8, batch_shards=1)
+  for u, m, k, s in ((32, 4, 8, 8), (24, 2, 4, 4), (8, 1, 8, 2), (64, 32, 8, 8)):
+    for b in step_lib.slot_buckets(update_prompts=u, micro_batches=m, k=k, batch_shards=s):
+      assert step_lib.micro_batch_error(items=b, micro_batches=m, k=k, batch_shards=s) is None
+
+
+def test_one_item_micro_batches_split_by_rows_equal_single_device(fake_devices):
+  # 4 batch shards (fsdp) x tensor 2; micro-batches of one item, whose K = 4 rows are split over
+  # the 4 shards by the model's activation sharding (as runtime.build_model sets it).
+  out = fake_devices("""
+    import jax, numpy as np
+    from flax import nnx
+    from dypo_jax import sharding
+    import tests.test_train_step as t
+    from dypo_jax import train_step as step_lib
+    batch = t.make_batch()
+    _, single = t.run_step(t.step_config(), batch)
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+    assert step_lib.micro_batch_error(items=t._U, micro_batches=t._U, k=t._K,
+                                      batch_shards=4) is None
+    assert tuple(sharding.activation_sharding(
+        mesh, sharding.activation_axes(sharding.DEFAULT_RULES)).spec) == ("fsdp", None, None)
+    new_state, sharded = t.sharded_run(mesh, activation_sharding=True, micro_batches=t._U)
+    for k in ("loss/total", "loss/sft", "loss/grpo", "loss/gal", "grad/norm", "policy/kl",
+              "policy/entropy", "grad/norm_gal"):
+      np.testing.assert_allclose(sharded[k], single[k], rtol=2e-5, atol=1e-6, err_msg=k)
+    spec = new_state.params["blocks"][0]["attn"]["q_proj"].value.sharding.spec
+    print("OK", spec)
+  """)
+  assert "OK" in out and "fsdp" in out
+
+
+def test_per_term_grad_norms_equal_each_terms_own_gradient_on_a_large_batch():
+  # 128 rows: at this size jax 0.10.2 miscompiled `jax.vmap` over the step's VJP under jit (a
+  # zero cotangent gave a non-zero gradient), so the step takes one VJP per term instead.
+  tiled = {k: (v if k == "weights" else np.concatenate([v] * 8)) for k, v in make_batch().items()}
+  cfg = step_config()
+  graphdef, state, ref, _, _ = make_state()
+  _, got = run_step(cfg, tiled)
+  denoms = step_lib._denominators(tiled, cfg)  # pylint: disable=protected-access
+  mb = {k: jnp.asarray(v) for k, v in tiled.items() if k != "weights"}
+  for i, name in enumerate(step_lib.TERMS):
+    term = lambda p, i=i: step_lib._loss_terms(p, ref, graphdef, mb, denoms, cfg)[0][i]  # pylint: disable=protected-access
+    want = optax.global_norm(jax.jit(jax.grad(term))(state.params))
+    np.testing.assert_allclose(got[f"grad/norm_{name}"], want, rtol=1e-5, err_msg=name)

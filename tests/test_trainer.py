@@ -7,8 +7,7 @@ import pytest
 
 from dypo_jax import config as config_lib
 from dypo_jax import metrics as metrics_lib
-from dypo_jax import runtime
-from dypo_jax import trainer as trainer_lib
+import tiny_runs
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _METHODS = ("sft", "grpo", "sft_then_rl", "luffy", "ladder_rl", "ladder_grading", "dypo")
@@ -35,20 +34,11 @@ def tiny_config(method: str = "dypo", **train):
   return c
 
 
-def build(config, workdir):
-  mesh = runtime.build_mesh(config.mesh)
-  pools = runtime.build_data(config, workdir)
-  tok = runtime.build_tokenizer(config, workdir, pools)
-  model = runtime.build_model(config, mesh, tok)
-  return trainer_lib.Trainer(config, workdir=workdir, mesh=mesh, tokenizer=tok, model=model,
-                             pools=pools)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", _METHODS)
 def test_every_method_runs_and_logs(method, tmp_path):
   config = tiny_config(method)
-  trainer = build(config, str(tmp_path))
+  trainer = tiny_runs.build_trainer(config, str(tmp_path))
   trainer.run()
   records = metrics_lib.read_jsonl(str(tmp_path / "metrics.jsonl"))
   assert [r["step"] for r in records] == [1, 2, 3]
@@ -76,11 +66,11 @@ def test_queues_and_position_survive_save_and_restore(tmp_path):
   # Rollouts of 12 prompts against updates of 8: items stay queued across the checkpoint.
   config = tiny_config("dypo", num_steps=2, rollout_prompts=12, update_prompts=8,
                        checkpoint_every=1)
-  first = build(config, str(tmp_path))
+  first = tiny_runs.build_trainer(config, str(tmp_path))
   first.run()
   assert len(first.queues) > 0
   saved_queue = first.queues.to_bytes()
-  resumed = build(config, str(tmp_path))
+  resumed = tiny_runs.build_trainer(config, str(tmp_path))
   assert resumed.restore(
       __import__("dypo_jax.checkpoint", fromlist=["x"]).Checkpointer(
           os.path.join(str(tmp_path), "checkpoints"), keep=3))
@@ -100,7 +90,7 @@ def test_dypo_raises_reward_on_a_handful_of_prompts(tmp_path):
   config.model.update(dict(embed_dim=64, num_heads=4, num_kv_heads=2, mlp_dim=128))
   config.optim.learning_rate = 3e-3
   config.sampler.max_new_tokens = 80  # Whole teacher traces fit (truncated ones are no target).
-  trainer = build(config, str(tmp_path))
+  trainer = tiny_runs.build_trainer(config, str(tmp_path))
   trainer.run()
   records = metrics_lib.read_jsonl(str(tmp_path / "metrics.jsonl"))
   early = np.mean([r["reward/binary"] for r in records[:20]])

@@ -344,8 +344,9 @@ class Transformer(nnx.Module):
       self.lm_head = _param(rngs, (c.embed_dim, c.vocab_size), ("embed", "vocab"),
                             c.param_dtype, c.init_std)
     # Sharding of the residual stream [B, T, D] between blocks (None: XLA chooses). Whoever places
-    # the model on a mesh sets it (`sharding.batch_sharding(mesh, rules, 3)`); without it XLA may
-    # shard activations like the FSDP parameters (on D) and hold every row on every chip.
+    # the model on a mesh sets it (`runtime.build_model` and `dypo_jax.aot`, both through
+    # `sharding.activation_sharding`); without it XLA may shard activations like the FSDP
+    # parameters (on D) and hold every row on every chip.
     self.activation_sharding = None
 
   def lm_head_kernel(self) -> jax.Array:
@@ -380,6 +381,16 @@ class Transformer(nnx.Module):
     pin = lambda h: h
     if self.activation_sharding is not None:
       pin = lambda h: jax.lax.with_sharding_constraint(h, self.activation_sharding)
+      # The inputs' rows (and sequence) are split like the residual stream's, so no chip builds
+      # the [B, T, S] mask or positions of rows it does not compute. A row count that the mesh
+      # axes do not divide (a small evaluation batch) is left to XLA.
+      sharding = self.activation_sharding
+      rows, seq = sharding.spec[0], sharding.spec[1]
+      split = lambda x, spec: jax.lax.with_sharding_constraint(
+          x, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec)))
+      tokens = split(tokens, (rows, seq))
+      positions = split(positions, (rows, seq))
+      attention_mask = split(attention_mask, (rows, seq, None))
     x = pin(self.embedding.value.astype(c.dtype)[tokens])  # [B, T, D]
     end_index = cache.end_index if cache is not None else None
     new_k, new_v = [], []
