@@ -24,6 +24,7 @@ from typing import Any
 
 from absl import app
 from absl import flags
+from absl import logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir (checkpoints/, config).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -120,6 +121,18 @@ def load_sets(config, workdir: str | None) -> dict[str, tuple[list, str]]:
   return sets
 
 
+def _check_prompt_lengths(name: str, records, tok, template: str, *, room: int) -> None:
+  """Names the first record whose prompt leaves no room for the response, before sampling."""
+  from dypo_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  for i, rec in enumerate(records):
+    n = len(evaluate_lib.encode_prompt(tok, rec, template))
+    if n > room:
+      raise EvalCheckpointError(
+          f"{name}: record {i} ({rec.uid!r}) has a {n}-token prompt; the model's context leaves "
+          f"{room} tokens for prompts at --max_new_tokens (pass a smaller --max_new_tokens or "
+          f"--max_prompts, or a model with a longer context)")
+
+
 def format_table(results: dict[str, dict[str, float]]) -> str:
   keys = sorted({k for r in results.values() for k in r if k.startswith("pass@")},
                 key=lambda k: int(k.split("@")[1]))
@@ -183,6 +196,8 @@ def run(workdir: str | None, *, step: int | None, hf_path: str | None) -> dict[s
   try:
     for name, (records, reward) in sets.items():
       settings = eval_settings(config, reward=reward, template=template)
+      _check_prompt_lengths(name, records[:settings.max_prompts], tok, template,
+                            room=model.config.max_seq_len - settings.max_new_tokens)
       summary, _ = evaluate_lib.evaluate(sampler=sampler, params=params, tokenizer=tok,
                                          records=records, settings=settings,
                                          rng=jax.random.key(_SEED.value), pool=pool)
@@ -223,4 +238,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every restore step at INFO.
   app.run(main)

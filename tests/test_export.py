@@ -177,6 +177,13 @@ def test_eval_checkpoint_bad_input_is_named(trained_workdir, tmp_path):
                           f"--out={tmp_path / 'x.json'}")
   assert proc.returncode != 0
   assert "--pass_ks=(4,): each k must lie in [1, --num_samples=2]" in proc.stderr
+  long = tmp_path / "long.jsonl"
+  long.write_text(json.dumps({"uid": "long-1", "prompt": "1+" * 200 + "1=?", "answer": "201",
+                              "source": "add"}) + "\n")
+  proc = _eval_checkpoint(f"--workdir={trained_workdir}", f"--data={long}",
+                          f"--out={tmp_path / 'x.json'}")
+  assert proc.returncode != 0
+  assert "long.jsonl: record 0 ('long-1') has a" in proc.stderr, proc.stderr[-2000:]
   proc = _eval_checkpoint(f"--workdir={tmp_path / 'nowhere'}")
   assert proc.returncode != 0 and "no checkpoint directory" in proc.stderr
   assert not os.path.exists(tmp_path / "x.json")
