@@ -12,10 +12,10 @@ response right-padded to T):
   teacher_id  [U, K] int32      index of an SFT row's teacher, -1 elsewhere
   weights     [3] f32           (w_sft, w_grpo, w_gal) of DYPO.md §1's decision, set per batch
 
-Hard items are packed K to a slot, one teacher trace per row; a Mid item holds its K rollouts;
-LUFFY-style mixing holds K-1 rollouts and the teacher trace as an off-policy row. U itself comes
-in a few buckets (the trainer picks the smallest that holds the batch), so an all-Hard batch does
-not pay for the rows an all-Mid batch needs.
+`layout_batch` builds it from queued items: Hard items are packed K to a slot, one teacher trace
+per row; a Mid item holds its K rollouts; LUFFY-style mixing holds K-1 rollouts and the teacher
+trace as an off-policy row. U itself comes in a few buckets (the smallest that holds the batch is
+used), so an all-Hard batch does not pay for the rows an all-Mid batch needs.
 Micro-batches are a `lax.scan` over strided slices of U; every loss divides by a denominator computed
 over the whole batch first, so the summed micro-batch losses and gradients equal the big batch's.
 The model runs on a micro-batch's rows flattened to [U/M * K, L] and split over the batch shards
@@ -23,6 +23,7 @@ The model runs on a micro-batch's rows flattened to [U/M * K, L] and split over 
 long as its rows divide evenly (`micro_batch_error`): one item of K = 8 rows on 8 chips is one
 row a chip, not one chip holding all 8 rows.
 """
+from collections.abc import Sequence
 import dataclasses
 import math
 from typing import Any
@@ -31,6 +32,7 @@ import flax
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dypo_jax import losses
@@ -329,6 +331,54 @@ def build_train_step(graphdef, cfg: StepConfig, tx: optax.GradientTransformation
     return new_state, metrics
 
   return step_fn
+
+
+def layout_batch(hard: Sequence[Any], mid: Sequence[Any], *, slot_buckets: Sequence[int], k: int,
+                 prompt_len: int, max_len: int, pad_id: int,
+                 teacher_index: dict[str, int]) -> tuple[dict[str, np.ndarray], int]:
+  """Lays queued Hard and Mid items (`queues.HardItem`, `MidItem`) out as a host update batch.
+
+  Hard items are packed K to a slot (one teacher trace a row), then one slot per Mid item (its
+  rollouts, and a LUFFY-style teacher row last when it carries one); U is the smallest of
+  `slot_buckets` that holds them. `weights` is left zero for the caller. Returns (batch, the
+  number of Mid items with an off-policy teacher row).
+  """
+  p, t = prompt_len, max_len
+  hard_slots = -(-len(hard) // k)
+  u = next(b for b in slot_buckets if b >= hard_slots + len(mid))
+  shapes = batch_spec_shapes(items=u, k=k, prompt_len=p, max_len=t)
+  batch = {name: np.zeros(shape, np.dtype(dtype)) for name, (shape, dtype) in shapes.items()}
+  batch["tokens"][:] = pad_id
+  batch["teacher_id"][:] = -1
+
+  def put_row(slot, row, prompt, response, kind, old_logp=None):
+    batch["tokens"][slot, row, p - len(prompt):p] = prompt  # Left-padded prompt.
+    batch["tokens"][slot, row, p:p + len(response)] = response
+    batch["input_mask"][slot, row, p - len(prompt):p + len(response)] = True
+    batch["resp_mask"][slot, row, :len(response)] = 1.0
+    batch["row_kind"][slot, row] = kind
+    if old_logp is not None:
+      batch["old_logp"][slot, row, :len(response)] = old_logp[:len(response)]
+
+  for i, item in enumerate(hard):
+    put_row(i // k, i % k, item.prompt_tokens, item.response_tokens, ROW_TEACHER_SFT)
+    batch["teacher_id"][i // k, i % k] = teacher_index[item.teacher]
+  slot, offline = hard_slots, 0
+  for item in mid:
+    rollouts = k - 1 if item.teacher_tokens is not None else k
+    for j in range(rollouts):
+      n = int(item.response_lengths[j])
+      put_row(slot, j, item.prompt_tokens, item.response_tokens[j, :n], ROW_ROLLOUT,
+              item.logprobs[j])
+    batch["rewards"][slot, :rollouts] = item.rewards[:rollouts]
+    batch["adv_rewards"][slot, :rollouts] = item.shaped_rewards[:rollouts]
+    if item.teacher_tokens is not None:
+      put_row(slot, k - 1, item.prompt_tokens, item.teacher_tokens, ROW_TEACHER_OFFPOLICY)
+      batch["rewards"][slot, k - 1] = 1.0
+      batch["adv_rewards"][slot, k - 1] = 1.0
+      offline += 1
+    slot += 1
+  return batch, offline
 
 
 def batch_spec_shapes(*, items: int, k: int, prompt_len: int, max_len: int) -> dict[str, tuple]:

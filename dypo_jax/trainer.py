@@ -30,7 +30,6 @@ from typing import Any
 
 from flax import nnx
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -41,6 +40,7 @@ from dypo_jax import evaluate as evaluate_lib
 from dypo_jax import fileio
 from dypo_jax import gating
 from dypo_jax import metrics as metrics_lib
+from dypo_jax import multihost
 from dypo_jax import queues as queues_lib
 from dypo_jax import rewards as rewards_lib
 from dypo_jax import sampler as sampler_lib
@@ -91,43 +91,6 @@ class _RoundStats:
         "time/rollout_s": self.rollout_s, "time/reward_s": self.reward_s,
         "sft/no_teacher_skipped": self.no_teacher, "reward/errors": self.reward_errors,
     }
-
-
-def _left_pad(tokens, length: int, pad_id: int) -> np.ndarray:
-  out = np.full((length,), pad_id, np.int32)
-  out[length - len(tokens):] = tokens
-  return out
-
-
-def _gather_rows(x: np.ndarray) -> np.ndarray:
-  """Every process's `x` (the same shape on each) concatenated along axis 0, in process order.
-
-  Collective: every process calls it. With one process, `x` itself (no collective).
-  """
-  x = np.asarray(x)
-  if jax.process_count() == 1:
-    return x
-  stacked = np.asarray(multihost_utils.process_allgather(x, tiled=False))  # [processes, ...]
-  return stacked.reshape((-1,) + x.shape[1:])
-
-
-def _gather_json(value: Any) -> list[Any]:
-  """The JSON-serialisable `value` of every process, in process order. Collective."""
-  if jax.process_count() == 1:
-    return [value]
-  data = np.frombuffer(json.dumps(value, sort_keys=True).encode("utf-8"), np.uint8)
-  sizes = _gather_rows(np.array([data.size], np.int32))
-  padded = np.zeros((1, int(sizes.max())), np.uint8)
-  padded[0, :data.size] = data
-  rows = _gather_rows(padded)
-  return [json.loads(rows[i, :sizes[i]].tobytes().decode("utf-8")) for i in range(len(sizes))]
-
-
-def _any_process(flag: bool) -> bool:
-  """True when `flag` is true on any process, so that every process takes the same branch."""
-  if jax.process_count() == 1:
-    return bool(flag)
-  return bool(_gather_rows(np.array([int(bool(flag))], np.int32)).any())
 
 
 class Trainer:
@@ -284,7 +247,7 @@ class Trainer:
     n_local) of the round (the rows it scores).
     """
     local = np.asarray(self.stream.take(n // self.num_processes), np.int32)
-    return [int(i) for i in _gather_rows(local)]
+    return [int(i) for i in multihost.gather_rows(local)]
 
   def _pick_teachers(self, idx: list[int]) -> np.ndarray:
     num = np.array([len(self.teacher_tokens[i]) for i in idx], np.int32)
@@ -343,10 +306,10 @@ class Trainer:
                                               pool=self.reward_pool)
     penalty = np.array([rewards_lib.format_penalty(t, finished=f, coef=rl.format_penalty_coef)
                         for t, f in zip(texts, finished)], np.float32).reshape(n_local, k)
-    scored = _gather_rows(np.stack([scores.reshape(n_local, k).astype(np.float32), penalty],
+    scored = multihost.gather_rows(np.stack([scores.reshape(n_local, k).astype(np.float32), penalty],
                                    axis=-1))  # [B, K, 2]
     rewards, penalty = scored[..., 0], scored[..., 1]
-    stats.reward_errors += int(_gather_rows(
+    stats.reward_errors += int(multihost.gather_rows(
         np.array([int(rstats.get("reward_errors", 0))], np.int32)).sum())
     shaped = rewards + penalty
     stats.reward_s += time.perf_counter() - start
@@ -403,44 +366,9 @@ class Trainer:
 
     Hard items are packed K to a slot; U is the smallest slot bucket that holds the batch.
     """
-    k, p, t = self.k, self.prompt_len, self.max_len
-    hard_slots = -(-len(hard) // k)
-    u = next(b for b in self.slot_buckets if b >= hard_slots + len(mid))
-    shapes = step_lib.batch_spec_shapes(items=u, k=k, prompt_len=p, max_len=t)
-    batch = {name: np.zeros(shape, np.dtype(dtype)) for name, (shape, dtype) in shapes.items()}
-    batch["tokens"][:] = self.pad_id
-    batch["teacher_id"][:] = -1
-
-    def put_row(slot, row, prompt, response, kind, old_logp=None):
-      batch["tokens"][slot, row, :p] = _left_pad(prompt, p, self.pad_id)
-      batch["tokens"][slot, row, p:p + len(response)] = response
-      batch["input_mask"][slot, row, p - len(prompt):p + len(response)] = True
-      batch["resp_mask"][slot, row, :len(response)] = 1.0
-      batch["row_kind"][slot, row] = kind
-      if old_logp is not None:
-        batch["old_logp"][slot, row, :len(response)] = old_logp[:len(response)]
-
-    for i, item in enumerate(hard):
-      put_row(i // k, i % k, item.prompt_tokens, item.response_tokens, step_lib.ROW_TEACHER_SFT)
-      batch["teacher_id"][i // k, i % k] = self.teacher_index[item.teacher]
-    slot = hard_slots
-    offline = 0
-    for item in mid:
-      rollouts = k - 1 if item.teacher_tokens is not None else k
-      for j in range(rollouts):
-        n = int(item.response_lengths[j])
-        put_row(slot, j, item.prompt_tokens, item.response_tokens[j, :n], step_lib.ROW_ROLLOUT,
-                item.logprobs[j])
-      batch["rewards"][slot, :rollouts] = item.rewards[:rollouts]
-      batch["adv_rewards"][slot, :rollouts] = item.shaped_rewards[:rollouts]
-      if item.teacher_tokens is not None:
-        put_row(slot, k - 1, item.prompt_tokens, item.teacher_tokens,
-                step_lib.ROW_TEACHER_OFFPOLICY)
-        batch["rewards"][slot, k - 1] = 1.0
-        batch["adv_rewards"][slot, k - 1] = 1.0
-        offline += 1
-      slot += 1
-
+    batch, offline = step_lib.layout_batch(
+        hard, mid, slot_buckets=self.slot_buckets, k=self.k, prompt_len=self.prompt_len,
+        max_len=self.max_len, pad_id=self.pad_id, teacher_index=self.teacher_index)
     rl, n_h, n_m = self.config.rl, len(hard), len(mid)
     n = max(n_h + n_m, 1)
     if self._sft_phase():
@@ -511,7 +439,7 @@ class Trainer:
     """The JSON part of a checkpoint. Collective: every process calls it, since each process's
     position in its own data shard is gathered (`streams[p]` is process p's)."""
     return {"format": CHECKPOINT_FORMAT, "process_count": self.num_processes,
-            "streams": _gather_json(self.stream.state()), "rollout_round": self.rollout_round,
+            "streams": multihost.gather_json(self.stream.state()), "rollout_round": self.rollout_round,
             "rng": np.asarray(jax.random.key_data(self.rng)).tolist(),
             "eval_history": self.eval_history, "teacher_counts": self.teacher_counts.tolist(),
             "config": self.config.to_json(),
@@ -588,7 +516,7 @@ class Trainer:
         self._log_eval(writer, self.evaluate())
       stopped = False
       while int(self.state.step) < tr.num_steps:
-        if _any_process(bool(stop_requested)):  # Every process stops at the same step.
+        if multihost.any_process(bool(stop_requested)):  # Every process stops at the same step.
           stopped = True
           break
         step_start = time.perf_counter()
@@ -640,7 +568,7 @@ class Trainer:
         if should_stop is not None and should_stop(self):
           break
       step = int(self.state.step)
-      stopped = stopped or _any_process(bool(stop_requested))
+      stopped = stopped or multihost.any_process(bool(stop_requested))
       if stopped or (tr.checkpoint_every and step % tr.checkpoint_every):
         self.save_checkpoint(ckpt, step)
       ckpt.wait()

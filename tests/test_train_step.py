@@ -234,3 +234,43 @@ def test_per_term_grad_norms_equal_each_terms_own_gradient_on_a_large_batch():
     term = lambda p, i=i: step_lib._loss_terms(p, ref, graphdef, mb, denoms, cfg)[0][i]  # pylint: disable=protected-access
     want = optax.global_norm(jax.jit(jax.grad(term))(state.params))
     np.testing.assert_allclose(got[f"grad/norm_{name}"], want, rtol=1e-5, err_msg=name)
+
+
+def test_layout_batch_packs_hard_items_and_lays_out_groups():
+  from dypo_jax import queues  # pylint: disable=g-import-not-at-top
+  k, p, t, pad = 4, 5, 6, 0
+  hard = [queues.HardItem(uid=f"h{i}", prompt_tokens=np.array([7, 8 + i], np.int32),
+                          teacher="b" if i % 2 else "a", teacher_index=0,
+                          response_tokens=np.array([9, 10, 11], np.int32), step=0)
+          for i in range(5)]
+  responses = np.arange(1, 1 + k * t, dtype=np.int32).reshape(k, t)
+  mid = [queues.MidItem(uid="m0", prompt_tokens=np.array([5, 6, 7], np.int32),
+                        response_tokens=responses, response_lengths=np.array([6, 2, 3, 1]),
+                        rewards=np.array([1, 0, 0, 1], np.float32),
+                        shaped_rewards=np.array([1, -0.5, 0, 1], np.float32),
+                        logprobs=-np.ones((k, t), np.float32), step=0),
+         queues.MidItem(uid="m1", prompt_tokens=np.array([4], np.int32),
+                        response_tokens=responses, response_lengths=np.array([2, 2, 2, 2]),
+                        rewards=np.array([0, 1, 0, 0], np.float32),
+                        shaped_rewards=np.array([0, 1, 0, 0], np.float32),
+                        logprobs=-np.ones((k, t), np.float32), step=0,
+                        teacher_tokens=np.array([3, 3], np.int32), teacher="a")]
+  batch, offline = step_lib.layout_batch(hard, mid, slot_buckets=(2, 4, 8), k=k, prompt_len=p,
+                                         max_len=t, pad_id=pad, teacher_index={"a": 0, "b": 1})
+  assert batch["tokens"].shape == (4, k, p + t) and offline == 1  # 2 Hard slots + 2 Mid = 4.
+  # Hard items 0-3 fill slot 0, item 4 starts slot 1; left-padded prompt, then the trace.
+  np.testing.assert_array_equal(batch["tokens"][1, 0], [0, 0, 0, 7, 12, 9, 10, 11, 0, 0, 0])
+  sft = step_lib.ROW_TEACHER_SFT
+  np.testing.assert_array_equal(batch["row_kind"][:2], [[sft] * 4, [sft, 0, 0, 0]])
+  np.testing.assert_array_equal(batch["teacher_id"][:2], [[0, 1, 0, 1], [0, -1, -1, -1]])
+  # Mid item 0 in slot 2: its rollouts with their own lengths, old log-probs and rewards.
+  np.testing.assert_array_equal(batch["resp_mask"][2].sum(-1), [6, 2, 3, 1])
+  np.testing.assert_array_equal(batch["input_mask"][2, 1], [0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0])
+  np.testing.assert_array_equal(batch["adv_rewards"][2], [1, -0.5, 0, 1])
+  assert batch["old_logp"][2, 0].sum() == -6
+  # Mid item 1 (LUFFY-style): K - 1 rollouts, then the teacher as an off-policy row, reward 1.
+  np.testing.assert_array_equal(batch["row_kind"][3], [1, 1, 1, step_lib.ROW_TEACHER_OFFPOLICY])
+  np.testing.assert_array_equal(batch["rewards"][3], [0, 1, 0, 1])
+  np.testing.assert_array_equal(batch["tokens"][3, 3, p:p + 3], [3, 3, 0])
+  assert not batch["weights"].any()  # The trainer sets the term weights.
+
