@@ -320,6 +320,24 @@ def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return config.to_dict()
 
 
+def from_dict(saved: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A config saved with `to_dict` (e.g. in a checkpoint), over `base_config()`: keys it lacks keep
+  their defaults, keys the schema no longer has are ignored (an older run's config still loads),
+  and JSON lists become tuples again."""
+  tuples = lambda v: tuple(tuples(x) for x in v) if isinstance(v, list) else v
+  config = base_config()
+  for section, values in saved.items():
+    if section not in config:
+      continue
+    if isinstance(values, dict):
+      for key, value in values.items():
+        if key in config[section]:
+          config[section][key] = tuples(value)
+    else:
+      config[section] = tuples(values)
+  return config
+
+
 def load_experiment(path: str, variant: str = "") -> ml_collections.ConfigDict:
   """`get_config(variant)` of an experiment file, by path (configs may build on one another)."""
   spec = importlib.util.spec_from_file_location(

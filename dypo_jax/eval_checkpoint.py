@@ -53,42 +53,24 @@ class EvalCheckpointError(ValueError):
   """A flag, checkpoint or data source that cannot be evaluated (the message names it)."""
 
 
-def _as_config(saved: dict[str, Any]):
-  """The run's saved config (JSON) over the base config: keys it lacks keep their defaults, keys
-  the base config no longer has are ignored (an older run's config still evaluates)."""
-  from dypo_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  tuples = lambda v: tuple(tuples(x) for x in v) if isinstance(v, list) else v
-  config = config_lib.base_config()
-  with config.unlocked():
-    for section, values in saved.items():
-      if section not in config:
-        continue
-      if isinstance(values, dict):
-        for key, value in values.items():
-          if key in config[section]:
-            config[section][key] = tuples(value)
-      else:
-        config[section] = tuples(values)
-  return config
-
-
 def eval_settings(config, *, reward: str, template: str):
-  """EvalSettings from the config's eval section, overridden by the flags that were given."""
+  """The run's eval settings, overridden by the flags that were given."""
   from dypo_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-  e = config.eval
-  pick = lambda flag, default: default if flag.value is None else flag.value
-  num_samples = pick(_NUM_SAMPLES, e.num_samples)
-  pass_ks = tuple(int(k) for k in _PASS_KS.value) if _PASS_KS.value else (
-      tuple(k for k in e.pass_ks if k <= num_samples) or (1,))
-  if num_samples < 1 or any(k < 1 or k > num_samples for k in pass_ks):
-    raise EvalCheckpointError(f"--pass_ks={pass_ks}: each k must lie in [1, --num_samples="
-                              f"{num_samples}]")
-  max_prompts = pick(_MAX_PROMPTS, e.max_prompts)
-  return evaluate_lib.EvalSettings(
-      num_samples=num_samples, temperature=pick(_TEMPERATURE, e.temperature),
-      top_p=pick(_TOP_P, e.top_p), max_new_tokens=pick(_MAX_NEW_TOKENS, e.max_new_tokens),
-      pass_ks=pass_ks, max_prompts=max_prompts, batch_prompts=min(32, max_prompts),
-      reward=reward, template=template)
+  flags_given = {name: flag.value for name, flag in (
+      ("num_samples", _NUM_SAMPLES), ("temperature", _TEMPERATURE), ("top_p", _TOP_P),
+      ("max_new_tokens", _MAX_NEW_TOKENS), ("max_prompts", _MAX_PROMPTS)) if flag.value is not None}
+  if _PASS_KS.value:
+    pass_ks = tuple(int(k) for k in _PASS_KS.value)
+    num_samples = flags_given.get("num_samples", config.eval.num_samples)
+    if any(k < 1 or k > num_samples for k in pass_ks):
+      raise EvalCheckpointError(f"--pass_ks={pass_ks}: each k must lie in [1, --num_samples="
+                                f"{num_samples}]")
+    flags_given["pass_ks"] = pass_ks
+  try:
+    return evaluate_lib.settings_from_config(config.eval, reward=reward, template=template,
+                                             **flags_given)
+  except ValueError as e:
+    raise EvalCheckpointError(str(e)) from e
 
 
 def load_sets(config, workdir: str | None) -> dict[str, tuple[list, str]]:
@@ -121,18 +103,6 @@ def load_sets(config, workdir: str | None) -> dict[str, tuple[list, str]]:
   return sets
 
 
-def _check_prompt_lengths(name: str, records, tok, template: str, *, room: int) -> None:
-  """Names the first record whose prompt leaves no room for the response, before sampling."""
-  from dypo_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-  for i, rec in enumerate(records):
-    n = len(evaluate_lib.encode_prompt(tok, rec, template))
-    if n > room:
-      raise EvalCheckpointError(
-          f"{name}: record {i} ({rec.uid!r}) has a {n}-token prompt; the model's context leaves "
-          f"{room} tokens for prompts at --max_new_tokens (pass a smaller --max_new_tokens or "
-          f"--max_prompts, or a model with a longer context)")
-
-
 def format_table(results: dict[str, dict[str, float]]) -> str:
   keys = sorted({k for r in results.values() for k in r if k.startswith("pass@")},
                 key=lambda k: int(k.split("@")[1]))
@@ -161,12 +131,12 @@ def run(workdir: str | None, *, step: int | None, hf_path: str | None) -> dict[s
   if hf_path:
     config = config_lib.base_config()
     if workdir:  # A run's base model or export: its tokenizer, template and pools still apply.
-      config = _as_config(restore.restore_config(workdir, step=step))
+      config = config_lib.from_dict(restore.restore_config(workdir, step=step))
     model = models.from_pretrained(hf_path, mesh=mesh)
     source = {"hf_path": os.path.abspath(hf_path)}
   else:
     policy = restore.restore_policy(workdir, step=step)
-    config, model = _as_config(policy.config), policy.model
+    config, model = config_lib.from_dict(policy.config), policy.model
     source = {"workdir": os.path.abspath(workdir), "step": policy.step}
 
   if _TOKENIZER.value:
@@ -196,11 +166,13 @@ def run(workdir: str | None, *, step: int | None, hf_path: str | None) -> dict[s
   try:
     for name, (records, reward) in sets.items():
       settings = eval_settings(config, reward=reward, template=template)
-      _check_prompt_lengths(name, records[:settings.max_prompts], tok, template,
-                            room=model.config.max_seq_len - settings.max_new_tokens)
-      summary, _ = evaluate_lib.evaluate(sampler=sampler, params=params, tokenizer=tok,
-                                         records=records, settings=settings,
-                                         rng=jax.random.key(_SEED.value), pool=pool)
+      try:
+        summary, _ = evaluate_lib.evaluate(sampler=sampler, params=params, tokenizer=tok,
+                                           records=records, settings=settings,
+                                           rng=jax.random.key(_SEED.value), pool=pool)
+      except evaluate_lib.PromptTooLongError as e:
+        raise EvalCheckpointError(f"{name}: {e} (pass a smaller --max_new_tokens or "
+                                  f"--max_prompts, or a model with a longer context)") from e
       results[name] = summary
       settings_json[name] = {k: getattr(settings, k) for k in (
           "num_samples", "temperature", "top_p", "max_new_tokens", "pass_ks", "reward",

@@ -26,6 +26,25 @@ class EvalSettings:
   template: str = "plain"
 
 
+class PromptTooLongError(ValueError):
+  """A record's prompt leaves no room in the model's context for the response."""
+
+
+def settings_from_config(eval_cfg, *, reward: str, template: str, **overrides) -> EvalSettings:
+  """EvalSettings from a config's `eval` section; `overrides` replace its fields by name. pass@k
+  values above num_samples are dropped unless `pass_ks` is given, and then checked."""
+  values = {k: eval_cfg[k] for k in ("num_samples", "temperature", "top_p", "max_new_tokens",
+                                     "max_prompts")}
+  values.update({k: v for k, v in overrides.items() if k != "pass_ks"})
+  n = values["num_samples"]
+  pass_ks = tuple(overrides.get("pass_ks") or
+                  (tuple(k for k in eval_cfg.pass_ks if k <= n) or (1,)))
+  if n < 1 or any(k < 1 or k > n for k in pass_ks):
+    raise ValueError(f"pass_ks={pass_ks}: each k must lie in [1, num_samples={n}]")
+  return EvalSettings(**values, pass_ks=pass_ks, batch_prompts=min(32, values["max_prompts"]),
+                      reward=reward, template=template)
+
+
 def encode_prompt(tokenizer: tokenizers.Tokenizer, record: records_lib.PromptRecord,
                   template: str) -> list[int]:
   """The prompt's token ids with the template applied (bos first where the tokenizer has one)."""
@@ -48,13 +67,22 @@ def evaluate(*, sampler: sampler_lib.Sampler, params, tokenizer: tokenizers.Toke
   if not records:
     return {}, np.zeros((0, settings.num_samples), bool)
   stop_ids = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
+  # Checked for every record before anything is sampled, so the error names the record.
+  room = sampler.config.max_seq_len - settings.max_new_tokens
+  encoded = [encode_prompt(tokenizer, r, settings.template) for r in records]
+  for i, (rec, prompt) in enumerate(zip(records, encoded)):
+    if len(prompt) > room:
+      raise PromptTooLongError(
+          f"record {i} ({rec.uid!r}) has a {len(prompt)}-token prompt; the model's context "
+          f"(max_seq_len={sampler.config.max_seq_len}) leaves {room} tokens for prompts at "
+          f"max_new_tokens={settings.max_new_tokens}")
   correct = []
   lengths = []
   for start in range(0, len(records), settings.batch_prompts):
     chunk = records[start:start + settings.batch_prompts]
     # A fixed batch size keeps one compiled program: pad the last chunk with copies.
-    padded = chunk + [chunk[-1]] * (settings.batch_prompts - len(chunk))
-    prompts = [encode_prompt(tokenizer, r, settings.template) for r in padded]
+    prompts = encoded[start:start + len(chunk)]
+    prompts += [prompts[-1]] * (settings.batch_prompts - len(chunk))
     out = sampler.sample(params, prompts, num_samples=settings.num_samples,
                          max_new_tokens=settings.max_new_tokens,
                          temperature=settings.temperature, top_p=settings.top_p,

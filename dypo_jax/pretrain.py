@@ -16,6 +16,7 @@ import ml_collections
 
 from dypo_jax import evaluate as evaluate_lib
 from dypo_jax import models
+from dypo_jax import runtime
 from dypo_jax import trainer as trainer_lib
 
 BASE_DIR = "base_model"
@@ -60,7 +61,7 @@ def ensure_base(config: ml_collections.ConfigDict, *, workdir: str, mesh, tokeni
                 model: models.Transformer, pools) -> models.Transformer:
   """Returns the base model: read from `workdir/base_model` if there, else trained and saved."""
   path = base_dir(workdir)
-  rules = tuple((n, tuple(t) if isinstance(t, list) else t) for n, t in config.mesh.rules)
+  rules = runtime.mesh_rules(config)
   if os.path.exists(os.path.join(path, "config.json")):
     print(f"pretrain: reusing the base model in {path}", flush=True)
     m = config.model

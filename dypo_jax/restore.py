@@ -62,7 +62,9 @@ def restore_policy(workdir: str, *, step: int | None = None) -> RestoredPolicy:
   from flax import nnx  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from dypo_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from dypo_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from dypo_jax import models  # pylint: disable=g-import-not-at-top
+  from dypo_jax import runtime  # pylint: disable=g-import-not-at-top
   from dypo_jax import sharding  # pylint: disable=g-import-not-at-top
 
   ckpt_dir = _checkpoint_dir(workdir)
@@ -75,8 +77,7 @@ def restore_policy(workdir: str, *, step: int | None = None) -> RestoredPolicy:
       raise CheckpointReadError(str(e)) from e
     model_config = _model_config(extras, where)
     config = json.loads(extras["config"]) if "config" in extras else {}
-    rules = tuple((name, tuple(t) if isinstance(t, list) else t)
-                  for name, t in config.get("mesh", {}).get("rules", sharding.DEFAULT_RULES))
+    rules = runtime.mesh_rules(config_lib.from_dict(config))
     mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
     abstract = nnx.eval_shape(lambda: models.Transformer(model_config, rngs=nnx.Rngs(0)))
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)

@@ -43,6 +43,7 @@ from dypo_jax import metrics as metrics_lib
 from dypo_jax import multihost
 from dypo_jax import queues as queues_lib
 from dypo_jax import rewards as rewards_lib
+from dypo_jax import runtime
 from dypo_jax import sampler as sampler_lib
 from dypo_jax import sharding
 from dypo_jax import train_step as step_lib
@@ -104,7 +105,7 @@ class Trainer:
     self.method = rl.method
     self.k = rl.num_samples
     self.max_len = sp.max_new_tokens
-    self.rules = tuple((n, tuple(t) if isinstance(t, list) else t) for n, t in config.mesh.rules)
+    self.rules = runtime.mesh_rules(config)
     self.is_main = jax.process_index() == 0
     self.num_processes, self.process_index = jax.process_count(), jax.process_index()
     if tr.rollout_prompts % self.num_processes:
@@ -402,10 +403,8 @@ class Trainer:
 
   def evaluate(self) -> dict[str, float]:
     e, c = self.config.eval, self.config
-    settings = evaluate_lib.EvalSettings(
-        num_samples=e.num_samples, temperature=e.temperature, top_p=e.top_p,
-        max_new_tokens=e.max_new_tokens, pass_ks=tuple(e.pass_ks), max_prompts=e.max_prompts,
-        batch_prompts=min(32, e.max_prompts), reward=c.data.reward, template=c.tokenizer.template)
+    settings = evaluate_lib.settings_from_config(e, reward=c.data.reward,
+                                                 template=c.tokenizer.template)
     result = {"step": int(self.state.step)}
     key = jax.random.fold_in(self.rng, 4)  # Same eval samples' randomness at every eval.
     for split in ("eval_id", "eval_ood"):
