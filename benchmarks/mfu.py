@@ -8,8 +8,8 @@ r"""Model FLOP utilisation of the update step on this machine's CPU.
    (`w1_step.synthetic_batch`): the policy forward + backward and the reference forward (beta_KL
    0.04), AdamW.
 3. Model FLOPs per step as counted by `w1_step.update_flops` (matmuls, 2 per MAC: 3x the policy
-   forward + the reference forward; attention over the padded square as executed; LM head only
-   at response positions); the usual 6·N·tokens is printed beside it.
+   forward + the reference forward; attention over all key slots as executed; LM head only at
+   response positions; each prompt counted once per group on the shared-prompt path); the usual 6·N·tokens is printed beside it.
 
 MFU = model FLOPs per step / step seconds / peak FLOP/s. Nothing is asserted.
 
@@ -77,8 +77,10 @@ def main():
   batch = w1_step.synthetic_batch(trainer)
   rows = args.prompts * args.gens
   with_ref = trainer.step_cfg.kl_coef > 0 or trainer.step_cfg.use_gal
+  # The synthetic batch holds groups only, so the trainer takes the shared-prompt path if on.
+  group = args.gens if trainer.config.train.shared_prompt else 1
   flops = w1_step.update_flops(mc=mc, rows=rows, prompt_len=trainer.prompt_len,
-                               resp_len=trainer.max_len, with_ref=with_ref)
+                               resp_len=trainer.max_len, with_ref=with_ref, group=group)
   print(f"model: {mc.num_layers}L d={mc.embed_dim} heads={mc.num_heads}/{mc.num_kv_heads}x"
         f"{mc.head_dim} mlp={mc.mlp_dim} vocab={mc.vocab_size} params={mc.num_params / 1e6:.2f}M;"
         f" batch {rows} rows x {trainer.prompt_len + trainer.max_len} tokens; method "

@@ -21,9 +21,9 @@ timing variants of the same jitted step on the same batch (a real DYPO batch fro
 plus, for context: per-term gradient norms on (base_config's default), logprob_impl="full",
 and the policy forward alone (no backward).
 
-Finally the compile counts after warm-up: the step's and the sampler's trace counters and their
-jit caches (both should stay at 1: the trainer compiles one step per update-batch slot bucket, and
-W1's batches of 8 Mid items, or 1 packed Hard slot + 7 Mid, always fill the largest bucket).
+Finally the compile counts: the step's and the sampler's trace counters and their jit caches (one
+per program: W1's batches always fill the largest slot bucket, and the step has a variant for
+batches of groups (shared prompt) and one for a batch with a packed Hard slot (row path)).
 
 Run (from the repository root):
   python benchmarks/profile_step.py --steps 5
@@ -37,6 +37,7 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -74,6 +75,8 @@ def step_variants(trainer, batch: dict[str, np.ndarray], reps: int) -> dict[str,
       "no ref": dataclasses.replace(base, use_gal=False, kl_coef=0.0),
       "per-term grad norms": dataclasses.replace(base, per_term_grad_norms=True),
       "logprob_impl=full": dataclasses.replace(base, logprob_impl="full"),
+      f"shared_prompt={not base.shared_prompt}": dataclasses.replace(
+          base, shared_prompt=not base.shared_prompt),
   }
   device_batch = {name: jax.device_put(value, trainer.batch_shardings[name])
                   for name, value in batch.items()}
@@ -90,11 +93,9 @@ def step_variants(trainer, batch: dict[str, np.ndarray], reps: int) -> dict[str,
 
   # The policy forward alone (log-probs of every row at the sampling temperature), no backward.
   n = batch["tokens"].shape[0] * batch["tokens"].shape[1]
-  tokens = device_batch["tokens"].reshape(n, -1)
-  mask = device_batch["input_mask"].reshape(n, -1)
   temp = jnp.full((n,), base.temperature, jnp.float32)
   fwd = jax.jit(lambda p: step_lib._response_logprobs(  # pylint: disable=protected-access
-      trainer.graphdef, p, tokens, mask, temp, base))
+      trainer.graphdef, p, device_batch["tokens"], device_batch["input_mask"], temp, base))
   out["policy forward only"] = _time_fn(
       lambda: jax.block_until_ready(fwd(trainer.state.params)), reps)
   return out
@@ -110,12 +111,14 @@ def main():
   args = ap.parse_args()
   w1_step.apply_tiny(args)
   print("command: " + " ".join([os.path.basename(sys.executable)] + sys.argv), flush=True)
-  print(f"jax {jax.__version__} devices={jax.devices()}", flush=True)
   total = args.warmup + args.steps
   config = w1_step.w1_config(args.method, hidden=args.hidden, layers=args.layers,
                              prompts=args.prompts, k=args.gens, new_tokens=args.new_tokens,
                              kl_coef=args.beta, alpha=args.alpha,
-                             per_term_grad_norms=args.per_term_grad_norms, num_steps=total)
+                             per_term_grad_norms=args.per_term_grad_norms, num_steps=total,
+                             host_devices=args.devices)
+  w1_step.runtime.configure_host_devices(config.mesh.host_devices)
+  print(f"jax {jax.__version__} devices={jax.devices()}", flush=True)
   trainer = w1_step.build_trainer(config, num_records=args.prompts * total * 2)
   print(f"W1 {args.method}: params {trainer.sampler.config.num_params / 1e6:.3f}M, "
         f"{args.prompts} prompts x {args.gens}, T={args.new_tokens}, use_gal="
@@ -180,14 +183,21 @@ def main():
         f"(cpu) = ~{100 * ref_w * upd / wall:.0f}% of the step; GAL loss ~ {100 * gal_w:.0f}% "
         f"of the update")
 
+  # One program per update variant used (shared-prompt path for batches of groups, row path for
+  # a batch with a packed Hard slot), each compiled once; the sampler once.
+  steps = trainer._steps  # pylint: disable=protected-access
   compiles = (trainer.step_trace_count, trainer.sampler.trace_count)
-  caches = (_cache_size(trainer.train_step),
+  caches = ([_cache_size(step) for step in steps.values()],
             _cache_size(trainer.sampler._generate_jit))  # pylint: disable=protected-access
-  ok = compiles == (1, 1) and compiles == compiles_after_warmup and all(
-      c in (None, 1) for c in caches)
-  print(f"\nCompiles: step traced {compiles[0]}x, sampler traced {compiles[1]}x (after warm-up: "
-        f"{compiles_after_warmup}); jit cache entries step {caches[0]}, sampler {caches[1]} -> "
-        f"{'OK (1 each)' if ok else 'RECOMPILED'}")
+  ok = (compiles == (len(steps), 1) and all(c in (None, 1) for c in caches[0])
+        and caches[1] in (None, 1))
+  variants = ", ".join(f"{'shared-prompt' if shared else 'row'} path" + (" + term norms" if norms
+                                                                         else "")
+                       for shared, norms in steps)
+  print(f"\nCompiles: step traced {compiles[0]}x for {len(steps)} variant(s) used ({variants}), "
+        f"sampler traced {compiles[1]}x (after warm-up: {compiles_after_warmup}); jit cache "
+        f"entries per step variant {caches[0]}, sampler {caches[1]} -> "
+        f"{'OK (1 per program)' if ok else 'RECOMPILED'}")
   print(f"Peak RSS MB = {w1_step.peak_rss_mb():.0f}")
 
 

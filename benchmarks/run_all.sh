@@ -10,6 +10,8 @@
 #   PEERS_DIR    the peers' folder (default ../shared/bench/peers next to the repository)
 #   PEERS        their venvs (read by peers/run.sh; default ~/.cache/dypo-peers)
 #   SKIP_PEERS=1 ours only (no ratios);  SKIP_SAMPLER=1 no sampler.py
+#   DEVICES      the CPU as N XLA devices for our scripts (default 2: rollouts split over both,
+#                the update on the first; `mesh.host_devices` / `mesh.rollout_data`); 1 = one device
 #   OURS_ARGS    extra arguments for w1_step.py (e.g. "--tiny" for a smoke run)
 #   LOG          where the RESULT lines are collected (default: a temporary file, printed)
 #   PYTHON       the interpreter for our scripts (default: python)
@@ -20,11 +22,14 @@ PEERS_DIR=${PEERS_DIR:-$REPO/../shared/bench/peers}
 PY=${PYTHON:-python}
 ROUNDS=${1:-3}
 STEPS=${2:-10}
+DEVICES=${DEVICES:-2}
 OURS_ARGS=${OURS_ARGS:-}
+DEV_ARGS=""
+if [ "$DEVICES" -gt 1 ]; then DEV_ARGS="--devices $DEVICES"; fi
 LOG=${LOG:-$(mktemp /tmp/dypo-run-all.XXXXXX)}
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 
-echo "command: bash benchmarks/run_all.sh $ROUNDS $STEPS (OURS_ARGS='$OURS_ARGS'," \
+echo "command: bash benchmarks/run_all.sh $ROUNDS $STEPS (DEVICES=$DEVICES, OURS_ARGS='$OURS_ARGS'," \
   "SKIP_PEERS=${SKIP_PEERS:-0}, SKIP_SAMPLER=${SKIP_SAMPLER:-0}); RESULT lines -> $LOG"
 cd "$REPO" || exit 1
 : > "$LOG"
@@ -40,11 +45,12 @@ run() {  # run NAME CMD...: keep the RESULT lines (tagged with the round) and sa
 }
 for r in $(seq 1 "$ROUNDS"); do
   # shellcheck disable=SC2086
-  run "dypo_jax grpo" "$PY" benchmarks/w1_step.py --method grpo --steps "$STEPS" $OURS_ARGS
+  run "dypo_jax grpo" "$PY" benchmarks/w1_step.py --method grpo --steps "$STEPS" $DEV_ARGS $OURS_ARGS
   # shellcheck disable=SC2086
-  run "dypo_jax dypo" "$PY" benchmarks/w1_step.py --method dypo --steps "$STEPS" $OURS_ARGS
+  run "dypo_jax dypo" "$PY" benchmarks/w1_step.py --method dypo --steps "$STEPS" $DEV_ARGS $OURS_ARGS
   if [ "${SKIP_SAMPLER:-0}" != 1 ]; then
-    run "dypo_jax sampler" "$PY" benchmarks/sampler.py
+    # shellcheck disable=SC2086
+    run "dypo_jax sampler" "$PY" benchmarks/sampler.py $DEV_ARGS
   fi
   if [ "${SKIP_PEERS:-0}" != 1 ]; then
     echo "== round $r: peers (peers/run.sh 1 $STEPS)"

@@ -9,7 +9,7 @@ forward run, beta_KL 0.04):
   model width D       64, 128, 256, 512 (4 heads of D/4, 2 KV heads, MLP 4·D)
 
 Each point builds a W1-style Trainer (`w1_step.build_trainer`) and compiles its real jitted
-update (`Trainer.train_step`, ahead of time with the trainer's shardings and donation) on a
+update (`Trainer.step_for(...)`, ahead of time with the trainer's shardings and donation) on a
 synthetic batch of full-length Mid groups (`w1_step.synthetic_batch`: the worst case, every
 response token real). Figures per point: compile seconds, median step seconds (after one
 untimed call), XLA's memory analysis of the compiled step (temporaries, and temporaries +
@@ -29,10 +29,12 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dypo_jax import train_step as step_lib  # noqa: E402
 import w1_step  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -53,7 +55,9 @@ def measure(point: dict[str, int], *, prompts: int, layers: int, reps: int, tok,
                   for name, value in batch.items()}
   key = jax.random.key(0)
   t0 = time.perf_counter()
-  compiled = trainer.train_step.lower(trainer.state, trainer.ref_params, device_batch,
+  step = trainer.step_for(shared_prompt=step_lib.slots_share_prompts(
+      batch, trainer.prompt_len), term_norms=False)
+  compiled = step.lower(trainer.state, trainer.ref_params, device_batch,
                                       key).compile()
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()

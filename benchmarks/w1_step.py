@@ -200,7 +200,7 @@ def make_records(n: int, *, seed: int = 0) -> list[records_lib.PromptRecord]:
 def w1_config(method: str = "grpo", *, hidden: int = 128, layers: int = 2, prompts: int = 8,
               k: int = 8, new_tokens: int = 32, kl_coef: float = 0.04, alpha: float = 0.5,
               per_term_grad_norms: bool = False, num_steps: int = 100, micro_batches: int = 1,
-              attention_chunk: int = 0, seed: int = 0):
+              attention_chunk: int = 0, seed: int = 0, host_devices: int = 0):
   """The W1 config from `base_config()` (validated, then the reward set to "w1_toy")."""
   c = config_lib.base_config()
   c.seed = seed
@@ -211,6 +211,10 @@ def w1_config(method: str = "grpo", *, hidden: int = 128, layers: int = 2, promp
       max_seq_len=max(256, 32 + new_tokens + 1), param_dtype="float32", dtype="float32"))
   if attention_chunk:
     c.model.attention_chunk = attention_chunk  # Query blocks (validate() needs the key).
+  if host_devices:  # The host as N XLA devices: rollouts data-parallel over all N, the update on
+    # the first (whose matmuls use every core).
+    c.mesh.update(dict(host_devices=host_devices, data=1, fsdp=1, tensor=1,
+                       rollout_data=host_devices))
   c.tokenizer.template = "plain"
   c.data.shuffle = False  # The peers take the prompts in order.
   c.sampler.update(dict(max_new_tokens=new_tokens, temperature=0.9, top_p=1.0, top_k=0))
@@ -231,6 +235,7 @@ def build_trainer(config, *, num_records: int, tokenizer: WordTokenizer | None =
                   workdir: str | None = None) -> trainer_lib.Trainer:
   """A Trainer on the W1 pool of `num_records` prompts (taken in order)."""
   tok = tokenizer or make_tokenizer()
+  runtime.configure_host_devices(config.mesh.host_devices)
   mesh = runtime.build_mesh(config.mesh)
   model = runtime.build_model(config, mesh, tok)
   pools = {"train": make_records(num_records, seed=config.seed), "eval_id": [], "eval_ood": []}
@@ -297,13 +302,14 @@ def synthetic_batch(trainer: trainer_lib.Trainer, *, seed: int = 0) -> dict[str,
   return batch
 
 
-def update_flops(*, mc, rows: int, prompt_len: int, resp_len: int,
-                 with_ref: bool) -> dict[str, float]:
+def update_flops(*, mc, rows: int, prompt_len: int, resp_len: int, with_ref: bool,
+                 group: int = 1) -> dict[str, float]:
   """Model FLOPs of one update on `rows` sequences of P + T tokens (matmuls only, 2 per MAC).
 
-  The step feeds L - 1 = P + T - 1 tokens per row through the policy; per token and layer the
-  projections cost 2·D·H·(N + 2·KV) + 2·N·H·D, the SwiGLU MLP 3·2·D·F, and attention
-  2·2·(L - 1)·N·H (scores and values over the whole padded square, as executed; causal-only
+  The step feeds L - 1 = P + T - 1 tokens per row through the policy, or with the shared-prompt
+  path (`group` = K rows per prompt pass) P tokens per group and T - 1 per row. Per token and
+  layer the projections cost 2·D·H·(N + 2·KV) + 2·N·H·D, the SwiGLU MLP 3·2·D·F, and attention
+  2·2·(L - 1)·N·H (scores and values over all L - 1 key slots, as executed; causal-only
   counting would halve it); the LM head 2·D·V only at the T response positions. Training =
   3 x the policy forward (forward + backward) + 1 x the reference forward (when it runs).
   Not counted: the chunked log-prob's recomputed logits in the backward (recompute, not model
@@ -313,15 +319,16 @@ def update_flops(*, mc, rows: int, prompt_len: int, resp_len: int,
   d, h, n, kv, f, v = (mc.embed_dim, mc.head_dim, mc.num_heads, mc.num_kv_heads, mc.mlp_dim,
                        mc.vocab_size)
   l1 = prompt_len + resp_len - 1
+  tokens = rows // group * prompt_len + rows * (resp_len - 1)
   per_token_layer = 2 * d * h * (n + 2 * kv) + 2 * n * h * d + 6 * d * f
   attn_per_token_layer = 4 * l1 * n * h
-  fwd = rows * (l1 * mc.num_layers * (per_token_layer + attn_per_token_layer)
-                + resp_len * 2 * d * v)
+  fwd = (tokens * mc.num_layers * (per_token_layer + attn_per_token_layer)
+         + rows * resp_len * 2 * d * v)
   total = 3 * fwd + (fwd if with_ref else 0)
   non_embedding = mc.num_params - mc.vocab_size * mc.embed_dim
   return {"policy_fwd": float(fwd), "total": float(total),
-          "attention_share": rows * l1 * mc.num_layers * attn_per_token_layer / fwd,
-          "six_n": float(6 * non_embedding * rows * l1)}
+          "attention_share": tokens * mc.num_layers * attn_per_token_layer / fwd,
+          "six_n": float(6 * non_embedding * tokens)}
 
 
 def peak_rss_mb() -> float:
@@ -337,6 +344,9 @@ def add_size_args(ap: argparse.ArgumentParser) -> None:
   ap.add_argument("--beta", type=float, default=0.04, help="beta_KL")
   ap.add_argument("--alpha", type=float, default=0.5, help="DYPO's GRPO weight on Mid groups")
   ap.add_argument("--per-term-grad-norms", action="store_true")
+  ap.add_argument("--devices", type=int, default=0,
+                  help="mesh.host_devices = mesh.rollout_data = N: the CPU as N XLA devices, "
+                  "rollouts split over them, the update on the first")
   ap.add_argument("--tiny", action="store_true",
                   help="toy sizes for a smoke run: hidden 32, 1 layer, 2 prompts x 2, 8 tokens")
 
@@ -355,13 +365,13 @@ def main():
   args = ap.parse_args()
   apply_tiny(args)
   print("command: " + " ".join([os.path.basename(sys.executable)] + sys.argv), flush=True)
-  print(f"jax {jax.__version__} devices={jax.devices()}", flush=True)
-
   total = args.warmup + args.steps
   config = w1_config(args.method, hidden=args.hidden, layers=args.layers, prompts=args.prompts,
                      k=args.gens, new_tokens=args.new_tokens, kl_coef=args.beta,
                      alpha=args.alpha, per_term_grad_norms=args.per_term_grad_norms,
-                     num_steps=total)
+                     num_steps=total, host_devices=args.devices)
+  runtime.configure_host_devices(config.mesh.host_devices)
+  print(f"jax {jax.__version__} devices={jax.devices()}", flush=True)
   t0 = time.perf_counter()
   tok = make_tokenizer()
   # DYPO drops Easy groups, so a few updates take a second round: give it spare prompts.

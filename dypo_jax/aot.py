@@ -261,7 +261,7 @@ def compile_train_step(config, mesh, *, prompt_len: int | None = None,
   u, k, t = tr.update_prompts, config.rl.num_samples, config.sampler.max_new_tokens
   shapes = f"U={u} K={k} L={p}+{t} micro={tr.micro_batches}"
   error = step_lib.micro_batch_error(items=u, micro_batches=tr.micro_batches, k=k,
-                                     batch_shards=sharding_batch_shards(mesh, rules))
+                                     batch_shards=sharding.batch_shards(mesh, rules))
   if error:  # As the Trainer refuses it.
     return Report(name="train", shapes=shapes, error=error)
 
@@ -296,13 +296,6 @@ def compile_train_step(config, mesh, *, prompt_len: int | None = None,
                    in_shardings=(state_shardings, param_shardings, batch_shardings, replicated),
                    out_shardings=(state_shardings, replicated))
   return _compile("train", shapes, lambda: jitted.lower(state, params, batch, _key_sds(mesh)))
-
-
-def sharding_batch_shards(mesh, rules) -> int:
-  """How many ways the `batch` rule splits a batch on this mesh."""
-  import math  # pylint: disable=g-import-not-at-top
-  from dypo_jax import sharding  # pylint: disable=g-import-not-at-top
-  return math.prod(mesh.shape[a] for a in sharding.batch_axes(rules))
 
 
 def compile_generate(config, mesh, *, prompt_len: int | None = None,

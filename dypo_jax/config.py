@@ -58,6 +58,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(
       data=1, fsdp=-1, tensor=1,  # -1: all remaining devices.
       rules=sharding.DEFAULT_RULES,
+      # CPU only: split the host into this many XLA devices (0 = XLA's one). XLA:CPU spreads a
+      # small op over cores poorly; N devices on the data axis run N streams of rows at once.
+      host_devices=0,
+      # 0: the sampler runs on the training mesh. N > 0: on its own mesh of the first N devices,
+      # all on the data axis, with the parameters copied there (replicated) before each rollout
+      # round; for models that fit one device. The training mesh may then name fewer devices
+      # than there are (the first ones). With host_devices on CPU, the update keeps one device's
+      # multi-threaded matmuls while rollouts run one stream of rows per device.
+      rollout_data=0,
   ))
   c.distributed = ml_collections.ConfigDict(dict(
       # "auto": initialise when the environment says so (a TPU pod, or the JAX_COORDINATOR_*
@@ -124,6 +133,10 @@ def base_config() -> ml_collections.ConfigDict:
       # One backward per loss term for the per-term gradient norms of DYPO.md §5, on logged
       # updates only (3x the backward cost there; off for large models).
       per_term_grad_norms=True,
+      # A batch of groups only (no packed Hard slot) runs each prompt once and its K responses
+      # against copies of its KV cache: the prompt's share of the update costs 1/K. The cached
+      # forward is not rematerialised, so this needs model.remat=False.
+      shared_prompt=True,
   ))
 
   c.pretrain = ml_collections.ConfigDict(dict(
@@ -175,6 +188,7 @@ _RULES: dict[str, _Rule] = {
     "model.vocab_size": _POSITIVE, "model.embed_dim": _POSITIVE, "model.num_layers": _POSITIVE,
     "model.num_heads": _POSITIVE, "model.num_kv_heads": _POSITIVE, "model.head_dim": _POSITIVE,
     "model.mlp_dim": _POSITIVE, "model.rope_theta": _POSITIVE, "model.rms_norm_eps": _POSITIVE,
+    "mesh.host_devices": _NON_NEGATIVE, "mesh.rollout_data": _NON_NEGATIVE,
     "model.max_seq_len": _POSITIVE, "model.param_dtype": _DTYPES, "model.dtype": _DTYPES,
     "model.init_std": _POSITIVE, "model.init": _choice("random", "hf"),
     "model.attention_chunk": _NON_NEGATIVE, "model.mlp_chunk": _NON_NEGATIVE,
@@ -292,6 +306,9 @@ def _validate_relations(c: ml_collections.ConfigDict) -> None:
   if t.update_prompts % t.micro_batches:
     raise ConfigError(f"train.update_prompts={t.update_prompts} must be a multiple of "
                       f"train.micro_batches={t.micro_batches}")
+  if t.shared_prompt and m.remat:
+    raise ConfigError("train.shared_prompt=True needs model.remat=False (the prompt's KV cache "
+                      "is read by a cached forward, which is not rematerialised); set one off")
   if c.rl.clip_low >= 1:
     raise ConfigError(f"rl.clip_low={c.rl.clip_low} must be < 1 (the ratio floor 1 - clip_low)")
   # The reward registry is open (`rewards.register`): a reward registered by the experiment file

@@ -4,7 +4,8 @@ r"""The dypo_jax entry point: one linear run in named phases.
   python -m dypo_jax.main --config=experiments/cpu_tiny.py:quick --config.rl.alpha=0.8
   python -m dypo_jax.main --config=experiments/cpu_tiny.py --mode=summary
 
-Phases: flags -> config -> distributed -> mesh -> data -> tokenizer -> model -> (train | summary).
+Phases: flags -> config -> platform -> distributed -> mesh -> data -> tokenizer -> model ->
+(train | summary).
 
 Rerunning with the same --workdir resumes from its latest checkpoint (SIGTERM saves one and
 exits); `python -m dypo_jax.export --workdir=W --out=DIR` writes a checkpoint's policy as a Hugging
@@ -45,6 +46,8 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   from dypo_jax import runtime  # pylint: disable=g-import-not-at-top
 
+  # Phase: platform (a CPU host split into several devices, before JAX starts its backend).
+  runtime.configure_host_devices(config.mesh.host_devices)
   # Phase: distributed.
   runtime.maybe_initialize_distributed(config.distributed)
   # Phase: mesh.

@@ -1,5 +1,6 @@
 """Builders for main's phases: each reads the (validated) config once and returns plain objects."""
 import glob
+import math
 import os
 
 from flax import nnx
@@ -30,8 +31,49 @@ def maybe_initialize_distributed(cfg: ml_collections.ConfigDict) -> None:
   jax.distributed.initialize(**kwargs)
 
 
+def configure_host_devices(count: int) -> None:
+  """Splits a CPU host into `count` XLA devices (`mesh.host_devices`; 0 leaves XLA's default).
+
+  XLA reads the count once, when its CPU backend starts, so this runs before anything asks JAX
+  for devices; a backend already started with another count is an error, not a silent no-op.
+  """
+  if not count:
+    return
+  flag = "--xla_force_host_platform_device_count"
+  if jax._src.xla_bridge.backends_are_initialized():  # pylint: disable=protected-access
+    have = len(jax.devices("cpu"))
+    if have != count:
+      raise ValueError(f"mesh.host_devices={count}, but JAX already started with {have} CPU "
+                       f"device(s); set it before the first JAX call (or {flag} in XLA_FLAGS)")
+    return
+  kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(flag + "=")]
+  os.environ["XLA_FLAGS"] = " ".join(kept + [f"{flag}={count}"])
+
+
 def build_mesh(cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  return sharding.make_mesh({a: cfg[a] for a in sharding.MESH_AXES})
+  """The training mesh: all devices, or with `mesh.rollout_data` set, the first ones its sizes
+  name (the others may serve the rollout mesh alone)."""
+  shape = {a: cfg[a] for a in sharding.MESH_AXES}
+  devices = jax.devices()
+  if cfg.rollout_data and -1 not in shape.values():
+    devices = devices[:math.prod(shape.values())]
+  return sharding.make_mesh(shape, devices)
+
+
+def build_rollout_mesh(cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh | None:
+  """The sampler's own data-parallel mesh (`mesh.rollout_data` devices), or None: the training
+  mesh samples."""
+  n = cfg.rollout_data
+  if not n:
+    return None
+  if jax.process_count() > 1:
+    raise ValueError(f"mesh.rollout_data={n} is for one process; with {jax.process_count()} "
+                     "processes the sampler runs on the training mesh (set mesh.rollout_data=0)")
+  devices = jax.devices()
+  if n > len(devices):
+    raise ValueError(f"mesh.rollout_data={n}, but only {len(devices)} device(s) are here "
+                     "(on CPU, mesh.host_devices splits the host into more)")
+  return sharding.make_mesh({"data": n}, devices[:n])
 
 
 def mesh_rules(config: ml_collections.ConfigDict):

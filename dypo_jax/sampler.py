@@ -245,12 +245,7 @@ class Sampler:
     self.cache_dtype = jnp.dtype(cache_dtype or model_config.dtype)
     self.trace_count = 0  # Incremented each time `_generate` is traced (= compiled).
     self._param_shardings = None
-    if mesh is None:
-      self.batch_shards = 1
-    else:
-      spec = sharding_lib.logical_to_spec(("batch",), self.rules)[0]
-      axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
-      self.batch_shards = int(np.prod([mesh.shape[a] for a in axes]))
+    self.batch_shards = 1 if mesh is None else sharding_lib.batch_shards(mesh, self.rules)
     self._generate_jit = jax.jit(
         self._generate, static_argnames=("num_samples", "max_new_tokens", "mode"))
 

@@ -188,3 +188,8 @@ def devices_summary(mesh: jax.sharding.Mesh) -> str:
 def host_local_array(x) -> np.ndarray:
   """A fully-addressable copy on the host (process 0's view when replicated)."""
   return np.asarray(jax.device_get(x))
+
+
+def batch_shards(mesh: jax.sharding.Mesh, rules: Rules) -> int:
+  """How many ways the logical "batch" axis splits on `mesh` under `rules`."""
+  return int(math.prod(mesh.shape[a] for a in batch_axes(rules)))

@@ -16,6 +16,10 @@ response right-padded to T):
 per row; a Mid item holds its K rollouts; LUFFY-style mixing holds K-1 rollouts and the teacher
 trace as an off-policy row. U itself comes in a few buckets (the smallest that holds the batch is
 used), so an all-Hard batch does not pay for the rows an all-Mid batch needs.
+A batch of groups alone (no packed Hard slot: `slots_share_prompts`) compiles with
+`StepConfig.shared_prompt`: each slot's prompt runs once into a KV cache and its K responses run
+against copies of it (`_shared_prompt_hidden`), the same maths at 1/K of the prompt's cost; a
+batch with packed Hard slots runs every row whole.
 Micro-batches are a `lax.scan` over strided slices of U; every loss divides by a denominator computed
 over the whole batch first, so the summed micro-batch losses and gradients equal the big batch's.
 The model runs on a micro-batch's rows flattened to [U/M * K, L] and split over the batch shards
@@ -73,6 +77,9 @@ class StepConfig:
   pallas_interpret: bool
   use_gal: bool  # Static: skip GAL's work in methods that never weight it.
   per_term_grad_norms: bool  # One backward per term (3x backward cost) for the §5 metrics.
+  # Static: every slot's K rows share their prompt (no packed Hard slot in the batch), so each
+  # prompt runs once per slot and its K responses read its KV cache (`_shared_prompt_hidden`).
+  shared_prompt: bool = False
 
 
 def micro_batch_error(*, items: int, micro_batches: int, k: int, batch_shards: int) -> str | None:
@@ -134,18 +141,52 @@ def make_optimizer(*, learning_rate: float, schedule: str, warmup_steps: int, to
 
 
 def _response_logprobs(graphdef, params, tokens, input_mask, row_temperature, cfg: StepConfig):
-  """Per-token log-probs and entropy of the response tokens [N, T] under `params`."""
+  """Per-token log-probs and entropy [U * K, T] of the response tokens of [U, K, L] rows."""
   model = nnx.merge(graphdef, params)
-  inputs, in_mask = tokens[:, :-1], input_mask[:, :-1]
-  hidden, _ = model.forward(inputs, positions=models.positions_from_mask(in_mask),
-                            attention_mask=models.causal_mask(in_mask), return_hidden=True)
-  # Position P-1+t predicts response token t. A per-row temperature is a per-row scale of the
-  # hidden state, since the LM head is linear.
-  hidden = hidden[:, cfg.prompt_len - 1:]  # [N, T, D]
+  u, k, l = tokens.shape
+  if cfg.shared_prompt:
+    hidden = _shared_prompt_hidden(model, tokens, input_mask, cfg.prompt_len)
+  else:
+    inputs = tokens.reshape(u * k, l)[:, :-1]
+    in_mask = input_mask.reshape(u * k, l)[:, :-1]
+    hidden, _ = model.forward(inputs, positions=models.positions_from_mask(in_mask),
+                              attention_mask=models.causal_mask(in_mask), return_hidden=True)
+    # Position P-1+t predicts response token t.
+    hidden = hidden[:, cfg.prompt_len - 1:]  # [N, T, D]
+  # A per-row temperature is a per-row scale of the hidden state, since the LM head is linear.
   hidden = hidden / row_temperature[:, None, None].astype(hidden.dtype)
   return losses.token_logprobs(hidden=hidden, lm_head=model.lm_head_kernel(),
-                               targets=tokens[:, cfg.prompt_len:], vocab_chunk=cfg.vocab_chunk,
-                               impl=cfg.logprob_impl, pallas_interpret=cfg.pallas_interpret)
+                               targets=tokens.reshape(u * k, l)[:, cfg.prompt_len:],
+                               vocab_chunk=cfg.vocab_chunk, impl=cfg.logprob_impl,
+                               pallas_interpret=cfg.pallas_interpret)
+
+
+def _shared_prompt_hidden(model, tokens, input_mask, p: int) -> jax.Array:
+  """The hidden states [U * K, T, D] that predict the response tokens, one prompt pass per slot.
+
+  Every slot's K rows hold the same left-padded prompt (a Mid group and its LUFFY row). The
+  prompt runs once into a KV cache; the K responses run against K copies of it, so the prompt's
+  forward and backward cost 1/K of the row-by-row path's. Same maths as that path: position
+  P-1 (the prompt's last token) predicts response token 0, and position P-1+t token t.
+  """
+  u, k, l = tokens.shape
+  n, s = u * k, l - 1  # Rows; keys: every input position (the last token predicts nothing).
+  in_mask = input_mask[:, :, :s].reshape(n, s)
+  positions = models.positions_from_mask(in_mask)  # [N, S]
+  prompt_keys = jnp.pad(input_mask[:, 0, :p], ((0, 0), (0, s - p)))  # [U, S]
+  prompt_causal = jnp.tril(jnp.ones((p, s), jnp.bool_))  # Query i sees keys j <= i.
+  cache = models.KVCache.zeros(model.config, u, s)
+  prompt_hidden, cache = model.forward(
+      tokens[:, 0, :p], positions=positions.reshape(u, k, s)[:, 0, :p],
+      attention_mask=prompt_causal[None] & prompt_keys[:, None, :], cache=cache,
+      return_hidden=True)
+  response_causal = jnp.arange(s)[None, :] <= jnp.arange(p, s)[:, None]  # [T-1, S]
+  response_hidden, _ = model.forward(
+      tokens[:, :, p:s].reshape(n, s - p), positions=positions[:, p:],
+      attention_mask=response_causal[None] & in_mask[:, None, :], cache=cache.repeat(k),
+      return_hidden=True)
+  last_prompt = jnp.repeat(prompt_hidden[:, -1:], k, axis=0)  # [N, 1, D]
+  return jnp.concatenate([last_prompt, response_hidden], axis=1)
 
 
 def _masks(batch):
@@ -177,8 +218,7 @@ def _loss_terms(params, ref_params, graphdef, mb, denoms, cfg: StepConfig):
   u, k, l = mb["tokens"].shape
   t = l - cfg.prompt_len
   n = u * k
-  tokens = mb["tokens"].reshape(n, l)
-  input_mask = mb["input_mask"].reshape(n, l)
+  tokens, input_mask = mb["tokens"], mb["input_mask"]
   row_kind = mb["row_kind"].reshape(n)
   temp = jnp.where(row_kind == ROW_TEACHER_SFT, 1.0, cfg.temperature).astype(jnp.float32)
   logp, entropy = _response_logprobs(graphdef, params, tokens, input_mask, temp, cfg)
@@ -379,6 +419,13 @@ def layout_batch(hard: Sequence[Any], mid: Sequence[Any], *, slot_buckets: Seque
       offline += 1
     slot += 1
   return batch, offline
+
+
+def slots_share_prompts(batch: dict[str, np.ndarray], prompt_len: int) -> bool:
+  """Whether every slot's K rows hold one prompt (true unless a packed Hard slot is there)."""
+  prompts = batch["tokens"][:, :, :prompt_len]
+  masks = batch["input_mask"][:, :, :prompt_len]
+  return bool((prompts == prompts[:, :1]).all() and (masks == masks[:, :1]).all())
 
 
 def batch_spec_shapes(*, items: int, k: int, prompt_len: int, max_len: int) -> dict[str, tuple]:

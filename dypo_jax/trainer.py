@@ -131,9 +131,12 @@ class Trainer:
     # Model, reference and optimizer state, all sharded by the rules.
     self.graphdef, params = nnx.split(model, nnx.Param)
     self.model_config = model.config
+    # Rollouts run on the training mesh, or on their own data-parallel one (mesh.rollout_data):
+    # the sampler copies the parameters onto its mesh at each call.
     self.sampler = sampler_lib.Sampler(
         self.graphdef, model_config=model.config, pad_id=self.pad_id,
-        prompt_buckets=tuple(sp.prompt_buckets), mesh=mesh, rules=self.rules)
+        prompt_buckets=tuple(sp.prompt_buckets),
+        mesh=runtime.build_rollout_mesh(config.mesh) or mesh, rules=self.rules)
     longest = max(len(p) for p in self.prompt_tokens)
     self.prompt_len = self.sampler.bucket_for(longest, self.max_len)
     if longest > self.prompt_len:
@@ -151,7 +154,7 @@ class Trainer:
     self.ref_params = jax.tree.map(jnp.copy, params)
 
     split = dict(micro_batches=tr.micro_batches, k=self.k,
-                 batch_shards=self.sampler.batch_shards)
+                 batch_shards=sharding.batch_shards(mesh, self.rules))
     error = step_lib.micro_batch_error(items=tr.update_prompts, **split)
     if error:
       raise ValueError(error)
@@ -185,10 +188,18 @@ class Trainer:
           out_shardings=(self.state_shardings, replicated))
 
     # The per-term gradient norms cost a backward pass per loss term: only updates that are
-    # logged compute them (a second compiled variant of the same step).
-    self.train_step = jit_step(dataclasses.replace(step_cfg, per_term_grad_norms=False))
-    self.train_step_with_term_norms = (jit_step(step_cfg) if step_cfg.per_term_grad_norms
-                                       else self.train_step)
+    # logged compute them. A batch of groups alone (no packed Hard slot) runs each prompt once
+    # (`StepConfig.shared_prompt`). Each variant compiles on first use.
+    self._steps = {}
+
+    def step_for(*, shared_prompt: bool, term_norms: bool):
+      key = (shared_prompt and tr.shared_prompt, term_norms and step_cfg.per_term_grad_norms)
+      if key not in self._steps:
+        self._steps[key] = jit_step(dataclasses.replace(
+            step_cfg, shared_prompt=key[0], per_term_grad_norms=key[1]))
+      return self._steps[key]
+
+    self.step_for = step_for
 
     self.queues = queues_lib.QueueSet()
     self.stream = PromptStream(len(train), seed=config.seed, shuffle=config.data.shuffle)
@@ -395,7 +406,8 @@ class Trainer:
     step = int(self.state.step)
     key = jax.random.fold_in(jax.random.fold_in(self.rng, 3), step)
     logged = (step + 1) % self.config.train.log_every == 0 or step + 1 == self.config.train.num_steps
-    fn = self.train_step_with_term_norms if logged else self.train_step
+    fn = self.step_for(shared_prompt=step_lib.slots_share_prompts(batch, self.prompt_len),
+                       term_norms=logged)
     self.state, metrics = fn(self.state, self.ref_params, device_batch, key)
     return metrics
 

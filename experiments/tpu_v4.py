@@ -69,7 +69,8 @@ def get_config(variant: str = ""):
                    kl_coef=0.001, kl_estimator="k3"))
   c.optim.update(dict(learning_rate=1e-6, schedule="constant", grad_clip=1.0))
   c.train.update(dict(num_steps=500, rollout_prompts=64, update_prompts=64, micro_batches=32,
-                      per_term_grad_norms=False, log_every=1, checkpoint_every=20,
+                      per_term_grad_norms=False, shared_prompt=False,  # Remat needs the row path.
+                      log_every=1, checkpoint_every=20,
                       eval_every=50))
   c.eval.update(dict(num_samples=8, temperature=0.6, max_new_tokens=RESPONSE_LEN, pass_ks=(1, 8),
                      max_prompts=500))

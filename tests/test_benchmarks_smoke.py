@@ -30,14 +30,19 @@ def test_w1_step_tiny(method):
   for figure in ("median-based: steps/s", "rollout-only tokens/s", "first step (compile) s",
                  "peak RSS MB", "process CPU s/step"):
     assert f"RESULT dypo_jax_{method} " in out and figure in out, figure
-  assert "compiles: step 1, sampler 1" in out
+  # GRPO batches are groups only (one program); DYPO's may also hold a packed Hard slot, which
+  # takes the row-path variant (a second program, compiled once).
+  allowed = ("compiles: step 1, sampler 1",) + (
+      ("compiles: step 2, sampler 1",) if method == "dypo" else ())
+  assert any(a in out for a in allowed), out[-500:]
 
 
 @pytest.mark.slow
 def test_profile_step_tiny():
   out = _run([sys.executable, "benchmarks/profile_step.py", "--tiny", "--steps", "1",
               "--warmup", "1", "--reps", "1"])
-  for needle in ("Phase shares", "reference log-probs ~", "no ref", "Compiles: step traced 1x"):
+  for needle in ("Phase shares", "reference log-probs ~", "no ref", "Compiles: step traced",
+                 "OK (1 per program)"):
     assert needle in out, needle
 
 

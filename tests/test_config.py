@@ -59,6 +59,7 @@ def test_bad_type_is_named():
     ("rl.method", "ppo", "dypo"),
     ("rl.offline_loss_type", "dpo", "sft"),
     ("model.dtype", "int8", "bfloat16"),
+    ("mesh.rollout_data", -1, r"\[0, inf\]"),
 ])
 def test_out_of_range_value_is_named_with_allowed(key, value, allowed):
   c = config_lib.base_config()
@@ -79,6 +80,12 @@ def test_relations_are_checked():
   c.model.num_kv_heads = 4
   with pytest.raises(config_lib.ConfigError, match="model.num_heads=6"):
     config_lib.validate(c)
+  c = config_lib.base_config()
+  c.model.remat = True  # The shared-prompt update reads a cache, which is not rematerialised.
+  with pytest.raises(config_lib.ConfigError, match="train.shared_prompt=True needs model.remat"):
+    config_lib.validate(c)
+  c.train.shared_prompt = False
+  config_lib.validate(c)
 
 
 def test_reward_must_be_registered_and_a_registered_one_is_accepted():

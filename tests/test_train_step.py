@@ -274,3 +274,47 @@ def test_layout_batch_packs_hard_items_and_lays_out_groups():
   np.testing.assert_array_equal(batch["tokens"][3, 3, p:p + 3], [3, 3, 0])
   assert not batch["weights"].any()  # The trainer sets the term weights.
 
+
+
+def shared_prompt_batch(seed: int = 0) -> dict[str, np.ndarray]:
+  """`make_batch` with every slot's rows holding its first row's prompt (groups only)."""
+  b = make_batch(seed)
+  b["tokens"][:, :, :_P] = b["tokens"][:, :1, :_P]
+  b["input_mask"][:, :, :_P] = b["input_mask"][:, :1, :_P]
+  return b
+
+
+def test_slots_share_prompts_tells_groups_from_packed_rows():
+  assert step_lib.slots_share_prompts(shared_prompt_batch(), _P)
+  assert not step_lib.slots_share_prompts(make_batch(), _P)  # Each row its own prompt.
+  b = shared_prompt_batch()
+  b["input_mask"][1, 2, _P - 1] = False  # Same tokens, one row's prompt a token shorter.
+  assert not step_lib.slots_share_prompts(b, _P)
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_shared_prompt_path_equals_row_path(micro_batches):
+  # One prompt pass per slot into a KV cache read by its K responses: the same losses, metrics
+  # and update as running every row whole (left-padded prompts of different lengths per slot).
+  batch = shared_prompt_batch(seed=3)
+  rows_state, rows = run_step(step_config(micro_batches=micro_batches), batch)
+  shared_state, shared = run_step(
+      step_config(micro_batches=micro_batches, shared_prompt=True), batch)
+  for name, value in rows.items():
+    np.testing.assert_allclose(shared[name], value, rtol=2e-5, atol=2e-6, err_msg=name)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               shared_state.params, rows_state.params)
+
+
+def test_shared_prompt_logprobs_equal_row_logprobs_with_chunked_vocabulary():
+  batch = shared_prompt_batch(seed=5)
+  graphdef, state, _, _, _ = make_state()
+  temp = jnp.full((_U * _K,), 0.7, jnp.float32)
+  out = {}
+  for shared in (False, True):
+    cfg = step_config(shared_prompt=shared, logprob_impl="chunked")
+    out[shared] = jax.jit(lambda p, cfg=cfg: step_lib._response_logprobs(  # pylint: disable=protected-access
+        graphdef, p, batch["tokens"], batch["input_mask"], temp, cfg))(state.params)
+  mask = batch["resp_mask"].reshape(_U * _K, _T) > 0
+  for a, b in zip(out[True], out[False]):
+    np.testing.assert_allclose(np.asarray(a)[mask], np.asarray(b)[mask], rtol=1e-5, atol=1e-5)

@@ -56,9 +56,15 @@ def test_every_method_runs_and_logs(method, tmp_path):
     assert all(r["batch/offline_ratio"] == 1.0 for r in records)
   if method in ("grpo", "luffy"):
     assert all(r["batch/weight_sft"] == 0.0 for r in records)
-  # One compiled update per slot bucket used (at most three), and per variant (with per-term
-  # gradient norms on logged updates; every update is logged here).
-  assert 1 <= trainer.step_trace_count <= len(trainer.slot_buckets) <= 3
+  # One compiled update per slot bucket used (at most three) and per variant used: per-term
+  # gradient norms on logged updates (every update here), and the shared-prompt path for
+  # batches of groups alone (packed Hard slots take the row path).
+  assert 1 <= trainer.step_trace_count <= 2 * len(trainer.slot_buckets) <= 6
+  shared_variants = {shared for shared, _ in trainer._steps}  # pylint: disable=protected-access
+  if method in ("grpo", "luffy"):
+    assert shared_variants == {True}
+  if method == "sft":
+    assert shared_variants == {False}
 
 
 @pytest.mark.slow
