@@ -12,7 +12,8 @@ Programs (`--what`):
   train     the DYPO update exactly as the Trainer jits it: `train_step.build_train_step` with the
             config's StepConfig, the TrainState donated, the optimizer state sharded as
             `jit(tx.init)` propagates it, the reference parameters beside it, and the fixed
-            update batch [U, K, P + T];
+            update batch [U, K, P + T]; the row path, which any batch may take (with
+            train.shared_prompt, batches of groups alone take the cached-prompt variant);
   generate  the sampler's jitted `_generate` (prefill of B prompts, then the `while_loop` decode of
             B * K rows over a [B * K, P + T] KV cache), B = train.rollout_prompts.
 P is the worst case the Trainer can pick: the largest prompt bucket, capped by model.max_seq_len

@@ -34,20 +34,18 @@ def maybe_initialize_distributed(cfg: ml_collections.ConfigDict) -> None:
 def configure_host_devices(count: int) -> None:
   """Splits a CPU host into `count` XLA devices (`mesh.host_devices`; 0 leaves XLA's default).
 
-  XLA reads the count once, when its CPU backend starts, so this runs before anything asks JAX
+  JAX reads the count once, when its CPU backend starts, so this runs before anything asks JAX
   for devices; a backend already started with another count is an error, not a silent no-op.
   """
   if not count:
     return
-  flag = "--xla_force_host_platform_device_count"
-  if jax._src.xla_bridge.backends_are_initialized():  # pylint: disable=protected-access
+  try:
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError:  # The backend has started: fine if it has the count asked for.
     have = len(jax.devices("cpu"))
     if have != count:
       raise ValueError(f"mesh.host_devices={count}, but JAX already started with {have} CPU "
-                       f"device(s); set it before the first JAX call (or {flag} in XLA_FLAGS)")
-    return
-  kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(flag + "=")]
-  os.environ["XLA_FLAGS"] = " ".join(kept + [f"{flag}={count}"])
+                       "device(s); set it before the first JAX call") from None
 
 
 def build_mesh(cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh:

@@ -171,35 +171,8 @@ class Trainer:
         name: (sharding.batch_sharding(mesh, self.rules, len(shape)) if name != "weights"
                else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         for name, (shape, _) in shapes.items()}
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     self.step_trace_count = 0
-
-    def jit_step(cfg: step_lib.StepConfig):
-      step_fn = step_lib.build_train_step(self.graphdef, cfg, self.tx, self.schedule)
-
-      def counted_step(*args):
-        self.step_trace_count += 1
-        return step_fn(*args)
-
-      return jax.jit(
-          counted_step, donate_argnums=(0,),
-          in_shardings=(self.state_shardings, self.param_shardings, self.batch_shardings,
-                        replicated),
-          out_shardings=(self.state_shardings, replicated))
-
-    # The per-term gradient norms cost a backward pass per loss term: only updates that are
-    # logged compute them. A batch of groups alone (no packed Hard slot) runs each prompt once
-    # (`StepConfig.shared_prompt`). Each variant compiles on first use.
-    self._steps = {}
-
-    def step_for(*, shared_prompt: bool, term_norms: bool):
-      key = (shared_prompt and tr.shared_prompt, term_norms and step_cfg.per_term_grad_norms)
-      if key not in self._steps:
-        self._steps[key] = jit_step(dataclasses.replace(
-            step_cfg, shared_prompt=key[0], per_term_grad_norms=key[1]))
-      return self._steps[key]
-
-    self.step_for = step_for
+    self._steps = {}  # (shared_prompt, per_term_grad_norms) -> the jitted update.
 
     self.queues = queues_lib.QueueSet()
     self.stream = PromptStream(len(train), seed=config.seed, shuffle=config.data.shuffle)
@@ -395,6 +368,32 @@ class Trainer:
             "batch/mid_items": n_m, "batch/weight_sft": weights[0],
             "batch/weight_grpo": weights[1], "batch/weight_gal": weights[2]}
     return batch, info
+
+  def step_for(self, *, shared_prompt: bool, term_norms: bool):
+    """The jitted update for a batch, compiled on first use.
+
+    A batch of groups alone (no packed Hard slot) runs each prompt once
+    (`StepConfig.shared_prompt`, when `train.shared_prompt` allows it). The per-term gradient
+    norms cost a backward pass per loss term, so only updates that are logged compute them.
+    """
+    cfg = dataclasses.replace(
+        self.step_cfg, shared_prompt=shared_prompt and self.config.train.shared_prompt,
+        per_term_grad_norms=term_norms and self.step_cfg.per_term_grad_norms)
+    key = (cfg.shared_prompt, cfg.per_term_grad_norms)
+    if key not in self._steps:
+      step_fn = step_lib.build_train_step(self.graphdef, cfg, self.tx, self.schedule)
+
+      def counted_step(*args):
+        self.step_trace_count += 1
+        return step_fn(*args)
+
+      replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+      self._steps[key] = jax.jit(
+          counted_step, donate_argnums=(0,),
+          in_shardings=(self.state_shardings, self.param_shardings, self.batch_shardings,
+                        replicated),
+          out_shardings=(self.state_shardings, replicated))
+    return self._steps[key]
 
   def update(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
     # Every process holds the whole host batch and places only the shards its devices hold (a

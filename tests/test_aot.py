@@ -78,17 +78,16 @@ def test_unknown_config_key_is_named_before_compiling():
 
 def test_micro_batches_of_fewer_items_than_batch_shards_compile():
   # One item (K = 8 rows) per micro-batch on 2 batch shards: its rows are split, 4 a chip.
-  proc = _run(["-m", "dypo_jax.aot", "--config=experiments/cpu_tiny.py:quick",
-               "--topology=v4:2x2x1", "--what=train", "--config.mesh.fsdp=2",
-               "--config.mesh.tensor=2", "--config.train.update_prompts=4",
-               "--config.train.micro_batches=4", "--config.train.per_term_grad_norms=False"])
+  tiny_train_on_v4 = ["-m", "dypo_jax.aot", "--config=experiments/cpu_tiny.py:quick",
+                      "--topology=v4:2x2x1", "--what=train", "--config.train.update_prompts=4",
+                      "--config.train.micro_batches=4"]
+  proc = _run(tiny_train_on_v4 + ["--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+                                  "--config.train.per_term_grad_norms=False"])
   assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
   assert "activation (rows, sequence) over (('data', 'fsdp'), ())" in proc.stdout, proc.stdout
   assert re.search(r"train .* U=4 K=8 L=\d+\+\d+ micro=4\n", proc.stdout), proc.stdout
   # Rows that do not divide over the batch shards are refused, as the Trainer refuses them.
-  proc = _run(["-m", "dypo_jax.aot", "--config=experiments/cpu_tiny.py:quick",
-               "--topology=v4:2x2x1", "--what=train", "--config.mesh.fsdp=4",
-               "--config.mesh.tensor=1", "--config.rl.num_samples=2",
-               "--config.train.update_prompts=4", "--config.train.micro_batches=4"])
+  proc = _run(tiny_train_on_v4 + ["--config.mesh.fsdp=4", "--config.mesh.tensor=1",
+                                  "--config.rl.num_samples=2"])
   assert proc.returncode == 1, proc.stdout + proc.stderr[-4000:]
   assert "2 rows, which must be a multiple of the 4 batch shards" in proc.stdout, proc.stdout
