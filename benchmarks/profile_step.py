@@ -77,6 +77,8 @@ def step_variants(trainer, batch: dict[str, np.ndarray], reps: int) -> dict[str,
       "logprob_impl=full": dataclasses.replace(base, logprob_impl="full"),
       f"shared_prompt={not base.shared_prompt}": dataclasses.replace(
           base, shared_prompt=not base.shared_prompt),
+      f"shared_prompt={not base.shared_prompt}, logprob_impl=full": dataclasses.replace(
+          base, shared_prompt=not base.shared_prompt, logprob_impl="full"),
   }
   device_batch = {name: jax.device_put(value, trainer.batch_shardings[name])
                   for name, value in batch.items()}

@@ -81,14 +81,16 @@ class KVCache:
   Prompts are left-padded to a common length, so one write index serves the whole batch; which
   slots are real tokens is the caller's attention mask.
   """
-  k: tuple[jax.Array, ...]  # L x [B, S, KV, H]
-  v: tuple[jax.Array, ...]  # L x [B, S, KV, H]
+  # Slots on the third axis, so a decode step's attention reads the cache as laid out (with the
+  # slots second, XLA:CPU copied the whole cache into this layout at every step).
+  k: tuple[jax.Array, ...]  # L x [B, KV, S, H]
+  v: tuple[jax.Array, ...]  # L x [B, KV, S, H]
   end_index: jax.Array  # [] int32
 
   @classmethod
   def zeros(cls, config: ModelConfig, batch: int, length: int, dtype=None) -> "KVCache":
     dtype = jnp.dtype(dtype or config.dtype)
-    shape = (batch, length, config.num_kv_heads, config.head_dim)
+    shape = (batch, config.num_kv_heads, length, config.head_dim)
     return cls(
         k=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
         v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
@@ -96,7 +98,7 @@ class KVCache:
 
   @property
   def length(self) -> int:
-    return self.k[0].shape[1]
+    return self.k[0].shape[2]
 
   def repeat(self, n: int) -> "KVCache":
     """Each batch row repeated n times in place ([B, ...] -> [B*n, ...]): k samples per prompt."""
@@ -146,12 +148,17 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 def _attention(q, k, v, mask):
-  """softmax(q k^T / sqrt(H)) v. q [B, T, KV, G, H], k/v [B, S, KV, H], mask [B, T, S]."""
-  logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+  """softmax(q k^T / sqrt(H)) v. q [B, T, KV, G, H], k/v [B, KV, S, H], mask [B, T, S]."""
+  logits = jnp.einsum("BTKGH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32)
   logits = logits * (q.shape[-1] ** -0.5)
   logits = jnp.where(mask[:, None, None, :, :], logits, _MASK_VALUE)
   probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
-  return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)  # [B, T, KV, G, H]
+  if q.shape[1] > 1:
+    return jnp.einsum("BKGTS,BKSH->BTKGH", probs, v)  # [B, T, KV, G, H]
+  # A decode step: asked for [B, T, KV, G, H] directly, XLA:CPU contracted the cache as a
+  # transposed operand (a slow dot); as [G, S] x [S, H] per (B, KV) it is a plain product.
+  out = jnp.einsum("BKGTS,BKSH->BKGTH", probs, v)
+  return jnp.transpose(out, (0, 3, 1, 2, 4))
 
 
 def _chunked_attention(q, k, v, mask, chunk: int):
@@ -199,7 +206,7 @@ class Attention(nnx.Module):
       self.k_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, axis_name="head_dim", param_dtype=pd)
 
   def __call__(self, x, *, positions, attention_mask, layer_cache, end_index):
-    """x [B, T, D]; attention_mask [B, T, S]; layer_cache (k, v) [B, S, KV, H] or None."""
+    """x [B, T, D]; attention_mask [B, T, S]; layer_cache (k, v) [B, KV, S, H] or None."""
     c = self.config
     dt = x.dtype
     q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj.value.astype(dt))
@@ -213,10 +220,11 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     q = apply_rope(q, positions, c.rope_theta)
     k = apply_rope(k, positions, c.rope_theta)
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, KV, T, H], the cache's layout.
 
     if layer_cache is not None:
       cache_k, cache_v = layer_cache
-      start = (0, end_index, 0, 0)
+      start = (0, 0, end_index, 0)
       k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
       v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
       new_cache = (k, v)
