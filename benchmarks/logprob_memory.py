@@ -6,7 +6,8 @@ For loss = sum(w_logp * logp) + sum(w_ent * entropy) and its gradient w.r.t. hid
 lm_head [D, V], prints the compiled memory (`jax.jit(f).lower(...).compile().memory_analysis()`:
 argument + output + temp bytes) and the wall time of:
   full     jax.nn.log_softmax over the [M, V] float32 logits (reference_token_logprobs);
-  fused    dypo_jax.kernels.logprob.fused_token_logprobs (Pallas; interpret mode on CPU);
+  fused    the Pallas kernel: dypo_jax.kernels.logprob_gpu (Triton) on a GPU,
+           dypo_jax.kernels.logprob (Mosaic) otherwise, in interpret mode on CPU;
   chunked  (--chunked) token_logprobs(..., impl="chunked") from dypo_jax.losses or
            dypo_jax.logprobs, whichever exists.
 Memory is compiled at the full size without running it. On CPU the full path at M = 4096 needs
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dypo_jax.kernels import logprob
+from dypo_jax.kernels import logprob_gpu
 
 _MIB = 2**20
 
@@ -46,8 +48,8 @@ def _parse_args(argv):
   parser.add_argument("--embed", type=int, default=896, help="D")
   parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
   parser.add_argument("--temperature", type=float, default=1.0)
-  parser.add_argument("--block_m", type=int, default=256)
-  parser.add_argument("--block_v", type=int, default=512)
+  parser.add_argument("--block_m", type=int, default=None, help="default: the kernel's")
+  parser.add_argument("--block_v", type=int, default=None, help="default: the kernel's")
   parser.add_argument("--time_tokens", type=int, default=None,
                       help="tokens for the wall-time runs; 0 skips timing; default: --tokens on "
                            "an accelerator, 256 on CPU")
@@ -154,13 +156,17 @@ def main(argv):
     time_tokens = 0
   interpret = backend == "cpu" and not on_tpu_target
 
-  common = dict(temperature=args.temperature, block_m=args.block_m, block_v=args.block_v)
+  kernel = logprob_gpu if backend == "gpu" and not on_tpu_target else logprob
+  blocks = {k: v for k, v in (("block_m", args.block_m), ("block_v", args.block_v)) if v}
+  common = dict(temperature=args.temperature)
   paths = {
       "full": _loss_and_grads(logprob.reference_token_logprobs, **common),
-      "fused": _loss_and_grads(logprob.fused_token_logprobs, interpret=interpret, **common),
+      "fused": _loss_and_grads(kernel.fused_token_logprobs, interpret=interpret, **common,
+                               **blocks),
   }
   notes = {"full": "jax.nn.log_softmax on [M, V] f32 logits",
-           "fused": "Pallas " + ("interpret mode (CPU emulation)" if interpret else "compiled")}
+           "fused": f"Pallas {kernel.__name__.rsplit('.', 1)[-1]} "
+                    + ("interpret mode (CPU emulation)" if interpret else "compiled")}
   if args.chunked:
     chunked = _chunked_fn()
     if chunked is None:
@@ -175,7 +181,7 @@ def main(argv):
     target = f"compile-only {device.device_kind} of {args.tpu_topology}"
   print(f"jax {jax.__version__}; memory compiled for {target}")
   print(f"M={m} D={d} V={v} dtype={args.dtype} temperature={args.temperature} "
-        f"blocks={args.block_m}x{args.block_v}; forward + backward w.r.t. hidden and lm_head")
+        f"blocks={blocks or 'kernel defaults'}; forward + backward w.r.t. hidden and lm_head")
   if time_tokens:
     print(f"wall time: median of {args.iters} runs after a warm-up, at M={time_tokens}"
           + (f" (reduced from M={m})" if time_tokens != m else ""))

@@ -50,7 +50,8 @@ def base_config() -> ml_collections.ConfigDict:
       # whose config.json then overrides the architecture fields.
       init="random", hf_path="",
       # How per-token log-probs are computed from the last hidden state (never chosen silently):
-      # "chunked" jnp scan over vocab chunks (CPU default), "pallas" fused kernel (TPU/GPU),
+      # "chunked" jnp scan over vocab chunks (CPU default), "pallas" fused kernel (Mosaic on
+      # TPU, Triton on GPU; pallas_interpret=True runs it interpreted, e.g. on CPU),
       # "full" materialises [B, T, V] (tests, tiny vocabularies).
       logprob_impl="chunked", vocab_chunk=4096, pallas_interpret=False,
   ))

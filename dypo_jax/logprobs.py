@@ -11,8 +11,9 @@ distribution. Three implementations share one signature:
   recomputes each chunk's logits in the backward pass, so neither pass holds more than [M, C]
   logits. The last chunk is shifted left to end exactly at V and the columns it shares with the
   previous chunk are masked to -inf, so V need not divide by C and lm_head is never padded/copied.
-- "pallas": the fused kernel in `dypo_jax.kernels.logprob` (imported lazily; compiled on TPU,
-  interpreted on CPU; it wants hidden and lm_head in the same dtype).
+- "pallas": a fused Pallas kernel, imported lazily: on a GPU backend the Triton one
+  (`dypo_jax.kernels.logprob_gpu`), otherwise the Mosaic one (`dypo_jax.kernels.logprob`,
+  compiled on TPU, interpreted on CPU). Both want hidden and lm_head in the same dtype.
 
 Streaming identities, per token, over the chunks seen so far (z the scaled logits, m the running
 max): s = sum exp(z - m), u = sum exp(z - m) (z - m). Then logZ = m + log s, E_p[z] = m + u / s,
@@ -173,8 +174,9 @@ def token_logprobs(
     vocab_chunk: vocabulary chunk width C for impl="chunked" (need not divide V).
     impl: "chunked" (default, O(M*C) memory forward and backward), "full" (reference) or
       "pallas" (dypo_jax.kernels.logprob.fused_token_logprobs).
-    pallas_interpret: for impl="pallas": run the Pallas interpreter (True), compile with Mosaic
-      (False; TPU only) or decide by backend (None: interpreter on CPU only).
+    pallas_interpret: for impl="pallas": run the Pallas interpreter (True), compile the kernel
+      for the backend (False: Mosaic on TPU, Triton on GPU) or decide by backend (None:
+      interpreter on CPU only).
 
   Returns:
     (logp [N, T] float32, entropy [N, T] float32); both differentiable w.r.t. hidden and lm_head.
@@ -199,9 +201,11 @@ def token_logprobs(
     inv_temp = 1.0 / jnp.asarray(temperature, jnp.float32)
     logp, entropy = _chunked(hidden2d, lm_head, targets1d, inv_temp, int(vocab_chunk))
   else:
-    from dypo_jax.kernels import logprob  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from dypo_jax.kernels import logprob, logprob_gpu
+    kernel = logprob_gpu if jax.default_backend() == "gpu" else logprob
     # The kernel takes one dtype for both operands (the compute dtype of the hidden state).
-    logp, entropy = logprob.fused_token_logprobs(
+    logp, entropy = kernel.fused_token_logprobs(
         hidden2d, lm_head.astype(hidden2d.dtype), targets1d, temperature=temperature,
         interpret=pallas_interpret)
   return logp.reshape(n, t), entropy.reshape(n, t)

@@ -34,7 +34,8 @@ and its gradient are never copied (padding V=151,936 to 512-column blocks would 
 Backends: the kernels are written for TPU (Mosaic): BlockSpecs with index maps, a sequential
 ("arbitrary") grid axis with VMEM scratch accumulators, blocks of (8k, 128k). With
 `interpret=True` they run anywhere (CPU, GPU) through the Pallas interpreter: exact but slow.
-Compiled GPU (Triton) is not supported by this kernel: its grid axes are not sequential.
+Compiled GPU (Triton) is not supported by this kernel (its grid axes are not sequential):
+`logprob_gpu` is the GPU version, with the same signature.
 `interpret=None` picks True when `jax.default_backend() == "cpu"`, else False; callers that read a
 config should pass it explicitly.
 
@@ -68,26 +69,29 @@ def _resolve_interpret(interpret: bool | None) -> bool:
   return interpret
 
 
-def _check_inputs(hidden, lm_head, targets, temperature, block_m, block_v):
-  """Raises ValueError naming the offending tensor / argument."""
+def check_operands(name, hidden, lm_head, targets, temperature):
+  """Raises ValueError naming the offending tensor (shared by the TPU and GPU kernels)."""
   if hidden.ndim != 2 or lm_head.ndim != 2 or targets.ndim != 1:
     raise ValueError(
-        f"fused_token_logprobs: want hidden [M, D], lm_head [D, V], targets [M]; got hidden "
-        f"{hidden.shape}, lm_head {lm_head.shape}, targets {targets.shape}")
+        f"{name}: want hidden [M, D], lm_head [D, V], targets [M]; got hidden {hidden.shape}, "
+        f"lm_head {lm_head.shape}, targets {targets.shape}")
   if hidden.shape[1] != lm_head.shape[0]:
-    raise ValueError(
-        f"fused_token_logprobs: hidden D={hidden.shape[1]} != lm_head D={lm_head.shape[0]}")
+    raise ValueError(f"{name}: hidden D={hidden.shape[1]} != lm_head D={lm_head.shape[0]}")
   if targets.shape[0] != hidden.shape[0]:
-    raise ValueError(
-        f"fused_token_logprobs: targets M={targets.shape[0]} != hidden M={hidden.shape[0]}")
+    raise ValueError(f"{name}: targets M={targets.shape[0]} != hidden M={hidden.shape[0]}")
   if hidden.dtype != lm_head.dtype or jnp.dtype(hidden.dtype) not in _DTYPES:
     raise ValueError(
-        f"fused_token_logprobs: hidden ({hidden.dtype}) and lm_head ({lm_head.dtype}) must share "
-        "one dtype, float32 or bfloat16")
+        f"{name}: hidden ({hidden.dtype}) and lm_head ({lm_head.dtype}) must share one dtype, "
+        "float32 or bfloat16")
   if not jnp.issubdtype(targets.dtype, jnp.integer):
-    raise ValueError(f"fused_token_logprobs: targets must be integer, got {targets.dtype}")
+    raise ValueError(f"{name}: targets must be integer, got {targets.dtype}")
   if isinstance(temperature, (int, float)) and not temperature > 0:
-    raise ValueError(f"fused_token_logprobs: temperature={temperature} must be > 0")
+    raise ValueError(f"{name}: temperature={temperature} must be > 0")
+
+
+def _check_inputs(hidden, lm_head, targets, temperature, block_m, block_v):
+  """Raises ValueError naming the offending tensor / argument."""
+  check_operands("fused_token_logprobs", hidden, lm_head, targets, temperature)
   if block_m < 1 or block_m % _SUBLANES or block_v < 1 or block_v % _LANES:
     raise ValueError(
         f"fused_token_logprobs: block_m={block_m} must be a positive multiple of {_SUBLANES} and "

@@ -66,3 +66,11 @@ def test_run_all_ours_only(tmp_path):
                         "LOG": str(tmp_path / "log.txt")})
   assert "Medians over rounds" in out
   assert "dypo_jax_grpo" in out and "dypo_jax_dypo" in out
+
+
+def test_logprob_gpu_blocks_interpreted():  # ~10 s: on CPU the kernel runs interpreted.
+  out = _run([sys.executable, "benchmarks/logprob_gpu_blocks.py", "--tokens", "32", "--embed",
+              "32", "--vocab", "512", "--iters", "1", "--settings", "2"])
+  assert "Pallas interpreter: a smoke test" in out
+  rows = [line for line in out.splitlines() if line.startswith(("xla ", "128x", "64x"))]
+  assert len(rows) == 4 and not any("failed" in r for r in rows), out

@@ -70,10 +70,11 @@ def build_trainer(config, workdir: str):
                              pools=pools)
 
 
-def subprocess_env(num_devices: int = 1) -> dict[str, str]:
+def subprocess_env(num_devices: int = 1, platforms: str = "cpu") -> dict[str, str]:
+  """Environment of a subprocess run: `num_devices` CPU devices, JAX on `platforms`."""
   env = dict(os.environ)
   env.update({
-      "JAX_PLATFORMS": "cpu",
+      "JAX_PLATFORMS": platforms,
       "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}",
       "PYTHONPATH": os.pathsep.join([REPO, TESTS, env.get("PYTHONPATH", "")]),
       "JAX_COMPILATION_CACHE_DIR": _CACHE_DIR,
@@ -112,14 +113,15 @@ def comparable_metrics(workdir: str) -> dict[int, dict]:
 
 
 def assert_same_metrics(got: dict[int, dict], want: dict[int, dict], *,
-                        rtol: float = 0.0) -> None:
-  """Every value of every step equal (floats within `rtol` if given, else exactly); a failure
-  names the first differing key."""
+                        rtol: float = 0.0, atol: float = 0.0) -> None:
+  """Every value of every step equal (floats within `rtol` / `atol` if given, else exactly); a
+  failure names the first differing key."""
   for step in sorted(want):
     assert step in got, f"step {step} missing (logged steps: {sorted(got)})"
     assert set(got[step]) == set(want[step]), (step, set(got[step]) ^ set(want[step]))
     for key in sorted(want[step]):
       a, b = got[step][key], want[step][key]
-      same = a == b or (rtol > 0 and isinstance(a, float) and isinstance(b, float)
-                        and math.isclose(a, b, rel_tol=rtol))
+      same = a == b or ((rtol > 0 or atol > 0) and isinstance(a, float)
+                        and isinstance(b, float) and math.isclose(a, b, rel_tol=rtol,
+                                                                  abs_tol=atol))
       assert same, f"step {step} {key}: {a!r} != {b!r}"
