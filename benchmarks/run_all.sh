@@ -15,10 +15,6 @@
 #   OURS_ARGS    extra arguments for w1_step.py (e.g. "--tiny" for a smoke run)
 #   LOG          where the RESULT lines are collected (default: a temporary file, printed)
 #   PYTHON       the interpreter for our scripts (default: python)
-#   GLIBC_TUNABLES  for every contender, peers included (default glibc.malloc.hugetlb=1: glibc
-#                backs its large allocations with transparent huge pages; XLA:CPU's ~100 MB
-#                per-step temp buffer is otherwise mapped afresh in 4 KiB pages, 25k page faults
-#                a step; set it to "" for glibc's default)
 set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(dirname "$HERE")
@@ -32,11 +28,9 @@ DEV_ARGS=""
 if [ "$DEVICES" -gt 1 ]; then DEV_ARGS="--devices $DEVICES"; fi
 LOG=${LOG:-$(mktemp /tmp/dypo-run-all.XXXXXX)}
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
-export GLIBC_TUNABLES=${GLIBC_TUNABLES-glibc.malloc.hugetlb=1}
 
 echo "command: bash benchmarks/run_all.sh $ROUNDS $STEPS (DEVICES=$DEVICES, OURS_ARGS='$OURS_ARGS'," \
-  "SKIP_PEERS=${SKIP_PEERS:-0}, SKIP_SAMPLER=${SKIP_SAMPLER:-0}," \
-  "GLIBC_TUNABLES='$GLIBC_TUNABLES'); RESULT lines -> $LOG"
+  "SKIP_PEERS=${SKIP_PEERS:-0}, SKIP_SAMPLER=${SKIP_SAMPLER:-0}); RESULT lines -> $LOG"
 cd "$REPO" || exit 1
 : > "$LOG"
 run() {  # run NAME CMD...: keep the RESULT lines (tagged with the round) and say if it failed
