@@ -17,8 +17,8 @@ from the saved lse and E_p[z], and adds its two products, dlogits @ lm_head[:, j
 d_hidden[i] and hidden[i]^T @ dlogits into d_lm_head[:, j], D chunk by D chunk, with atomic adds
 into float32 accumulators. The backward runs as one call per slab of vocabulary columns in a
 loop, so the d_lm_head accumulator is [D, slab] float32, cast into d_lm_head as each slab
-completes. Cost:
-4 matmuls of hidden @ lm_head size (forward 1, backward 1 recompute + 2 gradients). Memory
+completes. Cost: 4 matmuls of hidden @ lm_head size (forward 1, backward 1 recompute + 2
+gradients). Memory
 beyond the inputs and gradients: an [M, D] and a [D, slab] float32 accumulator and O(S M)
 statistics. Atomic adds make the gradients' float32 summation order vary from run to run
 (values agree to rounding). float32 inputs follow JAX's default matmul precision, as XLA's dots
@@ -29,8 +29,8 @@ and the accumulators are allocated at whole blocks (sliced after). Blocks are po
 (Triton's tensor and dot constraints).
 
 `interpret=True` runs it in the Pallas interpreter on any backend (how the CPU tests run it);
-`interpret=None` means True on CPU and compiled (Triton) otherwise; compiled needs an NVIDIA or
-AMD GPU. The TPU kernel is `logprob.fused_token_logprobs`; `dypo_jax.logprobs` picks by backend.
+`interpret=None` means True on CPU and compiled (Triton) otherwise; compiled needs a GPU (checked
+on an NVIDIA H100; BUILD_NOTES.md "GPU"). The TPU kernel is `logprob.fused_token_logprobs`; `dypo_jax.logprobs` picks by backend.
 """
 import functools
 
@@ -47,7 +47,8 @@ reference_token_logprobs = logprob.reference_token_logprobs
 _MIN_BLOCK = 16  # Triton's dot wants every dimension >= 16.
 # (block_m, block_v, block_d, num_warps, vocab_splits) by input dtype, from
 # benchmarks/logprob_gpu_blocks.py on an H100 at M=4096, D=896, V=151,936. float32 tiles are
-# twice the bytes: its bfloat16 setting asks for more shared memory than an H100 has (240 KiB).
+# twice the bytes: at the bfloat16 setting they ask for 240-288 KiB of shared memory, over an
+# H100's 227 KiB.
 _DEFAULTS = {
     jnp.dtype(jnp.bfloat16): (128, 256, 64, 8, 4),
     jnp.dtype(jnp.float32): (64, 128, 64, 4, 8),
