@@ -19,7 +19,8 @@ used), so an all-Hard batch does not pay for the rows an all-Mid batch needs.
 A batch of groups alone (no packed Hard slot: `slots_share_prompts`) compiles with
 `StepConfig.shared_prompt`: each slot's prompt runs once into a KV cache and its K responses run
 against copies of it (`_shared_prompt_hidden`), the same maths at 1/K of the prompt's cost; a
-batch with packed Hard slots runs every row whole.
+batch with packed Hard slots runs every row whole. The Trainer compiles every variant a run can
+take at a batch shape's first update (`Trainer.update_variants`), so none compiles mid-run.
 Micro-batches are a `lax.scan` over strided slices of U; every loss divides by a denominator computed
 over the whole batch first, so the summed micro-batch losses and gradients equal the big batch's.
 The model runs on a micro-batch's rows flattened to [U/M * K, L] and split over the batch shards

@@ -173,6 +173,7 @@ class Trainer:
         for name, (shape, _) in shapes.items()}
     self.step_trace_count = 0
     self._steps = {}  # (shared_prompt, per_term_grad_norms) -> the jitted update.
+    self._compiled_shapes = set()  # Batch shapes whose every update variant is compiled.
 
     self.queues = queues_lib.QueueSet()
     self.stream = PromptStream(len(train), seed=config.seed, shuffle=config.data.shuffle)
@@ -395,6 +396,43 @@ class Trainer:
           out_shardings=(self.state_shardings, replicated))
     return self._steps[key]
 
+  def update_variants(self) -> list[tuple[bool, bool]]:
+    """The (shared_prompt, term_norms) update variants that this run's batches can take.
+
+    The row path serves batches with a packed Hard slot, so only methods that queue Hard items
+    need it beside the shared one; the per-term-norm variant serves logged updates.
+    """
+    if not self.config.train.shared_prompt or self.method == "sft":
+      paths = (False,)
+    elif self.method in ("sft_then_rl", "sft_plus_rl") or (
+        self.method in _ROUTED and self.config.rl.offline_loss_type != "rl"):
+      paths = (True, False)
+    else:
+      paths = (True,)
+    if not self.step_cfg.per_term_grad_norms:
+      norms = (False,)
+    elif self.config.train.log_every == 1:
+      norms = (True,)
+    else:
+      norms = (False, True)
+    return [(path, norm) for path in paths for norm in norms]
+
+  def _compile_other_variants(self, device_batch, key, used: tuple[bool, bool]) -> None:
+    """At the first update of a batch shape, compiles the variants it did not take.
+
+    A run's first batch with a packed Hard slot (or its first logged update) would otherwise
+    compile mid-run, a stall of seconds on CPU and minutes on a large TPU program. Lowering and
+    compiling ahead fills the jit's caches: the later first call neither traces nor compiles.
+    """
+    shape = device_batch["tokens"].shape
+    if shape in self._compiled_shapes:
+      return
+    self._compiled_shapes.add(shape)
+    for shared, norms in self.update_variants():
+      if (shared, norms) != used:
+        self.step_for(shared_prompt=shared, term_norms=norms).lower(
+            self.state, self.ref_params, device_batch, key).compile()
+
   def update(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
     # Every process holds the whole host batch and places only the shards its devices hold (a
     # device_put of host data onto a multi-process sharding would first compare it across hosts).
@@ -405,9 +443,11 @@ class Trainer:
     step = int(self.state.step)
     key = jax.random.fold_in(jax.random.fold_in(self.rng, 3), step)
     logged = (step + 1) % self.config.train.log_every == 0 or step + 1 == self.config.train.num_steps
-    fn = self.step_for(shared_prompt=step_lib.slots_share_prompts(batch, self.prompt_len),
-                       term_norms=logged)
+    shared = step_lib.slots_share_prompts(batch, self.prompt_len)
+    fn = self.step_for(shared_prompt=shared, term_norms=logged)
     self.state, metrics = fn(self.state, self.ref_params, device_batch, key)
+    used = (shared and self.config.train.shared_prompt, logged and self.step_cfg.per_term_grad_norms)
+    self._compile_other_variants(device_batch, key, used)
     return metrics
 
   # --------------------------------------------------------------------------- eval and ckpt

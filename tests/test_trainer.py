@@ -7,6 +7,8 @@ import pytest
 
 from dypo_jax import config as config_lib
 from dypo_jax import metrics as metrics_lib
+from dypo_jax import queues as queues_lib
+from dypo_jax import train_step
 import tiny_runs
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,6 +67,37 @@ def test_every_method_runs_and_logs(method, tmp_path):
     assert shared_variants == {True}
   if method == "sft":
     assert shared_variants == {False}
+
+
+def _mid_item(trainer, i: int) -> queues_lib.MidItem:
+  """A group for training-pool prompt i with made-up responses (half of them rewarded)."""
+  rng = np.random.default_rng(i)
+  k, t = trainer.k, trainer.max_len
+  return queues_lib.MidItem(
+      uid=f"mid/{i}", prompt_tokens=np.asarray(trainer.prompt_tokens[i], np.int32),
+      response_tokens=rng.integers(3, 30, (k, t)), response_lengths=np.full(k, t // 2),
+      rewards=np.arange(k) % 2, shaped_rewards=np.arange(k) % 2,
+      logprobs=np.full((k, t), -1.0), step=0)
+
+
+@pytest.mark.slow
+def test_a_batch_shapes_first_update_compiles_every_variant(tmp_path):
+  """No update compiles after a batch shape's first update: a DYPO run's first batch with a
+  packed Hard slot (the row path) reuses what the first batch of groups (the shared-prompt path)
+  compiled beside its own variant."""
+  trainer = tiny_runs.build_trainer(tiny_config("dypo"), str(tmp_path))
+  norms = trainer.step_cfg.per_term_grad_norms  # Every update is logged (log_every=1).
+  assert trainer.update_variants() == [(True, norms), (False, norms)]
+  groups, _ = trainer.build_batch([], [_mid_item(trainer, i) for i in range(4)])
+  trainer.update(groups)
+  assert trainer.step_trace_count == 2  # Its own variant and the row path.
+  mixed, _ = trainer.build_batch([trainer._hard_item(i, 0) for i in range(4, 8)],  # pylint: disable=protected-access
+                                 [_mid_item(trainer, i) for i in range(3)])
+  assert mixed["tokens"].shape == groups["tokens"].shape  # 3 groups + 1 slot of 4 Hard rows.
+  assert not train_step.slots_share_prompts(mixed, trainer.prompt_len)
+  metrics = trainer.update(mixed)
+  assert trainer.step_trace_count == 2 and np.isfinite(float(metrics["loss/total"]))
+  assert set(trainer._steps) == {(True, norms), (False, norms)}  # pylint: disable=protected-access
 
 
 @pytest.mark.slow
