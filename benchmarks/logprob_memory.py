@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dypo_jax import logprobs
 from dypo_jax.kernels import logprob
-from dypo_jax.kernels import logprob_gpu
 
 _MIB = 2**20
 
@@ -156,7 +156,7 @@ def main(argv):
     time_tokens = 0
   interpret = backend == "cpu" and not on_tpu_target
 
-  kernel = logprob_gpu if backend == "gpu" and not on_tpu_target else logprob
+  kernel = logprobs.fused_kernel("tpu" if on_tpu_target else backend)
   blocks = {k: v for k, v in (("block_m", args.block_m), ("block_v", args.block_v)) if v}
   common = dict(temperature=args.temperature)
   paths = {

@@ -154,6 +154,14 @@ def _chunked_bwd(vocab_chunk, res, cotangents):
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
+def fused_kernel(backend: str):
+  """The Pallas kernel module for a JAX backend: Triton on "gpu", Mosaic otherwise (compiled on
+  "tpu", interpreted on "cpu"). Imported lazily: Pallas is not needed by the other impls."""
+  # pylint: disable-next=g-import-not-at-top
+  from dypo_jax.kernels import logprob, logprob_gpu
+  return logprob_gpu if backend == "gpu" else logprob
+
+
 def token_logprobs(
     *,
     hidden: jax.Array,
@@ -201,11 +209,8 @@ def token_logprobs(
     inv_temp = 1.0 / jnp.asarray(temperature, jnp.float32)
     logp, entropy = _chunked(hidden2d, lm_head, targets1d, inv_temp, int(vocab_chunk))
   else:
-    # pylint: disable-next=g-import-not-at-top
-    from dypo_jax.kernels import logprob, logprob_gpu
-    kernel = logprob_gpu if jax.default_backend() == "gpu" else logprob
     # The kernel takes one dtype for both operands (the compute dtype of the hidden state).
-    logp, entropy = kernel.fused_token_logprobs(
+    logp, entropy = fused_kernel(jax.default_backend()).fused_token_logprobs(
         hidden2d, lm_head.astype(hidden2d.dtype), targets1d, temperature=temperature,
         interpret=pallas_interpret)
   return logp.reshape(n, t), entropy.reshape(n, t)

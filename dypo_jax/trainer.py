@@ -417,19 +417,17 @@ class Trainer:
       norms = (False, True)
     return [(path, norm) for path in paths for norm in norms]
 
-  def _compile_other_variants(self, device_batch, key, used: tuple[bool, bool]) -> None:
-    """At the first update of a batch shape, compiles the variants it did not take.
+  def _compile_variants(self, device_batch, key) -> None:
+    """At the first update of a batch shape, compiles every variant the run can take.
 
     A run's first batch with a packed Hard slot (or its first logged update) would otherwise
     compile mid-run, a stall of seconds on CPU and minutes on a large TPU program. Lowering and
     compiling ahead fills the jit's caches: the later first call neither traces nor compiles.
     """
     shape = device_batch["tokens"].shape
-    if shape in self._compiled_shapes:
-      return
-    self._compiled_shapes.add(shape)
-    for shared, norms in self.update_variants():
-      if (shared, norms) != used:
+    if shape not in self._compiled_shapes:
+      self._compiled_shapes.add(shape)
+      for shared, norms in self.update_variants():
         self.step_for(shared_prompt=shared, term_norms=norms).lower(
             self.state, self.ref_params, device_batch, key).compile()
 
@@ -443,11 +441,10 @@ class Trainer:
     step = int(self.state.step)
     key = jax.random.fold_in(jax.random.fold_in(self.rng, 3), step)
     logged = (step + 1) % self.config.train.log_every == 0 or step + 1 == self.config.train.num_steps
-    shared = step_lib.slots_share_prompts(batch, self.prompt_len)
-    fn = self.step_for(shared_prompt=shared, term_norms=logged)
+    self._compile_variants(device_batch, key)
+    fn = self.step_for(shared_prompt=step_lib.slots_share_prompts(batch, self.prompt_len),
+                       term_norms=logged)
     self.state, metrics = fn(self.state, self.ref_params, device_batch, key)
-    used = (shared and self.config.train.shared_prompt, logged and self.step_cfg.per_term_grad_norms)
-    self._compile_other_variants(device_batch, key, used)
     return metrics
 
   # --------------------------------------------------------------------------- eval and ckpt

@@ -32,6 +32,7 @@ and the accumulators are allocated at whole blocks (sliced after). Blocks are po
 `interpret=None` means True on CPU and compiled (Triton) otherwise; compiled needs a GPU (checked
 on an NVIDIA H100; BUILD_NOTES.md "GPU"). The TPU kernel is `logprob.fused_token_logprobs`; `dypo_jax.logprobs` picks by backend.
 """
+import dataclasses
 import functools
 
 import jax
@@ -72,32 +73,42 @@ def _check_inputs(hidden, lm_head, targets, temperature, blocks):
       raise ValueError(f"{name}: {key}={value} must be a power of two >= {_MIN_BLOCK}")
 
 
+@dataclasses.dataclass(frozen=True)
 class _Dims:
   """Static sizes shared by the kernels (hashable: it is a nondiff argument of the custom_vjp)."""
+  tokens: int  # M
+  embed: int  # D
+  vocab: int  # V (of one backward slab, in `_backward_slab`)
+  bm: int
+  bv: int
+  bd: int
+  splits_wanted: int
+  num_warps: int
+  slab_wanted: int
 
-  def __init__(self, tokens, embed, vocab, bm, bv, bd, splits, num_warps, slab_cols):
-    self.tokens, self.embed, self.vocab = tokens, embed, vocab
-    self.bm, self.bv, self.bd = bm, bv, bd
-    self.nm, self.nv, self.nd = pl.cdiv(tokens, bm), pl.cdiv(vocab, bv), pl.cdiv(embed, bd)
-    self.blocks_per_split = pl.cdiv(self.nv, splits)
-    self.splits = pl.cdiv(self.nv, self.blocks_per_split)  # No split without a block.
-    self.num_warps = num_warps
-    self.slab_cols = max(1, slab_cols // bv) * bv
-    self._args = (tokens, embed, vocab, bm, bv, bd, splits, num_warps, slab_cols)
+  @property
+  def nm(self):
+    return pl.cdiv(self.tokens, self.bm)
 
-  def with_vocab(self, vocab):
-    """The same settings for a vocabulary of `vocab` columns (one backward slab)."""
-    return _Dims(*self._args[:2], vocab, *self._args[3:])
+  @property
+  def nv(self):
+    return pl.cdiv(self.vocab, self.bv)
 
-  def _key(self):
-    return (self.tokens, self.embed, self.vocab, self.bm, self.bv, self.bd, self.splits,
-            self.blocks_per_split, self.num_warps, self.slab_cols)
+  @property
+  def nd(self):
+    return pl.cdiv(self.embed, self.bd)
 
-  def __hash__(self):
-    return hash(self._key())
+  @property
+  def blocks_per_split(self):
+    return pl.cdiv(self.nv, self.splits_wanted)
 
-  def __eq__(self, other):
-    return isinstance(other, _Dims) and self._key() == other._key()
+  @property
+  def splits(self):  # No split without a block.
+    return pl.cdiv(self.nv, self.blocks_per_split)
+
+  @property
+  def slab_cols(self):  # Whole vocab blocks.
+    return max(1, self.slab_wanted // self.bv) * self.bv
 
 
 def _rows(i, dims):
@@ -246,7 +257,7 @@ def _backward_slab(hidden, lm_head, targets, inv_temp, rows, dh_acc, dims, inter
 
   Returns (dh_acc + its d_hidden contribution, d_lm_head [D, V'] in lm_head's dtype).
   """
-  dims = dims.with_vocab(lm_head.shape[1])
+  dims = dataclasses.replace(dims, vocab=lm_head.shape[1])
   dp, vp = dh_acc.shape[1], _round_up(dims.vocab, dims.bv)
   dh_acc, dw_acc = pl.pallas_call(
       functools.partial(_backward_kernel, dims=dims),
