@@ -118,8 +118,8 @@ def main():
                              prompts=args.prompts, k=args.gens, new_tokens=args.new_tokens,
                              kl_coef=args.beta, alpha=args.alpha,
                              per_term_grad_norms=args.per_term_grad_norms, num_steps=total,
-                             host_devices=args.devices)
-  w1_step.runtime.configure_host_devices(config.mesh.host_devices)
+                             host_devices=args.devices, host_reuse_memory=args.host_reuse_memory)
+  w1_step.runtime.configure_host(config.mesh)
   print(f"jax {jax.__version__} devices={jax.devices()}", flush=True)
   trainer = w1_step.build_trainer(config, num_records=args.prompts * total * 2)
   print(f"W1 {args.method}: params {trainer.sampler.config.num_params / 1e6:.3f}M, "

@@ -200,7 +200,8 @@ def make_records(n: int, *, seed: int = 0) -> list[records_lib.PromptRecord]:
 def w1_config(method: str = "grpo", *, hidden: int = 128, layers: int = 2, prompts: int = 8,
               k: int = 8, new_tokens: int = 32, kl_coef: float = 0.04, alpha: float = 0.5,
               per_term_grad_norms: bool = False, num_steps: int = 100, micro_batches: int = 1,
-              attention_chunk: int = 0, seed: int = 0, host_devices: int = 0):
+              attention_chunk: int = 0, seed: int = 0, host_devices: int = 0,
+              host_reuse_memory: bool = True):
   """The W1 config from `base_config()` (validated, then the reward set to "w1_toy")."""
   c = config_lib.base_config()
   c.seed = seed
@@ -215,6 +216,7 @@ def w1_config(method: str = "grpo", *, hidden: int = 128, layers: int = 2, promp
     # the first (whose matmuls use every core).
     c.mesh.update(dict(host_devices=host_devices, data=1, fsdp=1, tensor=1,
                        rollout_data=host_devices))
+  c.mesh.host_reuse_memory = host_reuse_memory
   c.tokenizer.template = "plain"
   c.data.shuffle = False  # The peers take the prompts in order.
   c.sampler.update(dict(max_new_tokens=new_tokens, temperature=0.9, top_p=1.0, top_k=0))
@@ -235,8 +237,9 @@ def build_trainer(config, *, num_records: int, tokenizer: WordTokenizer | None =
                   workdir: str | None = None) -> trainer_lib.Trainer:
   """A Trainer on the W1 pool of `num_records` prompts (taken in order)."""
   tok = tokenizer or make_tokenizer()
-  runtime.configure_host_devices(config.mesh.host_devices)
+  runtime.configure_host(config.mesh)
   mesh = runtime.build_mesh(config.mesh)
+  runtime.keep_host_heap(config.mesh)
   model = runtime.build_model(config, mesh, tok)
   pools = {"train": make_records(num_records, seed=config.seed), "eval_id": [], "eval_ood": []}
   workdir = workdir or tempfile.mkdtemp(prefix="dypo-w1-")
@@ -347,6 +350,9 @@ def add_size_args(ap: argparse.ArgumentParser) -> None:
   ap.add_argument("--devices", type=int, default=0,
                   help="mesh.host_devices = mesh.rollout_data = N: the CPU as N XLA devices, "
                   "rollouts split over them, the update on the first")
+  ap.add_argument("--no-host-reuse-memory", dest="host_reuse_memory", action="store_false",
+                  help="mesh.host_reuse_memory=False: async dispatch, glibc's default heap (each "
+                  "step maps its XLA temporaries afresh)")
   ap.add_argument("--tiny", action="store_true",
                   help="toy sizes for a smoke run: hidden 32, 1 layer, 2 prompts x 2, 8 tokens")
 
@@ -369,8 +375,9 @@ def main():
   config = w1_config(args.method, hidden=args.hidden, layers=args.layers, prompts=args.prompts,
                      k=args.gens, new_tokens=args.new_tokens, kl_coef=args.beta,
                      alpha=args.alpha, per_term_grad_norms=args.per_term_grad_norms,
-                     num_steps=total, host_devices=args.devices)
-  runtime.configure_host_devices(config.mesh.host_devices)
+                     num_steps=total, host_devices=args.devices,
+                     host_reuse_memory=args.host_reuse_memory)
+  runtime.configure_host(config.mesh)
   print(f"jax {jax.__version__} devices={jax.devices()}", flush=True)
   t0 = time.perf_counter()
   tok = make_tokenizer()

@@ -68,6 +68,11 @@ def base_config() -> ml_collections.ConfigDict:
       # than there are (the first ones). With host_devices on CPU, the update keeps one device's
       # multi-threaded matmuls while rollouts run one stream of rows per device.
       rollout_data=0,
+      # CPU only: run each XLA program on the calling thread (no async dispatch) and let glibc
+      # keep freed memory (large blocks from the heap, never trimmed), so a step's XLA
+      # temporaries (~100 MB at W1) reuse resident pages instead of faulting in fresh zeroed
+      # ones: W1 took 27k page faults a step without it (runtime.configure_host, BUILD_NOTES).
+      host_reuse_memory=True,
   ))
   c.distributed = ml_collections.ConfigDict(dict(
       # "auto": initialise when the environment says so (a TPU pod, or the JAX_COORDINATOR_*

@@ -9,7 +9,7 @@ distribution. Three implementations share one signature:
 - "full": the plain reference; materialises the [M, V] float32 logits.
 - "chunked": a `lax.scan` over vocabulary chunks with a streaming logsumexp. A `jax.custom_vjp`
   recomputes each chunk's logits in the backward pass, so neither pass holds more than [M, C]
-  logits. The last chunk is shifted left to end exactly at V and the columns it shares with the
+  logits. A vocabulary of at most C columns is one chunk: it takes the "full" computation. The last chunk is shifted left to end exactly at V and the columns it shares with the
   previous chunk are masked to -inf, so V need not divide by C and lm_head is never padded/copied.
 - "pallas": a fused Pallas kernel, imported lazily: on a GPU backend the Triton one
   (`dypo_jax.kernels.logprob_gpu`), otherwise the Mosaic one (`dypo_jax.kernels.logprob`,
@@ -202,7 +202,10 @@ def token_logprobs(
   n, t, d = hidden.shape
   hidden2d = hidden.reshape(n * t, d)  # [M, D]
   targets1d = targets.reshape(n * t).astype(jnp.int32)  # [M]
-  if impl == "full":
+  # A vocabulary within one chunk holds the same [M, V] logits either way; computed directly,
+  # autodiff also drops the entropy's backward when the loss does not use it (the custom_vjp
+  # would compute it against a zero cotangent).
+  if impl == "full" or (impl == "chunked" and lm_head.shape[1] <= vocab_chunk):
     logits = jnp.einsum("MD,DV->MV", hidden2d, lm_head, preferred_element_type=jnp.float32)
     logp, entropy = logprobs_from_logits(logits=logits / temperature, targets=targets1d)
   elif impl == "chunked":

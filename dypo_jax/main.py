@@ -46,12 +46,14 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   from dypo_jax import runtime  # pylint: disable=g-import-not-at-top
 
-  # Phase: platform (a CPU host split into several devices, before JAX starts its backend).
-  runtime.configure_host_devices(config.mesh.host_devices)
+  # Phase: platform (a CPU host split into devices, programs run on the calling thread), before
+  # JAX starts its backend.
+  runtime.configure_host(config.mesh)
   # Phase: distributed.
   runtime.maybe_initialize_distributed(config.distributed)
   # Phase: mesh.
   mesh = runtime.build_mesh(config.mesh)
+  runtime.keep_host_heap(config.mesh)  # CPU: XLA's per-step temporaries reuse resident pages.
   # Phase: data and tokenizer.
   pools = runtime.build_data(config, workdir)
   tokenizer = runtime.build_tokenizer(config, workdir, pools)
