@@ -64,14 +64,15 @@ def main():
     args.n, args.hidden, args.layers, args.prompts, args.gens, args.new_tokens = (
         256, 64, 1, 2, 2, 8)
   print("command: " + " ".join([os.path.basename(sys.executable)] + sys.argv), flush=True)
+  config = w1_step.w1_config(args.method, hidden=args.hidden, layers=args.layers,
+                             prompts=args.prompts, k=args.gens, new_tokens=args.new_tokens)
+  w1_step.runtime.configure_host(config.mesh)  # Before JAX starts.
   print(f"jax {jax.__version__} devices={jax.devices()} cpu count {os.cpu_count()}", flush=True)
 
   peak, rates = matmul_peak(args.n, args.peak_reps)
   print(f"matmul peak: [{args.n}x{args.n}] f32 jnp.dot median {peak / 1e9:.1f} GFLOP/s "
         f"(min {min(rates) / 1e9:.1f}, max {max(rates) / 1e9:.1f}; {len(rates)} reps)", flush=True)
 
-  config = w1_step.w1_config(args.method, hidden=args.hidden, layers=args.layers,
-                             prompts=args.prompts, k=args.gens, new_tokens=args.new_tokens)
   trainer = w1_step.build_trainer(config, num_records=args.prompts)
   mc = trainer.sampler.config
   batch = w1_step.synthetic_batch(trainer)

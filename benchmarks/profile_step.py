@@ -25,14 +25,24 @@ Finally the compile counts: the step's and the sampler's trace counters and thei
 per program: W1's batches always fill the largest slot bucket, and the step has a variant for
 batches of groups (shared prompt) and one for a batch with a packed Hard slot (row path)).
 
+With --thunks N: a jax.profiler trace of --reps calls of the trainer's own update on that batch,
+and its N costliest XLA:CPU thunks per call (the HLO instruction, its shape and JAX op name), with
+the share of dot fusions (`ynn_fusion`, `dot`) against everything else.
+
 Run (from the repository root):
-  python benchmarks/profile_step.py --steps 5
+  python benchmarks/profile_step.py --steps 5 --devices 2 --thunks 25
   python benchmarks/profile_step.py --tiny --steps 1 --reps 1
 """
 import argparse
+import collections
 import dataclasses
+import glob
+import gzip
+import json
 import os
+import re
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -103,12 +113,63 @@ def step_variants(trainer, batch: dict[str, np.ndarray], reps: int) -> dict[str,
   return out
 
 
+_HLO_LINE = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def thunk_profile(trainer, batch: dict[str, np.ndarray], reps: int, top: int) -> None:
+  """Prints the `top` costliest XLA:CPU thunks of the trainer's update (one call's share).
+
+  Runs after the compile counts: lowering the update again traces it once more.
+  """
+  key = jax.random.key(0)
+  device_batch = {name: jax.device_put(value, trainer.batch_shardings[name])
+                  for name, value in batch.items()}
+  fn = trainer.step_for(shared_prompt=step_lib.slots_share_prompts(batch, trainer.prompt_len),
+                        term_norms=False)
+  instructions = {}  # HLO instruction -> (shape, JAX op name)
+  hlo = fn.lower(trainer.state, trainer.ref_params, device_batch, key).compile().as_text()
+  for line in hlo.splitlines():
+    match = _HLO_LINE.match(line)
+    if match and match.group(1) not in instructions:
+      op = _OP_NAME.search(line)
+      instructions[match.group(1)] = (match.group(2), op.group(1) if op else "")
+
+  def call():
+    trainer.state, metrics = fn(trainer.state, trainer.ref_params, device_batch, key)
+    jax.block_until_ready(metrics)
+
+  call()
+  with tempfile.TemporaryDirectory() as where:
+    with jax.profiler.trace(where, create_perfetto_trace=True):
+      start = time.perf_counter()
+      for _ in range(reps):
+        call()
+      wall = (time.perf_counter() - start) / reps
+    with gzip.open(glob.glob(os.path.join(where, "**", "*.trace.json.gz"), recursive=True)[0]) as f:
+      events = json.load(f)["traceEvents"]
+  per_call = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e.get("name") in instructions:
+      per_call[e["name"]] += e["dur"] / 1e3 / reps  # ms
+  total = sum(per_call.values())
+  dots = sum(v for k, v in per_call.items() if k.startswith(("ynn_fusion", "dot")))
+  print(f"\nXLA:CPU thunks of the update ({len(per_call)} ran; {reps} traced calls, {1e3 * wall:.1f}"
+        f" ms a call with the profiler on): {total:.1f} ms of thunk time a call (both cores), "
+        f"{100 * dots / max(total, 1e-9):.0f}% in dot fusions")
+  for name, ms in per_call.most_common(top):
+    shape, op = instructions[name]
+    print(f"  {ms:7.2f} ms  {name:<34} {shape:<28} {op.replace('jit(counted_step)/', '')[-70:]}")
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--reps", type=int, default=5, help="timed calls per update variant")
   ap.add_argument("--method", choices=("grpo", "dypo"), default="dypo")
+  ap.add_argument("--thunks", type=int, default=0,
+                  help="also trace the update and list its N costliest XLA:CPU thunks")
   w1_step.add_size_args(ap)
   args = ap.parse_args()
   w1_step.apply_tiny(args)
@@ -201,6 +262,8 @@ def main():
         f"entries per step variant {caches[0]}, sampler {caches[1]} -> "
         f"{'OK (1 per program)' if ok else 'RECOMPILED'}")
   print(f"Peak RSS MB = {w1_step.peak_rss_mb():.0f}")
+  if args.thunks:
+    thunk_profile(trainer, batch, args.reps, args.thunks)
 
 
 if __name__ == "__main__":

@@ -45,10 +45,11 @@ BASE_QUICK = {"T": 16, "k": 2, "D": 32}
 
 
 def measure(point: dict[str, int], *, prompts: int, layers: int, reps: int, tok,
-            attention_chunk: int = 0) -> dict[str, float]:
+            attention_chunk: int = 0, host_reuse_memory: bool = True) -> dict[str, float]:
   """Compile and time the DYPO update at one (T, k, D) point."""
   config = w1_step.w1_config("dypo", hidden=point["D"], layers=layers, prompts=prompts,
-                             k=point["k"], new_tokens=point["T"], attention_chunk=attention_chunk)
+                             k=point["k"], new_tokens=point["T"], attention_chunk=attention_chunk,
+                             host_reuse_memory=host_reuse_memory)
   trainer = w1_step.build_trainer(config, num_records=prompts, tokenizer=tok)
   batch = w1_step.synthetic_batch(trainer)
   device_batch = {name: jax.device_put(value, trainer.batch_shardings[name])
@@ -121,9 +122,13 @@ def main():
                   help="timed calls per point (after one untimed; 1 when a call takes > 2 s)")
   ap.add_argument("--attention-chunk", type=int, default=0,
                   help="model.attention_chunk (query blocks; 0 = whole [T, S] at once)")
+  ap.add_argument("--no-host-reuse-memory", dest="host_reuse_memory", action="store_false",
+                  help="mesh.host_reuse_memory=False (asynchronous dispatch, glibc's default heap)")
   ap.add_argument("--out", default=os.path.join(_HERE, "out", "scaling.png"))
   args = ap.parse_args()
   print("command: " + " ".join([os.path.basename(sys.executable)] + sys.argv), flush=True)
+  w1_step.runtime.configure_host(  # Before JAX starts.
+      w1_step.w1_config("dypo", host_reuse_memory=args.host_reuse_memory).mesh)
   print(f"jax {jax.__version__} devices={jax.devices()}", flush=True)
   axes = AXES_QUICK if args.quick else AXES_FULL
   base = BASE_QUICK if args.quick else BASE_FULL
@@ -146,7 +151,8 @@ def main():
       key = tuple(sorted(point.items()))
       if key not in cache:
         cache[key] = measure(point, prompts=args.prompts, layers=layers, reps=args.reps,
-                             tok=tok, attention_chunk=args.attention_chunk)
+                             tok=tok, attention_chunk=args.attention_chunk,
+                             host_reuse_memory=args.host_reuse_memory)
       r = cache[key]
       results[axis].append((value, r))
       print(f"{axis:<4} {value:>6} {r['params_m']:>9.3f} {r['tokens']:>7} "

@@ -72,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
       # keep freed memory (large blocks from the heap, never trimmed), so a step's XLA
       # temporaries (~100 MB at W1) reuse resident pages instead of faulting in fresh zeroed
       # ones: W1 took 27k page faults a step without it (runtime.configure_host, BUILD_NOTES).
+      # Temporaries past 2 GB cannot be kept (glibc trims them): set False for such programs.
       host_reuse_memory=True,
   ))
   c.distributed = ml_collections.ConfigDict(dict(

@@ -51,12 +51,32 @@ def configure_host_devices(count: int) -> None:
                        "device(s); set it before the first JAX call") from None
 
 
+# Whether `configure_host` set synchronous CPU dispatch before JAX started its backends.
+_sync_dispatch = False
+
+
+def _backends_started() -> bool:
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top  (no public API says it)
+  return xla_bridge.backends_are_initialized()
+
+
 def configure_host(cfg: ml_collections.ConfigDict) -> None:
   """Before the first JAX call: the CPU host as `mesh.host_devices` devices, and with
-  `mesh.host_reuse_memory` XLA:CPU programs run on the calling thread (see `keep_host_heap`)."""
+  `mesh.host_reuse_memory` XLA:CPU programs run on the calling thread (see `keep_host_heap`).
+
+  JAX reads the dispatch mode once, when its CPU backend starts: asking for it later is an
+  error, not a silent no-op. Calling again once it is set does nothing.
+  """
+  global _sync_dispatch
   configure_host_devices(cfg.host_devices)
-  if cfg.host_reuse_memory:
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
+  if not cfg.host_reuse_memory or _sync_dispatch:
+    return
+  if _backends_started():
+    raise ValueError("mesh.host_reuse_memory=True, but JAX already started its backend with "
+                     "asynchronous CPU dispatch; call runtime.configure_host before the first JAX "
+                     "call, or set mesh.host_reuse_memory=False")
+  jax.config.update("jax_cpu_enable_async_dispatch", False)
+  _sync_dispatch = True
 
 
 # glibc mallopt parameters (malloc.h).
@@ -75,8 +95,8 @@ def keep_host_heap(cfg: ml_collections.ConfigDict) -> bool:
   (`configure_host`): programs then allocate on the main thread. Peak memory is unchanged; what
   the process freed is kept for reuse rather than returned.
   """
-  if not cfg.host_reuse_memory or jax.default_backend() != "cpu":
-    return False
+  if not (cfg.host_reuse_memory and _sync_dispatch) or jax.default_backend() != "cpu":
+    return False  # Without synchronous dispatch the block is a pool thread's: mmap regardless.
   if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
     return False  # mallopt is glibc's (macOS, musl: nothing to set).
   libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -40,9 +40,9 @@ def test_w1_step_tiny(method):
 @pytest.mark.slow
 def test_profile_step_tiny():
   out = _run([sys.executable, "benchmarks/profile_step.py", "--tiny", "--steps", "1",
-              "--warmup", "1", "--reps", "1"])
-  for needle in ("Phase shares", "reference log-probs ~", "no ref", "Compiles: step traced",
-                 "OK (1 per program)"):
+              "--warmup", "1", "--reps", "1", "--thunks", "3"])
+  for needle in ("Phase shares", "reference log-probs ~", "no ref", "XLA:CPU thunks of the update",
+                 "% in dot fusions", "Compiles: step traced", "OK (1 per program)"):
     assert needle in out, needle
 
 
