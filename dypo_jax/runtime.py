@@ -85,7 +85,9 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 def keep_host_heap(cfg: ml_collections.ConfigDict) -> bool:
   """With `mesh.host_reuse_memory` on a CPU backend: glibc serves large blocks from the heap and
-  never returns freed memory to the OS. Returns whether it was applied.
+  keeps up to 2 GiB of freed memory instead of returning it to the OS (`mallopt` takes an int;
+  a program with more temporaries than that is trimmed and regrown each call, slower than
+  without: BUILD_NOTES). Returns whether it was applied.
 
   XLA:CPU allocates each execution's temporaries as one block and frees it after. glibc maps
   such a block afresh (mmap) and unmaps it on free, so every step faulted in and zeroed ~100 MB
