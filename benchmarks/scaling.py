@@ -122,8 +122,7 @@ def main():
                   help="timed calls per point (after one untimed; 1 when a call takes > 2 s)")
   ap.add_argument("--attention-chunk", type=int, default=0,
                   help="model.attention_chunk (query blocks; 0 = whole [T, S] at once)")
-  ap.add_argument("--no-host-reuse-memory", dest="host_reuse_memory", action="store_false",
-                  help="mesh.host_reuse_memory=False (asynchronous dispatch, glibc's default heap)")
+  w1_step.add_host_memory_arg(ap)
   ap.add_argument("--out", default=os.path.join(_HERE, "out", "scaling.png"))
   args = ap.parse_args()
   print("command: " + " ".join([os.path.basename(sys.executable)] + sys.argv), flush=True)

@@ -338,6 +338,12 @@ def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def add_host_memory_arg(ap: argparse.ArgumentParser) -> None:
+  ap.add_argument("--no-host-reuse-memory", dest="host_reuse_memory", action="store_false",
+                  help="mesh.host_reuse_memory=False: async dispatch, glibc's default heap (each "
+                  "step maps its XLA temporaries afresh)")
+
+
 def add_size_args(ap: argparse.ArgumentParser) -> None:
   ap.add_argument("--hidden", type=int, default=128)
   ap.add_argument("--layers", type=int, default=2)
@@ -350,9 +356,7 @@ def add_size_args(ap: argparse.ArgumentParser) -> None:
   ap.add_argument("--devices", type=int, default=0,
                   help="mesh.host_devices = mesh.rollout_data = N: the CPU as N XLA devices, "
                   "rollouts split over them, the update on the first")
-  ap.add_argument("--no-host-reuse-memory", dest="host_reuse_memory", action="store_false",
-                  help="mesh.host_reuse_memory=False: async dispatch, glibc's default heap (each "
-                  "step maps its XLA temporaries afresh)")
+  add_host_memory_arg(ap)
   ap.add_argument("--tiny", action="store_true",
                   help="toy sizes for a smoke run: hidden 32, 1 layer, 2 prompts x 2, 8 tokens")
 
