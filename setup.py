@@ -27,11 +27,13 @@ _RUNTIME = [
     "array-record>=0.8.6",
 ]
 
+# The versions CI ran (transformers pulls PyPI's `kernels`, which the top-level kernels/ folder
+# must not shadow: tests/test_kernels_name.py).
 _TEST = [
-    "pytest>=9.0",
+    "pytest==9.0.3",
     # A CPU wheel of exactly this torch lies on local disk; anything else pulls a CUDA build.
     "torch==2.13.0",
-    "transformers>=5.24.0",
+    "transformers==5.25.0",
 ]
 
 _PACKAGES = setuptools.find_packages(include=["dypo_jax", "dypo_jax.*"])
@@ -44,5 +46,5 @@ setuptools.setup(
     packages=_PACKAGES + ["dypo_jax.kernels"],
     package_dir={"dypo_jax.kernels": "kernels"},
     install_requires=_RUNTIME,
-    extras_require={"test": _TEST, "tpu": ["jax[tpu]==0.10.2"]},
+    extras_require={"test": _TEST, "tpu": ["jax[tpu]==0.10.2"], "cuda": ["jax[cuda12]==0.10.2"]},
 )

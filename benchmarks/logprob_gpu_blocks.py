@@ -21,8 +21,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import logprob_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dypo_jax import logprobs  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dypo_jax.kernels import logprob_gpu  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dypo_jax.models import logprobs  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # (block_m, block_v, block_d, num_warps, vocab_splits).
 SETTINGS = [

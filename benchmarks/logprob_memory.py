@@ -8,8 +8,8 @@ argument + output + temp bytes) and the wall time of:
   full     jax.nn.log_softmax over the [M, V] float32 logits (reference_token_logprobs);
   fused    the Pallas kernel: dypo_jax.kernels.logprob_gpu (Triton) on a GPU,
            dypo_jax.kernels.logprob (Mosaic) otherwise, in interpret mode on CPU;
-  chunked  (--chunked) token_logprobs(..., impl="chunked") from dypo_jax.losses or
-           dypo_jax.logprobs, whichever exists.
+  chunked  (--chunked) token_logprobs(..., impl="chunked") from dypo_jax.rl.losses or
+           dypo_jax.models.logprobs, whichever exists.
 Memory is compiled at the full size without running it. On CPU the full path at M = 4096 needs
 ~10 GiB, so wall time is measured at --time_tokens (default 256) tokens. The Pallas kernel runs
 there in interpret mode: its memory is the interpreter's (which NaN-pads and copies operands, not
@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dypo_jax import logprobs
 from dypo_jax.kernels import logprob
+from dypo_jax.models import logprobs
 
 _MIB = 2**20
 
@@ -66,7 +66,7 @@ def _parse_args(argv):
 
 def _chunked_fn():
   """token_logprobs(..., impl="chunked") adapted to [M, D] inputs, or None if not available."""
-  for name in ("dypo_jax.losses", "dypo_jax.logprobs"):
+  for name in ("dypo_jax.rl.losses", "dypo_jax.models.logprobs"):
     try:
       module = importlib.import_module(name)
     except ImportError:
@@ -170,7 +170,7 @@ def main(argv):
   if args.chunked:
     chunked = _chunked_fn()
     if chunked is None:
-      print("--chunked: no dypo_jax.losses / dypo_jax.logprobs token_logprobs; skipped")
+      print("--chunked: no dypo_jax.rl.losses / dypo_jax.models.logprobs token_logprobs; skipped")
     else:
       paths["chunked"] = _loss_and_grads(chunked, vocab_chunk=args.vocab_chunk, **common)
       notes["chunked"] = f"{chunked.source}.token_logprobs impl=chunked C={args.vocab_chunk}"

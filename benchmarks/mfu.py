@@ -66,7 +66,7 @@ def main():
   print("command: " + " ".join([os.path.basename(sys.executable)] + sys.argv), flush=True)
   config = w1_step.w1_config(args.method, hidden=args.hidden, layers=args.layers,
                              prompts=args.prompts, k=args.gens, new_tokens=args.new_tokens)
-  w1_step.runtime.configure_host(config.mesh)  # Before JAX starts.
+  w1_step.host.configure_host(config.mesh)  # Before JAX starts.
   print(f"jax {jax.__version__} devices={jax.devices()} cpu count {os.cpu_count()}", flush=True)
 
   peak, rates = matmul_peak(args.n, args.peak_reps)
@@ -77,7 +77,7 @@ def main():
   mc = trainer.sampler.config
   batch = w1_step.synthetic_batch(trainer)
   rows = args.prompts * args.gens
-  with_ref = trainer.step_cfg.kl_coef > 0 or trainer.step_cfg.use_gal
+  with_ref = trainer.program.step_cfg.kl_coef > 0 or trainer.program.step_cfg.use_gal
   # The synthetic batch holds groups only, so the trainer takes the shared-prompt path if on.
   group = args.gens if trainer.config.train.shared_prompt else 1
   flops = w1_step.update_flops(mc=mc, rows=rows, prompt_len=trainer.prompt_len,

@@ -3,12 +3,12 @@ r"""Where one DYPO step on W1 spends its time, and whether anything recompiles.
 Builds the W1 DYPO trainer of `w1_step.py` (alpha 0.5, beta_KL 0.04), runs --warmup untimed
 steps, then --steps timed steps, each split by `w1_step.run_step` into
 
-  sample   Sampler.sample (prefill + decode + device_get), inside Trainer.rollout_round_
+  sample   Sampler.sample (prefill + decode + device_get), inside Trainer.run_rollout_round
   reward   decode the responses, toy reward, format penalty (host)
   route    grading, teacher draw, MidItem/HardItem construction, queue pushes (host)
   build    QueueSet.pop_batch + Trainer.build_batch (host numpy)
   update   Trainer.update: device_put of the batch + the jitted step + device_get of the metrics
-  host     Trainer._host_metrics + _RoundStats.metrics
+  host     Trainer._host_metrics + RoundStats.metrics
 
 with wall and CPU seconds (process time, all threads: steadier than wall on a shared machine).
 
@@ -53,7 +53,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dypo_jax import train_step as step_lib  # noqa: E402
+from dypo_jax.rl import rollout  # noqa: E402
+from dypo_jax.rl import train_step as step_lib  # noqa: E402
+from dypo_jax.rl import update_batch  # noqa: E402
 import w1_step  # noqa: E402
 
 PHASES = ("sample_s", "reward_s", "route_s", "build_s", "update_s", "host_metrics_s")
@@ -78,7 +80,7 @@ def _time_fn(fn, reps: int) -> tuple[float, float]:
 
 def step_variants(trainer, batch: dict[str, np.ndarray], reps: int) -> dict[str, tuple]:
   """Median (wall, cpu) of variants of the jitted update on one batch (see module docstring)."""
-  base = trainer.step_cfg
+  base = trainer.program.step_cfg
   variants = {
       "full": base,
       "no GAL": dataclasses.replace(base, use_gal=False),
@@ -90,12 +92,12 @@ def step_variants(trainer, batch: dict[str, np.ndarray], reps: int) -> dict[str,
       f"shared_prompt={not base.shared_prompt}, logprob_impl=full": dataclasses.replace(
           base, shared_prompt=not base.shared_prompt, logprob_impl="full"),
   }
-  device_batch = {name: jax.device_put(value, trainer.batch_shardings[name])
+  device_batch = {name: jax.device_put(value, trainer.program.batch_shardings[name])
                   for name, value in batch.items()}
   key = jax.random.key(0)
   out = {}
   for name, cfg in variants.items():
-    step = jax.jit(step_lib.build_train_step(trainer.graphdef, cfg, trainer.tx, trainer.schedule))
+    step = jax.jit(step_lib.build_train_step(trainer.graphdef, cfg, trainer.program.tx, trainer.program.schedule))
     state = jax.tree.map(jnp.copy, trainer.state)
 
     def call(step=step, state=state):
@@ -123,9 +125,9 @@ def thunk_profile(trainer, batch: dict[str, np.ndarray], reps: int, top: int) ->
   Runs after the compile counts: lowering the update again traces it once more.
   """
   key = jax.random.key(0)
-  device_batch = {name: jax.device_put(value, trainer.batch_shardings[name])
+  device_batch = {name: jax.device_put(value, trainer.program.batch_shardings[name])
                   for name, value in batch.items()}
-  fn = trainer.step_for(shared_prompt=step_lib.slots_share_prompts(batch, trainer.prompt_len),
+  fn = trainer.update_fn(shared_prompt=update_batch.slots_share_prompts(batch, trainer.prompt_len),
                         term_norms=False)
   instructions = {}  # HLO instruction -> (shape, JAX op name)
   hlo = fn.lower(trainer.state, trainer.ref_params, device_batch, key).compile().as_text()
@@ -180,18 +182,18 @@ def main():
                              kl_coef=args.beta, alpha=args.alpha,
                              per_term_grad_norms=args.per_term_grad_norms, num_steps=total,
                              host_devices=args.devices, host_reuse_memory=args.host_reuse_memory)
-  w1_step.runtime.configure_host(config.mesh)
+  w1_step.host.configure_host(config.mesh)
   print(f"jax {jax.__version__} devices={jax.devices()}", flush=True)
   trainer = w1_step.build_trainer(config, num_records=args.prompts * total * 2)
   print(f"W1 {args.method}: params {trainer.sampler.config.num_params / 1e6:.3f}M, "
         f"{args.prompts} prompts x {args.gens}, T={args.new_tokens}, use_gal="
-        f"{trainer.step_cfg.use_gal}, kl={trainer.step_cfg.kl_coef}", flush=True)
+        f"{trainer.program.step_cfg.use_gal}, kl={trainer.program.step_cfg.kl_coef}", flush=True)
 
   for i in range(args.warmup):
     s = w1_step.run_step(trainer)
     print(f"warm-up step {i}: {s['step_s']:.2f}s (update {s['update_s']:.2f}s, sample "
           f"{s['sample_s']:.2f}s)", flush=True)
-  compiles_after_warmup = (trainer.step_trace_count, trainer.sampler.trace_count)
+  compiles_after_warmup = (trainer.update_trace_count, trainer.sampler.trace_count)
 
   timed = []
   for i in range(args.steps):
@@ -210,21 +212,14 @@ def main():
   print(f"  {'other':<8} {max(wall - total_med, 0):8.4f}s  "
         f"{100 * max(wall - total_med, 0) / wall:5.1f}%  (loop, pops, unaccounted)")
 
-  # Small host costs inside the rollout round, measured alone.
-  idx = list(range(args.prompts))
-  pick = _time_fn(lambda: trainer._pick_teachers(idx), 20)  # pylint: disable=protected-access
-  sync = _time_fn(lambda: int(trainer.state.step), 50)
-  print(f"\nInside 'route': Trainer._pick_teachers (eager jax.random) {1e3 * pick[0]:.2f} ms; "
-        f"int(state.step) host read {1e3 * sync[0]:.3f} ms (3 per step)")
-
   # A real batch from the queue for the update variants: roll out once more and build it.
-  stats = w1_step.trainer_lib._RoundStats()  # pylint: disable=protected-access
+  stats = rollout.RoundStats()
   while not trainer.queues.ready(config.train.update_prompts):
-    trainer.rollout_round_(stats)
+    trainer.run_rollout_round(stats)
   hard, mid, _ = trainer.queues.pop_batch(config.train.update_prompts)
   batch, _ = trainer.build_batch(hard, mid)
   put = _time_fn(lambda: jax.block_until_ready(
-      {n: jax.device_put(v, trainer.batch_shardings[n]) for n, v in batch.items()}), 10)
+      {n: jax.device_put(v, trainer.program.batch_shardings[n]) for n, v in batch.items()}), 10)
   real = batch["input_mask"].sum()
   print(f"Update batch: {len(hard)} hard / {len(mid)} mid items; tokens [U, K, L] = "
         f"{batch['tokens'].shape}; real tokens {int(real)} of {batch['tokens'].size} "
@@ -248,8 +243,8 @@ def main():
 
   # One program per update variant used (shared-prompt path for batches of groups, row path for
   # a batch with a packed Hard slot), each compiled once; the sampler once.
-  steps = trainer._steps  # pylint: disable=protected-access
-  compiles = (trainer.step_trace_count, trainer.sampler.trace_count)
+  steps = trainer._updates  # pylint: disable=protected-access
+  compiles = (trainer.update_trace_count, trainer.sampler.trace_count)
   caches = ([_cache_size(step) for step in steps.values()],
             _cache_size(trainer.sampler._generate_jit))  # pylint: disable=protected-access
   ok = (compiles == (len(steps), 1) and all(c in (None, 1) for c in caches[0])

@@ -7,7 +7,7 @@
 # Usage (from anywhere):
 #   bash benchmarks/run_all.sh [ROUNDS] [STEPS]          # default 3 rounds of 10 timed steps
 # Environment:
-#   PEERS_DIR    the peers' folder (default ../shared/bench/peers next to the repository)
+#   PEERS_DIR    the peers' folder (default benchmarks/peers, next to this script)
 #   PEERS        their venvs (read by peers/run.sh; default ~/.cache/dypo-peers)
 #   SKIP_PEERS=1 ours only (no ratios);  SKIP_SAMPLER=1 no sampler.py
 #   DEVICES      the CPU as N XLA devices for our scripts (default 2: rollouts split over both,
@@ -18,7 +18,7 @@
 set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(dirname "$HERE")
-PEERS_DIR=${PEERS_DIR:-$REPO/../shared/bench/peers}
+PEERS_DIR=${PEERS_DIR:-$HERE/peers}
 PY=${PYTHON:-python}
 ROUNDS=${1:-3}
 STEPS=${2:-10}

@@ -29,8 +29,8 @@ import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dypo_jax import sampler as sampler_lib  # noqa: E402
-from dypo_jax import sharding  # noqa: E402
+from dypo_jax.models import sampler as sampler_lib  # noqa: E402
+from dypo_jax.parallel import sharding  # noqa: E402
 import w1  # noqa: E402
 
 

@@ -9,7 +9,7 @@ forward run, beta_KL 0.04):
   model width D       64, 128, 256, 512 (4 heads of D/4, 2 KV heads, MLP 4·D)
 
 Each point builds a W1-style Trainer (`w1_step.build_trainer`) and compiles its real jitted
-update (`Trainer.step_for(...)`, ahead of time with the trainer's shardings and donation) on a
+update (`Trainer.update_fn(...)`, ahead of time with the trainer's shardings and donation) on a
 synthetic batch of full-length Mid groups (`w1_step.synthetic_batch`: the worst case, every
 response token real). Figures per point: compile seconds, median step seconds (after one
 untimed call), XLA's memory analysis of the compiled step (temporaries, and temporaries +
@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dypo_jax import train_step as step_lib  # noqa: E402
+from dypo_jax.rl import update_batch  # noqa: E402
 import w1_step  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -52,11 +52,11 @@ def measure(point: dict[str, int], *, prompts: int, layers: int, reps: int, tok,
                              host_reuse_memory=host_reuse_memory)
   trainer = w1_step.build_trainer(config, num_records=prompts, tokenizer=tok)
   batch = w1_step.synthetic_batch(trainer)
-  device_batch = {name: jax.device_put(value, trainer.batch_shardings[name])
+  device_batch = {name: jax.device_put(value, trainer.program.batch_shardings[name])
                   for name, value in batch.items()}
   key = jax.random.key(0)
   t0 = time.perf_counter()
-  step = trainer.step_for(shared_prompt=step_lib.slots_share_prompts(
+  step = trainer.update_fn(shared_prompt=update_batch.slots_share_prompts(
       batch, trainer.prompt_len), term_norms=False)
   compiled = step.lower(trainer.state, trainer.ref_params, device_batch,
                                       key).compile()
@@ -126,7 +126,7 @@ def main():
   ap.add_argument("--out", default=os.path.join(_HERE, "out", "scaling.png"))
   args = ap.parse_args()
   print("command: " + " ".join([os.path.basename(sys.executable)] + sys.argv), flush=True)
-  w1_step.runtime.configure_host(  # Before JAX starts.
+  w1_step.host.configure_host(  # Before JAX starts.
       w1_step.w1_config("dypo", host_reuse_memory=args.host_reuse_memory).mesh)
   print(f"jax {jax.__version__} devices={jax.devices()}", flush=True)
   axes = AXES_QUICK if args.quick else AXES_FULL

@@ -1,4 +1,4 @@
-"""Workload W1 (see shared/bench/README.md): the tiny random Qwen2 and its prompts.
+"""Workload W1 (see benchmarks/README.md): the tiny random Qwen2 and its prompts.
 
 Shared by the sampler, GRPO and DYPO benchmarks so that all of them, and the peers, see the same
 model shape and the same prompt token ids.
@@ -6,9 +6,9 @@ model shape and the same prompt token ids.
 - Model: Qwen2, hidden 128, 2 layers, 4 heads / 2 KV heads (head dim 32), MLP 512, vocab 512,
   untied, float32, random weights (about 0.62 M parameters).
 - Prompts: exactly 32 tokens, BOS + 31 words of the peers' word-level tokenizer
-  (`peers/tiny_tok.py`, seed 123 for the sampler case). Without the peers' folder (or without
-  `tokenizers`/`transformers`) the same shape is drawn from a fixed numpy seed instead, and
-  `prompt_source` says so.
+  (`benchmarks/peers/tiny_tok.py`, next to this file; seed 123 for the sampler case). Without
+  `tokenizers`/`transformers` (or with DYPO_PEERS_DIR pointing at a folder without tiny_tok.py)
+  the same shape is drawn from a fixed numpy seed instead, and `prompt_source` says so.
 """
 import os
 import sys
@@ -26,8 +26,7 @@ NUM_PROMPTS, NUM_SAMPLES, NEW_TOKENS = 8, 8, 32
 TEMPERATURE, TOP_P = 0.9, 1.0
 PEERS_DIR = os.environ.get(
     "DYPO_PEERS_DIR",
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "bench",
-                 "peers"))
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers"))
 
 
 def model_config(*, hidden: int = 128, layers: int = 2, max_seq_len: int = 256) -> ModelConfig:

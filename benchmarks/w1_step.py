@@ -1,9 +1,9 @@
-r"""Workload W1, whole GRPO / DYPO steps through the real `dypo_jax.trainer.Trainer`.
+r"""Workload W1, whole GRPO / DYPO steps through the real `dypo_jax.rl.trainer.Trainer`.
 
-The same workload as `shared/bench/peers/*_grpo_tiny.py` (see shared/bench/README.md):
+The same workload as `benchmarks/peers/*_grpo_tiny.py` (see benchmarks/README.md):
 
 - Model: Qwen2, random weights, hidden 128, 2 layers, 4 heads / 2 KV heads, MLP 512, vocab 512,
-  untied, float32 (0.62 M parameters), built by `runtime.build_model` from a `base_config()`.
+  untied, float32 (0.62 M parameters), built by `build.build_model` from a `base_config()`.
 - Tokenizer: `WordTokenizer`, our `Tokenizer` interface over the vocabulary of the peers'
   word-level tokenizer (`peers/tiny_tok.py`; checked id for id against it at start-up).
 - Prompts: `tiny_tok.make_prompts(8 * steps, 31, seed=0)`, in order (8 per step, as the peers take
@@ -14,12 +14,12 @@ The same workload as `shared/bench/peers/*_grpo_tiny.py` (see shared/bench/READM
 - One step: 8 prompts x 8 samples, up to 32 new tokens, temperature 0.9, top-p 1.0, stop at EOS;
   beta_KL = 0.04 (k3, so the reference log-probs are computed inside the jitted update); AdamW
   lr 1e-5 (weight decay 0, grad clip 1.0); `seq-mean-token-mean` loss; clip 0.2; one update.
-  Per-term gradient norms (a DYPO.md section 5 metric, 3x the backward) are off, since the peers
+  Per-term gradient norms (a METHOD.md §6 metric, 3x the backward) are off, since the peers
   compute no such thing; `--per-term-grad-norms` turns them on.
 - 2 warm-up steps (the first includes the compiles) are not timed.
 
 What one step is: exactly the body of `Trainer.run()` without the metrics writer, progress line,
-eval and checkpoint: rollout rounds (`Trainer.rollout_round_`: sample, decode, reward, grade,
+eval and checkpoint: rollout rounds (`Trainer.run_rollout_round`: sample, decode, reward, grade,
 queue) until `update_prompts` items are queued, `QueueSet.pop_batch`, `Trainer.build_batch`,
 `Trainer.update` (the jitted step) and the host metrics (`device_get`, `_host_metrics`).
 
@@ -57,12 +57,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dypo_jax import build  # noqa: E402
 from dypo_jax import config as config_lib  # noqa: E402
-from dypo_jax import rewards as rewards_lib  # noqa: E402
-from dypo_jax import runtime  # noqa: E402
-from dypo_jax import tokenizers  # noqa: E402
-from dypo_jax import trainer as trainer_lib  # noqa: E402
 from dypo_jax.data import records as records_lib  # noqa: E402
+from dypo_jax.data import tokenizers  # noqa: E402
+from dypo_jax.evaluation import rewards as rewards_lib  # noqa: E402
+from dypo_jax.parallel import host  # noqa: E402
+from dypo_jax.parallel import sharding  # noqa: E402
+from dypo_jax.rl import queues as queues_lib  # noqa: E402
+from dypo_jax.rl import trainer as trainer_lib  # noqa: E402
 
 REWARD_NAME = "w1_toy"
 PROMPT_WORDS = 31  # + BOS = 32 prompt tokens.
@@ -70,8 +73,7 @@ SPECIALS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2 in tiny_tok.
 N_WORDS = 509  # + 3 specials = 512.
 PEERS_DIR = os.environ.get(
     "DYPO_PEERS_DIR",
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "bench",
-                 "peers"))
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers"))
 
 
 def _tiny_tok():
@@ -237,10 +239,10 @@ def build_trainer(config, *, num_records: int, tokenizer: WordTokenizer | None =
                   workdir: str | None = None) -> trainer_lib.Trainer:
   """A Trainer on the W1 pool of `num_records` prompts (taken in order)."""
   tok = tokenizer or make_tokenizer()
-  runtime.configure_host(config.mesh)
-  mesh = runtime.build_mesh(config.mesh)
-  runtime.keep_host_heap(config.mesh)
-  model = runtime.build_model(config, mesh, tok)
+  host.configure_host(config.mesh)
+  mesh = sharding.build_mesh(config.mesh)
+  host.keep_host_heap(config.mesh)
+  model = build.build_model(config, mesh, tok)
   pools = {"train": make_records(num_records, seed=config.seed), "eval_id": [], "eval_ood": []}
   workdir = workdir or tempfile.mkdtemp(prefix="dypo-w1-")
   return trainer_lib.Trainer(config, workdir=workdir, mesh=mesh, tokenizer=tok, model=model,
@@ -248,40 +250,22 @@ def build_trainer(config, *, num_records: int, tokenizer: WordTokenizer | None =
 
 
 def run_step(trainer: trainer_lib.Trainer) -> dict[str, Any]:
-  """One update of the loop (Trainer.run's body without writer/eval/checkpoint), timed by phase."""
-  tr = trainer.config.train
+  """One update of the loop (`Trainer.step`, what `run()` calls), with its time split by phase."""
   c0 = time.process_time()
-  t0 = time.perf_counter()
-  stats = trainer_lib._RoundStats()  # pylint: disable=protected-access
-  rounds = 0
-  while not trainer.queues.ready(tr.update_prompts) and rounds < tr.max_rollouts_per_update:
-    trainer.rollout_round_(stats)
-    rounds += 1
-  t1 = time.perf_counter()
-  hard, mid, _ = trainer.queues.pop_batch(min(tr.update_prompts, len(trainer.queues)))
-  t2 = t3 = t1
-  if not hard and not mid:
-    trainer.state = trainer.state.replace(step=trainer.state.step + 1)
-    metrics = {"train/empty_update": 1}
-  else:
-    batch, info = trainer.build_batch(hard, mid)
-    t2 = time.perf_counter()
-    metrics = jax.device_get(trainer.update(batch))
-    t3 = time.perf_counter()
-    host_metrics = trainer._host_metrics  # pylint: disable=protected-access
-    metrics = host_metrics(metrics, info, t3 - t2, batch)
-  metrics.update(stats.metrics())
-  t4 = time.perf_counter()
-  grades = np.concatenate(stats.grades) if stats.grades else np.zeros((0,), np.int32)
+  m = trainer.step()
+  cpu_s = time.process_time() - c0
+  rounds_s, step_s = m["time/rounds_s"], m["time/step_s"]
+  sample_s, reward_s = m.get("time/rollout_s", 0.0), m.get("time/reward_s", 0.0)
+  build_s, update_s = m.get("time/build_s", 0.0), m.get("time/update_s", 0.0)
+  groups = m["rollout/groups"]
   return {
-      "step_s": t4 - t0, "cpu_s": time.process_time() - c0, "rollout_rounds_s": t1 - t0,
-      "sample_s": stats.rollout_s,
-      "reward_s": stats.reward_s, "route_s": (t1 - t0) - stats.rollout_s - stats.reward_s,
-      "build_s": t2 - t1, "update_s": t3 - t2, "host_metrics_s": t4 - t3,
-      "tokens": stats.tokens, "rounds": rounds, "hard_items": len(hard), "mid_items": len(mid),
-      "groups": {"easy": int((grades == 0).sum()), "mid": int((grades == 1).sum()),
-                 "hard": int((grades == 2).sum())},
-      "metrics": metrics,
+      "step_s": step_s, "cpu_s": cpu_s, "rollout_rounds_s": rounds_s, "sample_s": sample_s,
+      "reward_s": reward_s, "route_s": rounds_s - sample_s - reward_s, "build_s": build_s,
+      "update_s": update_s, "host_metrics_s": step_s - rounds_s - build_s - update_s,
+      "tokens": m["rollout/tokens"], "rounds": m["rollout/rounds"],
+      "hard_items": m.get("batch/hard_items", 0), "mid_items": m.get("batch/mid_items", 0),
+      "groups": {g: round(m.get(f"route/{g}_frac", 0.0) * groups) for g in ("easy", "mid", "hard")},
+      "metrics": m,
   }
 
 
@@ -295,9 +279,9 @@ def synthetic_batch(trainer: trainer_lib.Trainer, *, seed: int = 0) -> dict[str,
   mid = []
   for i in range(u):
     rewards = (np.arange(k) % 2 == 0).astype(np.float32)
-    mid.append(trainer_lib.queues_lib.MidItem(
+    mid.append(queues_lib.MidItem(
         uid=f"synthetic/{i}",
-        prompt_tokens=np.asarray(trainer.prompt_tokens[i % len(trainer.prompt_tokens)], np.int32),
+        prompt_tokens=np.asarray(trainer.pool.prompt_tokens[i % len(trainer.pool.prompt_tokens)], np.int32),
         response_tokens=rng.integers(3, v, (k, t)).astype(np.int32),
         response_lengths=np.full((k,), t, np.int32), rewards=rewards, shaped_rewards=rewards,
         logprobs=np.full((k, t), -np.log(v), np.float32), step=0))
@@ -381,7 +365,7 @@ def main():
                      alpha=args.alpha, per_term_grad_norms=args.per_term_grad_norms,
                      num_steps=total, host_devices=args.devices,
                      host_reuse_memory=args.host_reuse_memory)
-  runtime.configure_host(config.mesh)
+  host.configure_host(config.mesh)
   print(f"jax {jax.__version__} devices={jax.devices()}", flush=True)
   t0 = time.perf_counter()
   tok = make_tokenizer()
@@ -391,8 +375,8 @@ def main():
   print(f"model: dypo_jax Transformer {mc.num_layers}L d={mc.embed_dim} "
         f"heads={mc.num_heads}/{mc.num_kv_heads} vocab={mc.vocab_size} "
         f"params={mc.num_params / 1e6:.3f}M; tokenizer {tok!r}; P={trainer.prompt_len} "
-        f"T={trainer.max_len}; method={args.method} use_gal={trainer.step_cfg.use_gal} "
-        f"kl={trainer.step_cfg.kl_coef}", flush=True)
+        f"T={trainer.max_len}; method={args.method} use_gal={trainer.program.step_cfg.use_gal} "
+        f"kl={trainer.program.step_cfg.kl_coef}", flush=True)
   print(f"setup {time.perf_counter() - t0:.1f}s", flush=True)
 
   steps = []
@@ -428,7 +412,7 @@ def main():
   print(f"RESULT {name} process CPU s/step = {np.median([s['cpu_s'] for s in timed]):.3f} "
         f"(median; all threads: steadier than wall on a shared machine)")
   print(f"RESULT {name} first step (compile) s = {steps[0]['step_s']:.2f}; peak RSS MB = "
-        f"{peak_rss_mb():.0f}; compiles: step {trainer.step_trace_count}, sampler "
+        f"{peak_rss_mb():.0f}; compiles: step {trainer.update_trace_count}, sampler "
         f"{trainer.sampler.trace_count}")
 
 

@@ -1,36 +1,34 @@
 """The config schema: every key declared once with its default, and validated before anything runs.
 
 Experiment files (`experiments/*.py`) start from `base_config()` and override values; they cannot
-add keys. `validate(config)` checks that the key set equals the schema's, that every value has the
+add keys. Each set of allowed values is declared once, by the module that owns it (methods by
+`rl.routing`, aggregation modes by `rl.losses`, rewards by `evaluation.rewards`, ...). `validate(config)` checks that the key set equals the schema's, that every value has the
 declared type, and that it lies in its allowed set or range; each failure names the key and what
 is allowed. Compute code never reads a config: the trainer reads it once and passes plain values.
 """
 from collections.abc import Callable
 import dataclasses
 import importlib.util
+import math
 import os
 from typing import Any
 
 import ml_collections
 
-from dypo_jax import sharding
-
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-KL_ESTIMATORS = ("k1", "k2", "k3")
-# What each method trains on (DYPO.md §6); `dypo` is the full method.
-METHODS = ("dypo", "grpo", "sft", "sft_then_rl", "luffy", "sft_plus_rl")
-OFFLINE_LOSS_TYPES = ("sft", "rl")
-GAL_LENGTH_NORMS = ("sum", "mean")
-LOGPROB_IMPLS = ("chunked", "full", "pallas")
-LR_SCHEDULES = ("constant", "cosine", "linear")
-
+from dypo_jax.evaluation import rewards
+from dypo_jax.models import logprobs
+from dypo_jax.models import transformer
+from dypo_jax.parallel import sharding
+from dypo_jax.rl import losses
+from dypo_jax.rl import routing
+from dypo_jax.rl import train_step
 
 class ConfigError(ValueError):
   """A config key is unknown, missing, of the wrong type or out of range."""
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every key dypo_jax reads, with the paper's defaults (DYPO.md §3) where it gives them."""
+  """Every key dypo_jax reads, with the paper's defaults (METHOD.md §4) where it gives them."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.workdir = ""  # Set by --workdir; empty means ./workdir.
@@ -41,7 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
       qkv_bias=True, qk_norm=False, max_seq_len=512, param_dtype="float32", dtype="float32",
       remat=False, init_std=0.02,
       # Attention in blocks of this many queries (0: off): bounds the [T, S] attention logits,
-      # which at 8k-token rows do not fit a TPU's HBM (see dypo_jax.aot). Same result.
+      # which at 8k-token rows do not fit a TPU's HBM (see dypo_jax.tools.aot). Same result.
       attention_chunk=0,
       # The MLP in sequence blocks of this many tokens (0: off): bounds its [B, T, F]
       # intermediates in the same way. Same result.
@@ -71,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
       # CPU only: run each XLA program on the calling thread (no async dispatch) and let glibc
       # keep freed memory (large blocks from the heap, never trimmed), so a step's XLA
       # temporaries (~100 MB at W1) reuse resident pages instead of faulting in fresh zeroed
-      # ones: W1 took 27k page faults a step without it (runtime.configure_host, BUILD_NOTES).
+      # ones: W1 took 27k page faults a step without it (host.configure_host, BUILD_NOTES).
       # Temporaries past 2 GB cannot be kept (glibc trims them): set False for such programs.
       host_reuse_memory=True,
   ))
@@ -85,7 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
       kind="sentencepiece",  # or "hf" (a tokenizer.json, as Qwen ships).
       path="",  # Empty with sentencepiece: train one in the workdir from the training prompts.
       train_vocab_size=256,
-      template="plain",  # See dypo_jax.templates.TEMPLATES.
+      template="plain",  # See dypo_jax.data.templates.TEMPLATES.
   ))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -112,7 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
       alpha=0.5,  # Weight of GRPO against GAL on Mid prompts.
       beta_gal=1.0,
       sft_loss_coef=1.0,  # γ.
-      kl_coef=0.001, kl_estimator="k3",  # β_KL (decision, DYPO.md §3).
+      kl_coef=0.001, kl_estimator="k3",  # β_KL (decision, METHOD.md §4).
       clip_low=0.2, clip_high=0.2,
       agg_mode="token-mean",
       scale_adv_by_std=True, adv_eps=1e-6,
@@ -135,9 +133,12 @@ def base_config() -> ml_collections.ConfigDict:
       update_prompts=8,  # Queued items (Hard or Mid prompts) per update batch.
       micro_batches=1,  # Gradient accumulation: update_prompts must divide by it.
       max_rollouts_per_update=8,  # Rollout rounds before an update fires with what is queued.
+      # Updates in a row that find nothing queued (every prompt Easy, or Hard without a teacher
+      # trace) before the run stops: nothing is left to learn at this difficulty (exit status 3).
+      max_empty_updates=5,
       log_every=1, checkpoint_every=50, keep_checkpoints=3, eval_every=0,
       max_nonfinite_updates=10,
-      # One backward per loss term for the per-term gradient norms of DYPO.md §5, on logged
+      # One backward per loss term for the per-term gradient norms of METHOD.md §6, on logged
       # updates only (3x the backward cost there; off for large models).
       per_term_grad_norms=True,
       # A batch of groups only (no packed Hard slot) runs each prompt once and its K responses
@@ -148,7 +149,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.pretrain = ml_collections.ConfigDict(dict(
       # Small experiments start from a partly capable base: teacher SFT from scratch, stopped
-      # when a greedy held-out ID accuracy crosses target_accuracy (DYPO.md §7), saved to
+      # when a greedy held-out ID accuracy crosses target_accuracy (METHOD.md §8), saved to
       # workdir/base_model and reused. max_minutes is only a guard, reported when it fires.
       enabled=False, target_accuracy=0.35, max_steps=3000, eval_every=50, eval_prompts=64,
       learning_rate=1e-3, update_prompts=32, max_minutes=8.0,
@@ -191,7 +192,7 @@ _NON_NEGATIVE = _range(0)
 _DTYPES = _choice("float32", "bfloat16", "float16")
 
 _RULES: dict[str, _Rule] = {
-    "model.arch": _choice("qwen2", "qwen3", "llama"),
+    "model.arch": _choice(*transformer.ARCHS),
     "model.vocab_size": _POSITIVE, "model.embed_dim": _POSITIVE, "model.num_layers": _POSITIVE,
     "model.num_heads": _POSITIVE, "model.num_kv_heads": _POSITIVE, "model.head_dim": _POSITIVE,
     "model.mlp_dim": _POSITIVE, "model.rope_theta": _POSITIVE, "model.rms_norm_eps": _POSITIVE,
@@ -199,7 +200,7 @@ _RULES: dict[str, _Rule] = {
     "model.max_seq_len": _POSITIVE, "model.param_dtype": _DTYPES, "model.dtype": _DTYPES,
     "model.init_std": _POSITIVE, "model.init": _choice("random", "hf"),
     "model.attention_chunk": _NON_NEGATIVE, "model.mlp_chunk": _NON_NEGATIVE,
-    "model.logprob_impl": _choice(*LOGPROB_IMPLS), "model.vocab_chunk": _POSITIVE,
+    "model.logprob_impl": _choice(*logprobs.IMPLS), "model.vocab_chunk": _POSITIVE,
     "distributed.initialize": _choice("auto", "always", "never"),
     "tokenizer.kind": _choice("sentencepiece", "hf"),
     "tokenizer.train_vocab_size": _range(16),
@@ -209,23 +210,23 @@ _RULES: dict[str, _Rule] = {
     "data.num_eval_ood": _NON_NEGATIVE,
     "sampler.max_new_tokens": _POSITIVE, "sampler.temperature": _NON_NEGATIVE,
     "sampler.top_p": _range(0, 1, lo_open=True), "sampler.top_k": _NON_NEGATIVE,
-    "rl.method": _choice(*METHODS),
+    "rl.method": _choice(*routing.METHODS),
     "rl.num_samples": _range(2),
     "rl.alpha": _range(0, 1), "rl.beta_gal": _POSITIVE, "rl.sft_loss_coef": _NON_NEGATIVE,
-    "rl.kl_coef": _NON_NEGATIVE, "rl.kl_estimator": _choice(*KL_ESTIMATORS),
+    "rl.kl_coef": _NON_NEGATIVE, "rl.kl_estimator": _choice(*losses.KL_ESTIMATORS),
     "rl.clip_low": _range(0, 1), "rl.clip_high": _NON_NEGATIVE,
-    "rl.agg_mode": _choice(*AGG_MODES), "rl.adv_eps": _POSITIVE,
-    "rl.gal_length_norm": _choice(*GAL_LENGTH_NORMS), "rl.switch_gate": _NON_NEGATIVE,
-    "rl.offline_loss_type": _choice(*OFFLINE_LOSS_TYPES), "rl.offpolicy_shaping": _POSITIVE,
+    "rl.agg_mode": _choice(*losses.AGG_MODES), "rl.adv_eps": _POSITIVE,
+    "rl.gal_length_norm": _choice(*losses.LENGTH_NORMS), "rl.switch_gate": _NON_NEGATIVE,
+    "rl.offline_loss_type": _choice(*routing.OFFLINE_LOSS_TYPES), "rl.offpolicy_shaping": _POSITIVE,
     "rl.format_penalty_coef": _NON_NEGATIVE, "rl.sft_then_rl_switch": _NON_NEGATIVE,
-    "optim.learning_rate": _POSITIVE, "optim.schedule": _choice(*LR_SCHEDULES),
+    "optim.learning_rate": _POSITIVE, "optim.schedule": _choice(*train_step.SCHEDULES),
     "optim.warmup_steps": _NON_NEGATIVE, "optim.min_lr_ratio": _range(0, 1),
     "optim.weight_decay": _NON_NEGATIVE, "optim.b1": _range(0, 1, hi_open=True),
     "optim.b2": _range(0, 1, hi_open=True), "optim.eps": _POSITIVE,
     "optim.grad_clip": _NON_NEGATIVE,
     "train.num_steps": _NON_NEGATIVE, "train.rollout_prompts": _POSITIVE,
     "train.update_prompts": _POSITIVE, "train.micro_batches": _POSITIVE,
-    "train.max_rollouts_per_update": _POSITIVE,
+    "train.max_rollouts_per_update": _POSITIVE, "train.max_empty_updates": _POSITIVE,
     "train.log_every": _POSITIVE, "train.checkpoint_every": _NON_NEGATIVE,
     "train.keep_checkpoints": _POSITIVE, "train.eval_every": _NON_NEGATIVE,
     "train.max_nonfinite_updates": _POSITIVE,
@@ -263,6 +264,15 @@ def _type_ok(value, default) -> bool:
   return isinstance(value, type(default))
 
 
+def _numbers(value) -> list[float]:
+  """The floats in a value (a number, or a tuple or list of them, nested)."""
+  if isinstance(value, float):
+    return [value]
+  if isinstance(value, (tuple, list)):
+    return [x for v in value for x in _numbers(v)]
+  return []
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first bad key and what it allows."""
   schema = _flatten(base_config())
@@ -281,6 +291,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not _type_ok(value, default):
       raise ConfigError(f"config key {key!r} = {value!r} has type {type(value).__name__}; "
                         f"expected {type(default).__name__}")
+    for number in _numbers(value):
+      if not math.isfinite(number):
+        raise ConfigError(f"config key {key!r} = {value!r} is not finite; every number must be")
     rule = _RULES.get(key)
     if rule is not None and not rule.check(value):
       raise ConfigError(f"config key {key!r} = {value!r} is not allowed; expected {rule.allowed}")
@@ -320,11 +333,10 @@ def _validate_relations(c: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"rl.clip_low={c.rl.clip_low} must be < 1 (the ratio floor 1 - clip_low)")
   # The reward registry is open (`rewards.register`): a reward registered by the experiment file
   # before validation is as good as a built-in one.
-  from dypo_jax import rewards  # pylint: disable=g-import-not-at-top  # No JAX: cheap.
   if c.data.reward not in rewards.REWARDS:
     raise ConfigError(f"config key 'data.reward' = {c.data.reward!r} is not a registered reward; "
                       f"expected one of {sorted(rewards.REWARDS)} (or register one with "
-                      f"dypo_jax.rewards.register)")
+                      f"dypo_jax.evaluation.rewards.register)")
   if c.data.source == "files" and not c.data.train_path:
     raise ConfigError("data.source='files' needs data.train_path")
   buckets = tuple(c.sampler.prompt_buckets)
@@ -362,15 +374,20 @@ def from_dict(saved: dict[str, Any]) -> ml_collections.ConfigDict:
   return config
 
 
-def load_experiment(path: str, variant: str = "") -> ml_collections.ConfigDict:
-  """`get_config(variant)` of an experiment file, by path (configs may build on one another)."""
+def load_module(path: str):
+  """The Python file at `path` as a module (an experiment config, or a script beside one)."""
   spec = importlib.util.spec_from_file_location(
       "dypo_experiment_" + os.path.splitext(os.path.basename(path))[0], path)
   if spec is None or not os.path.exists(path):
-    raise FileNotFoundError(f"experiment config {path!r} not found")
+    raise FileNotFoundError(f"experiment file {path!r} not found")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return module
+
+
+def load_experiment(path: str, variant: str = "") -> ml_collections.ConfigDict:
+  """`get_config(variant)` of an experiment file, by path (configs may build on one another)."""
+  return load_module(path).get_config(variant)
 
 
 def check_override_keys(argv: list[str]) -> None:

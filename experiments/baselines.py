@@ -1,4 +1,4 @@
-r"""DYPO.md §6: every method on the cpu_tiny setup, with the same code, data and update budget.
+r"""METHOD.md §5: every method on the cpu_tiny setup, with the same code, data and update budget.
 
   python -m dypo_jax.main --config=experiments/baselines.py:grpo --workdir=/tmp/grpo
   python -m dypo_jax.main --config=experiments/baselines.py:luffy,quick --workdir=/tmp/luffy

@@ -1,4 +1,4 @@
-r"""The paper's comparison in small (DYPO.md §6-7): every method from the same base, several seeds.
+r"""The paper's comparison in small (METHOD.md §5, §8): every method from the same base, several seeds.
 
   python experiments/compare.py --workdir=/tmp/compare                      # 3 seeds, all methods
   python experiments/compare.py --workdir=/tmp/cq --size=quick --seeds=0    # a smoke run

@@ -4,7 +4,7 @@ r"""DYPO on a laptop: a tiny model learns procedural arithmetic from programmati
   python -m dypo_jax.main --config=experiments/cpu_tiny.py:quick --workdir=/tmp/dypo_quick
 
 The run generates the data, trains a SentencePiece tokenizer, pre-trains a base model by teacher
-SFT until a greedy held-out accuracy gate (DYPO.md §7), runs DYPO from it, evaluates ID and OOD
+SFT until a greedy held-out accuracy gate (METHOD.md §8), runs DYPO from it, evaluates ID and OOD
 pass@1 before and after, and writes metrics, plots and a final table into the workdir.
 
 Variants: "" (the default run, at most about 15 minutes on 2 CPU cores) and "quick" (a couple of
@@ -23,7 +23,7 @@ def get_config(variant: str = ""):
       head_dim=32, mlp_dim=384, max_seq_len=160, tie_embeddings=True, logprob_impl="full"))
   c.tokenizer.train_vocab_size = 64  # Addition traces hold 72 distinct pieces at most.
   # Multi-term addition in-distribution (three teacher styles, one of them sloppy); longer sums
-  # and 3-digit terms out of distribution: reachable, not trivial (DYPO.md §7).
+  # and 3-digit terms out of distribution: reachable, not trivial (METHOD.md §8).
   c.data.update(dict(num_train=2000, num_eval_id=200, num_eval_ood=200, id_tasks=("add",),
                      ood_tasks=("add_long", "add_3digit")))
   c.sampler.update(dict(max_new_tokens=64, prompt_buckets=(16, 32, 64)))

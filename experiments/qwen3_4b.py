@@ -1,6 +1,6 @@
-r"""DYPO on Qwen3-4B with the paper's method settings (DYPO.md §3), on a TPU v4-16 (v4:2x2x2).
+r"""DYPO on Qwen3-4B with the paper's method settings (METHOD.md §4), on a TPU v4-16 (v4:2x2x2).
 
-  python -m dypo_jax.aot --config=experiments/qwen3_4b.py          # Proves it fits, on any machine.
+  python -m dypo_jax.tools.aot --config=experiments/qwen3_4b.py          # Proves it fits, on any machine.
   python -m dypo_jax.main --config=experiments/qwen3_4b.py --workdir=... \
       --config.model.hf_path=/mnt/disks/ckpt/Qwen3-4B \
       --config.tokenizer.path=/mnt/disks/ckpt/Qwen3-4B \
@@ -10,7 +10,7 @@ Same method as experiments/tpu_v4.py (k = 8, 8,192-token responses, lr 1e-6, α 
 γ = 1, β_KL = 0.001 k3, bfloat16 compute over float32 parameters); the model is Qwen3-4B (tied
 embeddings, q/k norms, 8 KV heads) on 8 v4 chips.
 
-Memory (per chip of 8, 30.75 GiB usable; `python -m dypo_jax.aot` prints the compiler's numbers):
+Memory (per chip of 8, 30.75 GiB usable; `python -m dypo_jax.tools.aot` prints the compiler's numbers):
 float32 parameters, Adam moments and the reference take 7.5 GiB a chip before any activation, so
 the update needs one row of 9,215 tokens a chip: pure FSDP over the 8 chips (fsdp 8 x tensor 1),
 32 micro-batches of one item (8 rows, one a chip), attention in 512-token blocks: 28.95 GiB
@@ -22,7 +22,7 @@ import os
 
 from dypo_jax import config as config_lib
 
-# The compile-only topology `python -m dypo_jax.aot` uses for this config (--topology overrides).
+# The compile-only topology `python -m dypo_jax.tools.aot` uses for this config (--topology overrides).
 TOPOLOGY = "v4:2x2x2"
 
 # config.json of Qwen/Qwen3-4B (its model card).

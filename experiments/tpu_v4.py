@@ -1,6 +1,6 @@
-r"""DYPO on Qwen2.5-Math-7B, the paper's setting (DYPO.md §3), on a TPU v4-64 pod slice (v4:2x4x4).
+r"""DYPO on Qwen2.5-Math-7B, the paper's setting (METHOD.md §4), on a TPU v4-64 pod slice (v4:2x4x4).
 
-  python -m dypo_jax.aot --config=experiments/tpu_v4.py          # Proves it fits, on any machine.
+  python -m dypo_jax.tools.aot --config=experiments/tpu_v4.py          # Proves it fits, on any machine.
   python -m dypo_jax.main --config=experiments/tpu_v4.py --workdir=... \
       --config.model.hf_path=/mnt/disks/ckpt/Qwen2.5-Math-7B \
       --config.data.train_path=/mnt/disks/data/train.parquet
@@ -10,23 +10,23 @@ Method: k = 8 rollouts at temperature 1, responses up to 8,192 tokens, lr 1e-6, 
 (mixed precision, as verl's FSDP does): a 1e-6 step is below bfloat16's resolution for most
 weights, so bfloat16 master weights would silently not train.
 
-Memory (per chip of 32, 30.75 GiB usable; `python -m dypo_jax.aot` prints the compiler's numbers):
+Memory (per chip of 32, 30.75 GiB usable; `python -m dypo_jax.tools.aot` prints the compiler's numbers):
 fsdp 8 x tensor 4, every block rematerialised, attention and MLP in 1,024-token blocks, the
-residual stream pinned to the batch sharding (`runtime.build_model` sets it as the AOT check
+residual stream pinned to the batch sharding (`build.build_model` sets it as the AOT check
 does). The update runs 32 micro-batches of 2 items = 16 rows, split by row over the 8 fsdp
 shards: 2 rows of 9,215 tokens a chip, 21.5 GiB in all. (8 micro-batches of 8 items put 8 rows on
 each chip: 35 GiB of temporaries, no fit; 64 micro-batches of one item: 14.6 GiB.) Both programs
 fit; see BUILD_NOTES.md. Placeholder paths are set on the command line.
 """
 from dypo_jax import config as config_lib
-from dypo_jax.models import hf
+from dypo_jax.models import hf_config as hf_config_lib
 
-# The compile-only topology `python -m dypo_jax.aot` uses for this config (--topology overrides).
+# The compile-only topology `python -m dypo_jax.tools.aot` uses for this config (--topology overrides).
 TOPOLOGY = "v4:2x4x4"
 
 # config.json of Qwen/Qwen2.5-Math-7B (its model card). The checkpoint's own config.json is what
 # a run reads (model.init = "hf"); this copy gives the schema's architecture fields the same
-# values, so that `dypo_jax.aot` compiles the real shapes without the weights.
+# values, so that `dypo_jax.tools.aot` compiles the real shapes without the weights.
 QWEN25_MATH_7B = {
     "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584,
     "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
@@ -42,8 +42,8 @@ PROMPT_BUCKETS = (256, 512, 1024)  # The largest bucket bounds the compiled upda
 
 def model_fields(hf_config: dict, *, max_seq_len: int) -> dict:
   """The schema's architecture fields for a Hugging Face config.json dict (dtype policy included)."""
-  mc = hf.model_config_from_hf(hf_config, dtype="bfloat16", param_dtype="float32",
-                               max_seq_len=max_seq_len)
+  mc = hf_config_lib.model_config_from_hf(hf_config, dtype="bfloat16", param_dtype="float32",
+                                          max_seq_len=max_seq_len)
   return dict(
       arch=mc.arch, vocab_size=mc.vocab_size, embed_dim=mc.embed_dim, num_layers=mc.num_layers,
       num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,

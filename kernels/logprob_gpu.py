@@ -30,7 +30,7 @@ and the accumulators are allocated at whole blocks (sliced after). Blocks are po
 
 `interpret=True` runs it in the Pallas interpreter on any backend (how the CPU tests run it);
 `interpret=None` means True on CPU and compiled (Triton) otherwise; compiled needs a GPU (checked
-on an NVIDIA H100; BUILD_NOTES.md "GPU"). The TPU kernel is `logprob.fused_token_logprobs`; `dypo_jax.logprobs` picks by backend.
+on an NVIDIA H100; BUILD_NOTES.md "GPU"). The TPU kernel is `logprob.fused_token_logprobs`; `dypo_jax.models.logprobs` picks by backend.
 """
 import dataclasses
 import functools

@@ -1,14 +1,47 @@
-"""Shared test fixtures: CPU JAX, a helper to run code on fake devices in a subprocess."""
+"""Shared test set-up: CPU JAX, one persistent compilation cache for the whole test run (this
+process and every subprocess it starts), and a helper to run code on fake devices.
+
+Compiling dominates these tests on CPU, and many of them compile the same programs (the tiny
+run's update, sampler and evaluation, in-process and in `python -m dypo_jax.main`
+subprocesses): with one cache each program is compiled once per test run.
+"""
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dypo_test_jit_cache_")
+  _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
+else:
+  _OWN_CACHE = None  # Given by the caller (e.g. kept between runs): left in place.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # pylint: disable=g-import-not-at-top
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _subprocesses_only_in_slow_tests(request, monkeypatch):
+  """A test that starts a process (a run, fake devices) is marked slow, so that
+  `pytest -m "not slow"` stays the quick inner loop; this makes an unmarked one fail."""
+  if request.node.get_closest_marker("slow") is None:
+    def refuse(*args, **kwargs):
+      del args, kwargs
+      raise AssertionError(f"{request.node.nodeid} starts a subprocess: mark it "
+                           "@pytest.mark.slow")
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del session, exitstatus
+  if _OWN_CACHE:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def run_with_fake_devices(code: str, num_devices: int = 8, timeout: int = 600) -> str:

@@ -1,8 +1,8 @@
-"""dypo_jax.aot: the real TPU compiler, run on this CPU machine, sizes the train step and sampler.
+"""dypo_jax.tools.aot: the real TPU compiler, run on this CPU machine, sizes the train step and sampler.
 
 Needs libtpu (`pip install -e ".[tpu]"`); without it every test here is skipped. Each test runs in
 a fresh Python (JAX on the CPU, TPU chips compile-only) on a tiny config and a v4:2x2x1 topology
-(4 chips); the 7B configs are compiled by `python -m dypo_jax.aot` (minutes, BUILD_NOTES.md).
+(4 chips); the 7B configs are compiled by `python -m dypo_jax.tools.aot` (minutes, BUILD_NOTES.md).
 """
 import importlib.util
 import os
@@ -27,10 +27,13 @@ def _run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
                         cwd=_REPO, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_tiny_train_step_and_sampler_compile_for_v4_with_positive_memory():
   code = textwrap.dedent("""
     import pytest
-    from dypo_jax import aot, config as config_lib, sharding
+    from dypo_jax import config as config_lib
+    from dypo_jax.parallel import sharding
+    from dypo_jax.tools import aot
     c = config_lib.load_experiment("experiments/cpu_tiny.py", "quick")
     c.model.update(dict(remat=True, attention_chunk=32, dtype="bfloat16"))
     c.mesh.update(dict(data=1, fsdp=2, tensor=2))
@@ -59,8 +62,9 @@ def test_tiny_train_step_and_sampler_compile_for_v4_with_positive_memory():
   assert "OK" in proc.stdout and "train " in proc.stdout and "generate" in proc.stdout
 
 
+@pytest.mark.slow
 def test_an_oversized_program_is_reported_as_not_fitting():
-  proc = _run(["-m", "dypo_jax.aot", "--config=experiments/cpu_tiny.py:quick",
+  proc = _run(["-m", "dypo_jax.tools.aot", "--config=experiments/cpu_tiny.py:quick",
                "--topology=v4:2x2x1", "--what=train", "--config.train.update_prompts=65536",
                "--config.train.per_term_grad_norms=False"])
   assert proc.returncode == 1, proc.stdout + proc.stderr[-4000:]
@@ -69,16 +73,18 @@ def test_an_oversized_program_is_reported_as_not_fitting():
   assert "RESOURCE_EXHAUSTED" in proc.stdout and "30.75G" in proc.stdout, proc.stdout
 
 
+@pytest.mark.slow
 def test_unknown_config_key_is_named_before_compiling():
-  proc = _run(["-m", "dypo_jax.aot", "--config=experiments/cpu_tiny.py:quick",
+  proc = _run(["-m", "dypo_jax.tools.aot", "--config=experiments/cpu_tiny.py:quick",
                "--topology=v4:2x2x1", "--config.train.micro_batchez=2"])
   assert proc.returncode != 0
   assert "unknown config key 'train.micro_batchez'" in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_micro_batches_of_fewer_items_than_batch_shards_compile():
   # One item (K = 8 rows) per micro-batch on 2 batch shards: its rows are split, 4 a chip.
-  tiny_train_on_v4 = ["-m", "dypo_jax.aot", "--config=experiments/cpu_tiny.py:quick",
+  tiny_train_on_v4 = ["-m", "dypo_jax.tools.aot", "--config=experiments/cpu_tiny.py:quick",
                       "--topology=v4:2x2x1", "--what=train", "--config.train.update_prompts=4",
                       "--config.train.micro_batches=4"]
   proc = _run(tiny_train_on_v4 + ["--config.mesh.fsdp=2", "--config.mesh.tensor=2",

@@ -2,13 +2,14 @@
 import gzip
 import json
 import os
+import time
 import zipfile
 
 import numpy as np
 import pytest
 
-from dypo_jax import rewards
 from dypo_jax.data import benchmarks
+from dypo_jax.evaluation import rewards
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +35,40 @@ def _raw_rows(data_dir: str, key: str) -> list[dict]:
 ])
 def test_last_boxed(text, want):
   assert benchmarks.last_boxed(text) == want
+
+
+def _last_boxed_by_rescanning(text):
+  """The specification, quadratic: from the last marker back, scan each to its balancing brace."""
+  marker, end = "\\boxed{", len(text)
+  while (start := text.rfind(marker, 0, end)) >= 0:
+    depth, i = 0, start + len(marker) - 1
+    while i < len(text):
+      if text[i] == "\\" and text[i + 1:i + 2] in ("{", "}"):
+        i += 2
+        continue
+      depth += {"{": 1, "}": -1}.get(text[i], 0)
+      if text[i] == "}" and depth == 0:
+        return text[start + len(marker):i]
+      i += 1
+    end = start
+  return None
+
+
+def test_last_boxed_equals_the_rescanning_specification_on_random_texts():
+  rng = np.random.default_rng(0)
+  pieces = ["\\boxed{", "{", "}", "\\{", "\\}", "\\", "a", "1", " ", "\\frac"]
+  for _ in range(5000):
+    text = "".join(rng.choice(pieces, size=rng.integers(0, 30)))
+    assert benchmarks.last_boxed(text) == _last_boxed_by_rescanning(text), text
+
+
+def test_last_boxed_is_linear_on_a_flood_of_unclosed_boxes():
+  """30,000 unclosed boxes (210k characters): the rescanning version took 13 s on 42k."""
+  text = "\\boxed{" * 30_000 + "\\boxed{42}" + "\\boxed{" * 30_000
+  start = time.perf_counter()
+  assert benchmarks.last_boxed(text) == "42"
+  assert rewards.extract_answer(text) == "42"
+  assert time.perf_counter() - start < 1.0  # ~30 ms here; the quadratic scan takes minutes.
 
 
 def test_counts_and_unique_uids(data_dir):

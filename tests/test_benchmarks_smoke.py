@@ -54,6 +54,7 @@ def test_scaling_quick(tmp_path):
   assert "XLA total MB" in out and png.exists() and png.stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_mfu_tiny():  # ~13 s.
   out = _run([sys.executable, "benchmarks/mfu.py", "--tiny", "--reps", "1", "--peak-reps", "2"])
   assert "RESULT mfu achieved" in out and "utilisation = " in out
@@ -68,6 +69,7 @@ def test_run_all_ours_only(tmp_path):
   assert "dypo_jax_grpo" in out and "dypo_jax_dypo" in out
 
 
+@pytest.mark.slow
 def test_logprob_gpu_blocks_interpreted():  # ~10 s: on CPU the kernel runs interpreted.
   out = _run([sys.executable, "benchmarks/logprob_gpu_blocks.py", "--tokens", "32", "--embed",
               "32", "--vocab", "512", "--iters", "1", "--settings", "2"])

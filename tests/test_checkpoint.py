@@ -1,4 +1,4 @@
-"""Tests for dypo_jax.checkpoint: round trips, retention, atomicity, errors, resharding, SIGTERM."""
+"""Tests for dypo_jax.io.checkpoint: round trips, retention, atomicity, errors, resharding, SIGTERM."""
 import glob
 import os
 import signal
@@ -10,11 +10,11 @@ import numpy as np
 import optax
 import pytest
 
-from dypo_jax import checkpoint
+from dypo_jax.io import checkpoint
 from dypo_jax.models import ModelConfig
 from dypo_jax.models import Transformer
-from dypo_jax.queues import HardItem
-from dypo_jax.queues import QueueSet
+from dypo_jax.rl.queues import HardItem
+from dypo_jax.rl.queues import QueueSet
 
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's marker of a step directory being written.
 
@@ -98,12 +98,13 @@ def test_half_written_tmp_dir_is_ignored(tmp_path):
   assert os.listdir(tmp_path) == ["1"]  # A writable Checkpointer cleans such leftovers up.
 
 
+@pytest.mark.slow
 def test_killed_during_async_save_leaves_previous_checkpoint(tmp_path, fake_devices):
   # A real kill: the process exits (no cleanup, no wait) right after starting an async save.
   fake_devices(f"""
       import os
       import jax.numpy as jnp
-      from dypo_jax import checkpoint
+      from dypo_jax.io import checkpoint
       ckpt = checkpoint.Checkpointer({str(tmp_path)!r}, keep=3, async_save=True)
       ckpt.save(1, state={{"w": jnp.zeros((4,))}}, extras={{"step": 1}})
       ckpt.wait()
@@ -181,24 +182,27 @@ def test_abstract_like_keeps_shardings_and_names_bad_leaves():
     checkpoint.abstract_like({"step": 3})
 
 
-def test_sigterm_handler_calls_callback():
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stop_handlers_call_the_callback(sig):
   calls = []
-  previous = checkpoint.install_sigterm_handler(lambda: calls.append("saved"))
+  previous = checkpoint.install_stop_handlers(lambda: calls.append("saved"))
   try:
-    os.kill(os.getpid(), signal.SIGTERM)  # The handler runs before the next bytecode.
+    os.kill(os.getpid(), sig)  # The handler runs before the next bytecode.
     assert calls == ["saved"]
-    assert signal.getsignal(signal.SIGTERM) is not previous
+    assert set(previous) == {signal.SIGTERM, signal.SIGINT}
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    for s, handler in previous.items():
+      signal.signal(s, handler)
 
 
+@pytest.mark.slow
 def test_restore_onto_a_different_mesh_reshards(tmp_path, fake_devices):
   out = fake_devices(f"""
       import jax
       import jax.numpy as jnp
       import numpy as np
       from jax.sharding import NamedSharding, PartitionSpec as P
-      from dypo_jax import checkpoint
+      from dypo_jax.io import checkpoint
       auto = jax.sharding.AxisType.Auto
       mesh4 = jax.make_mesh((4,), ("data",), axis_types=(auto,))
       w = jnp.arange(8 * 6, dtype=jnp.float32).reshape(8, 6)

@@ -1,4 +1,4 @@
-"""`python -m dypo_jax.export`: a checkpoint's policy as a Hugging Face directory."""
+"""`python -m dypo_jax.tools.export`: a checkpoint's policy as a Hugging Face directory."""
 import glob
 import json
 import os
@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dypo_jax import checkpoint as checkpoint_lib
-from dypo_jax import export as export_lib
 from dypo_jax import models
+from dypo_jax.io import checkpoint as checkpoint_lib
+from dypo_jax.tools import export as export_lib
 import tiny_runs
 
 
@@ -46,9 +46,10 @@ def trained_workdir(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_exported_logits_equal_the_checkpointed_params_logits(trained_workdir, tmp_path):
   out = str(tmp_path / "hf")
-  proc = subprocess.run([sys.executable, "-m", "dypo_jax.export", f"--workdir={trained_workdir}",
+  proc = subprocess.run([sys.executable, "-m", "dypo_jax.tools.export", f"--workdir={trained_workdir}",
                          "--step=1", f"--out={out}"], capture_output=True, text=True,
                         env=tiny_runs.subprocess_env(), cwd=tiny_runs.REPO, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -66,6 +67,7 @@ def test_exported_logits_equal_the_checkpointed_params_logits(trained_workdir, t
   assert np.abs(_logits(exported, tokens) - _logits(step2, tokens)).max() > 1e-6
 
 
+@pytest.mark.slow
 def test_missing_or_corrupt_checkpoint_is_a_clear_error(trained_workdir, tmp_path):
   out = str(tmp_path / "hf")
   with pytest.raises(export_lib.ExportError, match="no checkpoint directory .*nowhere"):
@@ -83,22 +85,23 @@ def test_missing_or_corrupt_checkpoint_is_a_clear_error(trained_workdir, tmp_pat
     export_lib.export(damaged, out)
   assert not os.path.exists(out)  # Nothing half-written.
   # The command line says the same in one line, with a non-zero exit status.
-  proc = subprocess.run([sys.executable, "-m", "dypo_jax.export", f"--workdir={damaged}",
+  proc = subprocess.run([sys.executable, "-m", "dypo_jax.tools.export", f"--workdir={damaged}",
                          f"--out={out}"], capture_output=True, text=True,
                         env=tiny_runs.subprocess_env(), cwd=tiny_runs.REPO, timeout=300)
   assert proc.returncode != 0
   assert f"export error: checkpoint {step_dir} is corrupt" in proc.stderr
 
 
-# ------------------------------------------------------------------ python -m dypo_jax.eval_checkpoint
+# ------------------------------------------------------------------ python -m dypo_jax.tools.eval_checkpoint
 
 
 def _eval_checkpoint(*flags: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "dypo_jax.eval_checkpoint", *flags],
+  return subprocess.run([sys.executable, "-m", "dypo_jax.tools.eval_checkpoint", *flags],
                         capture_output=True, text=True, env=tiny_runs.subprocess_env(),
                         cwd=tiny_runs.REPO, timeout=300)
 
 
+@pytest.mark.slow
 def test_eval_checkpoint_equals_evaluating_the_checkpointed_params(trained_workdir, tmp_path):
   out = str(tmp_path / "eval.json")
   proc = _eval_checkpoint(f"--workdir={trained_workdir}", "--step=1", "--num_samples=3",
@@ -111,13 +114,13 @@ def test_eval_checkpoint_equals_evaluating_the_checkpointed_params(trained_workd
   assert "| eval_id | 4 |" in proc.stdout  # The printed table.
 
   # The same evaluation in this process, on the params read straight from the checkpoint.
-  from dypo_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-  from dypo_jax import runtime  # pylint: disable=g-import-not-at-top
-  from dypo_jax import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
-  from dypo_jax import sharding  # pylint: disable=g-import-not-at-top
+  from dypo_jax import build  # pylint: disable=g-import-not-at-top
+  from dypo_jax.evaluation import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from dypo_jax.models import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
+  from dypo_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
   config = tiny_runs.tiny_config()
-  pools = runtime.build_data(config, trained_workdir)
-  tok = runtime.build_tokenizer(config, trained_workdir, pools)
+  pools = build.build_data(config, trained_workdir)
+  tok = build.build_tokenizer(config, trained_workdir, pools)
   like = models.Transformer(tiny_runs.model_config(), rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(_checkpointed_model(trained_workdir, 1, like), nnx.Param)
   sampler = sampler_lib.Sampler(graphdef, model_config=like.config, pad_id=tok.pad_id,
@@ -139,6 +142,7 @@ def test_eval_checkpoint_equals_evaluating_the_checkpointed_params(trained_workd
       assert got[key] == pytest.approx(want[key], abs=1e-9), (split, key)
 
 
+@pytest.mark.slow
 def test_eval_checkpoint_of_an_export_and_on_a_record_file(trained_workdir, tmp_path):
   hf_dir = str(tmp_path / "hf")
   export_lib.export(trained_workdir, hf_dir, step=2)
@@ -172,6 +176,7 @@ def test_eval_checkpoint_of_an_export_and_on_a_record_file(trained_workdir, tmp_
   assert result["results"]["records.jsonl"]["num_prompts"] == 3
 
 
+@pytest.mark.slow
 def test_eval_checkpoint_bad_input_is_named(trained_workdir, tmp_path):
   proc = _eval_checkpoint(f"--workdir={trained_workdir}", "--num_samples=2", "--pass_ks=4",
                           f"--out={tmp_path / 'x.json'}")

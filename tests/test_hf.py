@@ -15,6 +15,7 @@ from safetensors import safe_open
 import safetensors.numpy
 
 from dypo_jax.models import hf
+from dypo_jax.models import hf_config
 from dypo_jax.models import ModelConfig
 from dypo_jax.models import Transformer
 
@@ -121,7 +122,7 @@ def test_round_trip_through_transformers(arch, tmp_path):
   model = hf.from_pretrained(str(tmp_path / "a"))
   hf.save_pretrained(model, str(tmp_path / "b"))
   config = json.loads((tmp_path / "b" / "config.json").read_text())
-  assert config["model_type"] == arch and config["architectures"] == [hf._ARCHITECTURE[arch]]
+  assert config["model_type"] == arch and config["architectures"] == [hf_config._ARCHITECTURE[arch]]
   assert config["rope_parameters"]["rope_theta"] == FAMILIES[arch]["rope_theta"]
   with safe_open(str(tmp_path / "b" / hf.SINGLE_FILE), framework="numpy") as f:
     assert ("lm_head.weight" in f.keys()) == (not FAMILIES[arch]["tie_word_embeddings"])
@@ -267,19 +268,19 @@ def _tiny_hf_config(**overrides):
 
 
 def test_model_config_from_hf_defaults_and_layouts():
-  c = hf.model_config_from_hf(_tiny_hf_config(), dtype="bfloat16", max_seq_len=77)
+  c = hf_config.model_config_from_hf(_tiny_hf_config(), dtype="bfloat16", max_seq_len=77)
   assert (c.head_dim, c.num_kv_heads, c.rope_theta, c.max_seq_len) == (8, 2, 500.0, 77)
   assert (c.dtype, c.param_dtype, c.qkv_bias, c.qk_norm) == ("bfloat16", "bfloat16", False, False)
   # transformers-5 layout: rope_theta only inside rope_parameters; absent keys take defaults.
   d = _tiny_hf_config(model_type="qwen3", architectures=["Qwen3ForCausalLM"],
                       rope_parameters={"rope_type": "default", "rope_theta": 1e6})
   del d["rope_theta"], d["num_key_value_heads"]
-  c = hf.model_config_from_hf(d, param_dtype="float32")
+  c = hf_config.model_config_from_hf(d, param_dtype="float32")
   assert (c.rope_theta, c.num_kv_heads, c.head_dim, c.qk_norm) == (1e6, 4, 128, True)
   assert (c.max_seq_len, c.tie_embeddings, c.param_dtype) == (32768, False, "float32")
   d = _tiny_hf_config(model_type="qwen2", architectures=None, rope_scaling=None)
   del d["rope_theta"]
-  c = hf.model_config_from_hf(d)
+  c = hf_config.model_config_from_hf(d)
   assert (c.rope_theta, c.qkv_bias, c.max_seq_len) == (10000.0, True, 32768)
 
 
@@ -300,13 +301,13 @@ def test_model_config_from_hf_defaults_and_layouts():
 ])
 def test_model_config_from_hf_rejects(overrides, match):
   with pytest.raises(ValueError, match=match):
-    hf.model_config_from_hf(_tiny_hf_config(**overrides))
+    hf_config.model_config_from_hf(_tiny_hf_config(**overrides))
 
 
 def _write_checkpoint(path, config: ModelConfig, tensors):
   os.makedirs(path)
   with open(os.path.join(path, "config.json"), "w") as fh:
-    json.dump(hf.hf_config_from_model_config(config, dtype="float32"), fh)
+    json.dump(hf_config.hf_config_from_model_config(config, dtype="float32"), fh)
   safetensors.numpy.save_file(tensors, os.path.join(path, hf.SINGLE_FILE))
 
 
@@ -346,7 +347,7 @@ def test_tensor_errors_name_the_tensor(tmp_path):
   # No weights at all.
   os.makedirs(tmp_path / "empty")
   (tmp_path / "empty" / "config.json").write_text(json.dumps(
-      hf.hf_config_from_model_config(config, dtype="float32")))
+      hf_config.hf_config_from_model_config(config, dtype="float32")))
   with pytest.raises(FileNotFoundError, match="model.safetensors"):
     hf.from_pretrained(str(tmp_path / "empty"))
 
@@ -359,6 +360,7 @@ def test_export_refuses_inexpressible_configs(tmp_path):
   assert not os.listdir(tmp_path)
 
 
+@pytest.mark.slow
 def test_from_pretrained_onto_a_mesh(tmp_path, fake_devices):
   """Parameters land sharded by the logical-axis rules (4 fake devices: fsdp=2, tensor=2)."""
   config = OWN_CONFIGS["llama"][0]
@@ -369,8 +371,8 @@ def test_from_pretrained_onto_a_mesh(tmp_path, fake_devices):
   out = fake_devices(f"""
       import numpy as np, jax, jax.numpy as jnp
       from jax.sharding import PartitionSpec as P
-      from dypo_jax import sharding
       from dypo_jax.models import hf
+      from dypo_jax.parallel import sharding
       mesh = sharding.make_mesh({{"fsdp": 2, "tensor": 2}})
       model = hf.from_pretrained({str(tmp_path / "ckpt")!r}, mesh=mesh)
       emb = model.embedding.get_value()

@@ -3,6 +3,7 @@
 Without it glibc maps each execution's temporary block afresh and unmaps it after, so every call
 faults in (and the kernel zeroes) all of its pages again.
 """
+import pytest
 import re
 
 import tiny_runs
@@ -12,13 +13,13 @@ import tiny_runs
 _PROGRAM = """
 import resource, sys
 import ml_collections
-from dypo_jax import runtime
+from dypo_jax.parallel import host
 
 cfg = ml_collections.ConfigDict(dict(host_devices=0, host_reuse_memory=sys.argv[1] == "1"))
-runtime.configure_host(cfg)
+host.configure_host(cfg)
 import jax
 import jax.numpy as jnp
-applied = runtime.keep_host_heap(cfg)
+applied = host.keep_host_heap(cfg)
 
 @jax.jit
 def f(a, b, w):
@@ -45,6 +46,7 @@ def _run(reuse: bool) -> tuple[str, int]:
   return f"{match.group(1)} {match.group(2)}", int(match.group(3))
 
 
+@pytest.mark.slow
 def test_reused_heap_keeps_the_temporaries_resident():
   settings, faults = _run(reuse=True)
   assert settings == "False True"  # Synchronous dispatch; glibc told to keep its heap.
@@ -52,6 +54,7 @@ def test_reused_heap_keeps_the_temporaries_resident():
   assert faults < 1_000, faults
 
 
+@pytest.mark.slow
 def test_without_it_dispatch_and_heap_are_left_alone():
   settings, faults = _run(reuse=False)
   assert settings == "True False"
@@ -63,20 +66,21 @@ def test_without_it_dispatch_and_heap_are_left_alone():
     assert faults > 8_000, faults
 
 
+@pytest.mark.slow
 def test_asked_for_after_jax_started_is_an_error_not_a_no_op():
   out = tiny_runs.run_python("""
     import ml_collections
     import jax
-    from dypo_jax import runtime
+    from dypo_jax.parallel import host
     jax.devices()  # The CPU backend starts, with asynchronous dispatch.
     cfg = ml_collections.ConfigDict(dict(host_devices=0, host_reuse_memory=True))
     try:
-      runtime.configure_host(cfg)
+      host.configure_host(cfg)
     except ValueError as e:
       print("ERR", e)
-    print("HEAP", runtime.keep_host_heap(cfg))  # Nothing to keep: the block is not the main's.
+    print("HEAP", host.keep_host_heap(cfg))  # Nothing to keep: the block is not the main's.
     cfg.host_reuse_memory = False
-    runtime.configure_host(cfg)  # Off: nothing to set, nothing to refuse.
+    host.configure_host(cfg)  # Off: nothing to set, nothing to refuse.
     print("OFF OK")
   """)
   assert "ERR mesh.host_reuse_memory=True, but JAX already started its backend" in out

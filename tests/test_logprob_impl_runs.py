@@ -2,7 +2,7 @@
 
 On CPU the Mosaic kernel runs in the Pallas interpreter (`model.pallas_interpret=True`). On a GPU
 machine, `JAX_PLATFORMS=cuda pytest tests/test_logprob_impl_runs.py` compiles the Triton kernel
-(`dypo_jax.logprobs` picks it by backend), with float32 matmuls everywhere so that the only
+(`dypo_jax.models.logprobs` picks it by backend), with float32 matmuls everywhere so that the only
 difference between the runs is the log-prob path.
 """
 import os

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from dypo_jax import report
+from dypo_jax.io import report
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

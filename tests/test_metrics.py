@@ -1,4 +1,4 @@
-"""Tests for dypo_jax.metrics: JSONL round trip, truncation, TensorBoard, progress, plots."""
+"""Tests for dypo_jax.io.metrics: JSONL round trip, truncation, TensorBoard, progress, plots."""
 import glob
 import json
 import math
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from dypo_jax import metrics
+from dypo_jax.io import metrics
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

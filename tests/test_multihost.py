@@ -16,13 +16,13 @@ import tiny_runs
 _REFERENCE = """
     import sys
     import tiny_runs
-    from dypo_jax import trainer as trainer_lib
+    from dypo_jax.data import pipeline as pipeline_lib
 
     class TwoShards:
       '''The prompt order of a 2-process job: each process's shard, concatenated per round.'''
 
       def __init__(self, num_records, *, seed, shuffle):
-        self.shards = [trainer_lib.PromptStream(num_records, seed=seed, shuffle=shuffle,
+        self.shards = [pipeline_lib.IndexStream(num_records, seed=seed, shuffle=shuffle,
                                                 process_index=p, process_count=2)
                        for p in range(2)]
 

@@ -1,11 +1,11 @@
-"""Tests for dypo_jax.passk against brute-force enumeration of k-subsets."""
+"""Tests for dypo_jax.evaluation.passk against brute-force enumeration of k-subsets."""
 import itertools
 import math
 
 import numpy as np
 import pytest
 
-from dypo_jax import passk
+from dypo_jax.evaluation import passk
 
 
 def _brute_force(sample_correct: np.ndarray, k: int) -> float:

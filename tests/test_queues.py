@@ -1,13 +1,10 @@
-"""Tests for dypo_jax.queues: FIFO across queues, exact persistence, atomicity, corrupt files."""
-import os
-
+"""Tests for dypo_jax.rl.queues: FIFO across queues, exact serialisation, corrupt bytes named."""
 import numpy as np
 import pytest
 
-from dypo_jax import queues
-from dypo_jax.queues import HardItem
-from dypo_jax.queues import MidItem
-from dypo_jax.queues import QueueSet
+from dypo_jax.rl.queues import HardItem
+from dypo_jax.rl.queues import MidItem
+from dypo_jax.rl.queues import QueueSet
 
 
 def _hard(uid, step=0, n=5, teacher="r1", index=0):
@@ -129,46 +126,14 @@ def test_bytes_round_trip_exact_with_ragged_and_optional_fields():
   _assert_queuesets_equal(qs, restored)
 
 
-def test_save_load_round_trip(tmp_path):
-  qs = _mixed_queueset()
-  path = qs.save(str(tmp_path))
-  assert path == os.path.join(str(tmp_path), queues.QUEUES_FILENAME)
-  assert os.listdir(tmp_path) == [queues.QUEUES_FILENAME]  # No temp file left behind.
-  _assert_queuesets_equal(QueueSet.load(str(tmp_path)), _mixed_queueset())
-  # An empty QueueSet round-trips too.
-  QueueSet().save(str(tmp_path))
-  empty = QueueSet.load(str(tmp_path))
+def test_empty_round_trip():
+  empty = QueueSet.from_bytes(QueueSet().to_bytes())
   assert len(empty) == 0 and empty.counter == 0
 
 
-def test_load_missing(tmp_path):
-  missing = tmp_path / "nope"
-  with pytest.raises(FileNotFoundError, match=str(missing)):
-    QueueSet.load(str(missing))
-  assert len(QueueSet.load(str(missing), allow_missing=True)) == 0
-
-
-def test_interrupted_save_keeps_previous_file(tmp_path, monkeypatch):
-  old = _mixed_queueset()
-  old.save(str(tmp_path))
-  new = QueueSet()
-  new.push_hard(_hard("only"))
-
-  def failing_replace(src, dst):
-    raise OSError("simulated crash before rename")
-
-  monkeypatch.setattr(queues.os, "replace", failing_replace)
-  with pytest.raises(OSError, match="simulated crash"):
-    new.save(str(tmp_path))
-  monkeypatch.undo()
-  assert os.listdir(tmp_path) == [queues.QUEUES_FILENAME]  # The temp file was cleaned up.
-  _assert_queuesets_equal(QueueSet.load(str(tmp_path)), _mixed_queueset())
-
-
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "flip"])
-def test_corrupt_file_raises_value_error_naming_it(tmp_path, damage):
-  path = _mixed_queueset().save(str(tmp_path))
-  data = open(path, "rb").read()
+def test_corrupt_bytes_raise_value_error_naming_the_source(damage):
+  data = _mixed_queueset().to_bytes()
   if damage == "truncate":
     data = data[:len(data) // 2]
   elif damage == "garbage":
@@ -176,7 +141,5 @@ def test_corrupt_file_raises_value_error_naming_it(tmp_path, damage):
   else:  # Flip bytes in the middle of the compressed payload: the zip CRC catches it.
     mid = len(data) // 3
     data = data[:mid] + bytes(b ^ 0xFF for b in data[mid:mid + 16]) + data[mid + 16:]
-  with open(path, "wb") as f:
-    f.write(data)
-  with pytest.raises(ValueError, match=path):
-    QueueSet.load(str(tmp_path))
+  with pytest.raises(ValueError, match="ckpt/7 item 'queues'"):
+    QueueSet.from_bytes(data, source="ckpt/7 item 'queues'")

@@ -1,10 +1,12 @@
 """Resuming from a checkpoint continues the run exactly, and onto another mesh it reshards."""
+import pytest
 import os
 
-from dypo_jax import metrics as metrics_lib
+from dypo_jax.io import metrics as metrics_lib
 import tiny_runs
 
 
+@pytest.mark.slow
 def test_resumed_run_logs_the_uninterrupted_runs_metrics(tmp_path):
   # DYPO with LUFFY-style Hard items (the teacher trace joins the sampled group): every update
   # trains on rollouts (old log-probs, advantages, GAL) and the queue carries items (6 prompts
@@ -37,6 +39,7 @@ def test_resumed_run_logs_the_uninterrupted_runs_metrics(tmp_path):
       assert len([line for line in f if line.strip()]) == 5 + 3
 
 
+@pytest.mark.slow
 def test_restore_onto_another_mesh_reshards(tmp_path):
   """Saved with fsdp=2 on 2 devices, restored with tensor=2: same values, new shardings.
 
@@ -47,7 +50,8 @@ def test_restore_onto_another_mesh_reshards(tmp_path):
       import jax
       import numpy as np
       import tiny_runs
-      from dypo_jax import checkpoint as checkpoint_lib
+      from dypo_jax.io import checkpoint as checkpoint_lib
+      from dypo_jax.rl import resume
       workdir = sys.argv[1]
       over = {"rl.method": "sft", "train.num_steps": 1}
       first = tiny_runs.build_trainer(tiny_runs.tiny_config(
@@ -59,7 +63,7 @@ def test_restore_onto_another_mesh_reshards(tmp_path):
       second = tiny_runs.build_trainer(tiny_runs.tiny_config(
           **over, **{"mesh.fsdp": 1, "mesh.tensor": 2}), workdir)
       with checkpoint_lib.Checkpointer(workdir + "/checkpoints", keep=3) as ckpt:
-        assert second.restore(ckpt)
+        assert resume.restore(second, ckpt)
       jax.tree.map(np.testing.assert_array_equal, jax.device_get(
           (second.state, second.ref_params)), saved)
       assert second.queues.to_bytes() == saved_queue

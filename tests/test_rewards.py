@@ -1,4 +1,4 @@
-"""Tests for dypo_jax.rewards: answer extraction, exact match, the math-verify pool, penalties."""
+"""Tests for dypo_jax.evaluation.rewards: answer extraction, exact match, the math-verify pool, penalties."""
 import os
 import threading
 import time
@@ -6,8 +6,8 @@ import time
 import numpy as np
 import pytest
 
-from dypo_jax import rewards
 from dypo_jax.data.records import PromptRecord
+from dypo_jax.evaluation import rewards
 
 
 def _always_crash(gold: str, pred: str) -> float:

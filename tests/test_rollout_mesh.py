@@ -7,33 +7,37 @@ import pytest
 import tiny_runs
 
 
+@pytest.mark.slow
 def test_host_devices_are_set_before_jax_starts_and_checked_after():
   out = tiny_runs.run_python("""
-    from dypo_jax import runtime
-    runtime.configure_host_devices(3)
+    from dypo_jax.parallel import host
+    from dypo_jax.parallel import sharding
+    host.configure_host_devices(3)
     import jax
     assert len(jax.devices()) == 3, jax.devices()
-    runtime.configure_host_devices(3)  # Already so: nothing to do.
+    host.configure_host_devices(3)  # Already so: nothing to do.
     try:
-      runtime.configure_host_devices(2)
+      host.configure_host_devices(2)
     except ValueError as e:
       print("ERR", e)
   """)
   assert "ERR mesh.host_devices=2, but JAX already started with 3 CPU device(s)" in out
 
 
+@pytest.mark.slow
 def test_rollout_mesh_needs_the_devices_it_names():
   out = tiny_runs.run_python("""
     import ml_collections
-    from dypo_jax import runtime
+    from dypo_jax.parallel import host
+    from dypo_jax.parallel import sharding
     cfg = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, rollout_data=4))
     try:
-      runtime.build_rollout_mesh(cfg)
+      sharding.build_rollout_mesh(cfg)
     except ValueError as e:
       print("ERR", e)
     cfg.rollout_data = 2
-    print("TRAIN", runtime.build_mesh(cfg).devices.size, "ROLLOUT",
-          runtime.build_rollout_mesh(cfg).devices.size)
+    print("TRAIN", sharding.build_mesh(cfg).devices.size, "ROLLOUT",
+          sharding.build_rollout_mesh(cfg).devices.size)
   """, num_devices=2)
   assert "ERR mesh.rollout_data=4, but only 2 device(s) are here" in out
   assert "TRAIN 1 ROLLOUT 2" in out

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from dypo_jax import sharding
+from dypo_jax.parallel import sharding
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,7 +30,8 @@ def test_sharded_forward_equals_single_device_and_specs_follow_rules(fake_device
   out = fake_devices("""
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
-    from dypo_jax import models, sharding
+    from dypo_jax import models
+    from dypo_jax.parallel import sharding
     config = models.ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4,
                                 num_kv_heads=2, head_dim=8, mlp_dim=64)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
@@ -61,24 +62,28 @@ def test_activation_sharding_follows_the_batch_rule_and_is_off_on_one_device():
   assert sharding.activation_sharding(one, None) is None
 
 
+@pytest.mark.slow
 def test_build_model_sets_the_activation_sharding_aot_compiles(fake_devices):
   out = fake_devices("""
-    from dypo_jax import aot, config as config_lib, runtime, sharding
+    from dypo_jax import build
+    from dypo_jax import config as config_lib
+    from dypo_jax.parallel import sharding
+    from dypo_jax.tools import aot
     c = config_lib.load_experiment("experiments/cpu_tiny.py", "quick")
     c.mesh.update(dict(data=2, fsdp=2, tensor=2))
-    mesh = runtime.build_mesh(c.mesh)
-    model = runtime.build_model(c, mesh)
-    rules = runtime.mesh_rules(c)
-    expected = aot.abstract_params(runtime.model_config(c), mesh, rules)[0]
+    mesh = sharding.build_mesh(c.mesh)
+    model = build.build_model(c, mesh)
+    rules = sharding.mesh_rules(c)
+    expected = aot.abstract_params(build.model_config(c), mesh, rules)[0]
     assert model.activation_sharding is not None
     assert tuple(model.activation_sharding.spec) == (("data", "fsdp"), None, None)
     abstract = sharding.activation_sharding(mesh, sharding.activation_axes(rules))
     assert model.activation_sharding == abstract
-    # The graph a run jits carries the same sharding as the one dypo_jax.aot compiles.
+    # The graph a run jits carries the same sharding as the one dypo_jax.tools.aot compiles.
     from flax import nnx
     assert nnx.split(model, nnx.Param)[0] == expected, "graphdefs differ"
     one = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, mesh.devices.flat[:1])
-    assert runtime.build_model(c, one).activation_sharding is None
+    assert build.build_model(c, one).activation_sharding is None
     print("OK")
   """)
   assert "OK" in out

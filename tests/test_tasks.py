@@ -8,7 +8,7 @@ import pytest
 
 from dypo_jax.data import tasks
 from dypo_jax.data import teachers
-from dypo_jax.data.tasks import Problem
+from dypo_jax.data.problems import Problem
 
 _FAMILY_TASKS = collections.defaultdict(list)
 for _spec in tasks.ALL_TASKS.values():

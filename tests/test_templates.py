@@ -1,8 +1,8 @@
-"""Tests for dypo_jax.templates: exact prompt strings, stop strings, chat-message parsing."""
+"""Tests for dypo_jax.data.templates: exact prompt strings, stop strings, chat-message parsing."""
 import numpy as np
 import pytest
 
-from dypo_jax import templates
+from dypo_jax.data import templates
 
 _Q = "What is 12 + 7?"
 

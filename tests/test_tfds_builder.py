@@ -163,6 +163,7 @@ def test_example_to_record_names_the_bad_field():
     tb.example_to_record(encoded, where="ex 2")
 
 
+@pytest.mark.slow
 def test_cli_builds_and_reports_errors(built, tmp_path, capsys):
   _, splits, files = built
   data_dir = str(tmp_path / "cli")

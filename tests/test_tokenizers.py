@@ -1,4 +1,4 @@
-"""Tests for dypo_jax.tokenizers: SentencePiece training and round trips, HF tokenizer.json."""
+"""Tests for dypo_jax.data.tokenizers: SentencePiece training and round trips, HF tokenizer.json."""
 import json
 import os
 import random
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from dypo_jax import tokenizers as tk
+from dypo_jax.data import tokenizers as tk
 
 _WORDS = ("apples", "boxes", "coins", "marbles", "pencils", "books", "cards", "stones", "the",
           "has", "gives", "takes", "buys", "sells", "total", "left", "each", "many", "how",

@@ -1,5 +1,4 @@
 """The pure DYPO update: micro-batching is exact, sharding changes nothing, one compile per run."""
-import dataclasses
 
 from flax import nnx
 import jax
@@ -9,7 +8,8 @@ import optax
 import pytest
 
 from dypo_jax import models
-from dypo_jax import train_step as step_lib
+from dypo_jax.rl import train_step as step_lib
+from dypo_jax.rl import update_batch
 
 _MODEL = models.ModelConfig(vocab_size=48, embed_dim=32, num_layers=2, num_heads=4,
                             num_kv_heads=2, head_dim=8, mlp_dim=64, max_seq_len=64)
@@ -19,7 +19,7 @@ _U, _K, _P, _T = 4, 4, 6, 8
 def make_batch(seed: int = 0, weights=(0.5, 0.25, 0.25)) -> dict[str, np.ndarray]:
   """Two Mid items (K rollouts, mixed rewards), one Hard slot (one teacher row), one LUFFY group."""
   rng = np.random.default_rng(seed)
-  shapes = step_lib.batch_spec_shapes(items=_U, k=_K, prompt_len=_P, max_len=_T)
+  shapes = update_batch.spec_shapes(items=_U, k=_K, prompt_len=_P, max_len=_T)
   b = {n: np.zeros(s, np.dtype(d)) for n, (s, d) in shapes.items()}
   b["tokens"][:] = rng.integers(1, _MODEL.vocab_size, size=b["tokens"].shape)
   b["teacher_id"][:] = -1
@@ -30,13 +30,13 @@ def make_batch(seed: int = 0, weights=(0.5, 0.25, 0.25)) -> dict[str, np.ndarray
       b["input_mask"][u, k, _P - plen:_P + rlen] = True
       b["resp_mask"][u, k, :rlen] = 1.0
       b["old_logp"][u, k, :rlen] = -rng.uniform(0.5, 5.0, size=rlen)
-  b["row_kind"][0:2] = step_lib.ROW_ROLLOUT
+  b["row_kind"][0:2] = update_batch.ROW_ROLLOUT
   b["rewards"][0] = [1, 0, 0, 1]
   b["rewards"][1] = [0, 1, 1, 1]
-  b["row_kind"][2, 0] = step_lib.ROW_TEACHER_SFT
+  b["row_kind"][2, 0] = update_batch.ROW_TEACHER_SFT
   b["teacher_id"][2, 0] = 1
-  b["row_kind"][3, :_K - 1] = step_lib.ROW_ROLLOUT
-  b["row_kind"][3, _K - 1] = step_lib.ROW_TEACHER_OFFPOLICY
+  b["row_kind"][3, :_K - 1] = update_batch.ROW_ROLLOUT
+  b["row_kind"][3, _K - 1] = update_batch.ROW_TEACHER_OFFPOLICY
   b["rewards"][3] = [0, 1, 0, 1]
   b["adv_rewards"][:] = b["rewards"]
   b["weights"][:] = weights
@@ -114,6 +114,23 @@ def test_nonfinite_update_is_skipped_and_counted():
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, new_state.params), before)
 
 
+@pytest.mark.parametrize("learning_rate", [float("nan"), 1e39])
+def test_an_update_that_would_write_nonfinite_params_is_skipped(learning_rate):
+  """Loss and gradient finite, the update not (a nan learning rate; one so large that Adam's
+  unit-sized step overflows float32): the parameters stay as they were and the skip counts."""
+  graphdef, state, ref, _, _ = make_state()
+  tx, sched = step_lib.make_optimizer(learning_rate=learning_rate, schedule="constant",
+                                      warmup_steps=0, total_steps=10, min_lr_ratio=0.1,
+                                      weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0)
+  state = state.replace(opt_state=tx.init(state.params))
+  before = jax.tree.map(np.asarray, state.params)
+  fn = jax.jit(step_lib.build_train_step(graphdef, step_config(), tx, sched))
+  new_state, m = fn(state, ref, make_batch(), jax.random.key(0))
+  assert np.isfinite(float(m["loss/total"])) and np.isfinite(float(m["grad/norm"]))
+  assert int(m["train/update_skipped"]) == 1 and int(new_state.nonfinite_skipped) == 1
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, new_state.params), before)
+
+
 def test_step_compiles_once_over_a_run():
   graphdef, state, ref, tx, sched = make_state()
   traces = []
@@ -132,9 +149,9 @@ def test_step_compiles_once_over_a_run():
 
 def sharded_run(mesh, *, activation_sharding: bool, **cfg_overrides):
   """`run_step` on `mesh`: params, reference and batch placed by the default rules (and, if
-  asked, the model's residual stream pinned as `runtime.build_model` pins it). Returns
+  asked, the model's residual stream pinned as `build.build_model` pins it). Returns
   (new state, metrics on the host)."""
-  from dypo_jax import sharding  # pylint: disable=g-import-not-at-top
+  from dypo_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
   rules = sharding.DEFAULT_RULES
   batch = make_batch()
   graphdef, state, ref, tx, sched = make_state()
@@ -157,13 +174,15 @@ def sharded_run(mesh, *, activation_sharding: bool, **cfg_overrides):
   return new_state, jax.device_get(metrics)
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device(fake_devices):
   out = fake_devices("""
     import jax, numpy as np
     from flax import nnx
-    from dypo_jax import sharding
+    from dypo_jax.parallel import sharding
     import tests.test_train_step as t
-    from dypo_jax import train_step as step_lib
+    from dypo_jax.rl import train_step as step_lib
+    from dypo_jax.rl import update_batch
     batch = t.make_batch()
     _, single = t.run_step(t.step_config(), batch)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
@@ -178,36 +197,38 @@ def test_sharded_step_equals_single_device(fake_devices):
 
 def test_micro_batch_rows_may_be_fewer_items_than_batch_shards():
   # 8 shards: a micro-batch of one item is fine when its K = 8 rows divide over them.
-  assert step_lib.micro_batch_error(items=64, micro_batches=64, k=8, batch_shards=8) is None
-  assert step_lib.slot_buckets(update_prompts=64, micro_batches=64, k=8, batch_shards=8) == [64]
-  assert step_lib.slot_buckets(update_prompts=64, micro_batches=16, k=8,
+  assert update_batch.micro_batch_error(items=64, micro_batches=64, k=8, batch_shards=8) is None
+  assert update_batch.slot_buckets(update_prompts=64, micro_batches=64, k=8, batch_shards=8) == [64]
+  assert update_batch.slot_buckets(update_prompts=64, micro_batches=16, k=8,
                                batch_shards=8) == [16, 32, 64]
-  assert step_lib.slot_buckets(update_prompts=64, micro_batches=8, k=8,
+  assert update_batch.slot_buckets(update_prompts=64, micro_batches=8, k=8,
                                batch_shards=8) == [16, 32, 64]
-  assert "12 rows, which must be a multiple of the 8" in step_lib.micro_batch_error(
+  assert "12 rows, which must be a multiple of the 8" in update_batch.micro_batch_error(
       items=16, micro_batches=4, k=3, batch_shards=8)
-  assert "multiple of the 8 batch shards" in step_lib.micro_batch_error(
+  assert "multiple of the 8 batch shards" in update_batch.micro_batch_error(
       items=4, micro_batches=4, k=8, batch_shards=8)
-  assert "multiple of train.micro_batches=3" in step_lib.micro_batch_error(
+  assert "multiple of train.micro_batches=3" in update_batch.micro_batch_error(
       items=8, micro_batches=3, k=8, batch_shards=1)
   for u, m, k, s in ((32, 4, 8, 8), (24, 2, 4, 4), (8, 1, 8, 2), (64, 32, 8, 8)):
-    for b in step_lib.slot_buckets(update_prompts=u, micro_batches=m, k=k, batch_shards=s):
-      assert step_lib.micro_batch_error(items=b, micro_batches=m, k=k, batch_shards=s) is None
+    for b in update_batch.slot_buckets(update_prompts=u, micro_batches=m, k=k, batch_shards=s):
+      assert update_batch.micro_batch_error(items=b, micro_batches=m, k=k, batch_shards=s) is None
 
 
+@pytest.mark.slow
 def test_one_item_micro_batches_split_by_rows_equal_single_device(fake_devices):
   # 4 batch shards (fsdp) x tensor 2; micro-batches of one item, whose K = 4 rows are split over
-  # the 4 shards by the model's activation sharding (as runtime.build_model sets it).
+  # the 4 shards by the model's activation sharding (as build.build_model sets it).
   out = fake_devices("""
     import jax, numpy as np
     from flax import nnx
-    from dypo_jax import sharding
+    from dypo_jax.parallel import sharding
     import tests.test_train_step as t
-    from dypo_jax import train_step as step_lib
+    from dypo_jax.rl import train_step as step_lib
+    from dypo_jax.rl import update_batch
     batch = t.make_batch()
     _, single = t.run_step(t.step_config(), batch)
     mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
-    assert step_lib.micro_batch_error(items=t._U, micro_batches=t._U, k=t._K,
+    assert update_batch.micro_batch_error(items=t._U, micro_batches=t._U, k=t._K,
                                       batch_shards=4) is None
     assert tuple(sharding.activation_sharding(
         mesh, sharding.activation_axes(sharding.DEFAULT_RULES)).spec) == ("fsdp", None, None)
@@ -230,14 +251,14 @@ def test_per_term_grad_norms_equal_each_terms_own_gradient_on_a_large_batch():
   _, got = run_step(cfg, tiled)
   denoms = step_lib._denominators(tiled, cfg)  # pylint: disable=protected-access
   mb = {k: jnp.asarray(v) for k, v in tiled.items() if k != "weights"}
-  for i, name in enumerate(step_lib.TERMS):
+  for i, name in enumerate(update_batch.TERMS):
     term = lambda p, i=i: step_lib._loss_terms(p, ref, graphdef, mb, denoms, cfg)[0][i]  # pylint: disable=protected-access
     want = optax.global_norm(jax.jit(jax.grad(term))(state.params))
     np.testing.assert_allclose(got[f"grad/norm_{name}"], want, rtol=1e-5, err_msg=name)
 
 
 def test_layout_batch_packs_hard_items_and_lays_out_groups():
-  from dypo_jax import queues  # pylint: disable=g-import-not-at-top
+  from dypo_jax.rl import queues  # pylint: disable=g-import-not-at-top
   k, p, t, pad = 4, 5, 6, 0
   hard = [queues.HardItem(uid=f"h{i}", prompt_tokens=np.array([7, 8 + i], np.int32),
                           teacher="b" if i % 2 else "a", teacher_index=0,
@@ -255,12 +276,12 @@ def test_layout_batch_packs_hard_items_and_lays_out_groups():
                         shaped_rewards=np.array([0, 1, 0, 0], np.float32),
                         logprobs=-np.ones((k, t), np.float32), step=0,
                         teacher_tokens=np.array([3, 3], np.int32), teacher="a")]
-  batch, offline = step_lib.layout_batch(hard, mid, slot_buckets=(2, 4, 8), k=k, prompt_len=p,
+  batch, offline = update_batch.layout(hard, mid, slot_buckets=(2, 4, 8), k=k, prompt_len=p,
                                          max_len=t, pad_id=pad, teacher_index={"a": 0, "b": 1})
   assert batch["tokens"].shape == (4, k, p + t) and offline == 1  # 2 Hard slots + 2 Mid = 4.
   # Hard items 0-3 fill slot 0, item 4 starts slot 1; left-padded prompt, then the trace.
   np.testing.assert_array_equal(batch["tokens"][1, 0], [0, 0, 0, 7, 12, 9, 10, 11, 0, 0, 0])
-  sft = step_lib.ROW_TEACHER_SFT
+  sft = update_batch.ROW_TEACHER_SFT
   np.testing.assert_array_equal(batch["row_kind"][:2], [[sft] * 4, [sft, 0, 0, 0]])
   np.testing.assert_array_equal(batch["teacher_id"][:2], [[0, 1, 0, 1], [0, -1, -1, -1]])
   # Mid item 0 in slot 2: its rollouts with their own lengths, old log-probs and rewards.
@@ -269,7 +290,7 @@ def test_layout_batch_packs_hard_items_and_lays_out_groups():
   np.testing.assert_array_equal(batch["adv_rewards"][2], [1, -0.5, 0, 1])
   assert batch["old_logp"][2, 0].sum() == -6
   # Mid item 1 (LUFFY-style): K - 1 rollouts, then the teacher as an off-policy row, reward 1.
-  np.testing.assert_array_equal(batch["row_kind"][3], [1, 1, 1, step_lib.ROW_TEACHER_OFFPOLICY])
+  np.testing.assert_array_equal(batch["row_kind"][3], [1, 1, 1, update_batch.ROW_TEACHER_OFFPOLICY])
   np.testing.assert_array_equal(batch["rewards"][3], [0, 1, 0, 1])
   np.testing.assert_array_equal(batch["tokens"][3, 3, p:p + 3], [3, 3, 0])
   assert not batch["weights"].any()  # The trainer sets the term weights.
@@ -285,11 +306,11 @@ def shared_prompt_batch(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def test_slots_share_prompts_tells_groups_from_packed_rows():
-  assert step_lib.slots_share_prompts(shared_prompt_batch(), _P)
-  assert not step_lib.slots_share_prompts(make_batch(), _P)  # Each row its own prompt.
+  assert update_batch.slots_share_prompts(shared_prompt_batch(), _P)
+  assert not update_batch.slots_share_prompts(make_batch(), _P)  # Each row its own prompt.
   b = shared_prompt_batch()
   b["input_mask"][1, 2, _P - 1] = False  # Same tokens, one row's prompt a token shorter.
-  assert not step_lib.slots_share_prompts(b, _P)
+  assert not update_batch.slots_share_prompts(b, _P)
 
 
 @pytest.mark.parametrize("micro_batches", [1, 2])

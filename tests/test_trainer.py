@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from dypo_jax import config as config_lib
-from dypo_jax import metrics as metrics_lib
-from dypo_jax import queues as queues_lib
-from dypo_jax import train_step
+from dypo_jax.io import checkpoint as checkpoint_lib
+from dypo_jax.io import metrics as metrics_lib
+from dypo_jax.rl import queues as queues_lib
+from dypo_jax.rl import resume
+from dypo_jax.rl import update_batch
 import tiny_runs
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,24 +18,9 @@ _METHODS = ("sft", "grpo", "sft_then_rl", "luffy", "ladder_rl", "ladder_grading"
 
 
 def tiny_config(method: str = "dypo", **train):
-  """The baselines' config at a size that compiles in seconds."""
-  c = config_lib.load_experiment(os.path.join(_REPO, "experiments", "baselines.py"),
-                                 f"{method},quick")
-  c.model.update(dict(vocab_size=40, embed_dim=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
-                      mlp_dim=64))
-  c.data.update(dict(num_train=64, num_eval_id=8, num_eval_ood=8, id_tasks=("add",),
-                     ood_tasks=("add_long",)))
-  c.sampler.max_new_tokens = 40
-  c.eval.max_new_tokens = 40
-  c.tokenizer.train_vocab_size = 40
-  c.rl.num_samples = 4
-  c.train.update(dict(num_steps=3, rollout_prompts=4, update_prompts=4, eval_every=0,
-                      checkpoint_every=0, log_every=1))
-  c.train.update(train)
-  if c.rl.method == "sft_then_rl":
-    c.rl.sft_then_rl_switch = 1  # One SFT update, then GRPO.
-  config_lib.validate(c)
-  return c
+  return tiny_runs.tiny_config(method, **{f"train.{k}": v for k, v in {
+      "num_steps": 3, "rollout_prompts": 4, "checkpoint_every": 0, **train}.items()},
+      **({"rl.sft_then_rl_switch": 1} if method == "sft_then_rl" else {}))
 
 
 @pytest.mark.slow
@@ -61,8 +48,8 @@ def test_every_method_runs_and_logs(method, tmp_path):
   # One compiled update per slot bucket used (at most three) and per variant used: per-term
   # gradient norms on logged updates (every update here), and the shared-prompt path for
   # batches of groups alone (packed Hard slots take the row path).
-  assert 1 <= trainer.step_trace_count <= 2 * len(trainer.slot_buckets) <= 6
-  shared_variants = {shared for shared, _ in trainer._steps}  # pylint: disable=protected-access
+  assert 1 <= trainer.update_trace_count <= 2 * len(trainer.program.slot_buckets) <= 6
+  shared_variants = {shared for shared, _ in trainer._updates}  # pylint: disable=protected-access
   if method in ("grpo", "luffy"):
     assert shared_variants == {True}
   if method == "sft":
@@ -74,10 +61,18 @@ def _mid_item(trainer, i: int) -> queues_lib.MidItem:
   rng = np.random.default_rng(i)
   k, t = trainer.k, trainer.max_len
   return queues_lib.MidItem(
-      uid=f"mid/{i}", prompt_tokens=np.asarray(trainer.prompt_tokens[i], np.int32),
+      uid=f"mid/{i}", prompt_tokens=trainer.pool.prompt_tokens[i],
       response_tokens=rng.integers(3, 30, (k, t)), response_lengths=np.full(k, t // 2),
       rewards=np.arange(k) % 2, shaped_rewards=np.arange(k) % 2,
       logprobs=np.full((k, t), -1.0), step=0)
+
+
+def _hard_item(trainer, i: int) -> queues_lib.HardItem:
+  """Training-pool prompt i with its first teacher trace, as a Hard item."""
+  return queues_lib.HardItem(
+      uid=f"hard/{i}", prompt_tokens=trainer.pool.prompt_tokens[i],
+      teacher=trainer.pool.records[i].teachers[0].teacher, teacher_index=0,
+      response_tokens=trainer.pool.teacher_tokens[i][0], step=0)
 
 
 @pytest.mark.slow
@@ -86,18 +81,18 @@ def test_a_batch_shapes_first_update_compiles_every_variant(tmp_path):
   packed Hard slot (the row path) reuses what the first batch of groups (the shared-prompt path)
   compiled beside its own variant."""
   trainer = tiny_runs.build_trainer(tiny_config("dypo"), str(tmp_path))
-  norms = trainer.step_cfg.per_term_grad_norms  # Every update is logged (log_every=1).
+  norms = trainer.program.step_cfg.per_term_grad_norms  # Every update is logged (log_every=1).
   assert trainer.update_variants() == [(True, norms), (False, norms)]
   groups, _ = trainer.build_batch([], [_mid_item(trainer, i) for i in range(4)])
   trainer.update(groups)
-  assert trainer.step_trace_count == 2  # Its own variant and the row path.
-  mixed, _ = trainer.build_batch([trainer._hard_item(i, 0) for i in range(4, 8)],  # pylint: disable=protected-access
+  assert trainer.update_trace_count == 2  # Its own variant and the row path.
+  mixed, _ = trainer.build_batch([_hard_item(trainer, i) for i in range(4, 8)],
                                  [_mid_item(trainer, i) for i in range(3)])
   assert mixed["tokens"].shape == groups["tokens"].shape  # 3 groups + 1 slot of 4 Hard rows.
-  assert not train_step.slots_share_prompts(mixed, trainer.prompt_len)
+  assert not update_batch.slots_share_prompts(mixed, trainer.prompt_len)
   metrics = trainer.update(mixed)
-  assert trainer.step_trace_count == 2 and np.isfinite(float(metrics["loss/total"]))
-  assert set(trainer._steps) == {(True, norms), (False, norms)}  # pylint: disable=protected-access
+  assert trainer.update_trace_count == 2 and np.isfinite(float(metrics["loss/total"]))
+  assert set(trainer._updates) == {(True, norms), (False, norms)}  # pylint: disable=protected-access
 
 
 @pytest.mark.slow
@@ -110,15 +105,30 @@ def test_queues_and_position_survive_save_and_restore(tmp_path):
   assert len(first.queues) > 0
   saved_queue = first.queues.to_bytes()
   resumed = tiny_runs.build_trainer(config, str(tmp_path))
-  assert resumed.restore(
-      __import__("dypo_jax.checkpoint", fromlist=["x"]).Checkpointer(
-          os.path.join(str(tmp_path), "checkpoints"), keep=3))
+  assert resume.restore(resumed, checkpoint_lib.Checkpointer(
+      os.path.join(str(tmp_path), "checkpoints"), keep=3))
   assert resumed.queues.to_bytes() == saved_queue
-  assert int(resumed.state.step) == 2
+  assert int(resumed.state.step) == resumed.step_count == 2
   assert resumed.stream.state() == first.stream.state()
   assert resumed.rollout_round == first.rollout_round
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state.params),
                jax.device_get(first.state.params))
+
+  # Resuming under another config: the diff is printed; keys that change what the run computes
+  # are refused unless named, the run's length and bookkeeping may change freely.
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(str(tmp_path), "checkpoints"), keep=3)
+  changed = config.copy_and_resolve_references()
+  changed.optim.learning_rate = 5e-4
+  changed.train.num_steps = 7
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"\['optim.learning_rate'\].*--allow_config_change=optim.learning_rate"):
+    resume.restore(tiny_runs.build_trainer(changed, str(tmp_path)), ckpt)
+  again = tiny_runs.build_trainer(changed, str(tmp_path))
+  assert resume.restore(again, ckpt, allow_config_change=("optim.learning_rate",))
+  assert again.step_count == 2
+  longer = config.copy_and_resolve_references()
+  longer.train.num_steps = 7
+  assert resume.restore(tiny_runs.build_trainer(longer, str(tmp_path)), ckpt)
 
 
 @pytest.mark.slow

@@ -1,20 +1,17 @@
 """Helpers for the resume / fault / multi-host / export tests: one tiny run config, subprocesses.
 
 The same overrides serve in-process trainers (`tiny_config`) and `python -m dypo_jax.main`
-command lines (`main_command`), so both compile the same programs; subprocesses share a
-persistent compilation cache for the session (compiling dominates these tests on CPU).
+command lines (`main_command`), so both compile the same programs; subprocesses inherit the test
+run's persistent compilation cache (conftest.py).
 """
-import atexit
 import math
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 
 from dypo_jax import config as config_lib
-from dypo_jax import metrics as metrics_lib
+from dypo_jax.io import metrics as metrics_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
@@ -33,17 +30,17 @@ OVERRIDES = {
     "pretrain.enabled": False,  # main would first train a base model to an accuracy gate.
 }
 
-_CACHE_DIR = tempfile.mkdtemp(prefix="dypo_test_jit_cache_")
-atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
-
 # Keys that describe the process rather than the run: wall-clock measurements, and the count of
 # update programs this process compiled (a restarted process compiles again).
 _PROCESS_KEYS = ("time/", "perf/", "train/compiles")
 
 
-def tiny_config(**overrides):
-  """experiments/cpu_tiny.py:quick with OVERRIDES, then `overrides` ("section.key": value)."""
-  c = config_lib.load_experiment(os.path.join(REPO, "experiments", "cpu_tiny.py"), "quick")
+def tiny_config(method: str = "dypo", **overrides):
+  """experiments/baselines.py:`method`,quick (for "dypo" the same config as
+  experiments/cpu_tiny.py:quick, which `main_command` runs) with OVERRIDES, then `overrides`
+  ("section.key": value). The one tiny config of the tests."""
+  c = config_lib.load_experiment(os.path.join(REPO, "experiments", "baselines.py"),
+                                 f"{method},quick")
   for key, value in {**OVERRIDES, **overrides}.items():
     section, name = key.split(".")
     c[section][name] = value
@@ -53,19 +50,20 @@ def tiny_config(**overrides):
 
 def model_config():
   """The tiny config's ModelConfig."""
-  from dypo_jax import models  # pylint: disable=g-import-not-at-top
-  return models.model_config_from_dict(tiny_config().model.to_dict())
+  from dypo_jax import build  # pylint: disable=g-import-not-at-top
+  return build.model_config(tiny_config())
 
 
 def build_trainer(config, workdir: str):
   """main's phases (mesh, data, tokenizer, model) and a Trainer, in this process."""
-  from dypo_jax import runtime  # pylint: disable=g-import-not-at-top
-  from dypo_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  from dypo_jax import build  # pylint: disable=g-import-not-at-top
+  from dypo_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+  from dypo_jax.rl import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   os.makedirs(workdir, exist_ok=True)
-  mesh = runtime.build_mesh(config.mesh)
-  pools = runtime.build_data(config, workdir)
-  tok = runtime.build_tokenizer(config, workdir, pools)
-  model = runtime.build_model(config, mesh, tok)
+  mesh = sharding.build_mesh(config.mesh)
+  pools = build.build_data(config, workdir)
+  tok = build.build_tokenizer(config, workdir, pools)
+  model = build.build_model(config, mesh, tok)
   return trainer_lib.Trainer(config, workdir=workdir, mesh=mesh, tokenizer=tok, model=model,
                              pools=pools)
 
@@ -77,9 +75,6 @@ def subprocess_env(num_devices: int = 1, platforms: str = "cpu") -> dict[str, st
       "JAX_PLATFORMS": platforms,
       "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}",
       "PYTHONPATH": os.pathsep.join([REPO, TESTS, env.get("PYTHONPATH", "")]),
-      "JAX_COMPILATION_CACHE_DIR": _CACHE_DIR,
-      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-      "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
   })
   return env
 

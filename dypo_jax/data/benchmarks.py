@@ -110,33 +110,36 @@ def default_cache_dir() -> str:
   return os.path.join(os.path.expanduser("~"), ".cache", "dypo_jax", "benchmarks")
 
 
+_BRACES = re.compile(r"\\[{}]|[{}]")  # An escaped brace (\{ or \}) counts as neither.
+
+
 def last_boxed(text: str) -> str | None:
   """Content of the last `\\boxed{...}` in `text` with balanced braces, or None.
 
   An occurrence whose braces never close (a truncated response) is skipped and the one before it
-  is tried. `\\boxed{\\frac{1}{2}}` gives `\\frac{1}{2}`.
+  is tried. `\\boxed{\\frac{1}{2}}` gives `\\frac{1}{2}`. Linear in the text's length (one pass
+  matches every brace; a model's output may hold thousands of unclosed boxes).
   """
   marker = "\\boxed{"
-  end = len(text)
-  while True:
-    start = text.rfind(marker, 0, end)
-    if start < 0:
-      return None
-    depth = 0
-    i = start + len(marker) - 1  # The opening brace.
-    while i < len(text):
-      ch = text[i]
-      if ch == "\\" and i + 1 < len(text) and text[i + 1] in "{}":
-        i += 2  # An escaped brace (\{ or \}) does not count.
-        continue
-      if ch == "{":
-        depth += 1
-      elif ch == "}":
-        depth -= 1
-        if depth == 0:
-          return text[start + len(marker):i]
-      i += 1
-    end = start  # Unbalanced: try an earlier occurrence.
+  starts = []
+  i = text.find(marker)
+  while i >= 0:
+    starts.append(i)
+    i = text.find(marker, i + 1)
+  if not starts:
+    return None
+  closing, open_braces = {}, []  # Opening brace position -> its closing brace's.
+  for match in _BRACES.finditer(text):
+    token = match.group()
+    if token == "{":
+      open_braces.append(match.start())
+    elif token == "}" and open_braces:
+      closing[open_braces.pop()] = match.start()
+  for start in reversed(starts):
+    brace = start + len(marker) - 1
+    if brace in closing:
+      return text[brace + 1:closing[brace]]
+  return None
 
 
 def _file_sha256(path: str) -> str:

@@ -150,7 +150,7 @@ class IndexStream:
 
   `take(n)` returns the next n indices (crossing epoch boundaries as needed); `state()` is a
   JSON-serialisable dict and `restore(state)` continues exactly where that state was taken.
-  This is the trainer's PromptStream.
+  The trainer's stream of training prompts.
   """
 
   def __init__(self, num_records: int, *, seed: int, shuffle: bool,

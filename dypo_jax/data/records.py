@@ -9,7 +9,7 @@ import json
 import os
 from typing import Any, Iterable, Literal, Mapping
 
-from dypo_jax import fileio
+from dypo_jax.io import fileio
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Procedural arithmetic tasks for tiny character-level models, with multi-teacher traces.
 
-This is the small-scale regime of DYPO.md §7: a fixed, finite prompt pool generated from a seed, m
+This is the small-scale regime of METHOD.md §8: a fixed, finite prompt pool generated from a seed, m
 teacher traces per prompt from teachers that differ in style (one sloppy), held-out ID prompts, and
 OOD sets that are harder but reachable.
 
@@ -36,11 +36,11 @@ from typing import Callable, Mapping, Sequence
 from dypo_jax.data import teachers as teachers_lib
 from dypo_jax.data.records import PromptRecord
 from dypo_jax.data.records import TeacherSolution
-from dypo_jax.data.teachers import Problem
+from dypo_jax.data.problems import Problem
 
 __all__ = [
     "EVAL_PERCENT", "ID_TASKS", "OOD_TASKS", "ALL_TASKS", "PROMPT_MAX_CHARS", "TRACE_MAX_CHARS",
-    "OOD_TRACE_MAX_CHARS", "Problem", "TaskSpec", "final_answer", "generate", "make_pools",
+    "OOD_TRACE_MAX_CHARS", "TaskSpec", "final_answer", "generate", "make_pools",
     "split_of",
 ]
 

@@ -1,6 +1,6 @@
 """Teacher solvers for the procedural arithmetic tasks: several step-by-step styles per family.
 
-DYPO trains Hard prompts by SFT on one of m teacher traces (DYPO.md §2). In small (§7) the teachers
+DYPO trains Hard prompts by SFT on one of m teacher traces (METHOD.md §2). In small (§7) the teachers
 must differ in style and be imperfect in different ways, so every family has three teachers that
 reach the answer by visibly different routes: one terse, one verbose, one in between, and the
 default pool makes one of them sloppy (`DEFAULT_ERROR_RATES`).
@@ -10,8 +10,7 @@ wrong value through the rest of its trace, so its trace is self-consistent after
 final answer is wrong. Set `error_rate=0.0` for a perfect teacher.
 
 Every trace is a few lines and ends with "\\nAnswer: <int>"; `dypo_jax.data.tasks.final_answer`
-reads it back. `Problem` (family + integer arguments) lives here because both the task generator and
-the teachers need it; `dypo_jax.data.tasks` re-exports it.
+reads it back. The problems themselves (family + integer arguments) are `data.problems.Problem`.
 
 Families and their prompts:
   add     12+7+30=?        multi-term addition
@@ -21,93 +20,16 @@ Families and their prompts:
   addsub  53-17-8=?        chains of + and - (first term positive, no negative running total)
 """
 import dataclasses
-import hashlib
 import math
 import random
 from typing import Callable, Mapping
 
-FAMILIES = ("add", "mul", "gcd", "lineq", "addsub")
-
-ANSWER_PREFIX = "Answer:"
+from dypo_jax.data.problems import ANSWER_PREFIX
+from dypo_jax.data.problems import FAMILIES
+from dypo_jax.data.problems import Problem
+from dypo_jax.data.problems import signed_expr
 
 _PLACES = ("ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands")
-
-
-def _signed_expr(values: list[int]) -> str:
-  """[53, -17, 8] -> "53-17+8"."""
-  out = str(values[0])
-  for v in values[1:]:
-    out += f"+{v}" if v >= 0 else f"-{-v}"
-  return out
-
-
-@dataclasses.dataclass(frozen=True)
-class Problem:
-  """One arithmetic problem: a family name and its integer arguments.
-
-  args per family: add (t1, ..., tn) with n >= 2, all >= 0; mul (a, b) >= 0; gcd (a, b) >= 1;
-  lineq (a, b, c) meaning a*x + b = c with a >= 1 and integer x; addsub (t1, s2, ..., sn) with
-  t1 >= 0 and each later term signed (negative = subtracted).
-  """
-  family: str
-  args: tuple[int, ...]
-
-  def __post_init__(self):
-    if self.family not in FAMILIES:
-      raise ValueError(f"Problem: unknown family {self.family!r}; known: {', '.join(FAMILIES)}")
-    if not isinstance(self.args, tuple) or not all(
-        isinstance(v, int) and not isinstance(v, bool) for v in self.args):
-      raise ValueError(f"Problem {self.family}: args must be a tuple of ints, got {self.args!r}")
-    a = self.args
-    ok = {
-        "add": len(a) >= 2 and min(a, default=0) >= 0,
-        "mul": len(a) == 2 and min(a) >= 0,
-        "gcd": len(a) == 2 and min(a) >= 1,
-        "lineq": len(a) == 3 and a[0] >= 1 and a[1] >= 0 and (a[2] - a[1]) % max(a[0], 1) == 0,
-        "addsub": len(a) >= 2 and a[0] >= 0 and 0 not in a[1:],
-    }[self.family]
-    if not ok:
-      raise ValueError(f"Problem {self.family}: invalid args {self.args!r} (see Problem docs)")
-
-  @property
-  def prompt(self) -> str:
-    a = self.args
-    if self.family == "add":
-      return "+".join(map(str, a)) + "=?"
-    if self.family == "mul":
-      return f"{a[0]}*{a[1]}=?"
-    if self.family == "gcd":
-      return f"gcd({a[0]},{a[1]})=?"
-    if self.family == "lineq":
-      return f"{a[0]}x+{a[1]}={a[2]}, x=?"
-    return _signed_expr(list(a)) + "=?"
-
-  @property
-  def answer(self) -> int:
-    a = self.args
-    if self.family in ("add", "addsub"):
-      return sum(a)
-    if self.family == "mul":
-      return a[0] * a[1]
-    if self.family == "gcd":
-      return math.gcd(a[0], a[1])
-    return (a[2] - a[1]) // a[0]
-
-  @property
-  def key(self) -> str:
-    """Canonical identity: problems that differ only by reordering commuting terms share it."""
-    a = self.args
-    if self.family in ("add", "mul", "gcd"):
-      canon = tuple(sorted(a))
-    elif self.family == "addsub":
-      canon = (a[0],) + tuple(sorted(a[1:]))
-    else:
-      canon = a
-    return f"{self.family}:" + ",".join(map(str, canon))
-
-  @property
-  def digest(self) -> str:
-    return hashlib.sha256(self.key.encode()).hexdigest()
 
 
 class _Steps:
@@ -205,7 +127,7 @@ def _sum_line(label: str, values: list[int], steps: _Steps) -> tuple[str, int]:
   if len(values) == 1:
     return f"{label}: {values[0]}", values[0]
   total = steps(sum(values))
-  return f"{label}: {_signed_expr(values)}={total}", total
+  return f"{label}: {signed_expr(values)}={total}", total
 
 
 # ---------------------------------------------------------------------------------------- add
@@ -249,7 +171,7 @@ def _place_values(terms: tuple[int, ...], steps: _Steps) -> tuple[list[str], int
       partials.append(s)
   if len(partials) > 1:
     total = steps(sum(partials))
-    lines.append(f"{_signed_expr(partials)}={total}")
+    lines.append(f"{signed_expr(partials)}={total}")
   else:
     total = partials[0] if partials else 0
   return lines, total
@@ -506,7 +428,7 @@ TEACHERS: dict[str, dict[str, Teacher]] = _registry(
             _addsub_place_value),
 )
 
-# The quirk of the default pools (DYPO.md §7): one sloppy teacher per family.
+# The quirk of the default pools (METHOD.md §8): one sloppy teacher per family.
 DEFAULT_ERROR_RATES: dict[str, dict[str, float]] = {
     "add": {"place_value": 0.1},
     "mul": {"doubling": 0.1},

@@ -1,4 +1,7 @@
-"""Models: the NNX transformer and Hugging Face safetensors import/export."""
+"""Models: the NNX transformer, Hugging Face import/export, LM-head log-probs, the sampler."""
+from dypo_jax.models.hf import from_pretrained
+from dypo_jax.models.hf_config import model_config_from_hf
+from dypo_jax.models.hf import save_pretrained
 from dypo_jax.models.transformer import ARCHS
 from dypo_jax.models.transformer import causal_mask
 from dypo_jax.models.transformer import KVCache
@@ -7,6 +10,3 @@ from dypo_jax.models.transformer import ModelConfig
 from dypo_jax.models.transformer import param_count
 from dypo_jax.models.transformer import positions_from_mask
 from dypo_jax.models.transformer import Transformer
-from dypo_jax.models.hf import from_pretrained
-from dypo_jax.models.hf import model_config_from_hf
-from dypo_jax.models.hf import save_pretrained

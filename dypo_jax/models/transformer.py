@@ -5,7 +5,7 @@ KV key/value heads, G = N // KV query heads per KV head, H head dim, F mlp, V vo
 
 The model knows nothing of RL. The sampler talks to it through `forward` with a `KVCache`;
 training calls it on whole sequences. Parameters carry logical axis names in their `axes`
-metadata; `dypo_jax.sharding` maps them to mesh axes.
+metadata; `dypo_jax.parallel.sharding` maps them to mesh axes.
 """
 import dataclasses
 from typing import Any
@@ -352,7 +352,7 @@ class Transformer(nnx.Module):
       self.lm_head = _param(rngs, (c.embed_dim, c.vocab_size), ("embed", "vocab"),
                             c.param_dtype, c.init_std)
     # Sharding of the residual stream [B, T, D] between blocks (None: XLA chooses). Whoever places
-    # the model on a mesh sets it (`runtime.build_model` and `dypo_jax.aot`, both through
+    # the model on a mesh sets it (`build.build_model` and `dypo_jax.tools.aot`, both through
     # `sharding.activation_sharding`); without it XLA may shard activations like the FSDP
     # parameters (on D) and hold every row on every chip.
     self.activation_sharding = None

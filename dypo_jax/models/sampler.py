@@ -28,7 +28,7 @@ ids or how the batch is sharded.
 
 Log-probs: `logprobs` is log-softmax(logits / temperature) of the sampled token over the whole
 vocabulary (the filters are not renormalised into it); with temperature 0 it is the untempered
-log-softmax. `raw_logprobs` is always the untempered log-softmax (temperature 1).
+log-softmax.
 """
 from collections.abc import Sequence
 import dataclasses
@@ -41,8 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dypo_jax import sharding as sharding_lib
 from dypo_jax.models import transformer
+from dypo_jax.parallel import sharding as sharding_lib
 
 STOP_TOKEN = 0  # The row sampled one of `stop_ids` (it is the last counted token).
 STOP_LENGTH = 1  # The row reached max_new_tokens.
@@ -69,7 +69,6 @@ class SampleOutput:
   # (the sampling policy before top-p/top-k). With temperature 0 (greedy) the untempered value.
   # 0 after the stop.
   logprobs: np.ndarray
-  raw_logprobs: np.ndarray  # [B, K, T] float32: log-softmax(logits)[token] (untempered); 0 after.
   lengths: np.ndarray  # [B, K] int32: tokens generated, the stop token included.
   stop_reason: np.ndarray  # [B, K] int32: STOP_TOKEN or STOP_LENGTH.
   prompt_tokens: np.ndarray  # [B, P] int32, left-padded with pad_id to the bucket P.
@@ -81,23 +80,6 @@ class SampleOutput:
     t = self.tokens.shape[-1]
     return np.arange(t)[None, None, :] < self.lengths[..., None]
 
-  def sequences(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Prompt and response side by side, as a trainer consumes them.
-
-    Returns:
-      tokens [B, K, P + T] int32 (left-padded prompt, then the response, pad_id after the stop),
-      prompt_mask [B, K, P + T] bool (real prompt tokens),
-      response_mask [B, K, P + T] bool (generated tokens that count).
-    """
-    b, k, t = self.tokens.shape
-    p = self.prompt_tokens.shape[1]
-    prompt = np.broadcast_to(self.prompt_tokens[:, None, :], (b, k, p))
-    tokens = np.concatenate([prompt, self.tokens], axis=-1)
-    prompt_real = np.arange(p)[None, :] >= (p - self.prompt_lengths[:, None])  # [B, P]
-    prompt_mask = np.concatenate(
-        [np.broadcast_to(prompt_real[:, None, :], (b, k, p)), np.zeros((b, k, t), bool)], axis=-1)
-    response_mask = np.concatenate([np.zeros((b, k, p), bool), self.response_mask()], axis=-1)
-    return tokens, prompt_mask, response_mask
 
 
 def sampling_mode(*, temperature: float, top_p: float, top_k: int, vocab_size: int) -> Mode:
@@ -184,16 +166,13 @@ def sample_token(*, logits: jax.Array, uniform: jax.Array, temperature: jax.Arra
   Returns:
     (tokens [R] int32,
      logprobs [R]: log-softmax(logits / temperature) of the token over the unfiltered vocabulary;
-       the untempered log-softmax when greedy,
-     raw_logprobs [R]: log-softmax(logits) of the token).
+       the untempered log-softmax when greedy).
   """
   logits = logits.astype(jnp.float32)
   take = lambda x, idx: jnp.take_along_axis(x, idx[:, None], axis=-1)[:, 0]
-  raw_lse = jax.nn.logsumexp(logits, axis=-1)  # [R]
   if mode == "greedy":
     tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    raw = take(logits, tokens) - raw_lse
-    return tokens, raw, raw
+    return tokens, take(logits, tokens) - jax.nn.logsumexp(logits, axis=-1)
 
   scaled = logits / temperature  # [R, V]
   peak = jnp.max(scaled, axis=-1, keepdims=True)  # [R, 1]
@@ -208,9 +187,7 @@ def sample_token(*, logits: jax.Array, uniform: jax.Array, temperature: jax.Arra
   else:
     raise ValueError(f"sampling mode {mode!r}; allowed: greedy, sample, filter")
   tokens = tokens.astype(jnp.int32)
-  logprobs = take(scaled, tokens) - peak[:, 0] - jnp.log(total)
-  raw = take(logits, tokens) - raw_lse
-  return tokens, logprobs, raw
+  return tokens, take(scaled, tokens) - peak[:, 0] - jnp.log(total)
 
 
 @flax.struct.dataclass
@@ -220,7 +197,6 @@ class _DecodeState:
   last: jax.Array  # [R] int32: the token generated at step - 1, fed next.
   tokens: jax.Array  # [R, T] int32
   logprobs: jax.Array  # [R, T] float32
-  raw_logprobs: jax.Array  # [R, T] float32
   done: jax.Array  # [R] bool: sampled a stop id.
   lengths: jax.Array  # [R] int32
   cache: transformer.KVCache  # [R, S] per layer; end_index = P + step - 1.
@@ -354,10 +330,9 @@ class Sampler:
       prompt_dev, lengths_dev = prompt_tokens, prompt_lengths
     out = self._generate_jit(params, prompt_dev, lengths_dev, np.int32(b), rng, *scalars, stops,
                              num_samples=num_samples, max_new_tokens=max_new_tokens, mode=mode)
-    tokens, logprobs, raw, out_lengths, done = jax.device_get(out)
+    tokens, logprobs, out_lengths, done = jax.device_get(out)
     return SampleOutput(
-        tokens=tokens[:b], logprobs=logprobs[:b], raw_logprobs=raw[:b],
-        lengths=out_lengths[:b],
+        tokens=tokens[:b], logprobs=logprobs[:b], lengths=out_lengths[:b],
         stop_reason=np.where(done[:b], STOP_TOKEN, STOP_LENGTH).astype(np.int32),
         prompt_tokens=prompt_tokens[:b], prompt_lengths=lengths,
         num_compiles=self.trace_count)
@@ -436,7 +411,7 @@ class Sampler:
                           top_k=top_k, mode=mode)
 
     def record(state: _DecodeState, logits: jax.Array, cache) -> _DecodeState:
-      tok, lp, raw = pick(logits, state.step)
+      tok, lp = pick(logits, state.step)
       live = ~state.done
       col = lambda buf, x, fill: jax.lax.dynamic_update_slice(
           buf, jnp.where(live, x, fill)[:, None], (0, state.step))
@@ -445,7 +420,6 @@ class Sampler:
           step=state.step + 1, last=tok,
           tokens=col(state.tokens, tok, self.pad_id),
           logprobs=col(state.logprobs, lp, 0.0),
-          raw_logprobs=col(state.raw_logprobs, raw, 0.0),
           done=state.done | is_stop,
           lengths=jnp.where(live, state.step + 1, state.lengths),
           cache=cache)
@@ -470,14 +444,12 @@ class Sampler:
         step=jnp.zeros((), jnp.int32), last=jnp.zeros((r,), jnp.int32),
         tokens=self._constrain(jnp.full((r, t), self.pad_id, jnp.int32), ("batch", None)),
         logprobs=self._constrain(jnp.zeros((r, t), jnp.float32), ("batch", None)),
-        raw_logprobs=self._constrain(jnp.zeros((r, t), jnp.float32), ("batch", None)),
         done=jnp.arange(r) >= num_real * k, lengths=jnp.zeros((r,), jnp.int32), cache=cache)
     state = jax.lax.while_loop(any_live, steps_until_check, record(init, logits, cache))
 
     # The results are small: replicate them, so that every process can fetch them (multi-host).
     shape = lambda x: self._constrain(x.reshape(b, k, *x.shape[1:]), (None,) * (x.ndim + 1))
-    return (shape(state.tokens), shape(state.logprobs), shape(state.raw_logprobs),
-            shape(state.lengths), shape(state.done))
+    return (shape(state.tokens), shape(state.logprobs), shape(state.lengths), shape(state.done))
 
 
 @functools.lru_cache(maxsize=8)

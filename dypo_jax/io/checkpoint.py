@@ -31,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 _ITEMS = ("state", "extras", "queues")
-_QUEUES_FORMAT = "dypo_jax.queues.base64"
+_QUEUES_FORMAT = "dypo_jax.rl.queues.base64"
 
 
 def abstract_like(tree: Any) -> Any:
@@ -218,8 +218,9 @@ class Checkpointer:
     self.close()
 
 
-def install_sigterm_handler(callback: Callable[[], None]):
-  """Calls `callback()` when the process receives SIGTERM; returns the previous handler.
+def install_stop_handlers(callback: Callable[[], None]) -> dict[int, Any]:
+  """Calls `callback()` when the process receives SIGTERM or SIGINT; returns the previous handlers
+  ({signal: handler}, for `signal.signal` to put back).
 
   The callback runs between two Python bytecodes of the main thread, possibly in the middle of a
   step: let it set a flag that the training loop checks at the step boundary (then save, `wait`,
@@ -230,4 +231,4 @@ def install_sigterm_handler(callback: Callable[[], None]):
     del signum, frame
     callback()
 
-  return signal.signal(signal.SIGTERM, handler)
+  return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}

@@ -1,4 +1,4 @@
-"""DYPO losses: SFT, GRPO, the Group Alignment Loss (GAL), LUFFY-style off-policy, and their mix.
+"""DYPO losses: SFT, GRPO, the Group Alignment Loss (GAL) and LUFFY-style off-policy.
 
 Legend: B prompts, K group size, N sequences, T response tokens.
 
@@ -9,7 +9,8 @@ computes it once over the whole batch with the matching `*_denominator` function
 every micro-batch, so the micro-batch losses sum exactly to the big-batch loss. Metrics that are
 means come with the sums/counts needed to recombine them exactly (`*_sum`, `num_*`).
 
-Token log-probability helpers live in `dypo_jax.logprobs` and are re-exported here.
+Token log-probabilities come from `dypo_jax.models.logprobs`; the weights that mix these terms
+from `routing.loss_weights`.
 """
 import numbers
 from typing import Literal
@@ -17,8 +18,6 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from dypo_jax.logprobs import logprobs_from_logits  # pylint: disable=unused-import
-from dypo_jax.logprobs import token_logprobs  # pylint: disable=unused-import
 
 AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -57,7 +56,7 @@ def grpo_advantages(rewards: jax.Array, *, scale_by_std: bool, eps: float = 1e-6
   Args:
     rewards: [B, K] rewards of the K samples of each prompt.
     scale_by_std: divide by the unbiased (ddof=1) group standard deviation plus `eps`.
-    eps: the xi of DYPO.md §2.
+    eps: the xi of METHOD.md §2.
 
   Returns:
     [B, K] float32 advantages. For K = 1 the centred reward is 0 and so is the advantage.
@@ -373,55 +372,5 @@ def gal_loss(
       "delta_failure_mean": _masked_mean(delta, failure & in_pair_prompt),
       "pair_correct": pair_correct,
       "margin_sum": margin_sum,
-  }
-  return loss, jax.lax.stop_gradient(metrics)
-
-
-def dypo_objective(
-    *,
-    sft_loss: jax.Array,  # pylint: disable=redefined-outer-name
-    grpo_loss: jax.Array,  # pylint: disable=redefined-outer-name
-    gal_loss: jax.Array,  # pylint: disable=redefined-outer-name
-    n_hard: jax.Array | int,
-    n_mid: jax.Array | int,
-    alpha: float,
-    gamma: float,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """DYPO.md §1 (decision): L = (n_hard/N)·γ·L_SFT + (n_mid/N)·(α·L_GRPO + (1-α)·L_GAL).
-
-  N = n_hard + n_mid; both weights are 0 when N == 0. Each input loss is already its own
-  normalised mean over its items. The combination is linear, so with n_hard / n_mid counted over
-  the whole batch and each loss given its global denominator, the micro-batch objectives sum to
-  the big-batch objective.
-
-  Args:
-    sft_loss: scalar SFT loss over the Hard items.
-    grpo_loss: scalar GRPO loss over the Mid items.
-    gal_loss: scalar GAL loss over the Mid items.
-    n_hard: number of Hard prompts in the update batch.
-    n_mid: number of Mid prompts in the update batch.
-    alpha: GRPO weight α (GAL gets 1 - α).
-    gamma: SFT weight γ (`sft_loss_coef`).
-
-  Returns:
-    (loss, metrics) with weight_hard, weight_mid and the three weighted terms sft_term,
-    grpo_term, gal_term (they sum to the loss).
-  """
-  n_hard = jnp.asarray(n_hard, _F32)
-  n_mid = jnp.asarray(n_mid, _F32)
-  total = n_hard + n_mid
-  safe_total = jnp.maximum(total, 1.0)
-  weight_hard = jnp.where(total > 0, n_hard / safe_total, 0.0)
-  weight_mid = jnp.where(total > 0, n_mid / safe_total, 0.0)
-  sft_term = weight_hard * gamma * sft_loss
-  grpo_term = weight_mid * alpha * grpo_loss
-  gal_term = weight_mid * (1.0 - alpha) * gal_loss
-  loss = sft_term + grpo_term + gal_term
-  metrics = {
-      "weight_hard": weight_hard,
-      "weight_mid": weight_mid,
-      "sft_term": sft_term,
-      "grpo_term": grpo_term,
-      "gal_term": gal_term,
   }
   return loss, jax.lax.stop_gradient(metrics)

@@ -1,10 +1,10 @@
 r"""Standalone evaluation of a training checkpoint or a Hugging Face directory: pass@1 and pass@k.
 
-  python -m dypo_jax.eval_checkpoint --workdir=/tmp/dypo_tiny                 # latest step
-  python -m dypo_jax.eval_checkpoint --workdir=/tmp/dypo_tiny --step=50 --num_samples=8 \
+  python -m dypo_jax.tools.eval_checkpoint --workdir=/tmp/dypo_tiny                 # latest step
+  python -m dypo_jax.tools.eval_checkpoint --workdir=/tmp/dypo_tiny --step=50 --num_samples=8 \
       --pass_ks=1,4,8
-  python -m dypo_jax.eval_checkpoint --workdir=/tmp/dypo_tiny --hf_path=/tmp/dypo_tiny/base_model
-  python -m dypo_jax.eval_checkpoint --hf_path=/ckpt/Qwen2.5-Math-7B --benchmarks=gsm8k,math500 \
+  python -m dypo_jax.tools.eval_checkpoint --workdir=/tmp/dypo_tiny --hf_path=/tmp/dypo_tiny/base_model
+  python -m dypo_jax.tools.eval_checkpoint --hf_path=/ckpt/Qwen2.5-Math-7B --benchmarks=gsm8k,math500 \
       --template=qwen_chat --max_new_tokens=2048 --out=/tmp/qwen_eval.json
 
 The policy is a checkpoint's (`--workdir`, `--step`; only its parameters are read) or a Hugging
@@ -55,7 +55,7 @@ class EvalCheckpointError(ValueError):
 
 def eval_settings(config, *, reward: str, template: str):
   """The run's eval settings, overridden by the flags that were given."""
-  from dypo_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from dypo_jax.evaluation import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   flags_given = {name: flag.value for name, flag in (
       ("num_samples", _NUM_SAMPLES), ("temperature", _TEMPERATURE), ("top_p", _TOP_P),
       ("max_new_tokens", _MAX_NEW_TOKENS), ("max_prompts", _MAX_PROMPTS)) if flag.value is not None}
@@ -75,7 +75,7 @@ def eval_settings(config, *, reward: str, template: str):
 
 def load_sets(config, workdir: str | None) -> dict[str, tuple[list, str]]:
   """{set name: (records, reward name)} from --benchmarks, --data or the run's own pools."""
-  from dypo_jax import runtime  # pylint: disable=g-import-not-at-top
+  from dypo_jax import build  # pylint: disable=g-import-not-at-top
   from dypo_jax.data import benchmarks  # pylint: disable=g-import-not-at-top
   from dypo_jax.data import records as records_lib  # pylint: disable=g-import-not-at-top
   sets = {}
@@ -92,7 +92,7 @@ def load_sets(config, workdir: str | None) -> dict[str, tuple[list, str]]:
                                                  config.data.eval_ood_paths):
     raise EvalCheckpointError("no evaluation set: pass --benchmarks or --data (the run has no "
                               "eval pools)")
-  pools = runtime.build_data(config, workdir or "")
+  pools = build.build_data(config, workdir or "")
   for split in _SPLITS.value:
     if split not in pools:
       raise EvalCheckpointError(f"--splits: unknown pool {split!r}; allowed: {sorted(pools)}")
@@ -119,13 +119,13 @@ def run(workdir: str | None, *, step: int | None, hf_path: str | None) -> dict[s
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from dypo_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from dypo_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   from dypo_jax import models  # pylint: disable=g-import-not-at-top
-  from dypo_jax import restore  # pylint: disable=g-import-not-at-top
-  from dypo_jax import rewards as rewards_lib  # pylint: disable=g-import-not-at-top
-  from dypo_jax import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
-  from dypo_jax import sharding  # pylint: disable=g-import-not-at-top
-  from dypo_jax import tokenizers  # pylint: disable=g-import-not-at-top
+  from dypo_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  from dypo_jax.evaluation import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from dypo_jax.evaluation import rewards as rewards_lib  # pylint: disable=g-import-not-at-top
+  from dypo_jax.io import restore  # pylint: disable=g-import-not-at-top
+  from dypo_jax.models import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
+  from dypo_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
 
   mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
   if hf_path:
@@ -203,7 +203,7 @@ def main(argv):
             else f"step_{result['source']['step']}")
     out = os.path.join(workdir, "eval_checkpoint", name + ".json")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  from dypo_jax import fileio  # pylint: disable=g-import-not-at-top
+  from dypo_jax.io import fileio  # pylint: disable=g-import-not-at-top
   fileio.atomic_write_bytes(out, json.dumps(result, indent=1).encode("utf-8"))
   print(format_table(result["results"]), flush=True)
   print(f"eval_checkpoint: wrote {out}", flush=True)

@@ -1,7 +1,7 @@
 r"""Exports the policy of a training checkpoint as a Hugging Face directory.
 
-  python -m dypo_jax.export --workdir=/tmp/dypo_tiny --out=/tmp/dypo_tiny/hf
-  python -m dypo_jax.export --workdir=/tmp/dypo_tiny --step=100 --out=/tmp/hf100 --dtype=bfloat16
+  python -m dypo_jax.tools.export --workdir=/tmp/dypo_tiny --out=/tmp/dypo_tiny/hf
+  python -m dypo_jax.tools.export --workdir=/tmp/dypo_tiny --step=100 --out=/tmp/hf100 --dtype=bfloat16
 
 Reads the model configuration saved with the checkpoint (its extras), builds the model abstractly
 (shapes only, nothing initialised), restores only the policy parameters (`state/train/params`:
@@ -19,7 +19,7 @@ from typing import Any
 from absl import app
 from absl import flags
 
-from dypo_jax import restore
+from dypo_jax.io import restore
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir (holds checkpoints/).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
@@ -40,7 +40,7 @@ def _copy_tokenizer(config: dict[str, Any], workdir: str, out: str) -> list[str]
                                                "special_tokens_map.json", "tokenizer.model")]
     else:
       files = [path]
-  else:  # A SentencePiece model trained in the workdir (runtime.build_tokenizer).
+  else:  # A SentencePiece model trained in the workdir (build.build_tokenizer).
     files = [os.path.join(workdir, "tokenizer", "spm.model")]
   copied = []
   for f in files:

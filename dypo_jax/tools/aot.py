@@ -1,6 +1,6 @@
 r"""Ahead-of-time compilation for a TPU topology, on any machine: does a config fit a pod slice?
 
-  python -m dypo_jax.aot --config=experiments/tpu_v4.py [--topology=v4:2x4x4] \
+  python -m dypo_jax.tools.aot --config=experiments/tpu_v4.py [--topology=v4:2x4x4] \
       [--what=train,generate] [--config.train.micro_batches=16 ...]
 
 Needs `pip install -e ".[tpu]"` (libtpu; no TPU is needed: its compiler runs on the CPU). The
@@ -30,7 +30,6 @@ when that file is readable here, else with the config's own architecture fields.
 """
 from collections.abc import Sequence
 import dataclasses
-import importlib.util
 import os
 import re
 import sys
@@ -63,7 +62,7 @@ _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 0, "P; 0: the worst case (large
 _ACTIVATION_AXES = flags.DEFINE_string(
     "activation_axes", "", "Mesh axes of the residual stream's rows / sequence between blocks "
     "(Transformer.activation_sharding), e.g. 'data,fsdp/tensor' to split the sequence over "
-    "tensor too; 'none' leaves activations to XLA. Default: what runtime.build_model sets (rows "
+    "tensor too; 'none' leaves activations to XLA. Default: what build.build_model sets (rows "
     "over the `batch` rule's axes, sequence whole), so the check compiles a run's program.")
 
 
@@ -135,52 +134,28 @@ def usable_hbm_bytes(device) -> int:
 
 # How the residual stream [B, T, D] is split between blocks (`Transformer.activation_sharding`):
 # (row axes, sequence axes), or None to leave activations to XLA. RUN_AXES: what
-# `runtime.build_model` sets, `sharding.activation_axes(rules)` (rows over the `batch` rule's mesh
+# `build.build_model` sets, `sharding.activation_axes(rules)` (rows over the `batch` rule's mesh
 # axes, the sequence whole). Splitting the sequence over `tensor` too ("data,fsdp/tensor") made
 # XLA's partitioner need more than this 23 GB host to compile the 7B step.
 RUN_AXES = "run"
 
 
 def _activation_axes(axes, rules):
-  from dypo_jax import sharding  # pylint: disable=g-import-not-at-top
+  from dypo_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
   return sharding.activation_axes(rules) if axes == RUN_AXES else axes
-
-
-def model_config(config) -> Any:
-  """The ModelConfig a run would build: the config's fields, or hf_path's config.json if readable.
-
-  The schema-only fields (remat, dtypes, max_seq_len) always come from the config.
-  """
-  from dypo_jax import models  # pylint: disable=g-import-not-at-top
-  from dypo_jax.models import hf  # pylint: disable=g-import-not-at-top
-  mc = models.model_config_from_dict(config.model.to_dict())
-  m = config.model
-  if m.init == "hf" and os.path.exists(os.path.join(m.hf_path, hf.CONFIG_FILE)):
-    from_file = hf.model_config_from_hf(hf.read_hf_config(m.hf_path), dtype=m.dtype,
-                                        param_dtype=m.param_dtype, max_seq_len=m.max_seq_len)
-    mc = dataclasses.replace(
-        from_file, **{f.name: getattr(mc, f.name) for f in dataclasses.fields(mc)
-                      if f.name not in _ARCH_FIELDS})
-  return mc
-
-
-# Fields a Hugging Face config.json decides; the others come from the dypo_jax config.
-_ARCH_FIELDS = ("arch", "vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads",
-                "head_dim", "mlp_dim", "rope_theta", "rms_norm_eps", "tie_embeddings",
-                "qkv_bias", "qk_norm")
 
 
 def abstract_params(mc, mesh, rules, *, activation_axes=RUN_AXES):
   """(graphdef, Param state of ShapeDtypeStructs sharded by the rules): no weights materialise.
 
   `activation_axes`: (row axes, sequence axes) of the residual stream [B, T, D] between blocks
-  (`Transformer.activation_sharding`); RUN_AXES: as `runtime.build_model` sets them; None leaves
+  (`Transformer.activation_sharding`); RUN_AXES: as `build.build_model` sets them; None leaves
   activations to XLA.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from dypo_jax import models  # pylint: disable=g-import-not-at-top
-  from dypo_jax import sharding  # pylint: disable=g-import-not-at-top
+  from dypo_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
   abstract = nnx.eval_shape(lambda: models.Transformer(mc, rngs=nnx.Rngs(0)))
   abstract.activation_sharding = sharding.activation_sharding(
       mesh, _activation_axes(activation_axes, rules))
@@ -215,12 +190,6 @@ def worst_prompt_len(config, mc) -> int:
   return min(max(config.sampler.prompt_buckets), mc.max_seq_len - config.sampler.max_new_tokens)
 
 
-def step_config(config, *, prompt_len: int, num_teachers: int = NUM_TEACHERS):
-  """The StepConfig the Trainer builds from a config."""
-  from dypo_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
-  return trainer_lib.step_config(config, prompt_len=prompt_len, num_teachers=num_teachers)
-
-
 # ------------------------------------------------------------------------------------------------
 # Compiling.
 
@@ -247,68 +216,39 @@ def _compile(name: str, shapes: str, lower) -> Report:
 
 def compile_train_step(config, mesh, *, prompt_len: int | None = None,
                        activation_axes=RUN_AXES) -> Report:
-  """AOT-compiles the DYPO update the way the Trainer jits it."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  from dypo_jax import runtime  # pylint: disable=g-import-not-at-top
-  from dypo_jax import sharding  # pylint: disable=g-import-not-at-top
-  from dypo_jax import train_step as step_lib  # pylint: disable=g-import-not-at-top
+  """AOT-compiles the DYPO update as the Trainer builds it (`rl.program.UpdateProgram`)."""
+  from dypo_jax import build  # pylint: disable=g-import-not-at-top
+  from dypo_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+  from dypo_jax.rl import program as program_lib  # pylint: disable=g-import-not-at-top
 
-  rules = runtime.mesh_rules(config)
-  mc = model_config(config)
+  rules = sharding.mesh_rules(config)
+  mc = build.model_config(config)
   p = prompt_len or worst_prompt_len(config, mc)
-  tr, o = config.train, config.optim
+  tr = config.train
   u, k, t = tr.update_prompts, config.rl.num_samples, config.sampler.max_new_tokens
   shapes = f"U={u} K={k} L={p}+{t} micro={tr.micro_batches}"
-  error = step_lib.micro_batch_error(items=u, micro_batches=tr.micro_batches, k=k,
-                                     batch_shards=sharding.batch_shards(mesh, rules))
-  if error:  # As the Trainer refuses it.
-    return Report(name="train", shapes=shapes, error=error)
-
   graphdef, params = abstract_params(mc, mesh, rules, activation_axes=activation_axes)
-  param_shardings = jax.tree.map(lambda x: x.sharding, params)
-  tx, schedule = step_lib.make_optimizer(
-      learning_rate=o.learning_rate, schedule=o.schedule, warmup_steps=o.warmup_steps,
-      total_steps=tr.num_steps, min_lr_ratio=o.min_lr_ratio, weight_decay=o.weight_decay,
-      b1=o.b1, b2=o.b2, eps=o.eps, grad_clip=o.grad_clip)
-  # As Trainer._init_state: Adam's moments sharded like their parameters, counters replicated.
-  replicated = _replicated(mesh)
-  opt_abstract = jax.eval_shape(tx.init, params)
-  opt_shardings = optax.tree_utils.tree_map_params(
-      tx, lambda _, s: s, opt_abstract, param_shardings, transform_non_params=lambda _: replicated)
-  state_shardings = step_lib.TrainState(step=replicated, params=param_shardings,
-                                        opt_state=opt_shardings, nonfinite_skipped=replicated)
-  scalar = _sds((), jnp.int32, replicated)
-  state = step_lib.TrainState(
-      step=scalar, params=params,
-      opt_state=jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s), opt_abstract, opt_shardings),
-      nonfinite_skipped=scalar)
-
-  spec = step_lib.batch_spec_shapes(items=u, k=k, prompt_len=p, max_len=t)
-  batch_shardings = {
-      name: (sharding.batch_sharding(mesh, rules, len(shape)) if name != "weights"
-             else replicated) for name, (shape, _) in spec.items()}
-  batch = {name: _sds(shape, dtype, batch_shardings[name])
-           for name, (shape, dtype) in spec.items()}
-
-  step_fn = step_lib.build_train_step(graphdef, step_config(config, prompt_len=p), tx, schedule)
-  jitted = jax.jit(step_fn, donate_argnums=(0,),
-                   in_shardings=(state_shardings, param_shardings, batch_shardings, replicated),
-                   out_shardings=(state_shardings, replicated))
-  return _compile("train", shapes, lambda: jitted.lower(state, params, batch, _key_sds(mesh)))
+  try:
+    prog = program_lib.UpdateProgram.build(config, graphdef=graphdef, params=params, mesh=mesh,
+                                           rules=rules, prompt_len=p, num_teachers=NUM_TEACHERS)
+  except ValueError as e:  # A batch the mesh cannot split, refused as the Trainer refuses it.
+    return Report(name="train", shapes=shapes, error=str(e))
+  # The row path, which any batch may take (batches of groups alone may take the shared one).
+  jitted = prog.jit(shared_prompt=False, term_norms=False)
+  return _compile("train", shapes, lambda: jitted.lower(
+      prog.abstract_state(params), params, prog.abstract_batch(u), prog.abstract_key()))
 
 
 def compile_generate(config, mesh, *, prompt_len: int | None = None,
                      activation_axes=RUN_AXES) -> Report:
   """AOT-compiles the sampler's jitted generate (prefill + decode loop) for one rollout round."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from dypo_jax import runtime  # pylint: disable=g-import-not-at-top
-  from dypo_jax import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
-  from dypo_jax import sharding  # pylint: disable=g-import-not-at-top
+  from dypo_jax import build  # pylint: disable=g-import-not-at-top
+  from dypo_jax.models import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
+  from dypo_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
 
-  rules = runtime.mesh_rules(config)
-  mc = model_config(config)
+  rules = sharding.mesh_rules(config)
+  mc = build.model_config(config)
   sp = config.sampler
   p = prompt_len or worst_prompt_len(config, mc)
   k, t = config.rl.num_samples, sp.max_new_tokens
@@ -380,12 +320,7 @@ def format_table(reports: Sequence[Report], *, hbm_bytes: int, header: str = "")
 def _experiment_topology(path: str) -> str | None:
   """The TOPOLOGY constant of an experiment file, if it declares one."""
   file = path.split(":", 1)[0]
-  spec = importlib.util.spec_from_file_location("dypo_aot_experiment", file)
-  if spec is None or not os.path.exists(file):
-    return None
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return getattr(module, "TOPOLOGY", None)
+  return getattr(config_lib.load_module(file), "TOPOLOGY", None) if os.path.exists(file) else None
 
 
 def main(argv):
@@ -399,13 +334,13 @@ def main(argv):
     raise app.UsageError("--topology is required (the experiment file sets no TOPOLOGY)")
   chips_per_host = tuple(int(x) for x in _CHIPS_PER_HOST.value.split(","))
 
-  from dypo_jax import runtime  # pylint: disable=g-import-not-at-top
-  from dypo_jax import sharding  # pylint: disable=g-import-not-at-top
+  from dypo_jax import build  # pylint: disable=g-import-not-at-top
+  from dypo_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
   devices = topology_devices(topology, chips_per_host)
   mesh = sharding.make_mesh({a: config.mesh[a] for a in sharding.MESH_AXES}, devices)
   hbm = usable_hbm_bytes(devices[0])
-  mc = model_config(config)
-  axes = _activation_axes(RUN_AXES, runtime.mesh_rules(config))
+  mc = build.model_config(config)
+  axes = _activation_axes(RUN_AXES, sharding.mesh_rules(config))
   if _ACTIVATION_AXES.value == "none":
     axes = None
   elif _ACTIVATION_AXES.value:
@@ -415,7 +350,7 @@ def main(argv):
             + ", ".join(f"{a}={n}" for a, n in mesh.shape.items())
             + f"; {mc.arch} {mc.num_layers}x{mc.embed_dim} params={mc.num_params / 1e9:.2f}B "
             f"{mc.param_dtype}/{mc.dtype} remat={mc.remat} attention_chunk={mc.attention_chunk} "
-            f"activation (rows, sequence) over {axes}; rules {runtime.mesh_rules(config)}")
+            f"activation (rows, sequence) over {axes}; rules {sharding.mesh_rules(config)}")
   reports = compile_programs(config, mesh, _WHAT.value, prompt_len=_PROMPT_LEN.value or None,
                              activation_axes=axes)
   print(format_table(reports, hbm_bytes=hbm, header=header), flush=True)

@@ -1,50 +1,37 @@
-"""The DYPO update: a pure `(state, batch, rng) -> (state, metrics)` step, jitted once.
+"""The DYPO update: a pure `(state, ref_params, batch, rng) -> (state, metrics)` step.
 
-An update batch has a fixed layout, whatever mix of Hard and Mid items it holds, so a run compiles
-one program. U items (prompts), K rows each, L = P + T tokens per row (prompt left-padded to P,
-response right-padded to T):
+The batch is `update_batch`'s fixed layout ([U, K, L] rows of Hard teacher traces, Mid groups and
+LUFFY-style teacher rows) with its loss weights (w_sft, w_grpo, w_gal) from `routing`; the step
+computes the three normalised loss terms and descends their weighted sum. A batch of groups alone
+compiles with `StepConfig.shared_prompt`: each slot's prompt runs once into a KV cache and its K
+responses run against copies of it (`_shared_prompt_hidden`), the same maths at 1/K of the
+prompt's cost; a batch with packed Hard slots runs every row whole.
 
-  tokens      [U, K, L] int32   input_mask [U, K, L] bool   resp_mask [U, K, T] f32
-  old_logp    [U, K, T] f32     sampling-policy log-probs of the response tokens (rollout rows)
-  rewards     [U, K] f32        binary correctness (GAL pairs)
-  adv_rewards [U, K] f32        the reward the GRPO advantage is computed from (shaped)
-  row_kind    [U, K] int32      ROW_PAD, ROW_ROLLOUT, ROW_TEACHER_SFT, ROW_TEACHER_OFFPOLICY
-  teacher_id  [U, K] int32      index of an SFT row's teacher, -1 elsewhere
-  weights     [3] f32           (w_sft, w_grpo, w_gal) of DYPO.md §1's decision, set per batch
-
-`layout_batch` builds it from queued items: Hard items are packed K to a slot, one teacher trace
-per row; a Mid item holds its K rollouts; LUFFY-style mixing holds K-1 rollouts and the teacher
-trace as an off-policy row. U itself comes in a few buckets (the smallest that holds the batch is
-used), so an all-Hard batch does not pay for the rows an all-Mid batch needs.
-A batch of groups alone (no packed Hard slot: `slots_share_prompts`) compiles with
-`StepConfig.shared_prompt`: each slot's prompt runs once into a KV cache and its K responses run
-against copies of it (`_shared_prompt_hidden`), the same maths at 1/K of the prompt's cost; a
-batch with packed Hard slots runs every row whole. The Trainer compiles every variant a run can
-take at a batch shape's first update (`Trainer.update_variants`), so none compiles mid-run.
-Micro-batches are a `lax.scan` over strided slices of U; every loss divides by a denominator computed
-over the whole batch first, so the summed micro-batch losses and gradients equal the big batch's.
-The model runs on a micro-batch's rows flattened to [U/M * K, L] and split over the batch shards
-(`Transformer.activation_sharding`), so a micro-batch may hold fewer items than there are shards as
-long as its rows divide evenly (`micro_batch_error`): one item of K = 8 rows on 8 chips is one
-row a chip, not one chip holding all 8 rows.
+Micro-batches are a `lax.scan` over strided slices of U; every loss divides by a denominator
+computed over the whole batch first, so the summed micro-batch losses and gradients equal the big
+batch's. The model runs on a micro-batch's rows flattened to [U/M * K, L] and split over the batch
+shards (`Transformer.activation_sharding`), so a micro-batch may hold fewer items than there are
+shards as long as its rows divide evenly (`update_batch.micro_batch_error`): one item of K = 8
+rows on 8 chips is one row a chip, not one chip holding all 8 rows.
 """
-from collections.abc import Sequence
 import dataclasses
-import math
 from typing import Any
 
 import flax
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from dypo_jax import losses
 from dypo_jax import models
+from dypo_jax.models import logprobs as logprobs_lib
+from dypo_jax.rl import losses
+from dypo_jax.rl import update_batch
 
-ROW_PAD, ROW_ROLLOUT, ROW_TEACHER_SFT, ROW_TEACHER_OFFPOLICY = 0, 1, 2, 3
-TERMS = ("sft", "grpo", "gal")
+ROW_ROLLOUT, ROW_TEACHER_SFT, ROW_TEACHER_OFFPOLICY = (
+    update_batch.ROW_ROLLOUT, update_batch.ROW_TEACHER_SFT, update_batch.ROW_TEACHER_OFFPOLICY)
+TERMS = update_batch.TERMS
+SCHEDULES = ("constant", "cosine", "linear")  # optim.schedule
 
 
 @flax.struct.dataclass
@@ -81,41 +68,6 @@ class StepConfig:
   # Static: every slot's K rows share their prompt (no packed Hard slot in the batch), so each
   # prompt runs once per slot and its K responses read its KV cache (`_shared_prompt_hidden`).
   shared_prompt: bool = False
-
-
-def micro_batch_error(*, items: int, micro_batches: int, k: int, batch_shards: int) -> str | None:
-  """Why an update batch of `items` slots cannot be split as asked on the mesh, or None.
-
-  The batch [items, K, L] is placed with its items over the batch shards, and each of the
-  `micro_batches` micro-batches runs on its items * K rows split over the same shards.
-  """
-  if items % micro_batches:
-    return (f"train.update_prompts={items} must be a multiple of "
-            f"train.micro_batches={micro_batches}")
-  if items % batch_shards:
-    return (f"train.update_prompts={items} must be a multiple of the {batch_shards} batch "
-            f"shards of the mesh (the update batch's items are split over them)")
-  rows = items // micro_batches * k
-  if rows % batch_shards:
-    return (f"a micro-batch holds train.update_prompts / train.micro_batches * K = {items} / "
-            f"{micro_batches} * {k} = {rows} rows, which must be a multiple of the "
-            f"{batch_shards} batch shards of the mesh")
-  return None
-
-
-def slot_buckets(*, update_prompts: int, micro_batches: int, k: int,
-                 batch_shards: int) -> list[int]:
-  """The update batch's slot counts: a quarter, half or all of update_prompts, rounded up.
-
-  Each is the smallest multiple of the quantum that micro-batches and batch shards allow (see
-  `micro_batch_error`), so packed Hard items need not fill a batch sized for Mid groups.
-  """
-  # A bucket is micro_batches * j slots, with j * K rows and micro_batches * j slots both
-  # dividing over the batch shards.
-  j = math.lcm(batch_shards // math.gcd(batch_shards, k),
-               batch_shards // math.gcd(batch_shards, micro_batches))
-  quantum = micro_batches * j
-  return sorted({-(-max(update_prompts * f // 4, 1) // quantum) * quantum for f in (1, 2, 4)})
 
 
 def make_optimizer(*, learning_rate: float, schedule: str, warmup_steps: int, total_steps: int,
@@ -156,7 +108,7 @@ def _response_logprobs(graphdef, params, tokens, input_mask, row_temperature, cf
     hidden = hidden[:, cfg.prompt_len - 1:]  # [N, T, D]
   # A per-row temperature is a per-row scale of the hidden state, since the LM head is linear.
   hidden = hidden / row_temperature[:, None, None].astype(hidden.dtype)
-  return losses.token_logprobs(hidden=hidden, lm_head=model.lm_head_kernel(),
+  return logprobs_lib.token_logprobs(hidden=hidden, lm_head=model.lm_head_kernel(),
                                targets=tokens.reshape(u * k, l)[:, cfg.prompt_len:],
                                vocab_chunk=cfg.vocab_chunk, impl=cfg.logprob_impl,
                                pallas_interpret=cfg.pallas_interpret)
@@ -337,9 +289,13 @@ def build_train_step(graphdef, cfg: StepConfig, tx: optax.GradientTransformation
 
     loss = jnp.dot(weights, terms)
     grad_norm = optax.global_norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
+    # Finite loss and gradient are not enough (a nan learning rate, an overflowing moment): the
+    # parameters the update would write must be finite too, or the update is skipped.
+    params_finite = jax.tree.reduce(jnp.logical_and,
+                                    jax.tree.map(lambda p: jnp.isfinite(p).all(), new_params))
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     new_state = TrainState(
         step=state.step + 1, params=keep(new_params, state.params),
@@ -372,70 +328,3 @@ def build_train_step(graphdef, cfg: StepConfig, tx: optax.GradientTransformation
     return new_state, metrics
 
   return step_fn
-
-
-def layout_batch(hard: Sequence[Any], mid: Sequence[Any], *, slot_buckets: Sequence[int], k: int,
-                 prompt_len: int, max_len: int, pad_id: int,
-                 teacher_index: dict[str, int]) -> tuple[dict[str, np.ndarray], int]:
-  """Lays queued Hard and Mid items (`queues.HardItem`, `MidItem`) out as a host update batch.
-
-  Hard items are packed K to a slot (one teacher trace a row), then one slot per Mid item (its
-  rollouts, and a LUFFY-style teacher row last when it carries one); U is the smallest of
-  `slot_buckets` that holds them. `weights` is left zero for the caller. Returns (batch, the
-  number of Mid items with an off-policy teacher row).
-  """
-  p, t = prompt_len, max_len
-  hard_slots = -(-len(hard) // k)
-  u = next(b for b in slot_buckets if b >= hard_slots + len(mid))
-  shapes = batch_spec_shapes(items=u, k=k, prompt_len=p, max_len=t)
-  batch = {name: np.zeros(shape, np.dtype(dtype)) for name, (shape, dtype) in shapes.items()}
-  batch["tokens"][:] = pad_id
-  batch["teacher_id"][:] = -1
-
-  def put_row(slot, row, prompt, response, kind, old_logp=None):
-    batch["tokens"][slot, row, p - len(prompt):p] = prompt  # Left-padded prompt.
-    batch["tokens"][slot, row, p:p + len(response)] = response
-    batch["input_mask"][slot, row, p - len(prompt):p + len(response)] = True
-    batch["resp_mask"][slot, row, :len(response)] = 1.0
-    batch["row_kind"][slot, row] = kind
-    if old_logp is not None:
-      batch["old_logp"][slot, row, :len(response)] = old_logp[:len(response)]
-
-  for i, item in enumerate(hard):
-    put_row(i // k, i % k, item.prompt_tokens, item.response_tokens, ROW_TEACHER_SFT)
-    batch["teacher_id"][i // k, i % k] = teacher_index[item.teacher]
-  slot, offline = hard_slots, 0
-  for item in mid:
-    rollouts = k - 1 if item.teacher_tokens is not None else k
-    for j in range(rollouts):
-      n = int(item.response_lengths[j])
-      put_row(slot, j, item.prompt_tokens, item.response_tokens[j, :n], ROW_ROLLOUT,
-              item.logprobs[j])
-    batch["rewards"][slot, :rollouts] = item.rewards[:rollouts]
-    batch["adv_rewards"][slot, :rollouts] = item.shaped_rewards[:rollouts]
-    if item.teacher_tokens is not None:
-      put_row(slot, k - 1, item.prompt_tokens, item.teacher_tokens, ROW_TEACHER_OFFPOLICY)
-      batch["rewards"][slot, k - 1] = 1.0
-      batch["adv_rewards"][slot, k - 1] = 1.0
-      offline += 1
-    slot += 1
-  return batch, offline
-
-
-def slots_share_prompts(batch: dict[str, np.ndarray], prompt_len: int) -> bool:
-  """Whether every slot's K rows hold one prompt (true unless a packed Hard slot is there)."""
-  prompts = batch["tokens"][:, :, :prompt_len]
-  masks = batch["input_mask"][:, :, :prompt_len]
-  return bool((prompts == prompts[:, :1]).all() and (masks == masks[:, :1]).all())
-
-
-def batch_spec_shapes(*, items: int, k: int, prompt_len: int, max_len: int) -> dict[str, tuple]:
-  """Shapes and dtypes of an update batch (for abstract compilation and for padding)."""
-  l = prompt_len + max_len
-  return {
-      "tokens": ((items, k, l), jnp.int32), "input_mask": ((items, k, l), jnp.bool_),
-      "resp_mask": ((items, k, max_len), jnp.float32),
-      "old_logp": ((items, k, max_len), jnp.float32), "rewards": ((items, k), jnp.float32),
-      "adv_rewards": ((items, k), jnp.float32), "row_kind": ((items, k), jnp.int32),
-      "teacher_id": ((items, k), jnp.int32), "weights": ((len(TERMS),), jnp.float32),
-  }

@@ -10,6 +10,7 @@ import math
 
 from flax import nnx
 import jax
+import ml_collections
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
@@ -185,11 +186,37 @@ def devices_summary(mesh: jax.sharding.Mesh) -> str:
           + ", ".join(f"{k}={v}" for k, v in mesh.shape.items()))
 
 
-def host_local_array(x) -> np.ndarray:
-  """A fully-addressable copy on the host (process 0's view when replicated)."""
-  return np.asarray(jax.device_get(x))
-
-
 def batch_shards(mesh: jax.sharding.Mesh, rules: Rules) -> int:
   """How many ways the logical "batch" axis splits on `mesh` under `rules`."""
   return int(math.prod(mesh.shape[a] for a in batch_axes(rules)))
+
+
+def build_mesh(cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """The training mesh: all devices, or with `mesh.rollout_data` set, the first ones its sizes
+  name (the others may serve the rollout mesh alone)."""
+  shape = {a: cfg[a] for a in MESH_AXES}
+  devices = jax.devices()
+  if cfg.rollout_data and -1 not in shape.values():
+    devices = devices[:math.prod(shape.values())]
+  return make_mesh(shape, devices)
+
+
+def build_rollout_mesh(cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh | None:
+  """The sampler's own data-parallel mesh (`mesh.rollout_data` devices), or None: the training
+  mesh samples."""
+  n = cfg.rollout_data
+  if not n:
+    return None
+  if jax.process_count() > 1:
+    raise ValueError(f"mesh.rollout_data={n} is for one process; with {jax.process_count()} "
+                     "processes the sampler runs on the training mesh (set mesh.rollout_data=0)")
+  devices = jax.devices()
+  if n > len(devices):
+    raise ValueError(f"mesh.rollout_data={n}, but only {len(devices)} device(s) are here "
+                     "(on CPU, mesh.host_devices splits the host into more)")
+  return make_mesh({"data": n}, devices[:n])
+
+
+def mesh_rules(config: ml_collections.ConfigDict) -> Rules:
+  """`mesh.rules` as a tuple of (logical axis, mesh axes) (lists from a saved config: tuples)."""
+  return tuple((name, tuple(t) if isinstance(t, list) else t) for name, t in config.mesh.rules)

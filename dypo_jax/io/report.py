@@ -2,7 +2,7 @@
 import json
 import os
 
-from dypo_jax import metrics as metrics_lib
+from dypo_jax.io import metrics as metrics_lib
 
 
 def final_table(eval_records: list[dict]) -> tuple[str, dict]:

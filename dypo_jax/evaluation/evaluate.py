@@ -5,12 +5,12 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from dypo_jax import passk
-from dypo_jax import rewards as rewards_lib
-from dypo_jax import sampler as sampler_lib
-from dypo_jax import templates
-from dypo_jax import tokenizers
 from dypo_jax.data import records as records_lib
+from dypo_jax.data import templates
+from dypo_jax.data import tokenizers
+from dypo_jax.evaluation import passk
+from dypo_jax.evaluation import rewards as rewards_lib
+from dypo_jax.models import sampler as sampler_lib
 
 
 @dataclasses.dataclass(frozen=True)

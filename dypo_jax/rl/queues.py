@@ -2,8 +2,8 @@
 
 DYPO §1 step 4: graded prompts wait in two FIFO queues until they fill an update batch. The batch
 takes the oldest items across both queues in the order they arrived, so it holds Hard and Mid items
-in the proportion they arrived. Queued items survive restarts: `QueueSet.save` / `QueueSet.load`
-(a single file, replaced atomically) and `to_bytes` / `from_bytes` (for embedding in checkpoints).
+in the proportion they arrived. Queued items survive restarts: `to_bytes` / `from_bytes` embed
+them in checkpoints.
 
 Letters: K samples per prompt (group), T response length (padded).
 
@@ -18,16 +18,13 @@ import collections
 import dataclasses
 import io
 import json
-import os
 import zipfile
 import zlib
 
 import numpy as np
 
-from dypo_jax import fileio
 
-QUEUES_FILENAME = "queues.npz"
-_FORMAT = "dypo_jax.queues"
+_FORMAT = "dypo_jax.rl.queues"
 _VERSION = 1
 
 
@@ -273,30 +270,3 @@ class QueueSet:
     if len(set(seqs)) != len(seqs) or any(s >= qs._counter for s in seqs):
       raise ValueError(f"{source}: arrival numbers are duplicated or not below the counter")
     return qs
-
-  def save(self, directory: str) -> str:
-    """Writes the queue state to `directory/queues.npz` atomically; returns the path.
-
-    The bytes go to a temporary file in the same directory, are fsynced, and replace the old file
-    with `os.replace`: a crash leaves either the previous file or the new one, never a mix.
-    """
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, QUEUES_FILENAME)
-    fileio.atomic_write_bytes(path, self.to_bytes())
-    return path
-
-  @classmethod
-  def load(cls, directory: str, *, allow_missing: bool = False) -> "QueueSet":
-    """Reads `directory/queues.npz`.
-
-    A missing file gives an empty QueueSet if `allow_missing`, else FileNotFoundError; a corrupt
-    file raises ValueError naming it.
-    """
-    path = os.path.join(directory, QUEUES_FILENAME)
-    if not os.path.exists(path):
-      if allow_missing:
-        return cls()
-      raise FileNotFoundError(f"queue file {path} does not exist")
-    with open(path, "rb") as f:
-      data = f.read()
-    return cls.from_bytes(data, source=path)

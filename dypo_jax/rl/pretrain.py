@@ -1,6 +1,6 @@
 """A partly capable base model for small experiments: teacher SFT stopped on an accuracy gate.
 
-DYPO.md §7: SFT of a tiny model from scratch has a sharp transition, so a base trained for a fixed
+METHOD.md §8: SFT of a tiny model from scratch has a sharp transition, so a base trained for a fixed
 time lands anywhere; stop on a quick held-out greedy accuracy crossing a target instead. The base
 is saved as a Hugging Face directory (`workdir/base_model`) so every method of a comparison starts
 from the same weights, and a restarted run reuses it.
@@ -14,10 +14,10 @@ from flax import nnx
 import jax
 import ml_collections
 
-from dypo_jax import evaluate as evaluate_lib
 from dypo_jax import models
-from dypo_jax import runtime
-from dypo_jax import trainer as trainer_lib
+from dypo_jax.evaluation import evaluate as evaluate_lib
+from dypo_jax.parallel import sharding
+from dypo_jax.rl import trainer as trainer_lib
 
 BASE_DIR = "base_model"
 
@@ -61,7 +61,7 @@ def ensure_base(config: ml_collections.ConfigDict, *, workdir: str, mesh, tokeni
                 model: models.Transformer, pools) -> models.Transformer:
   """Returns the base model: read from `workdir/base_model` if there, else trained and saved."""
   path = base_dir(workdir)
-  rules = runtime.mesh_rules(config)
+  rules = sharding.mesh_rules(config)
   if os.path.exists(os.path.join(path, "config.json")):
     print(f"pretrain: reusing the base model in {path}", flush=True)
     m = config.model
@@ -80,7 +80,7 @@ def ensure_base(config: ml_collections.ConfigDict, *, workdir: str, mesh, tokeni
   history = []
 
   def gate(t: trainer_lib.Trainer) -> bool:
-    step = int(t.state.step)
+    step = t.step_count
     if step % p.eval_every:
       return False
     acc = greedy_accuracy(t, gate_records, max_new_tokens=config.sampler.max_new_tokens,

@@ -3,7 +3,7 @@
 `workdir/metrics.jsonl` holds one JSON object per logged step, `{"step": s, "<key>": value, ...}`,
 with non-finite values written as the strings "nan", "inf", "-inf" (so every line is valid JSON);
 `read_jsonl` turns them back into floats. The metric keys the trainer logs are listed in
-`METRIC_KEYS` (DYPO.md §5); per-teacher keys follow `sft/teacher_<name>_count|_loss`.
+`METRIC_KEYS` (METHOD.md §6); per-teacher keys follow `sft/teacher_<name>_count|_loss`.
 
 After a restart from a checkpoint the trainer re-logs the steps after that checkpoint; readers that
 need one value per step use `merge_by_step` (the line written last wins, key by key).

@@ -1,11 +1,11 @@
-"""Dynamic difficulty grading and routing (DYPO.md §1 steps 3 and 5), plus the teacher draw.
+"""Dynamic difficulty grading (METHOD.md §1), plus the uniform teacher draw.
 
 Legend: B prompts, K samples per prompt.
 
-A prompt's grade is read from the binary correctness of its K samples: all correct → EASY
-(discarded), none correct → HARD (SFT on a teacher trace), otherwise MID (α·GRPO + (1-α)·GAL).
-`grade`, `grade_fractions` and `route` accept numpy arrays (host-side queue code; they then return
-numpy) or jax arrays (inside jit).
+A prompt's grade is read from the binary correctness of its K samples: all correct → EASY,
+none correct → HARD, otherwise MID; where each grade goes under each method is `routing`'s.
+`grade` and `grade_fractions` accept numpy arrays (host code; they then return numpy) or jax
+arrays (inside jit).
 """
 from typing import Any
 
@@ -60,18 +60,3 @@ def pick_teacher(rng: jax.Array, num_teachers: jax.Array) -> jax.Array:
   idx = jax.random.randint(rng, num_teachers.shape, 0, jnp.maximum(num_teachers, 1),
                            dtype=jnp.int32)
   return jnp.where(num_teachers > 0, idx, -1)
-
-
-def route(grades: Any, *, routing_on: Any) -> tuple[Any, Any]:
-  """(train_sft [B] bool, train_rl [B] bool) for each prompt.
-
-  With routing on: HARD → SFT, MID → RL, EASY → neither. With routing off (before switch_gate,
-  plain GRPO): every prompt → RL, none → SFT. `routing_on` may be a Python bool or a traced
-  boolean scalar.
-  """
-  xp = jnp if isinstance(routing_on, jax.Array) else _xp(grades)
-  grades = xp.asarray(grades)
-  on = xp.asarray(routing_on, dtype=bool)
-  train_sft = on & (grades == HARD)
-  train_rl = xp.where(on, grades == MID, True)
-  return train_sft, train_rl

@@ -61,11 +61,10 @@ def restore_policy(workdir: str, *, step: int | None = None) -> RestoredPolicy:
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from dypo_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from dypo_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from dypo_jax import models  # pylint: disable=g-import-not-at-top
-  from dypo_jax import runtime  # pylint: disable=g-import-not-at-top
-  from dypo_jax import sharding  # pylint: disable=g-import-not-at-top
+  from dypo_jax.io import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from dypo_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
 
   ckpt_dir = _checkpoint_dir(workdir)
   with checkpoint_lib.Checkpointer(ckpt_dir, keep=None, read_only=True) as ckpt:
@@ -77,7 +76,7 @@ def restore_policy(workdir: str, *, step: int | None = None) -> RestoredPolicy:
       raise CheckpointReadError(str(e)) from e
     model_config = _model_config(extras, where)
     config = json.loads(extras["config"]) if "config" in extras else {}
-    rules = runtime.mesh_rules(config_lib.from_dict(config))
+    rules = sharding.mesh_rules(config_lib.from_dict(config))
     mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
     abstract = nnx.eval_shape(lambda: models.Transformer(model_config, rngs=nnx.Rngs(0)))
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
@@ -96,7 +95,7 @@ def restore_policy(workdir: str, *, step: int | None = None) -> RestoredPolicy:
 
 def restore_config(workdir: str, *, step: int | None = None) -> dict[str, Any]:
   """The config (as saved, a dict) of checkpoint `step` (default: the latest) of `workdir`."""
-  from dypo_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from dypo_jax.io import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   ckpt_dir = _checkpoint_dir(workdir)
   with checkpoint_lib.Checkpointer(ckpt_dir, keep=None, read_only=True) as ckpt:
     step = _pick_step(ckpt, ckpt_dir, step)

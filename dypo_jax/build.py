@@ -1,0 +1,148 @@
+"""Builders for main's phases (data, tokenizer, model, summary): each reads the validated config
+once and returns plain objects."""
+import dataclasses
+import glob
+import os
+
+from flax import nnx
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+
+from dypo_jax import models
+from dypo_jax.data import records as records_lib
+from dypo_jax.data import tokenizers
+from dypo_jax.models import hf_config
+from dypo_jax.parallel import sharding
+
+
+def build_data(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list]:
+  """The prompt pools {"train", "eval_id", "eval_ood"} as lists of PromptRecord."""
+  d = config.data
+  if d.source == "procedural":
+    from dypo_jax.data import tasks  # pylint: disable=g-import-not-at-top
+    for name in tuple(d.id_tasks) + tuple(d.ood_tasks):
+      if name not in tasks.ALL_TASKS:
+        raise ValueError(f"data.id_tasks / data.ood_tasks: unknown task {name!r}; allowed: "
+                         f"{sorted(tasks.ALL_TASKS)}")
+    gen = lambda names, num, split: tasks.generate(list(names), num=num, seed=config.seed,
+                                                   split=split)
+    return {"train": gen(d.id_tasks, d.num_train, "train"),
+            "eval_id": gen(d.id_tasks, d.num_eval_id, "eval"),
+            "eval_ood": gen(d.ood_tasks, d.num_eval_ood, "eval")}
+  del workdir
+  pools = {}
+  for name, paths in (("train", (d.train_path,)), ("eval_id", tuple(d.eval_id_paths)),
+                      ("eval_ood", tuple(d.eval_ood_paths))):
+    recs = []
+    for path in paths:
+      loaded, stats = records_lib.read_records(path, on_error=d.on_error)
+      if stats.get("skipped"):
+        print(f"data: {path}: skipped {stats['skipped']} malformed records "
+              f"(first: {stats['errors'][:1]})", flush=True)
+      recs.extend(loaded)
+    pools[name] = recs
+  return pools
+
+
+def build_tokenizer(config: ml_collections.ConfigDict, workdir: str,
+                    pools: dict[str, list]) -> tokenizers.Tokenizer:
+  """Loads the configured tokenizer, or trains a SentencePiece model on the training pool."""
+  t = config.tokenizer
+  if t.path:
+    tok = tokenizers.load_tokenizer(t.kind, t.path)
+  else:
+    if t.kind != "sentencepiece":
+      raise ValueError(f"tokenizer.path is empty; only kind='sentencepiece' can be trained "
+                       f"here (got kind={t.kind!r})")
+    prefix = os.path.join(workdir, "tokenizer", "spm")
+    # Process 0 trains (the workdir is shared); the others wait for its file. Training writes
+    # under a temporary name that is renamed when complete, so a run killed meanwhile never
+    # leaves a half-written spm.model for the restart to read.
+    if not os.path.exists(prefix + ".model") and jax.process_index() == 0:
+      os.makedirs(os.path.dirname(prefix), exist_ok=True)
+      for leftover in glob.glob(prefix + ".tmp-*"):
+        os.remove(leftover)
+      corpus = []
+      for rec in pools["train"]:
+        corpus.append(rec.prompt)
+        corpus.extend(s.response for s in rec.teachers)
+      tmp = f"{prefix}.tmp-{os.getpid()}"
+      tokenizers.train_sentencepiece(corpus, vocab_size=t.train_vocab_size, out_prefix=tmp)
+      os.replace(tmp + ".vocab", prefix + ".vocab")
+      os.replace(tmp + ".model", prefix + ".model")  # Last: its presence means complete.
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("dypo_jax.build.build_tokenizer")
+    tok = tokenizers.SentencePieceTokenizer(prefix + ".model")
+  if config.model.init == "random":
+    tokenizers.check_vocab_fits(tok, config.model.vocab_size)
+  return tok
+
+
+# Fields a Hugging Face config.json decides; the others come from the dypo_jax config.
+_ARCH_FIELDS = ("arch", "vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads",
+                "head_dim", "mlp_dim", "rope_theta", "rms_norm_eps", "tie_embeddings",
+                "qkv_bias", "qk_norm")
+
+
+def model_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
+  """The ModelConfig a run builds: the config's fields, or with model.init="hf" the architecture
+  of hf_path's config.json when that file is readable here (the schema-only fields, such as
+  dtypes, remat, chunks and max_seq_len, always come from the config)."""
+  mc = models.model_config_from_dict(config.model.to_dict())
+  m = config.model
+  if m.init == "hf" and os.path.exists(os.path.join(m.hf_path, hf_config.CONFIG_FILE)):
+    from_file = hf_config.model_config_from_hf(hf_config.read_hf_config(m.hf_path), dtype=m.dtype,
+                                        param_dtype=m.param_dtype, max_seq_len=m.max_seq_len)
+    mc = dataclasses.replace(from_file, **{f.name: getattr(mc, f.name)
+                                           for f in dataclasses.fields(mc)
+                                           if f.name not in _ARCH_FIELDS})
+  return mc
+
+
+def build_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                tokenizer: tokenizers.Tokenizer | None = None) -> models.Transformer:
+  """A sharded model: fresh weights, or a Hugging Face checkpoint.
+
+  On a multi-device mesh the residual stream is pinned to the batch sharding
+  (`Transformer.activation_sharding`, `sharding.activation_sharding`), exactly as
+  `python -m dypo_jax.tools.aot` compiles it, so a run builds the program whose memory that check proved.
+  On one device nothing is pinned.
+  """
+  m = config.model
+  rules = sharding.mesh_rules(config)
+  if m.init == "hf":
+    model = models.from_pretrained(
+        m.hf_path, dtype=m.dtype, param_dtype=m.param_dtype, max_seq_len=m.max_seq_len,
+        mesh=mesh, rules=rules,
+        compute_options=dict(remat=m.remat, attention_chunk=m.attention_chunk,
+                             mlp_chunk=m.mlp_chunk))
+  else:
+    mc = model_config(config)
+    model = sharding.create_sharded(lambda: models.Transformer(mc, rngs=nnx.Rngs(config.seed)),
+                                    mesh, rules)
+  model.activation_sharding = sharding.activation_sharding(mesh, sharding.activation_axes(rules))
+  if tokenizer is not None:
+    tokenizers.check_vocab_fits(tokenizer, model.config.vocab_size)
+  return model
+
+
+def summary(config, mesh, tokenizer, model, pools) -> str:
+  mc = model.config
+  lines = [
+      "=" * 100,
+      f"dypo_jax  method={config.rl.method}  seed={config.seed}",
+      f"devices   {sharding.devices_summary(mesh)}  (process {jax.process_index()} of "
+      f"{jax.process_count()})",
+      f"model     {mc.arch}  layers={mc.num_layers} embed={mc.embed_dim} heads={mc.num_heads}/"
+      f"{mc.num_kv_heads} head_dim={mc.head_dim} mlp={mc.mlp_dim} vocab={mc.vocab_size} "
+      f"tied={mc.tie_embeddings} params={models.param_count(model):,} "
+      f"dtype={mc.param_dtype}/{mc.dtype}",
+      f"tokenizer {type(tokenizer).__name__} vocab={tokenizer.vocab_size} bos={tokenizer.bos_id} "
+      f"eos={tokenizer.eos_id} pad={tokenizer.pad_id} template={config.tokenizer.template}",
+      "data      " + "  ".join(f"{k}={len(v)}" for k, v in pools.items()),
+      "shardings (parameter, shape, dtype, logical axes, partition spec):",
+  ]
+  lines += ["  " + line for line in sharding.sharding_report(model)]
+  lines.append("=" * 100)
+  return "\n".join(lines)

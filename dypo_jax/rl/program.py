@@ -1,0 +1,141 @@
+"""The update program: optimizer, train state, shardings and the jitted step, built in one place
+for the Trainer (real arrays) and for `tools.aot` (abstract ones), so both compile the same
+program.
+"""
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from dypo_jax.parallel import sharding
+from dypo_jax.rl import routing
+from dypo_jax.rl import train_step as step_lib
+from dypo_jax.rl import update_batch
+
+
+def step_config(config: ml_collections.ConfigDict, *, prompt_len: int,
+                num_teachers: int) -> step_lib.StepConfig:
+  """The plain values the update step needs, read from the config once."""
+  rl, tr, sp, m = config.rl, config.train, config.sampler, config.model
+  return step_lib.StepConfig(
+      prompt_len=prompt_len, temperature=max(sp.temperature, 1e-6),
+      clip_low=rl.clip_low, clip_high=rl.clip_high, kl_coef=rl.kl_coef,
+      kl_estimator=rl.kl_estimator, agg_mode=rl.agg_mode, max_len=sp.max_new_tokens,
+      scale_adv_by_std=rl.scale_adv_by_std, adv_eps=rl.adv_eps, beta_gal=rl.beta_gal,
+      gal_length_norm=rl.gal_length_norm, offpolicy_shaping=rl.offpolicy_shaping,
+      micro_batches=tr.micro_batches, num_teachers=max(num_teachers, 1),
+      logprob_impl=m.logprob_impl, vocab_chunk=m.vocab_chunk, pallas_interpret=m.pallas_interpret,
+      use_gal=routing.uses_gal(routing.Policy.from_config(rl)),
+      per_term_grad_norms=tr.per_term_grad_norms)
+
+
+def optimizer(config: ml_collections.ConfigDict):
+  """(tx, schedule) of `config.optim` over `train.num_steps` updates."""
+  o = config.optim
+  return step_lib.make_optimizer(
+      learning_rate=o.learning_rate, schedule=o.schedule, warmup_steps=o.warmup_steps,
+      total_steps=config.train.num_steps, min_lr_ratio=o.min_lr_ratio,
+      weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, grad_clip=o.grad_clip)
+
+
+@dataclasses.dataclass
+class UpdateProgram:
+  """What the jitted update is made of; `build` reads the config, `jit` makes a variant."""
+  graphdef: Any
+  step_cfg: step_lib.StepConfig
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  mesh: jax.sharding.Mesh
+  param_shardings: Any
+  state_shardings: step_lib.TrainState
+  batch_shardings: dict[str, jax.sharding.NamedSharding]
+  slot_buckets: list[int]  # The update batch's slot counts (update_batch.slot_buckets).
+  k: int
+
+  @classmethod
+  def build(cls, config: ml_collections.ConfigDict, *, graphdef, params, mesh, rules,
+            prompt_len: int, num_teachers: int) -> "UpdateProgram":
+    """`params`: the policy's Param state, real arrays or ShapeDtypeStructs with shardings.
+
+    Optimizer leaves shaped like a parameter (Adam's moments) take its sharding
+    (`optax.tree_utils.tree_map_params`); counters are replicated. Propagation through a jitted
+    `tx.init` is not enough: it leaves the counters, and the moments of replicated parameters,
+    on one device, which a multi-device jit and Orbax refuse.
+    """
+    tr, k = config.train, config.rl.num_samples
+    split = dict(micro_batches=tr.micro_batches, k=k,
+                 batch_shards=sharding.batch_shards(mesh, rules))
+    error = update_batch.micro_batch_error(items=tr.update_prompts, **split)
+    if error:
+      raise ValueError(error)
+    tx, schedule = optimizer(config)
+    replicated = _replicated(mesh)
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    opt_shardings = optax.tree_utils.tree_map_params(
+        tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_shardings,
+        transform_non_params=lambda _: replicated)
+    state_shardings = step_lib.TrainState(step=replicated, params=param_shardings,
+                                          opt_state=opt_shardings, nonfinite_skipped=replicated)
+    shapes = update_batch.spec_shapes(items=tr.update_prompts, k=k, prompt_len=prompt_len,
+                                      max_len=config.sampler.max_new_tokens)
+    batch_shardings = {
+        name: (sharding.batch_sharding(mesh, rules, len(shape)) if name != "weights"
+               else replicated) for name, (shape, _) in shapes.items()}
+    return cls(graphdef=graphdef, step_cfg=step_config(config, prompt_len=prompt_len,
+                                                       num_teachers=num_teachers),
+               tx=tx, schedule=schedule, mesh=mesh, param_shardings=param_shardings,
+               state_shardings=state_shardings, batch_shardings=batch_shardings,
+               slot_buckets=update_batch.slot_buckets(update_prompts=tr.update_prompts, **split),
+               k=k)
+
+  def init_state(self, params) -> step_lib.TrainState:
+    """A fresh train state, born sharded."""
+    make = lambda p: step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                         opt_state=self.tx.init(p),
+                                         nonfinite_skipped=jnp.zeros((), jnp.int32))
+    return jax.jit(make, out_shardings=self.state_shardings)(params)
+
+  def abstract_state(self, params) -> step_lib.TrainState:
+    """The train state as ShapeDtypeStructs with their shardings (no array is made)."""
+    shaped = jax.eval_shape(self.init_state, params)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        shaped, self.state_shardings)
+
+  def abstract_batch(self, items: int) -> dict[str, jax.ShapeDtypeStruct]:
+    shapes = update_batch.spec_shapes(items=items, k=self.k, prompt_len=self.step_cfg.prompt_len,
+                                      max_len=self.step_cfg.max_len)
+    return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_shardings[name])
+            for name, (shape, dtype) in shapes.items()}
+
+  def abstract_key(self) -> jax.ShapeDtypeStruct:
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=_replicated(self.mesh))
+
+  def jit(self, *, shared_prompt: bool, term_norms: bool,
+          on_trace: Callable[[], None] | None = None):
+    """The jitted `(state, ref_params, batch, rng) -> (state, metrics)`, state donated.
+
+    `shared_prompt`: the batch holds groups alone (each prompt runs once); `term_norms`: one
+    backward per loss term for the per-term gradient norms (logged updates only).
+    """
+    cfg = dataclasses.replace(self.step_cfg, shared_prompt=shared_prompt,
+                              per_term_grad_norms=term_norms and self.step_cfg.per_term_grad_norms)
+    step_fn = step_lib.build_train_step(self.graphdef, cfg, self.tx, self.schedule)
+
+    def traced_step(*args):
+      if on_trace is not None:
+        on_trace()
+      return step_fn(*args)
+
+    replicated = _replicated(self.mesh)
+    return jax.jit(traced_step, donate_argnums=(0,),
+                   in_shardings=(self.state_shardings, self.param_shardings,
+                                 self.batch_shardings, replicated),
+                   out_shardings=(self.state_shardings, replicated))
+
+
+def _replicated(mesh) -> jax.sharding.NamedSharding:
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -1,0 +1,341 @@
+"""The DYPO loop: rollout rounds -> update batch -> update -> metrics, with eval and checkpoints.
+
+The loop only orchestrates. Where a group goes and how a batch is weighted is `routing`'s; rounds
+are `rollout`'s; the batch layout `update_batch`'s; the jitted update `program`'s and
+`train_step`'s. `step()` is one update and the only place its body is written: `run()` and the
+benchmarks call it.
+
+Everything a restart needs (train state, reference params, rng, data position, queues, eval
+history, counters, the config) is one Orbax checkpoint, saved every `train.checkpoint_every`
+updates, at the end, and at the step boundary after a SIGTERM; a restart from it continues the run
+exactly (every later step's metrics equal an uninterrupted run's, same machine).
+
+Multi-process (one controller per host): every process runs this loop in lockstep on the same
+global arrays. Each reads its own shard of the training pool and scores its own prompts' rollouts
+(`rollout`); the graded items, and so the queues and metrics, are the same on every process, and
+process 0 logs them. A checkpoint holds the queues once and every process's data position.
+"""
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dypo_jax import errors
+from dypo_jax.data import pipeline as pipeline_lib
+from dypo_jax.evaluation import evaluate as evaluate_lib
+from dypo_jax.evaluation import rewards as rewards_lib
+from dypo_jax.io import checkpoint as checkpoint_lib
+from dypo_jax.io import fileio
+from dypo_jax.io import metrics as metrics_lib
+from dypo_jax.models import sampler as sampler_lib
+from dypo_jax.parallel import multihost
+from dypo_jax.parallel import sharding
+from dypo_jax.rl import program as program_lib
+from dypo_jax.rl import queues as queues_lib
+from dypo_jax.rl import resume
+from dypo_jax.rl import rollout
+from dypo_jax.rl import routing
+from dypo_jax.rl import update_batch
+
+class Trainer:
+  """Holds what the loop needs between updates."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, workdir: str, mesh, tokenizer, model,
+               pools: dict[str, list], allow_config_change: tuple[str, ...] = ()):
+    self.config, self.workdir, self.mesh, self.tok, self.pools = (config, workdir, mesh,
+                                                                  tokenizer, pools)
+    self.allow_config_change = tuple(allow_config_change)  # Keys a resume may change.
+    rl, tr, sp = config.rl, config.train, config.sampler
+    self.policy = routing.Policy.from_config(rl)
+    self.k, self.max_len = rl.num_samples, sp.max_new_tokens
+    self.is_main = jax.process_index() == 0
+    if tr.rollout_prompts % jax.process_count():
+      raise ValueError(f"train.rollout_prompts={tr.rollout_prompts} must be a multiple of the "
+                       f"{jax.process_count()} processes (each samples an equal share of the "
+                       f"prompts from its own data shard)")
+    if tokenizer.pad_id is None:
+      raise ValueError("the tokenizer has neither a pad nor an eos token; dypo_jax needs one")
+    self.pool = rollout.TrainingPool(pools["train"], tokenizer, template=config.tokenizer.template,
+                                     max_len=self.max_len)
+    rules = sharding.mesh_rules(config)
+    self.graphdef, params = nnx.split(model, nnx.Param)
+    # Rollouts run on the training mesh, or on their own data-parallel one (mesh.rollout_data).
+    self.sampler = sampler_lib.Sampler(
+        self.graphdef, model_config=model.config, pad_id=tokenizer.pad_id,
+        prompt_buckets=tuple(sp.prompt_buckets),
+        mesh=sharding.build_rollout_mesh(config.mesh) or mesh, rules=rules)
+    longest = self.pool.longest_prompt()
+    self.prompt_len = self.sampler.bucket_for(longest, self.max_len)
+    if longest > self.prompt_len:
+      raise ValueError(f"a training prompt has {longest} tokens; with max_new_tokens="
+                       f"{self.max_len} the context (model.max_seq_len="
+                       f"{model.config.max_seq_len}) leaves room for {self.prompt_len}")
+    self.program = program_lib.UpdateProgram.build(
+        config, graphdef=self.graphdef, params=params, mesh=mesh, rules=rules,
+        prompt_len=self.prompt_len, num_teachers=len(self.pool.teacher_names))
+    self.state = self.program.init_state(params)
+    self.ref_params = jax.tree.map(jnp.copy, params)  # Frozen: never donated, never updated.
+    self.reward_pool = (rewards_lib.MathVerifyPool(num_workers=2)
+                        if config.data.reward == "math_verify" else None)
+    self.rollouts = rollout.Rollouts(
+        pool=self.pool, policy=self.policy, sampler=self.sampler, tokenizer=tokenizer, k=self.k,
+        reward_pool=self.reward_pool, settings=rollout.SamplingSettings(
+            max_new_tokens=self.max_len, temperature=sp.temperature, top_p=sp.top_p,
+            top_k=sp.top_k, reward=config.data.reward,
+            format_penalty_coef=rl.format_penalty_coef))
+    self.queues = queues_lib.QueueSet()
+    self.stream = pipeline_lib.IndexStream(len(self.pool), seed=config.seed,
+                                           shuffle=config.data.shuffle)
+    self.rng = jax.random.key(config.seed)
+    self.step_count = 0  # Updates so far: the host's copy of state.step.
+    self.rollout_round = 0
+    self.empty_updates_in_a_row = 0
+    self.eval_history: list[dict[str, Any]] = []
+    self.update_trace_count = 0
+    self._updates = {}  # (shared_prompt, term_norms) -> the jitted update.
+    self._compiled_shapes = set()  # Batch shapes whose every update variant is compiled.
+
+  # ------------------------------------------------------------------------------ one update
+
+  def step(self) -> dict[str, Any]:
+    """One update: rollout rounds until a batch is queued (or the round limit), then the update.
+
+    Returns the update's metrics as host values. With nothing queued after
+    `train.max_rollouts_per_update` rounds the update is empty: the step counts, nothing trains.
+    """
+    tr = self.config.train
+    start = time.perf_counter()
+    stats = rollout.RoundStats()
+    while not self.queues.ready(tr.update_prompts) and stats.rounds < tr.max_rollouts_per_update:
+      self.run_rollout_round(stats)
+    rounds_done = time.perf_counter()
+    if len(self.queues):
+      hard, mid, _ = self.queues.pop_batch(min(tr.update_prompts, len(self.queues)))
+      batch, info = self.build_batch(hard, mid)
+      update_start = time.perf_counter()
+      metrics = self._host_metrics(jax.device_get(self.update(batch)))
+      metrics.update(info)
+      metrics["time/update_s"] = time.perf_counter() - update_start
+      metrics["time/build_s"] = update_start - rounds_done
+      metrics["perf/update_tok_s"] = float(batch["input_mask"].sum()) / metrics["time/update_s"]
+      self.empty_updates_in_a_row = 0
+    else:
+      self.state = self.state.replace(step=self.state.step + 1)
+      metrics = {"train/empty_update": 1}
+      self.empty_updates_in_a_row += 1
+    self.step_count += 1
+    metrics.update(stats.metrics())
+    metrics.update({"queue/hard": self.queues.depths()["hard"],
+                    "queue/mid": self.queues.depths()["mid"], "train/compiles":
+                    self.update_trace_count, "train/empty_updates_in_a_row":
+                    self.empty_updates_in_a_row, "time/rounds_s": rounds_done - start,
+                    "time/step_s": time.perf_counter() - start})
+    return metrics
+
+  def run_rollout_round(self, stats: rollout.RoundStats) -> None:
+    """One rollout round of the next `train.rollout_prompts` prompts into the queues."""
+    idx = self._take_prompts(self.config.train.rollout_prompts)
+    self.rollouts.run_round(idx, params=self.state.params, step=self.step_count,
+                            rollout_round=self.rollout_round, rng=self.rng, queues=self.queues,
+                            stats=stats)
+    self.rollout_round += 1
+
+  def _take_prompts(self, n: int) -> list[int]:
+    """The round's n prompts, the same list on every process: each takes n / process_count from
+    its own shard, and process p's are rows [p * n_local, (p + 1) * n_local) of the round."""
+    local = np.asarray(self.stream.take(n // jax.process_count()), np.int32)
+    return [int(i) for i in multihost.gather_rows(local)]
+
+  def build_batch(self, hard: list, mid: list) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The host update batch of queued items, weighted by `routing.loss_weights`."""
+    batch, offline = update_batch.layout(
+        hard, mid, slot_buckets=self.program.slot_buckets, k=self.k, prompt_len=self.prompt_len,
+        max_len=self.max_len, pad_id=self.tok.pad_id, teacher_index=self.pool.teacher_index)
+    weights = routing.loss_weights(self.policy, self.step_count, n_hard=len(hard),
+                                   n_mid=len(mid))
+    batch["weights"][:] = weights
+    n = max(len(hard) + len(mid), 1)
+    info = {"batch/offline_ratio": (len(hard) + offline) / n, "batch/hard_items": len(hard),
+            "batch/mid_items": len(mid), **{f"batch/weight_{name}": w
+                                            for name, w in zip(update_batch.TERMS, weights)}}
+    return batch, info
+
+  def update_fn(self, *, shared_prompt: bool, term_norms: bool):
+    """The jitted update for a batch variant, made once (`update_variants`)."""
+    key = (shared_prompt and self.config.train.shared_prompt,
+           term_norms and self.program.step_cfg.per_term_grad_norms)
+    if key not in self._updates:
+      self._updates[key] = self.program.jit(shared_prompt=key[0], term_norms=key[1],
+                                            on_trace=self._count_trace)
+    return self._updates[key]
+
+  def _count_trace(self) -> None:
+    self.update_trace_count += 1
+
+  def update_variants(self) -> list[tuple[bool, bool]]:
+    return routing.update_variants(
+        self.policy, shared_prompt=self.config.train.shared_prompt,
+        term_norms=self.program.step_cfg.per_term_grad_norms,
+        every_update_logged=self.config.train.log_every == 1)
+
+  def update(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Runs the jitted update on a host batch; returns its metrics (device values).
+
+    Each process places only the shards its devices hold (a device_put of host data onto a
+    multi-process sharding would first compare it across hosts). At a batch shape's first update
+    every variant the run can take is compiled, so none compiles mid-run (seconds on CPU,
+    minutes for a large TPU program).
+    """
+    shardings = self.program.batch_shardings
+    device_batch = {name: jax.make_array_from_callback(value.shape, shardings[name],
+                                                       lambda index, value=value: value[index])
+                    for name, value in batch.items()}
+    key = rollout.derived_key(self.rng, rollout.KEY_UPDATE, self.step_count)
+    tr = self.config.train
+    logged = (self.step_count + 1) % tr.log_every == 0 or self.step_count + 1 == tr.num_steps
+    if batch["tokens"].shape not in self._compiled_shapes:
+      self._compiled_shapes.add(batch["tokens"].shape)
+      for shared, norms in self.update_variants():
+        self.update_fn(shared_prompt=shared, term_norms=norms).lower(
+            self.state, self.ref_params, device_batch, key).compile()
+    fn = self.update_fn(shared_prompt=update_batch.slots_share_prompts(batch, self.prompt_len),
+                        term_norms=logged)
+    self.state, metrics = fn(self.state, self.ref_params, device_batch, key)
+    return metrics
+
+  def _host_metrics(self, metrics) -> dict[str, Any]:
+    nll, tokens = metrics.pop("sft/teacher_nll_sum"), metrics.pop("sft/teacher_tokens")
+    out = {name: float(np.asarray(value)) for name, value in metrics.items()}
+    for i, name in enumerate(self.pool.teacher_names):
+      out[f"sft/teacher_{name}_count"] = int(self.rollouts.teacher_counts[i])
+      if tokens[i] > 0:
+        out[f"sft/teacher_{name}_loss"] = float(nll[i] / tokens[i])
+    return out
+
+  # ------------------------------------------------------------------------------ eval, ckpt
+
+  def evaluate(self) -> dict[str, Any]:
+    """pass@k on the held-out ID and OOD pools; the same sampling randomness at every eval."""
+    c = self.config
+    settings = evaluate_lib.settings_from_config(c.eval, reward=c.data.reward,
+                                                 template=c.tokenizer.template)
+    result = {"step": self.step_count}
+    key = jax.random.fold_in(self.rng, rollout.KEY_EVAL)
+    for split, prefix in (("eval_id", "id"), ("eval_ood", "ood")):
+      if self.pools.get(split):
+        summary, _ = evaluate_lib.evaluate(
+            sampler=self.sampler, params=self.state.params, tokenizer=self.tok,
+            records=self.pools[split], settings=settings, rng=key, pool=self.reward_pool)
+        result.update({f"{prefix}/{name}": value for name, value in summary.items()})
+    self.eval_history.append(result)
+    self._write_eval_history()
+    return result
+
+  def _write_eval_history(self) -> None:
+    """workdir/eval.jsonl := the eval history (what a checkpoint holds), replaced atomically."""
+    if self.is_main:
+      fileio.atomic_write_bytes(os.path.join(self.workdir, "eval.jsonl"), "".join(
+          json.dumps(r) + "\n" for r in self.eval_history).encode("utf-8"))
+
+  # ------------------------------------------------------------------------------------ loop
+
+  def run(self, should_stop=None) -> dict[str, Any]:
+    """The loop; returns the last update's metrics. `should_stop(trainer)`, asked after each
+    update, ends it early (the base model's accuracy gate uses it).
+
+    Resumes from the latest checkpoint in `workdir/checkpoints`. After a SIGTERM or SIGINT it
+    stops at the next step boundary, saves and raises `errors.Preempted`. Raises
+    FloatingPointError after more than
+    `train.max_nonfinite_updates` non-finite updates (the failing step is logged, not saved) and
+    NothingToLearn after `train.max_empty_updates` empty updates in a row (saved first).
+    """
+    tr = self.config.train
+    ckpt_dir = os.path.join(self.workdir, "checkpoints")
+    ckpt = checkpoint_lib.Checkpointer(ckpt_dir, keep=tr.keep_checkpoints)
+    writer, stop_requested, previous_handlers = None, [], {}
+    if threading.current_thread() is threading.main_thread():
+      previous_handlers = checkpoint_lib.install_stop_handlers(
+          lambda: stop_requested.append(True))
+    try:
+      resumed = resume.restore(self, ckpt, allow_config_change=self.allow_config_change)
+      if resumed and self.eval_history:
+        self._write_eval_history()
+      writer = metrics_lib.MetricsWriter(self.workdir, enabled=self.is_main)
+      progress = metrics_lib.Progress(max(tr.num_steps, 1), start_step=self.step_count)
+      if self.is_main:
+        print(f"train: method={self.policy.method} k={self.k} P={self.prompt_len} "
+              f"T={self.max_len} U={tr.update_prompts} teachers={self.pool.teacher_names} "
+              f"processes={jax.process_count()} "
+              f"{f'resumed at step {self.step_count}' if resumed else 'from scratch'}",
+              flush=True)
+      if tr.eval_every and self.step_count == 0 and not resumed:
+        self._log_eval(writer, self.evaluate())
+      metrics, stopped = {}, False
+      while self.step_count < tr.num_steps:
+        if multihost.any_process(bool(stop_requested)):  # Every process stops at one step.
+          stopped = True
+          break
+        metrics = self.step()
+        step = self.step_count
+        too_many_nonfinite = metrics.get("train/nonfinite_skipped", 0) > tr.max_nonfinite_updates
+        if step % tr.log_every == 0 or step == tr.num_steps or too_many_nonfinite:
+          writer.write(step, metrics)
+          if self.is_main:
+            print(progress.line(step, metrics, keys=(
+                "reward/binary", "route/hard_frac", "route/mid_frac", "batch/offline_ratio",
+                "loss/total", "policy/entropy")), flush=True)
+        if too_many_nonfinite:
+          ckpt.wait()
+          raise FloatingPointError(
+              f"{int(metrics['train/nonfinite_skipped'])} updates had a non-finite loss or "
+              f"gradient (limit train.max_nonfinite_updates={tr.max_nonfinite_updates}); stopping "
+              f"at step {step}. The last good checkpoint is kept in {ckpt_dir} (step "
+              f"{ckpt.latest_step()}).")
+        if tr.eval_every and step % tr.eval_every == 0:
+          self._log_eval(writer, self.evaluate())
+        if tr.checkpoint_every and step % tr.checkpoint_every == 0:
+          resume.save(self, ckpt)
+        if self.empty_updates_in_a_row >= tr.max_empty_updates:
+          break
+        if should_stop is not None and should_stop(self):
+          break
+      stopped = stopped or multihost.any_process(bool(stop_requested))
+      nothing_left = self.empty_updates_in_a_row >= tr.max_empty_updates
+      if stopped or nothing_left or (tr.checkpoint_every and self.step_count % tr.checkpoint_every):
+        resume.save(self, ckpt)
+      ckpt.wait()
+      if nothing_left:
+        raise errors.NothingToLearn(
+            f"the last {self.empty_updates_in_a_row} updates found nothing queued (each after "
+            f"train.max_rollouts_per_update={tr.max_rollouts_per_update} rollout rounds in which "
+            f"every prompt was Easy, or Hard with no teacher trace): nothing left to learn at "
+            f"this difficulty; stopped at step {self.step_count} (limit "
+            f"train.max_empty_updates={tr.max_empty_updates}); checkpoint "
+            f"{ckpt.step_dir(self.step_count)}")
+      if stopped:
+        raise errors.Preempted(f"SIGTERM/SIGINT: stopped at step {self.step_count}; checkpoint "
+                               f"{ckpt.step_dir(self.step_count)}; rerun the same command to "
+                               f"resume")
+      return metrics
+    finally:
+      ckpt.close()  # Waits for a pending save.
+      if writer is not None:
+        writer.close()
+      if self.reward_pool is not None:
+        self.reward_pool.close()
+      for sig, handler in previous_handlers.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+  def _log_eval(self, writer, result: dict[str, Any]) -> None:
+    writer.write(result["step"], {f"eval/{k}": v for k, v in result.items() if k != "step"})
+    if self.is_main:
+      shown = {k: round(v, 4) for k, v in result.items() if k.endswith("pass@1") or k == "step"}
+      print(f"eval: {shown}", flush=True)
