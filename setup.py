@@ -31,6 +31,7 @@ _RUNTIME = [
 # must not shadow: tests/test_kernels_name.py).
 _TEST = [
     "pytest==9.0.3",
+    "pytest-xdist==3.8.0",
     # A CPU wheel of exactly this torch lies on local disk; anything else pulls a CUDA build.
     "torch==2.13.0",
     "transformers==5.25.0",

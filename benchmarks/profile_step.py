@@ -78,8 +78,10 @@ def _time_fn(fn, reps: int) -> tuple[float, float]:
   return float(np.median(walls)), float(np.median(cpus))
 
 
-def step_variants(trainer, batch: dict[str, np.ndarray], reps: int) -> dict[str, tuple]:
-  """Median (wall, cpu) of variants of the jitted update on one batch (see module docstring)."""
+def step_variants(trainer, batch: dict[str, np.ndarray], reps: int,
+                  only: tuple[str, ...] = ()) -> dict[str, tuple]:
+  """Median (wall, cpu) of variants of the jitted update on one batch (see module docstring);
+  `only` keeps those named (each variant is one more compile)."""
   base = trainer.program.step_cfg
   variants = {
       "full": base,
@@ -92,6 +94,8 @@ def step_variants(trainer, batch: dict[str, np.ndarray], reps: int) -> dict[str,
       f"shared_prompt={not base.shared_prompt}, logprob_impl=full": dataclasses.replace(
           base, shared_prompt=not base.shared_prompt, logprob_impl="full"),
   }
+  if only:
+    variants = {name: cfg for name, cfg in variants.items() if name in only}
   device_batch = {name: jax.device_put(value, trainer.program.batch_shardings[name])
                   for name, value in batch.items()}
   key = jax.random.key(0)
@@ -170,6 +174,8 @@ def main():
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--reps", type=int, default=5, help="timed calls per update variant")
   ap.add_argument("--method", choices=("grpo", "dypo"), default="dypo")
+  ap.add_argument("--variants", default="",
+                  help="comma-separated update variants to time (default: all; each compiles)")
   ap.add_argument("--thunks", type=int, default=0,
                   help="also trace the update and list its N costliest XLA:CPU thunks")
   w1_step.add_size_args(ap)
@@ -228,7 +234,8 @@ def main():
         f"{1e3 * put[0]:.2f} ms")
 
   print(f"\nJitted update variants on that batch (median of {args.reps}; wall s / cpu s):")
-  var = step_variants(trainer, batch, args.reps)
+  var = step_variants(trainer, batch, args.reps,
+                      only=tuple(v for v in args.variants.split(",") if v))
   full_w, full_c = var["full"]
   for name, (w, c) in var.items():
     print(f"  {name:<22} {w:8.4f} / {c:8.4f}   {100 * w / full_w:6.1f}% of full (wall), "

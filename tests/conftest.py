@@ -26,6 +26,13 @@ import pytest  # pylint: disable=g-import-not-at-top
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_collection_modifyitems(config, items):
+  """Slow tests first: the two workers (pytest.ini: -n 2 --dist worksteal) then share the long
+  ones, and the quick ones fill the gaps at the end instead of one long test running alone."""
+  del config
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # Stable otherwise.
+
+
 @pytest.fixture(autouse=True)
 def _subprocesses_only_in_slow_tests(request, monkeypatch):
   """A test that starts a process (a run, fake devices) is marked slow, so that

@@ -147,6 +147,7 @@ def test_arc_prompt_and_letter_gold(data_dir):
   assert sum(1 for r in records if "\nE. " in r.prompt) == 3
 
 
+@pytest.mark.slow
 def test_math500_golds_verify_against_themselves(data_dir):
   records = benchmarks.load_math500(data_dir=data_dir)
   golds = [r.answer for r in records]

@@ -39,6 +39,7 @@ def _assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_save_restore_nnx_state_optax_state_and_extras(tmp_path):
   state = _train_state(3)
   extras = {"data": {"epoch": 1, "index": 17}, "eval": [{"step": 3, "id/pass@1": 0.25}],

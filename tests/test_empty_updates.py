@@ -45,6 +45,7 @@ def _records(workdir):
       metrics_lib.read_jsonl(os.path.join(workdir, metrics_lib.METRICS_FILENAME)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("offline_loss_type", ["sft", "rl"])
 def test_every_group_easy_stops_with_nothing_to_learn(tmp_path, offline_loss_type):
   workdir = str(tmp_path)
@@ -62,6 +63,7 @@ def test_every_group_easy_stops_with_nothing_to_learn(tmp_path, offline_loss_typ
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
 
 
+@pytest.mark.slow
 def test_hard_prompts_without_teachers_are_counted_not_trained(tmp_path):
   workdir = str(tmp_path)
   trainer = _trainer(workdir, method="dypo", reward="test_always_wrong", teachers=False)
@@ -72,6 +74,7 @@ def test_hard_prompts_without_teachers_are_counted_not_trained(tmp_path):
     assert r["sft/no_teacher_skipped"] == 2 * 4  # Two rounds of four prompts, each counted.
 
 
+@pytest.mark.slow
 def test_an_empty_update_between_real_ones_does_not_stop_the_run(tmp_path):
   """GRPO queues every group whatever its grade: all-Easy rounds still train (zero advantage)."""
   workdir = str(tmp_path)

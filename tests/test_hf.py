@@ -88,6 +88,7 @@ def _hf_load(path):
       path, attn_implementation="eager").eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", sorted(FAMILIES))
 def test_from_pretrained_matches_transformers(arch, tmp_path):
   hf_model = _hf_model(arch)

@@ -53,6 +53,7 @@ def _value_and_grads(fn, hidden, lm_head, targets, w_logp, w_ent, **kwargs):
   return tuple(np.asarray(x, np.float32) for x in (logp, entropy, d_hidden, d_lm_head))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype,temperature,logit_scale,tol", [
     (jnp.float32, 1.0, 1.0, F32_TOL),
     (jnp.float32, 0.7, 1.0, F32_TOL),

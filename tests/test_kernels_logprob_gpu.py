@@ -64,6 +64,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case,dtype,temperature,logit_scale,tol", CASES)
 def test_kernel_matches_reference(case, dtype, temperature, logit_scale, tol):
   args = _inputs(case["shape"], dtype, logit_scale)
@@ -75,6 +76,7 @@ def test_kernel_matches_reference(case, dtype, temperature, logit_scale, tol):
   _assert_close(got, want, tol)
 
 
+@pytest.mark.slow
 @jax.default_matmul_precision("float32")  # Compared with float64 numpy.
 def test_uniform_logits_golden():
   """lm_head = 0: every logit is 0, so logp = -log V and entropy = log V exactly; for the loss
@@ -93,6 +95,7 @@ def test_uniform_logits_golden():
   np.testing.assert_allclose(d_lm_head, np.asarray(hidden).T @ dlogits, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_one_split_equals_several():
   """The split merge is exact up to summation order: 1 split (one pass over V) == 5 splits."""
   args = _inputs(SMALL["shape"], jnp.float32, logit_scale=5.0, seed=2)[:3]

@@ -22,15 +22,16 @@ def test_pallas_run_matches_chunked_run(tmp_path):
   runs = {}
   for impl in ("chunked", "pallas"):
     workdir = str(tmp_path / impl)
-    overrides = {"train.num_steps": 2, "model.logprob_impl": impl,
+    overrides = {"train.num_steps": 1, "model.logprob_impl": impl,
                  "model.pallas_interpret": impl == "pallas" and on_cpu}
     proc = subprocess.run(tiny_runs.main_command(workdir, **overrides), capture_output=True,
                           text=True, env=env, cwd=tiny_runs.REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     runs[impl] = tiny_runs.comparable_metrics(workdir)
-  assert sorted(runs["pallas"]) == sorted(runs["chunked"]) == [1, 2]
+  assert sorted(runs["pallas"]) == sorted(runs["chunked"]) == [1]
   # Step 1 samples from the same parameters, so its rollouts are the same and its losses, log-prob
   # statistics and gradient norms differ only by the log-prob paths' summation order. (Later
-  # steps start from parameters that differ by rounding, which can flip a sampled token.)
+  # steps start from parameters that differ by rounding, which can flip a sampled token: one
+  # step is the comparison.)
   tiny_runs.assert_same_metrics({1: runs["pallas"][1]}, {1: runs["chunked"][1]}, rtol=1e-4,
                                 atol=1e-6)

@@ -225,6 +225,7 @@ def test_gal_no_pairs_is_zero():
   assert float(losses.gal_denominator(rewards=jnp.asarray(rewards), mask=jnp.asarray(mask))) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("beta", [0.5, 2.0])
 def test_gal_gradient_matches_dpo_weight(beta):
   # One pair, one token each, logp = (-0.7, -1.5), ref = (-1.0, -1.1):

@@ -140,6 +140,7 @@ def test_pool_hanging_item_is_killed_and_replaced(fault_pool):
   assert errors == 0
 
 
+@pytest.mark.slow
 def test_pool_hang_does_not_delay_other_items():
   with rewards.MathVerifyPool(2, timeout=10.0, score_fn=rewards.fault_injection_score) as pool:
     pool.score_batch(["1", "1"], ["1", "1"])  # Both workers warm.

@@ -184,6 +184,7 @@ def test_extreme_uniforms_never_pick_a_filtered_token():
 # ------------------------------------------------------------------------------- the sampler
 
 
+@pytest.mark.slow
 def test_greedy_matches_teacher_forced_argmax(setup):
   model, params, sampler = setup
   out = sampler.sample(params, PROMPTS, num_samples=3, max_new_tokens=10, temperature=0.0,
@@ -204,6 +205,7 @@ def test_greedy_matches_teacher_forced_argmax(setup):
   assert again.num_compiles == out.num_compiles
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("top_p,top_k", [(1.0, 0), (0.9, 20)])
 def test_logprobs_match_teacher_forced(setup, top_p, top_k):
   model, params, sampler = setup
@@ -245,6 +247,7 @@ def test_stop_ids_end_sequences_and_nothing_after_counts(setup):
         assert n == 10 and not hits.any()
 
 
+@pytest.mark.slow
 def test_first_token_distribution_end_to_end(setup):
   """4000 samples of one prompt: the first token follows the model's own filtered softmax."""
   model, params, sampler = setup
@@ -258,6 +261,7 @@ def test_first_token_distribution_end_to_end(setup):
   assert _chi_square_pvalue(out.tokens[0, :, 0], probs) > 1e-3
 
 
+@pytest.mark.slow
 def test_trace_count_is_bounded_and_new_params_do_not_retrace():
   model = _model()
   graphdef, params = nnx.split(model, nnx.Param)

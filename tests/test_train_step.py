@@ -74,6 +74,7 @@ def run_step(cfg, batch, seed=0):
   return new_state, jax.device_get(metrics)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("agg_mode", ["token-mean", "seq-mean-token-mean",
                                       "seq-mean-token-sum-norm"])
 def test_micro_batches_equal_big_batch(agg_mode):
@@ -87,6 +88,7 @@ def test_micro_batches_equal_big_batch(agg_mode):
                small_state.params, big_state.params)
 
 
+@pytest.mark.slow
 def test_weights_select_terms_and_update_moves_params():
   batch = make_batch(weights=(1.0, 0.0, 0.0))
   state0 = make_state()[1]
@@ -114,6 +116,7 @@ def test_nonfinite_update_is_skipped_and_counted():
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, new_state.params), before)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("learning_rate", [float("nan"), 1e39])
 def test_an_update_that_would_write_nonfinite_params_is_skipped(learning_rate):
   """Loss and gradient finite, the update not (a nan learning rate; one so large that Adam's
@@ -131,6 +134,7 @@ def test_an_update_that_would_write_nonfinite_params_is_skipped(learning_rate):
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, new_state.params), before)
 
 
+@pytest.mark.slow
 def test_step_compiles_once_over_a_run():
   graphdef, state, ref, tx, sched = make_state()
   traces = []
@@ -242,6 +246,7 @@ def test_one_item_micro_batches_split_by_rows_equal_single_device(fake_devices):
   assert "OK" in out and "fsdp" in out
 
 
+@pytest.mark.slow
 def test_per_term_grad_norms_equal_each_terms_own_gradient_on_a_large_batch():
   # 128 rows: at this size jax 0.10.2 miscompiled `jax.vmap` over the step's VJP under jit (a
   # zero cotangent gave a non-zero gradient), so the step takes one VJP per term instead.
@@ -313,6 +318,7 @@ def test_slots_share_prompts_tells_groups_from_packed_rows():
   assert not update_batch.slots_share_prompts(b, _P)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("micro_batches", [1, 2])
 def test_shared_prompt_path_equals_row_path(micro_batches):
   # One prompt pass per slot into a KV cache read by its K responses: the same losses, metrics
@@ -327,6 +333,7 @@ def test_shared_prompt_path_equals_row_path(micro_batches):
                shared_state.params, rows_state.params)
 
 
+@pytest.mark.slow
 def test_shared_prompt_logprobs_equal_row_logprobs_with_chunked_vocabulary():
   batch = shared_prompt_batch(seed=5)
   graphdef, state, _, _, _ = make_state()

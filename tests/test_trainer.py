@@ -133,8 +133,11 @@ def test_queues_and_position_survive_save_and_restore(tmp_path):
 
 @pytest.mark.slow
 def test_dypo_raises_reward_on_a_handful_of_prompts(tmp_path):
-  """Overfit check: 4 addition prompts; DYPO's Hard-prompt SFT then GRPO+GAL lifts the reward."""
-  config = tiny_config("dypo", num_steps=300, rollout_prompts=4, update_prompts=4, log_every=1)
+  """Overfit check: 4 addition prompts; DYPO's Hard-prompt SFT then GRPO+GAL lifts the reward.
+
+  150 updates is the smallest budget tried that passes for seeds 0-4 (late reward 0.13, 0.61,
+  0.71, 0.36, 0.49; 300 before)."""
+  config = tiny_config("dypo", num_steps=150, rollout_prompts=4, update_prompts=4, log_every=1)
   config.data.num_train = 4
   config.model.update(dict(embed_dim=64, num_heads=4, num_kv_heads=2, mlp_dim=128))
   config.optim.learning_rate = 3e-3
@@ -146,6 +149,6 @@ def test_dypo_raises_reward_on_a_handful_of_prompts(tmp_path):
   late = np.mean([r["reward/binary"] for r in records[-20:]])
   assert early < 0.05
   # Sampled at temperature 1 from a 0.1M-parameter model that starts from random weights: the
-  # rise is modest but well clear of zero (0.0 -> 0.1-0.3 in the runs seen).
+  # rise is modest but clear of zero (0.0 -> 0.13-0.71 over seeds 0-4 at 150 updates).
   assert late > early + 0.08, (early, late)
   assert any(r["route/mid_frac"] > 0 for r in records)  # Mid groups appeared: GRPO + GAL ran.
