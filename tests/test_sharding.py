@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from dypo_jax.parallel import sharding
+import tiny_runs
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,7 +96,7 @@ def test_main_summary_builds_mesh_tokenizer_model_and_exits(tmp_path):
       [sys.executable, "-m", "dypo_jax.main", "--config=experiments/cpu_tiny.py:quick",
        f"--workdir={tmp_path}", "--mode=summary", "--config.mesh.fsdp=2"],
       capture_output=True, text=True, cwd=_REPO, timeout=300,
-      env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+      env=dict(os.environ, XLA_FLAGS=tiny_runs.xla_flags(2)))
   assert proc.returncode == 0, proc.stderr
   assert "params=" in proc.stdout and "fsdp=2" in proc.stdout
   assert "P('fsdp'" in proc.stdout  # The parameter table shows the shardings held.

@@ -68,12 +68,19 @@ def build_trainer(config, workdir: str):
                              pools=pools)
 
 
+def xla_flags(num_devices: int) -> str:
+  """XLA_FLAGS of a subprocess: the test run's (conftest.py) and `num_devices` CPU devices."""
+  own = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                 if not f.startswith("--xla_force_host_platform_device_count"))
+  return f"{own} --xla_force_host_platform_device_count={num_devices}".strip()
+
+
 def subprocess_env(num_devices: int = 1, platforms: str = "cpu") -> dict[str, str]:
   """Environment of a subprocess run: `num_devices` CPU devices, JAX on `platforms`."""
   env = dict(os.environ)
   env.update({
       "JAX_PLATFORMS": platforms,
-      "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}",
+      "XLA_FLAGS": xla_flags(num_devices),
       "PYTHONPATH": os.pathsep.join([REPO, TESTS, env.get("PYTHONPATH", "")]),
   })
   return env
