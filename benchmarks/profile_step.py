@@ -101,7 +101,8 @@ def step_variants(trainer, batch: dict[str, np.ndarray], reps: int,
   key = jax.random.key(0)
   out = {}
   for name, cfg in variants.items():
-    step = jax.jit(step_lib.build_train_step(trainer.graphdef, cfg, trainer.program.tx, trainer.program.schedule))
+    step = jax.jit(step_lib.build_train_step(trainer.graphdef, cfg, trainer.program.tx,
+                                             trainer.program.schedule))
     state = jax.tree.map(jnp.copy, trainer.state)
 
     def call(step=step, state=state):

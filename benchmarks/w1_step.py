@@ -281,7 +281,7 @@ def synthetic_batch(trainer: trainer_lib.Trainer, *, seed: int = 0) -> dict[str,
     rewards = (np.arange(k) % 2 == 0).astype(np.float32)
     mid.append(queues_lib.MidItem(
         uid=f"synthetic/{i}",
-        prompt_tokens=np.asarray(trainer.pool.prompt_tokens[i % len(trainer.pool.prompt_tokens)], np.int32),
+        prompt_tokens=trainer.pool.prompt_tokens[i % len(trainer.pool)],
         response_tokens=rng.integers(3, v, (k, t)).astype(np.int32),
         response_lengths=np.full((k,), t, np.int32), rewards=rewards, shaped_rewards=rewards,
         logprobs=np.full((k, t), -np.log(v), np.float32), step=0))

@@ -2,9 +2,11 @@
 
 Experiment files (`experiments/*.py`) start from `base_config()` and override values; they cannot
 add keys. Each set of allowed values is declared once, by the module that owns it (methods by
-`rl.routing`, aggregation modes by `rl.losses`, rewards by `evaluation.rewards`, ...). `validate(config)` checks that the key set equals the schema's, that every value has the
-declared type, and that it lies in its allowed set or range; each failure names the key and what
-is allowed. Compute code never reads a config: the trainer reads it once and passes plain values.
+`rl.routing`, aggregation modes by `rl.losses`, rewards by `evaluation.rewards`, ...).
+`validate(config)` checks that the key set equals the schema's, that every value has the declared
+type, is finite when it is a number, and lies in its allowed set or range; each failure names the
+key and what is allowed. Compute code never reads a config: the trainer reads it once and passes
+plain values.
 """
 from collections.abc import Callable
 import dataclasses

@@ -1,6 +1,6 @@
 """Procedural arithmetic tasks for tiny character-level models, with multi-teacher traces.
 
-This is the small-scale regime of METHOD.md §8: a fixed, finite prompt pool generated from a seed, m
+This is the small-scale regime of METHOD.md §8: a fixed, finite prompt pool made from a seed, m
 teacher traces per prompt from teachers that differ in style (one sloppy), held-out ID prompts, and
 OOD sets that are harder but reachable.
 

@@ -1,6 +1,6 @@
 """Teacher solvers for the procedural arithmetic tasks: several step-by-step styles per family.
 
-DYPO trains Hard prompts by SFT on one of m teacher traces (METHOD.md §2). In small (§7) the teachers
+DYPO trains Hard prompts by SFT on one of m teacher traces (METHOD.md §2). In small (§8) teachers
 must differ in style and be imperfect in different ways, so every family has three teachers that
 reach the answer by visibly different routes: one terse, one verbose, one in between, and the
 default pool makes one of them sloppy (`DEFAULT_ERROR_RATES`).

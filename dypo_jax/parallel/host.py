@@ -65,8 +65,8 @@ def configure_host(cfg: ml_collections.ConfigDict) -> None:
     return
   if _backends_started():
     raise ValueError("mesh.host_reuse_memory=True, but JAX already started its backend with "
-                     "asynchronous CPU dispatch; call parallel.host.configure_host before the first JAX "
-                     "call, or set mesh.host_reuse_memory=False")
+                     "asynchronous CPU dispatch; call parallel.host.configure_host before the "
+                     "first JAX call, or set mesh.host_reuse_memory=False")
   jax.config.update("jax_cpu_enable_async_dispatch", False)
   _sync_dispatch = True
 

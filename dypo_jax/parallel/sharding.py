@@ -13,7 +13,6 @@ import jax
 import ml_collections
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-import numpy as np
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

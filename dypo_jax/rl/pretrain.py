@@ -1,6 +1,6 @@
 """A partly capable base model for small experiments: teacher SFT stopped on an accuracy gate.
 
-METHOD.md §8: SFT of a tiny model from scratch has a sharp transition, so a base trained for a fixed
+METHOD.md §8: SFT of a tiny model from scratch has a sharp transition, so a base trained for fixed
 time lands anywhere; stop on a quick held-out greedy accuracy crossing a target instead. The base
 is saved as a Hugging Face directory (`workdir/base_model`) so every method of a comparison starts
 from the same weights, and a restarted run reuses it.

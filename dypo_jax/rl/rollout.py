@@ -61,7 +61,8 @@ class RoundStats:
     r, g = np.concatenate(self.rewards), np.concatenate(self.grades)
     lengths = np.concatenate(self.lengths)
     out.update({
-        "reward/binary": float(r.mean()), "reward/shaped": float(np.concatenate(self.shaped).mean()),
+        "reward/binary": float(r.mean()),
+        "reward/shaped": float(np.concatenate(self.shaped).mean()),
         **{f"route/{name}": float(v) for name, v in grading.grade_fractions(g).items()},
         "response/len_mean": float(lengths.mean()), "response/len_max": float(lengths.max()),
         "response/truncated_frac": float(np.concatenate(self.truncated).mean()),

@@ -76,8 +76,9 @@ def spec_shapes(*, items: int, k: int, prompt_len: int, max_len: int) -> dict[st
   }
 
 
-def layout(hard: Sequence[Any], mid: Sequence[Any], *, slot_buckets: Sequence[int], k: int,  # pylint: disable=redefined-outer-name
-           prompt_len: int, max_len: int, pad_id: int,
+def layout(hard: Sequence[Any], mid: Sequence[Any], *,
+           slot_buckets: Sequence[int],  # pylint: disable=redefined-outer-name
+           k: int, prompt_len: int, max_len: int, pad_id: int,
            teacher_index: dict[str, int]) -> tuple[dict[str, np.ndarray], int]:
   """Lays queued Hard and Mid items (`queues.HardItem`, `MidItem`) out as a host update batch.
 
