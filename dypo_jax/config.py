@@ -348,10 +348,10 @@ def _validate_relations(c: ml_collections.ConfigDict) -> None:
   if any(k < 1 for k in c.eval.pass_ks) or max(c.eval.pass_ks, default=1) > c.eval.num_samples:
     raise ConfigError(f"eval.pass_ks={tuple(c.eval.pass_ks)}: each k in [1, eval.num_samples="
                       f"{c.eval.num_samples}]")
-  for name in ("max_new_tokens",):
-    if c.sampler[name] >= m.max_seq_len:
-      raise ConfigError(f"sampler.{name}={c.sampler[name]} must be < model.max_seq_len="
-                        f"{m.max_seq_len}")
+  for section in ("sampler", "eval"):  # A response needs at least one prompt token before it.
+    if c[section].max_new_tokens >= m.max_seq_len:
+      raise ConfigError(f"{section}.max_new_tokens={c[section].max_new_tokens} must be < "
+                        f"model.max_seq_len={m.max_seq_len}")
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -88,8 +88,19 @@ def main(argv):
     print(report.write_report(workdir), flush=True)
 
 
+def _check_config_file(argv: list[str]) -> None:
+  """A --config that names no file is a sentence, not ml_collections' traceback."""
+  for arg in argv:
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1].split(":", 1)[0]
+      if not os.path.isfile(path):
+        raise config_lib.ConfigError(f"{arg}: there is no experiment file {path!r} (from "
+                                     f"{os.getcwd()}); e.g. --config=experiments/cpu_tiny.py")
+
+
 def run():
   try:
+    _check_config_file(sys.argv[1:])
     config_lib.check_override_keys(sys.argv[1:])
   except config_lib.ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)

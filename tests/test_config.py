@@ -145,3 +145,28 @@ def test_every_float_key_is_checked_for_finiteness():
     c[section][name] = float("nan")
     with pytest.raises(config_lib.ConfigError, match="not finite"):
       config_lib.validate(c)
+
+
+@pytest.mark.parametrize("section", ["sampler", "eval"])
+def test_max_new_tokens_must_leave_room_for_a_prompt(section):
+  c = config_lib.base_config()
+  c[section].max_new_tokens = c.model.max_seq_len
+  with pytest.raises(config_lib.ConfigError,
+                     match=f"{section}.max_new_tokens=512 must be < model.max_seq_len=512"):
+    config_lib.validate(c)
+
+
+@pytest.mark.slow
+def test_cli_missing_config_file_is_a_sentence_and_exit_2():
+  proc = _run_main("--config=experiments/no_such_file.py:quick", "--mode=summary")
+  assert proc.returncode == 2, proc.stderr
+  assert "there is no experiment file 'experiments/no_such_file.py'" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_cli_non_finite_value_is_refused_with_exit_2():
+  proc = _run_main("--config=experiments/cpu_tiny.py", "--config.optim.learning_rate=nan",
+                   "--mode=summary")
+  assert proc.returncode == 2, proc.stderr
+  assert "'optim.learning_rate' = nan is not finite" in proc.stderr

@@ -299,10 +299,21 @@ def test_model_config_from_hf_defaults_and_layouts():
     (dict(hidden_act="gelu"), "hidden_act='gelu' is unsupported"),
     (dict(rope_parameters={"rope_type": "default", "rope_theta": 9.0}), "disagrees"),
     (dict(vocab_size=None), "'vocab_size'"),
+    (dict(num_attention_heads="two"), "num_attention_heads='two' must be a positive integer"),
+    (dict(max_position_embeddings=0), "max_position_embeddings=0 must be a positive integer"),
+    (dict(rms_norm_eps=-1e-6), r"rms_norm_eps=-1e-06 must be a positive number"),
+    (dict(num_hidden_layers=2.5), "num_hidden_layers=2.5 must be a positive integer"),
 ])
 def test_model_config_from_hf_rejects(overrides, match):
   with pytest.raises(ValueError, match=match):
     hf_config.model_config_from_hf(_tiny_hf_config(**overrides))
+
+
+def test_a_config_json_that_is_not_an_object_is_named(tmp_path):
+  with open(tmp_path / "config.json", "w") as fh:
+    json.dump([{"model_type": "qwen2"}], fh)
+  with pytest.raises(ValueError, match=f"{tmp_path / 'config.json'}: .*JSON object.*got a list"):
+    hf.from_pretrained(str(tmp_path))
 
 
 def _write_checkpoint(path, config: ModelConfig, tensors):

@@ -290,8 +290,13 @@ def from_pretrained(path: str, *, dtype: str = "float32", param_dtype: str | Non
   """
   if rules is not None and mesh is None:
     raise ValueError("from_pretrained: rules given without a mesh")
-  config = hf_config.model_config_from_hf(hf_config.read_hf_config(path), dtype=dtype,
-                                          param_dtype=param_dtype, max_seq_len=max_seq_len)
+  config_file = os.path.join(path, hf_config.CONFIG_FILE)
+  try:
+    config = hf_config.model_config_from_hf(hf_config.read_hf_config(path), dtype=dtype,
+                                            param_dtype=param_dtype, max_seq_len=max_seq_len)
+  except ValueError as e:
+    message = str(e).removeprefix("config.json ")
+    raise ValueError(message if config_file in message else f"{config_file}: {message}") from None
   options = dict(compute_options or {})
   unknown = set(options) - {"remat", "attention_chunk", "mlp_chunk"}
   if unknown:

@@ -32,6 +32,17 @@ def read_hf_config(path: str) -> dict[str, Any]:
       raise ValueError(f"{file}: not valid JSON ({e})") from e
 
 
+def _positive(hf_config: Mapping[str, Any], key: str, kind: type) -> int | float:
+  """hf_config[key] as a positive int or float (a bool, a string, zero or less: named)."""
+  value = _require(hf_config, key)
+  ok = (isinstance(value, int) if kind is int else isinstance(value, (int, float)))
+  if not ok or isinstance(value, bool) or not value > 0 or value != value:  # value != value: NaN.
+    raise ValueError(f"config.json {key}={value!r} must be a positive "
+                     f"{'integer' if kind is int else 'number'} (model_type="
+                     f"{hf_config.get('model_type')!r})")
+  return kind(value)
+
+
 def _require(hf_config: Mapping[str, Any], key: str) -> Any:
   if hf_config.get(key) is None:
     raise ValueError(f"config.json lacks required key {key!r} (model_type="
@@ -81,6 +92,9 @@ def model_config_from_hf(hf_config: Mapping[str, Any], *, dtype: str = "float32"
     model_type, RoPE scaling, sliding-window attention, an activation other than silu, an o_proj
     or MLP bias (`attention_bias` on llama/qwen3, `mlp_bias`), quantised weights.
   """
+  if not isinstance(hf_config, Mapping):
+    raise ValueError(f"config.json must hold a JSON object of settings, got a "
+                     f"{type(hf_config).__name__}")
   arch = hf_config.get("model_type")
   if arch not in ARCHS:
     raise ValueError(f"config.json model_type={arch!r} is unsupported; supported: {ARCHS}")
@@ -102,27 +116,31 @@ def model_config_from_hf(hf_config: Mapping[str, Any], *, dtype: str = "float32"
       raise ValueError(f"config.json {key}={hf_config[key]!r} is unsupported "
                        f"(model_type={arch!r}){why}")
   theta = _rope_theta(hf_config, arch)
-  hidden = int(_require(hf_config, "hidden_size"))
-  heads = int(_require(hf_config, "num_attention_heads"))
-  head_dim = hf_config.get("head_dim") or _DEFAULT_HEAD_DIM.get(arch)
+  hidden = _positive(hf_config, "hidden_size", int)
+  heads = _positive(hf_config, "num_attention_heads", int)
+  head_dim = (_positive(hf_config, "head_dim", int) if hf_config.get("head_dim") is not None
+              else _DEFAULT_HEAD_DIM.get(arch))
   if head_dim is None:
     if hidden % heads:
       raise ValueError(f"config.json hidden_size={hidden} is not a multiple of "
                        f"num_attention_heads={heads}, and head_dim is not given")
     head_dim = hidden // heads
   if max_seq_len is None:
-    max_seq_len = hf_config.get("max_position_embeddings") or _DEFAULT_MAX_POSITIONS[arch]
+    max_seq_len = (_positive(hf_config, "max_position_embeddings", int)
+                   if "max_position_embeddings" in hf_config else _DEFAULT_MAX_POSITIONS[arch])
   return ModelConfig(
       arch=arch,
-      vocab_size=int(_require(hf_config, "vocab_size")),
+      vocab_size=_positive(hf_config, "vocab_size", int),
       embed_dim=hidden,
-      num_layers=int(_require(hf_config, "num_hidden_layers")),
+      num_layers=_positive(hf_config, "num_hidden_layers", int),
       num_heads=heads,
-      num_kv_heads=int(hf_config.get("num_key_value_heads") or heads),
+      num_kv_heads=(_positive(hf_config, "num_key_value_heads", int)
+                    if hf_config.get("num_key_value_heads") is not None else heads),
       head_dim=int(head_dim),
-      mlp_dim=int(_require(hf_config, "intermediate_size")),
+      mlp_dim=_positive(hf_config, "intermediate_size", int),
       rope_theta=theta,
-      rms_norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
+      rms_norm_eps=(_positive(hf_config, "rms_norm_eps", float) if "rms_norm_eps" in hf_config
+                    else 1e-6),
       tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
       qkv_bias=arch == "qwen2",
       qk_norm=arch == "qwen3",
