@@ -138,6 +138,9 @@ def base_config() -> ml_collections.ConfigDict:
       # Updates in a row that find nothing queued (every prompt Easy, or Hard without a teacher
       # trace) before the run stops: nothing is left to learn at this difficulty (exit status 3).
       max_empty_updates=5,
+      # A workdir's lock (workdir/run.lock) whose holder has not renewed it for this long, or whose
+      # process on this host is gone, is taken over; a live one makes a second run refuse.
+      workdir_lock_stale_s=600.0,
       log_every=1, checkpoint_every=50, keep_checkpoints=3, eval_every=0,
       max_nonfinite_updates=10,
       # One backward per loss term for the per-term gradient norms of METHOD.md §6, on logged
@@ -229,6 +232,7 @@ _RULES: dict[str, _Rule] = {
     "train.num_steps": _NON_NEGATIVE, "train.rollout_prompts": _POSITIVE,
     "train.update_prompts": _POSITIVE, "train.micro_batches": _POSITIVE,
     "train.max_rollouts_per_update": _POSITIVE, "train.max_empty_updates": _POSITIVE,
+    "train.workdir_lock_stale_s": _POSITIVE,
     "train.log_every": _POSITIVE, "train.checkpoint_every": _NON_NEGATIVE,
     "train.keep_checkpoints": _POSITIVE, "train.eval_every": _NON_NEGATIVE,
     "train.max_nonfinite_updates": _POSITIVE,

@@ -4,8 +4,8 @@ r"""The dypo_jax entry point: one linear run in named phases.
   python -m dypo_jax.main --config=experiments/cpu_tiny.py:quick --config.rl.alpha=0.8
   python -m dypo_jax.main --config=experiments/cpu_tiny.py --mode=summary
 
-Phases: config -> host -> distributed -> mesh -> data -> tokenizer -> model -> base model ->
-train -> report.
+Phases: config -> host -> distributed -> workdir lock -> mesh -> data -> tokenizer -> model ->
+base model -> train -> report.
 
 Rerunning with the same --workdir resumes from its latest checkpoint (SIGTERM saves one and
 exits); `python -m dypo_jax.tools.export --workdir=W --out=DIR` writes a checkpoint's policy as a
@@ -17,7 +17,8 @@ Hugging Face directory. Several processes (one per host; here two on one machine
 Exit status: 0 done; 1 an error; 2 a bad config; 3 nothing left to learn
 (`train.max_empty_updates` empty updates in a row, checkpoint saved); 4 too many non-finite
 updates (`train.max_nonfinite_updates`; the last good checkpoint is kept); 75 preempted (SIGTERM
-or SIGINT: a checkpoint was saved at a step boundary, no final table; run the command again).
+or SIGINT: a checkpoint was saved at a step boundary, no final table; run the command again); 5
+another live run holds the workdir (`workdir/run.lock` names it).
 """
 import os
 import sys
@@ -29,6 +30,7 @@ from ml_collections import config_flags
 
 from dypo_jax import config as config_lib
 from dypo_jax import errors
+from dypo_jax.io import lock as workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. experiments/cpu_tiny.py[:variant].",
@@ -53,14 +55,28 @@ def main(argv):
 
   # JAX is imported after validation: a bad config fails in a second, not after JAX starts.
   import jax  # pylint: disable=g-import-not-at-top
-  from dypo_jax import build  # pylint: disable=g-import-not-at-top
   from dypo_jax.parallel import host  # pylint: disable=g-import-not-at-top
-  from dypo_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
 
   # Phase: host (a CPU split into devices, programs on the calling thread), before JAX starts.
   host.configure_host(config.mesh)
   # Phase: distributed.
   host.maybe_initialize_distributed(config.distributed)
+  # Phase: workdir lock (one run per workdir; process 0 holds it).
+  lock = (workdir_lock.WorkdirLock(workdir, stale_after_s=config.train.workdir_lock_stale_s)
+          .acquire() if jax.process_index() == 0 else None)
+  try:
+    _run_phases(config, workdir)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _run_phases(config, workdir: str) -> None:
+  """The phases that follow the lock."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from dypo_jax import build  # pylint: disable=g-import-not-at-top
+  from dypo_jax.parallel import host  # pylint: disable=g-import-not-at-top
+  from dypo_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
   # Phase: mesh.
   mesh = sharding.build_mesh(config.mesh)
   host.keep_host_heap(config.mesh)  # CPU: XLA's per-step temporaries reuse resident pages.
@@ -110,6 +126,9 @@ def run():
   except config_lib.ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     sys.exit(errors.EXIT_BAD_CONFIG)
+  except workdir_lock.WorkdirLocked as e:
+    print(f"workdir: {e}", file=sys.stderr)
+    sys.exit(errors.EXIT_WORKDIR_LOCKED)
   except errors.Preempted as e:  # Saved: a scheduler or wrapper should run the command again.
     print(f"train: {e}", file=sys.stderr)
     sys.exit(errors.EXIT_PREEMPTED)
