@@ -8,7 +8,10 @@ CheckpointManager` with three items:
   * `extras` — a JSON-serialisable dict (data iterator state, eval history, config, counters);
   * `queues` — optional opaque bytes (`QueueSet.to_bytes()`), stored as a JSON item
     `{"sha256", "nbytes", "base64"}`. It rides inside the same atomic step directory as the state
-    it belongs to, and the checksum turns a damaged payload into a clear error.
+    it belongs to, and the checksum turns a damaged payload into a clear error;
+  * `verify` — a fingerprint of every array (computed on device at save time) and the sha256 of
+    the extras: `restore` checks both, so truncated or altered data is `CheckpointCorrupt`, never
+    restored silently. `quarantine` moves such a step aside.
 
 Atomicity: Orbax writes a step into `<step>.orbax-checkpoint-tmp-<n>/` and renames it to `<step>/`
 only once every item is complete (on object stores it writes `commit_success.txt` instead). Step
@@ -27,11 +30,43 @@ import signal
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-_ITEMS = ("state", "extras", "queues")
+_ITEMS = ("state", "extras", "queues", "verify")
 _QUEUES_FORMAT = "dypo_jax.rl.queues.base64"
+CORRUPT_PREFIX = "corrupt-"
+
+
+class CheckpointCorrupt(ValueError):
+  """A saved step cannot be read back as it was written (truncated, missing or altered data)."""
+
+
+@jax.jit
+def _fingerprints(leaves: list[jax.Array]) -> jax.Array:
+  """[n] uint32: per array, sum over its 32/16/8-bit words w_i of w_i * (i * 2654435761 + 1),
+  wrapping. Computed where the arrays live (one small result a save), it changes when any word
+  changes or two words swap."""
+  out = []
+  for x in leaves:
+    bits = {4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}[x.dtype.itemsize]
+    words = jax.lax.bitcast_convert_type(x.reshape(-1), bits).astype(jnp.uint32)
+    index = jnp.arange(words.size, dtype=jnp.uint32)
+    out.append(jnp.sum(words * (index * jnp.uint32(2654435761) + jnp.uint32(1)),
+                       dtype=jnp.uint32))
+  return jnp.stack(out) if out else jnp.zeros((0,), jnp.uint32)
+
+
+def state_fingerprints(state: Any) -> dict[str, int]:
+  """{key path: fingerprint} of every array of a state pytree (see `_fingerprints`)."""
+  flat = jax.tree_util.tree_flatten_with_path(state)[0]
+  values = np.asarray(jax.device_get(_fingerprints([x for _, x in flat])))
+  return {jax.tree_util.keystr(path): int(v) for (path, _), v in zip(flat, values)}
+
+
+def _json_sha256(value: Any) -> str:
+  return hashlib.sha256(json.dumps(value, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def abstract_like(tree: Any) -> Any:
@@ -109,7 +144,9 @@ class Checkpointer:
       raise ValueError(f"extras for step {step} are not JSON-serialisable at {problem}")
     if step in self.all_steps():
       return False
-    items = {"state": ocp.args.StandardSave(state), "extras": ocp.args.JsonSave(extras)}
+    verify = {"arrays": state_fingerprints(state), "extras_sha256": _json_sha256(extras)}
+    items = {"state": ocp.args.StandardSave(state), "extras": ocp.args.JsonSave(extras),
+             "verify": ocp.args.JsonSave(verify)}
     if queues is not None:
       data = bytes(queues)
       items["queues"] = ocp.args.JsonSave({
@@ -151,14 +188,48 @@ class Checkpointer:
     FileNotFoundError; an unreadable one ValueError naming its directory.
     """
     step = self._resolve(step)
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                              extras=ocp.args.JsonRestore())
+    has_verify = os.path.isdir(os.path.join(self.step_dir(step), "verify"))
+    args = {"state": ocp.args.StandardRestore(abstract_state), "extras": ocp.args.JsonRestore()}
+    if has_verify:
+      args["verify"] = ocp.args.JsonRestore()
     try:
-      restored = self._manager.restore(step, args=args)
+      restored = self._manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f"checkpoint {self.step_dir(step)} is corrupt or does not match "
-                       f"abstract_state: {type(e).__name__}: {e}") from e
+      raise CheckpointCorrupt(f"checkpoint {self.step_dir(step)} is corrupt or does not match "
+                              f"abstract_state: {type(e).__name__}: {str(e)[:500]}") from e
+    if has_verify:  # Steps written before checksums existed are read as they are.
+      self._verify(step, restored["state"], restored["extras"], restored["verify"])
     return restored["state"], restored["extras"]
+
+  def _verify(self, step: int, state: Any, extras: dict[str, Any], verify: dict[str, Any]):
+    """Raises CheckpointCorrupt unless every array and the extras read back as saved."""
+    where = f"checkpoint {self.step_dir(step)}"
+    if _json_sha256(extras) != verify.get("extras_sha256"):
+      raise CheckpointCorrupt(f"{where}: item 'extras' fails its sha256 check")
+    got, want = state_fingerprints(state), verify.get("arrays", {})
+    if set(got) != set(want):
+      raise CheckpointCorrupt(f"{where}: the restored arrays {sorted(set(got) ^ set(want))[:3]} "
+                              f"differ from those saved")
+    bad = [path for path in want if got[path] != want[path]]
+    if bad:
+      raise CheckpointCorrupt(f"{where}: {len(bad)} array(s) fail their checksum, first "
+                              f"{bad[0]}")
+
+  def quarantine(self, step: int) -> str:
+    """Moves a corrupt step aside to `<directory>/corrupt-<step>` (never deletes it); returns
+    the new path. Only finalised integer-named steps are listed, so it is no longer restored."""
+    if self._read_only:
+      raise ValueError(f"Checkpointer({self.directory}) is read-only; cannot move step {step}")
+    self.wait()
+    target = os.path.join(self.directory, f"{CORRUPT_PREFIX}{step}")
+    n = 1
+    while os.path.exists(target):
+      n += 1
+      target = os.path.join(self.directory, f"{CORRUPT_PREFIX}{step}.{n}")
+    if jax.process_index() == 0:
+      os.rename(self.step_dir(step), target)
+    self._manager.reload()
+    return target
 
   def restore_extras(self, step: int | None = None) -> dict[str, Any]:
     """The JSON extras of `step` (default: the latest), without reading any array."""
@@ -202,9 +273,9 @@ class Checkpointer:
         raise ValueError(f"format {payload.get('format')!r}, expected {_QUEUES_FORMAT!r}")
       data = base64.b64decode(payload["base64"], validate=True)
     except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f"{where} is unreadable: {type(e).__name__}: {e}") from e
+      raise CheckpointCorrupt(f"{where} is unreadable: {type(e).__name__}: {e}") from e
     if len(data) != payload["nbytes"] or hashlib.sha256(data).hexdigest() != payload["sha256"]:
-      raise ValueError(f"{where} fails its size / sha256 check")
+      raise CheckpointCorrupt(f"{where} fails its size / sha256 check")
     return data
 
   def close(self) -> None:

@@ -66,6 +66,21 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def _newest_good_step(ckpt: checkpoint_lib.Checkpointer, abstract: Any):
+  """(step, arrays, extras, queue bytes) of the newest step that reads back as it was saved, or
+  None when there is none. A corrupt step (truncated, missing or altered data) is moved aside to
+  `checkpoints/corrupt-<step>`, never deleted, and the one before it is tried."""
+  for step in reversed(ckpt.all_steps()):
+    try:
+      state, saved = ckpt.restore(step, abstract_state=abstract)
+      return step, state, saved, ckpt.restore_queues(step)
+    except checkpoint_lib.CheckpointCorrupt as e:
+      moved = ckpt.quarantine(step)
+      print(f"resume: WARNING checkpoint step {step} is corrupt and was moved to {moved}; "
+            f"trying the step before it. ({e})", flush=True)
+  return None
+
+
 def arrays(trainer) -> dict[str, Any]:
   return {"train": trainer.state, "ref": trainer.ref_params}
 
@@ -94,11 +109,11 @@ def restore(trainer, ckpt: checkpoint_lib.Checkpointer, *,
   """Restores the latest finalised checkpoint into `trainer`, if there is one, resharded onto
   its mesh. Returns whether it did. A config that differs from the saved one is printed, and
   refused where it changes the run's meaning (`check_config`)."""
-  step = ckpt.latest_step()
-  if step is None:
+  loaded = _newest_good_step(ckpt, checkpoint_lib.abstract_like(arrays(trainer)))
+  if loaded is None:
     return False
+  step, state, saved, queue_bytes = loaded
   where = f"checkpoint {ckpt.step_dir(step)}"
-  state, saved = ckpt.restore(step, abstract_state=checkpoint_lib.abstract_like(arrays(trainer)))
   if saved.get("format") != CHECKPOINT_FORMAT:
     raise ValueError(f"{where}: extras format {saved.get('format')!r}; this trainer reads "
                      f"format {CHECKPOINT_FORMAT}")
@@ -112,7 +127,6 @@ def restore(trainer, ckpt: checkpoint_lib.Checkpointer, *,
         f"{where} was written by {processes} processes and this run has {jax.process_count()}: "
         f"each process's position in its own data shard cannot be carried over; resume with "
         f"{processes} processes (the mesh shape may differ)")
-  queue_bytes = ckpt.restore_queues(step)
   if queue_bytes is None:
     raise ValueError(f"{where} has no 'queues' item")
   trainer.state, trainer.ref_params = state["train"], state["ref"]

@@ -1,0 +1,79 @@
+"""A corrupt latest checkpoint never blocks a run nor restores silently: it is moved aside to
+checkpoints/corrupt-<step> (never deleted) and the run resumes from the newest good step."""
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from dypo_jax.io import checkpoint as checkpoint_lib
+from dypo_jax.rl import resume
+import tiny_runs
+
+_CONFIG = {"train.num_steps": 2, "train.checkpoint_every": 1}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A tiny run with complete checkpoints at steps 1 and 2, and step 1's arrays."""
+  workdir = str(tmp_path_factory.mktemp("corrupt") / "run")
+  trainer = tiny_runs.build_trainer(tiny_runs.tiny_config(**_CONFIG), workdir)
+  trainer.run()
+  with checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=None) as ckpt:
+    state, _ = ckpt.restore(1, abstract_state=checkpoint_lib.abstract_like(
+        resume.arrays(trainer)))
+  return workdir, jax.device_get(state)
+
+
+def _largest_file(folder: str) -> str:
+  files = [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names]
+  return max(files, key=os.path.getsize)
+
+
+def _damage(path: str, how: str) -> None:
+  data = open(path, "rb").read()
+  if how == "truncate":
+    data = data[:len(data) // 2]
+  elif how == "flip":  # 64 bytes in the middle of the array data.
+    mid = len(data) // 2
+    data = data[:mid] + bytes(b ^ 0xFF for b in data[mid:mid + 64]) + data[mid + 64:]
+  if how == "delete":
+    os.remove(path)
+  else:
+    with open(path, "wb") as f:
+      f.write(data)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["truncate", "delete", "flip"])
+def test_a_corrupt_latest_step_is_moved_aside_and_the_run_resumes_from_the_one_before(
+    trained, tmp_path, how, capsys):
+  source, step1 = trained
+  workdir = str(tmp_path / "run")
+  shutil.copytree(source, workdir)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  _damage(_largest_file(os.path.join(checkpoints, "2", "state")), how)
+
+  trainer = tiny_runs.build_trainer(tiny_runs.tiny_config(**_CONFIG), workdir)
+  with checkpoint_lib.Checkpointer(checkpoints, keep=None) as ckpt:
+    assert resume.restore(trainer, ckpt)
+    assert ckpt.all_steps() == [1]
+  assert trainer.step_count == 1
+  jax.tree.map(np.testing.assert_array_equal,
+               jax.device_get({"train": trainer.state, "ref": trainer.ref_params}), step1)
+  assert sorted(os.listdir(checkpoints)) == ["1", "corrupt-2"]  # Kept, not deleted.
+  assert "checkpoint step 2 is corrupt and was moved to" in capsys.readouterr().out
+
+
+def test_altered_extras_fail_their_checksum(tmp_path):
+  state = {"w": jax.numpy.arange(8.0)}
+  with checkpoint_lib.Checkpointer(str(tmp_path), keep=None, async_save=False) as ckpt:
+    ckpt.save(1, state=state, extras={"lr": 1e-3})
+  extras_dir = tmp_path / "1" / "extras"
+  for name in os.listdir(extras_dir):
+    path = extras_dir / name
+    path.write_text(path.read_text().replace("0.001", "0.002"))
+  with checkpoint_lib.Checkpointer(str(tmp_path), keep=None) as ckpt:
+    with pytest.raises(checkpoint_lib.CheckpointCorrupt, match="'extras' fails its sha256"):
+      ckpt.restore(1, abstract_state=checkpoint_lib.abstract_like(state))
