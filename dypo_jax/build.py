@@ -9,6 +9,7 @@ import jax
 from jax.experimental import multihost_utils
 import ml_collections
 
+from dypo_jax import errors
 from dypo_jax import models
 from dypo_jax.data import records as records_lib
 from dypo_jax.data import tokenizers
@@ -40,6 +41,10 @@ def build_data(config: ml_collections.ConfigDict, workdir: str) -> dict[str, lis
       if stats.get("skipped"):
         print(f"data: {path}: skipped {stats['skipped']} malformed records "
               f"(first: {stats['errors'][:1]})", flush=True)
+      if not loaded:
+        key = "data.train_path" if name == "train" else f"data.{name}_paths"
+        skipped = f" ({stats['skipped']} malformed, skipped)" if stats.get("skipped") else ""
+        raise errors.BadInput(f"{key}: {path} holds no records{skipped}")
       recs.extend(loaded)
     pools[name] = recs
   return pools

@@ -17,6 +17,7 @@ from typing import Any
 
 import ml_collections
 
+from dypo_jax import errors
 from dypo_jax.evaluation import rewards
 from dypo_jax.models import logprobs
 from dypo_jax.models import transformer
@@ -25,7 +26,7 @@ from dypo_jax.rl import losses
 from dypo_jax.rl import routing
 from dypo_jax.rl import train_step
 
-class ConfigError(ValueError):
+class ConfigError(errors.BadInput):
   """A config key is unknown, missing, of the wrong type or out of range."""
 
 
@@ -99,6 +100,13 @@ def base_config() -> ml_collections.ConfigDict:
                  "addsub_chain"),
       reward="exact_match",
       shuffle=True,
+  ))
+
+  # The math-verify process pool (data.reward="math_verify"): an item unscored after item_timeout_s,
+  # or still unscored batch_timeout_s into its batch, scores 0 and counts as a timeout.
+  c.verifier = ml_collections.ConfigDict(dict(
+      workers=0,  # 0: this host's cores minus one, at least one.
+      item_timeout_s=10.0, batch_timeout_s=600.0,
   ))
 
   c.sampler = ml_collections.ConfigDict(dict(
@@ -243,6 +251,8 @@ _RULES: dict[str, _Rule] = {
     "eval.num_samples": _POSITIVE, "eval.temperature": _NON_NEGATIVE,
     "eval.top_p": _range(0, 1, lo_open=True), "eval.max_new_tokens": _POSITIVE,
     "eval.max_prompts": _POSITIVE,
+    "verifier.workers": _NON_NEGATIVE, "verifier.item_timeout_s": _POSITIVE,
+    "verifier.batch_timeout_s": _POSITIVE,
 }
 
 
@@ -268,6 +278,20 @@ def _type_ok(value, default) -> bool:
   if isinstance(default, (tuple, list)):
     return isinstance(value, (tuple, list))
   return isinstance(value, type(default))
+
+
+def _bad_element(value, default):
+  """The first element of a tuple value whose type differs from the default's elements, if any.
+
+  Only checked where the default's elements share one scalar type (pass_ks, prompt_buckets,
+  task names); an empty default (file lists) says nothing about its elements.
+  """
+  if not isinstance(default, (tuple, list)) or not default:
+    return None
+  kinds = {type(d) for d in default}
+  if len(kinds) != 1 or kinds.pop() not in (bool, int, float, str):
+    return None
+  return next((v for v in value if not _type_ok(v, default[0])), None)
 
 
 def _numbers(value) -> list[float]:
@@ -297,6 +321,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not _type_ok(value, default):
       raise ConfigError(f"config key {key!r} = {value!r} has type {type(value).__name__}; "
                         f"expected {type(default).__name__}")
+    bad = _bad_element(value, default)
+    if bad is not None:
+      raise ConfigError(f"config key {key!r} = {tuple(value)!r} holds {bad!r} of type "
+                        f"{type(bad).__name__}; expected a tuple of {type(default[0]).__name__}")
     for number in _numbers(value):
       if not math.isfinite(number):
         raise ConfigError(f"config key {key!r} = {value!r} is not finite; every number must be")

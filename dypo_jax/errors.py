@@ -1,13 +1,27 @@
-"""How a run ends other than by finishing: the errors `main` turns into exit statuses.
+"""How a run ends other than by finishing: the errors `main` and the tools turn into exit statuses.
 
 Light on purpose (no JAX): `main` catches these before it imports anything heavy.
 """
+import errno
+import logging
+import os
+import sys
+import traceback
+
 EXIT_ERROR = 1  # Any other error (a traceback).
-EXIT_BAD_CONFIG = 2  # The config or an input is invalid: nothing was trained.
+EXIT_BAD_INPUT = 2  # The config, a flag or an input file is invalid: nothing was trained.
 EXIT_NOTHING_TO_LEARN = 3  # train.max_empty_updates empty updates in a row; checkpoint saved.
 EXIT_NONFINITE = 4  # More than train.max_nonfinite_updates non-finite updates.
 EXIT_WORKDIR_LOCKED = 5  # Another live run holds the workdir (workdir/run.lock).
+EXIT_DISK_FULL = 74  # No space left where the run writes (EX_IOERR); free some and rerun.
 EXIT_PREEMPTED = 75  # SIGTERM / SIGINT: saved; "temporary failure, resume me" (EX_TEMPFAIL).
+
+# Set to 1 for the traceback of a bad-input or disk-full error (tools also take --verbose).
+TRACEBACK_ENV = "DYPO_JAX_TRACEBACK"
+
+
+class BadInput(ValueError):
+  """A config key, flag or input file that cannot be used; the message names the culprit."""
 
 
 class NothingToLearn(RuntimeError):
@@ -16,3 +30,66 @@ class NothingToLearn(RuntimeError):
 
 class Preempted(RuntimeError):
   """SIGTERM or SIGINT arrived: the run saved a checkpoint at a step boundary and stopped early."""
+
+
+def disk_full(exc: BaseException) -> bool:
+  """True when `exc` or an exception it came from says the device is full or over quota.
+
+  Orbax and TensorStore report a failed write as their own exception types with the OS message
+  inside, so the text is checked as well as `errno`.
+  """
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if any(s in str(exc) for s in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT),
+                                   "RESOURCE_EXHAUSTED: No space")):
+      return True
+    exc = exc.__cause__ or exc.__context__
+  return False
+
+
+class _DiskFullLogs(logging.Filter):
+  """A full disk fails every pending write of a background save, and each logs its traceback:
+  such a record keeps one short line (asyncio's "never retrieved" copies go); `main` says the
+  rest once."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is None or not disk_full(exc):
+      return True
+    if record.name == "asyncio":
+      return False
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    record.msg, record.args = f"{str(record.getMessage())[:200]} ({_first_line(exc, 300)})", None
+    return True
+
+
+def shorten_disk_full_logs() -> None:
+  """Adds `_DiskFullLogs` to the root logger's handlers (absl's included: call after app.run
+  started)."""
+  for handler in logging.getLogger().handlers:
+    if not any(isinstance(f, _DiskFullLogs) for f in handler.filters):
+      handler.addFilter(_DiskFullLogs())
+
+
+def _first_line(exc: BaseException, limit: int = 2000) -> str:
+  text = str(exc)
+  return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def exit_with(prefix: str, exc: BaseException, status: int, *, verbose: bool = False,
+              now: bool = False) -> None:
+  """Prints `prefix: message` (and the traceback when asked for) and exits with `status`.
+
+  `now`: skip the interpreter's teardown, where the background threads of a failed save would
+  print more tracebacks after the message.
+  """
+  if verbose or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+    traceback.print_exception(exc)
+  print(f"{prefix}: {_first_line(exc)}", file=sys.stderr, flush=True)
+  if now:
+    sys.stdout.flush()
+    os._exit(status)  # pylint: disable=protected-access
+  sys.exit(status)

@@ -14,11 +14,14 @@ Hugging Face directory. Several processes (one per host; here two on one machine
   --config.distributed.process_id=0   (and =1 in the second process)
 (on a TPU pod, `--config.distributed.initialize=always` lets JAX find the coordinator itself).
 
-Exit status: 0 done; 1 an error; 2 a bad config; 3 nothing left to learn
-(`train.max_empty_updates` empty updates in a row, checkpoint saved); 4 too many non-finite
-updates (`train.max_nonfinite_updates`; the last good checkpoint is kept); 75 preempted (SIGTERM
-or SIGINT: a checkpoint was saved at a step boundary, no final table; run the command again); 5
-another live run holds the workdir (`workdir/run.lock` names it).
+Exit status: 0 done; 1 an error; 2 bad input (a config key or value, a flag, a data, tokenizer
+or checkpoint file: one paragraph names it; `--verbose` or DYPO_JAX_TRACEBACK=1 adds the
+traceback); 3 nothing left to learn (`train.max_empty_updates` empty updates in a row, checkpoint
+saved); 4 too many non-finite updates (`train.max_nonfinite_updates`; the last good checkpoint is
+kept); 5 another live run holds the workdir (`workdir/run.lock` names it); 74 no space left where
+the run writes (the last complete checkpoint is kept; free space and run the command again); 75
+preempted (SIGTERM or SIGINT: a checkpoint was saved at a step boundary, no final table; run the
+command again).
 """
 import os
 import sys
@@ -41,17 +44,35 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_list(
     "it computes (e.g. optim.learning_rate,rl.alpha); without them such a resume is refused.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "summary"],
                           "train: the full run; summary: build everything, print, exit.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "On bad input or a full disk, print the traceback "
+                             f"too (as {errors.TRACEBACK_ENV}=1 does).")
+
+
+def _prepare_workdir(workdir: str) -> None:
+  """Creates the workdir and proves it writable, or says which path refuses and why."""
+  probe = os.path.join(workdir, f".write_test.{os.getpid()}")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    if errors.disk_full(e):
+      raise
+    raise errors.BadInput(f"--workdir={workdir}: cannot write there ({e.strerror or e}: "
+                          f"{e.filename or workdir}); choose a writable folder") from e
 
 
 def main(argv):
   del argv
+  errors.shorten_disk_full_logs()
   # Phase: config, validated whole before anything is built.
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=experiments/cpu_tiny.py")
   config_lib.validate(config)
   workdir = _WORKDIR.value or config.workdir or "workdir"
-  os.makedirs(workdir, exist_ok=True)
+  _prepare_workdir(workdir)
 
   # JAX is imported after validation: a bad config fails in a second, not after JAX starts.
   import jax  # pylint: disable=g-import-not-at-top
@@ -115,17 +136,18 @@ def _check_config_file(argv: list[str]) -> None:
 
 
 def run():
+  verbose = "--verbose" in sys.argv[1:]
   try:
     _check_config_file(sys.argv[1:])
     config_lib.check_override_keys(sys.argv[1:])
   except config_lib.ConfigError as e:
-    print(f"config error: {e}", file=sys.stderr)
-    sys.exit(errors.EXIT_BAD_CONFIG)
+    errors.exit_with("config error", e, errors.EXIT_BAD_INPUT, verbose=verbose)
   try:
     app.run(main)
   except config_lib.ConfigError as e:
-    print(f"config error: {e}", file=sys.stderr)
-    sys.exit(errors.EXIT_BAD_CONFIG)
+    errors.exit_with("config error", e, errors.EXIT_BAD_INPUT, verbose=verbose)
+  except errors.BadInput as e:
+    errors.exit_with("input error", e, errors.EXIT_BAD_INPUT, verbose=verbose)
   except workdir_lock.WorkdirLocked as e:
     print(f"workdir: {e}", file=sys.stderr)
     sys.exit(errors.EXIT_WORKDIR_LOCKED)
@@ -138,6 +160,13 @@ def run():
   except FloatingPointError as e:  # Too many non-finite updates (train.max_nonfinite_updates).
     print(f"training stopped: {e}", file=sys.stderr)
     sys.exit(errors.EXIT_NONFINITE)
+  except Exception as e:  # pylint: disable=broad-except
+    if not errors.disk_full(e):
+      raise
+    errors.exit_with(
+        "disk full: no space left where the run writes; every checkpoint that was complete is "
+        "kept (an unfinished one is never read). Free space and run the same command to resume. "
+        "The failed write", e, errors.EXIT_DISK_FULL, verbose=verbose, now=True)
 
 
 if __name__ == "__main__":

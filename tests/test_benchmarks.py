@@ -152,8 +152,8 @@ def test_math500_golds_verify_against_themselves(data_dir):
   records = benchmarks.load_math500(data_dir=data_dir)
   golds = [r.answer for r in records]
   with rewards.MathVerifyPool(2, timeout=10.0) as pool:
-    scores, errors = pool.score_batch(golds, golds)
-  assert errors == 0
+    scores, faults = pool.score_batch(golds, golds)
+  assert faults == rewards.BatchFaults(0, 0)
   bad = [r.uid for r, s in zip(records, scores) if s != 1.0]
   assert not bad, bad
   assert np.all(scores == 1.0)

@@ -119,25 +119,25 @@ def test_pool_scores_equivalent_forms(fault_pool):
            "\\left( 3, \\frac{\\pi}{2} \\right)", "[2,5)"]
   preds = ["0.5", "\\sqrt{8}", "\\boxed{0.5}", "1,000", "p - q", "4", "(3,\\frac{\\pi}{2})",
            "[2, 5)"]
-  scores, errors = fault_pool.score_batch(golds, preds)
+  scores, faults = fault_pool.score_batch(golds, preds)
   np.testing.assert_array_equal(scores, [1, 1, 1, 1, 1, 0, 1, 1])
-  assert scores.dtype == np.float32 and errors == 0
+  assert scores.dtype == np.float32 and faults == rewards.BatchFaults(0, 0)
 
 
 def test_pool_hanging_item_is_killed_and_replaced(fault_pool):
   restarts = fault_pool.restarts
   start = time.monotonic()
-  scores, errors = _within(30.0, fault_pool.score_batch, ["1", "2", "3", "4"],
+  scores, faults = _within(30.0, fault_pool.score_batch, ["1", "2", "3", "4"],
                            ["1", "HANG", "3", "5"], timeout=1.5)
   elapsed = time.monotonic() - start
   np.testing.assert_array_equal(scores, [1, 0, 1, 0])
-  assert errors == 1
+  assert faults == rewards.BatchFaults(timeouts=1, errors=0)
   assert fault_pool.restarts == restarts + 1
   assert elapsed < 1.5 + 3.0, elapsed  # About one timeout, not a stall.
   # The replacement worker serves the next batch.
-  scores, errors = fault_pool.score_batch(["7", "8", "9"], ["7", "8", "10"], timeout=30.0)
+  scores, faults = fault_pool.score_batch(["7", "8", "9"], ["7", "8", "10"], timeout=30.0)
   np.testing.assert_array_equal(scores, [1, 1, 0])
-  assert errors == 0
+  assert faults == rewards.BatchFaults(0, 0)
 
 
 @pytest.mark.slow
@@ -145,34 +145,79 @@ def test_pool_hang_does_not_delay_other_items():
   with rewards.MathVerifyPool(2, timeout=10.0, score_fn=rewards.fault_injection_score) as pool:
     pool.score_batch(["1", "1"], ["1", "1"])  # Both workers warm.
     start = time.monotonic()
-    scores, errors = _within(30.0, pool.score_batch, ["0"] + [str(i) for i in range(1, 9)],
+    scores, faults = _within(30.0, pool.score_batch, ["0"] + [str(i) for i in range(1, 9)],
                              ["HANG"] + [str(i) for i in range(1, 9)], timeout=2.0)
     elapsed = time.monotonic() - start
   np.testing.assert_array_equal(scores, [0] + [1] * 8)
-  assert errors == 1
+  assert faults == rewards.BatchFaults(timeouts=1, errors=0)
   assert elapsed < 2.0 + 3.0, elapsed
 
 
 def test_pool_crashing_and_raising_workers(fault_pool):
   restarts = fault_pool.restarts
-  scores, errors = _within(60.0, fault_pool.score_batch, ["1", "2", "3", "4"],
+  scores, faults = _within(60.0, fault_pool.score_batch, ["1", "2", "3", "4"],
                            ["CRASH", "2", "RAISE", "4"], timeout=30.0)
   np.testing.assert_array_equal(scores, [0, 1, 0, 1])
-  assert errors == 2
+  assert faults == rewards.BatchFaults(timeouts=0, errors=2)
   assert fault_pool.restarts == restarts + 1  # Only the crash costs a worker.
-  scores, errors = fault_pool.score_batch(["5", "6"], ["5", "CRASH"], timeout=30.0)
+  scores, faults = fault_pool.score_batch(["5", "6"], ["5", "CRASH"], timeout=30.0)
   np.testing.assert_array_equal(scores, [1, 0])
-  assert errors == 1
-  scores, errors = fault_pool.score_batch(["5", "6"], ["5", "6"], timeout=30.0)
+  assert faults == rewards.BatchFaults(timeouts=0, errors=1)
+  scores, faults = fault_pool.score_batch(["5", "6"], ["5", "6"], timeout=30.0)
   np.testing.assert_array_equal(scores, [1, 1])
-  assert errors == 0
+  assert faults == rewards.BatchFaults(0, 0)
+
+
+def test_pool_counts_the_verifiers_own_timeouts_apart_from_wrong_answers(fault_pool):
+  scores, faults = fault_pool.score_batch(["1", "2", "3"], ["1", "GIVE_UP", "4"], timeout=30.0)
+  np.testing.assert_array_equal(scores, [1, 0, 0])
+  assert faults == rewards.BatchFaults(timeouts=1, errors=0)
+
+
+def test_pool_bounds_a_whole_batch(fault_pool):
+  start = time.monotonic()
+  scores, faults = _within(30.0, fault_pool.score_batch, ["1", "2", "3", "4", "5"],
+                           ["HANG", "HANG", "3", "4", "5"], timeout=60.0, batch_timeout=1.5)
+  elapsed = time.monotonic() - start
+  # Both workers hang; the bound ends the batch and counts all five as timeouts.
+  np.testing.assert_array_equal(scores, [0, 0, 0, 0, 0])
+  assert faults == rewards.BatchFaults(timeouts=5, errors=0)
+  assert elapsed < 1.5 + 3.0, elapsed
+  scores, faults = fault_pool.score_batch(["3"], ["3"], timeout=30.0)  # Replaced workers serve.
+  np.testing.assert_array_equal(scores, [1])
+
+
+def test_pool_workers_cut_long_log_lines(capfd):
+  with rewards.MathVerifyPool(1, score_fn=rewards.fault_injection_score) as pool:  # Under capfd.
+    pool.score_batch(["1"], ["LOG"], timeout=30.0)
+  err = capfd.readouterr().err
+  assert "Timeout during parsing" in err and "more characters]" in err
+  assert len(err) < 2 * rewards.LOG_LINE_CHARS, len(err)
+
+
+def test_math_verify_timeout_is_not_a_wrong_answer(monkeypatch):
+  import math_verify  # pylint: disable=g-import-not-at-top
+  from math_verify.errors import TimeoutException  # pylint: disable=g-import-not-at-top
+
+  def slow_verify(*args, **kwargs):
+    raise TimeoutException("Timeout during comparison")
+
+  monkeypatch.setattr(math_verify, "verify", slow_verify)
+  with pytest.raises(rewards.VerifierTimeout, match="timed out"):
+    rewards.math_verify_score("2", "3")
+
+
+def test_pool_size_defaults_to_cores_but_one():
+  assert rewards.default_workers() == max(1, len(os.sched_getaffinity(0)) - 1)
+  with pytest.raises(ValueError, match="num_workers must be >= 0"):
+    rewards.MathVerifyPool(-1)
 
 
 def test_pool_bad_input(fault_pool):
   with pytest.raises(ValueError, match="2 golds but 1 preds"):
     fault_pool.score_batch(["1", "2"], ["1"])
-  scores, errors = fault_pool.score_batch([], [])
-  assert scores.shape == (0,) and errors == 0
+  scores, faults = fault_pool.score_batch([], [])
+  assert scores.shape == (0,) and faults == rewards.BatchFaults(0, 0)
 
 
 def test_reward_batch_math_verify_and_exact_match(fault_pool):
@@ -182,7 +227,7 @@ def test_reward_batch_math_verify_and_exact_match(fault_pool):
   np.testing.assert_array_equal(scores, [1, 1, 0, 0])
   assert stats["reward_mean"] == pytest.approx(0.5)
   assert stats["no_answer_frac"] == pytest.approx(0.25)
-  assert stats["reward_errors"] == 0
+  assert stats["reward_errors"] == 0 and stats["reward_timeouts"] == 0
   scores, stats = rewards.reward_batch("exact_match", records, responses)
   np.testing.assert_array_equal(scores, [0, 0, 0, 0])
   scores, _ = rewards.reward_batch("exact_match", [_rec("8")], ["Answer: 8"])

@@ -9,6 +9,7 @@ import json
 import os
 from typing import Any, Iterable, Literal, Mapping
 
+from dypo_jax import errors
 from dypo_jax.io import fileio
 
 
@@ -60,7 +61,7 @@ _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz")
 _PARQUET_SUFFIXES = (".parquet",)
 
 
-class RecordError(ValueError):
+class RecordError(errors.BadInput):
   """A record (or the file holding it) is malformed.
 
   The message reads "<file> line|row <n>: field '<field>': <problem>" so that the bad spot can be
@@ -353,14 +354,16 @@ def _check_layout(layout: str) -> None:
     raise ValueError(f"layout must be 'auto', 'dypo' or 'verl', got {layout!r}")
 
 
-def read_jsonl(path: str | os.PathLike, *, layout: Layout = "auto",
-               on_error: OnError = "raise") -> tuple[list[PromptRecord], dict[str, Any]]:
+def read_jsonl(path: str | os.PathLike, *, layout: Layout = "auto", on_error: OnError = "raise",
+               positions: dict[str, int] | None = None
+               ) -> tuple[list[PromptRecord], dict[str, Any]]:
   """Reads a JSONL file (gzip when the name ends in .gz), one record per non-blank line.
 
   Args:
     path: the file.
     layout: "dypo", "verl", or "auto" (a line with a `reward_model` key is verl, else dypo).
     on_error: "raise" stops at the first bad line; "skip" skips it and counts it in the stats.
+    positions: if given, filled with {uid: line number} of the records read.
 
   Returns:
     (records, stats) with stats = {"read": n, "skipped": m, "errors": [first messages]}.
@@ -396,11 +399,14 @@ def read_jsonl(path: str | os.PathLike, *, layout: Layout = "auto",
         col.add(rec, lineno)
     except (OSError, EOFError) as e:  # Corrupt gzip stream.
       raise RecordError(path, None, f"cannot read: {e}") from e
+  if positions is not None:
+    positions.update(col.first_seen)
   return col.records, col.stats()
 
 
-def read_parquet(path: str | os.PathLike, *, layout: Layout = "auto",
-                 on_error: OnError = "raise") -> tuple[list[PromptRecord], dict[str, Any]]:
+def read_parquet(path: str | os.PathLike, *, layout: Layout = "auto", on_error: OnError = "raise",
+                 positions: dict[str, int] | None = None
+                 ) -> tuple[list[PromptRecord], dict[str, Any]]:
   """Reads a Parquet file, one record per row (rows numbered from 1).
 
   Args:
@@ -408,6 +414,7 @@ def read_parquet(path: str | os.PathLike, *, layout: Layout = "auto",
     layout: "dypo", "verl", or "auto" (verl when the file has a `reward_model` column).
     on_error: "raise" stops at the first bad row; "skip" skips it and counts it in the stats.
       A file that is not Parquet, or lacks a required column, always raises.
+    positions: if given, filled with {uid: row number} of the records read.
 
   Returns:
     (records, stats) as for `read_jsonl`.
@@ -442,20 +449,49 @@ def read_parquet(path: str | os.PathLike, *, layout: Layout = "auto",
         col.fail(e)
         continue
       col.add(rec, rowno)
+  if positions is not None:
+    positions.update(col.first_seen)
   return col.records, col.stats()
 
 
-def read_records(path: str | os.PathLike, *, layout: Layout = "auto",
-                 on_error: OnError = "raise") -> tuple[list[PromptRecord], dict[str, Any]]:
+def read_records(path: str | os.PathLike, *, layout: Layout = "auto", on_error: OnError = "raise",
+                 positions: dict[str, int] | None = None
+                 ) -> tuple[list[PromptRecord], dict[str, Any]]:
   """Reads records from .jsonl / .jsonl.gz / .json.gz / .parquet, chosen by the file name."""
   name = os.fspath(path)
   lower = name.lower()
   if lower.endswith(_JSONL_SUFFIXES):
-    return read_jsonl(name, layout=layout, on_error=on_error)
+    return read_jsonl(name, layout=layout, on_error=on_error, positions=positions)
   if lower.endswith(_PARQUET_SUFFIXES):
-    return read_parquet(name, layout=layout, on_error=on_error)
+    return read_parquet(name, layout=layout, on_error=on_error, positions=positions)
   raise RecordError(name, None, "unknown file extension; expected one of "
                     + ", ".join(_JSONL_SUFFIXES + _PARQUET_SUFFIXES))
+
+
+def read_named_sets(paths: Iterable[str], *, what: str = "--data") -> dict[str, list[PromptRecord]]:
+  """{name: records} of several files: each file's name, or its path where two share a name.
+
+  Raises RecordError naming `what` and the file for a missing or empty file.
+  """
+  paths = list(paths)
+  names = [os.path.basename(p) for p in paths]
+  sets = {}
+  for path, name in zip(paths, names):
+    if not os.path.isfile(path):
+      raise RecordError(path, None, f"{what}: there is no such file")
+    records, stats = read_records(path, on_error="raise")
+    if not records:
+      raise RecordError(path, None, f"{what}: the file holds no records ({stats['read']} read)")
+    sets[name if names.count(name) == 1 else path] = records
+  return sets
+
+
+def where_is(path: str | os.PathLike, uid: str) -> str:
+  """"<path> line|row <n>" of the record `uid` in `path` (re-reads the file: for error messages)."""
+  positions: dict[str, int] = {}
+  read_records(path, on_error="skip", positions=positions)
+  unit = "row" if os.fspath(path).lower().endswith(_PARQUET_SUFFIXES) else "line"
+  return str(Where(os.fspath(path), positions.get(uid), unit))
 
 
 def record_to_dict(rec: PromptRecord) -> dict[str, Any]:

@@ -31,6 +31,8 @@ import numpy as np
 import sentencepiece as spm
 import tokenizers as hf_tokenizers
 
+from dypo_jax import errors
+
 # Ids reserved by `train_sentencepiece`, in this order at the start of the vocabulary. The
 # user-defined symbols ("\n" first) follow them from id 4 on.
 SP_PAD_ID = 0
@@ -45,7 +47,7 @@ TOKENIZER_KINDS = ("sentencepiece", "hf")
 _SP_MAX_SENTENCE_BYTES = 1 << 16
 
 
-class TokenizerFileError(ValueError, FileNotFoundError):
+class TokenizerFileError(errors.BadInput, FileNotFoundError):
   """A tokenizer file is missing; both a ValueError (house style) and a FileNotFoundError."""
 
 
@@ -150,7 +152,7 @@ class SentencePieceTokenizer(Tokenizer):
     try:
       self._sp.Load(self.path)
     except (RuntimeError, OSError) as e:
-      raise ValueError(f"{self.path!r} is not a SentencePiece model: {e}") from e
+      raise errors.BadInput(f"{self.path!r} is not a SentencePiece model: {e}") from e
     as_opt = lambda i: i if i >= 0 else None  # SentencePiece says -1 for "none".
     self._bos = as_opt(self._sp.bos_id())
     self._eos = as_opt(self._sp.eos_id())
@@ -246,11 +248,11 @@ def train_sentencepiece(texts: Iterable[str], *, vocab_size: int, out_prefix: st
   except RuntimeError as e:
     msg = str(e)
     if stats["n"] == 0:
-      raise ValueError("train_sentencepiece: the training corpus has no non-empty text") from e
+      raise errors.BadInput("train_sentencepiece: the training corpus has no non-empty text") from e
     if "Vocabulary size too high" in msg:
       limit = re.search(r"value <= (\d+)", msg)
       hint = f" (at most {limit.group(1)} for this corpus)" if limit else ""
-      raise ValueError(
+      raise errors.BadInput(
           f"train_sentencepiece: vocab_size={vocab_size} is too high for this corpus "
           f"(SentencePiece: 'Vocabulary size too high'); the corpus is too small or too uniform "
           f"to yield that many pieces: use a smaller vocab_size{hint} or a more varied corpus"
@@ -287,7 +289,7 @@ class HFTokenizer(Tokenizer):
     try:
       self._tok = hf_tokenizers.Tokenizer.from_file(file)
     except Exception as e:  # The Rust side raises plain Exception subclasses.
-      raise ValueError(f"{file!r} is not a valid Hugging Face tokenizer.json: {e}") from e
+      raise errors.BadInput(f"{file!r} is not a valid Hugging Face tokenizer.json: {e}") from e
     # A tokenizer.json may switch these on; encode must return exactly the tokens of the text.
     self._tok.no_truncation()
     self._tok.no_padding()
@@ -332,15 +334,15 @@ class HFTokenizer(Tokenizer):
         if isinstance(value, list) and value:
           value = value[0]
         if not isinstance(value, int) or not 0 <= value < self._size:
-          raise ValueError(f"{where} is {cfg[key]!r}, not an id in [0, {self._size})")
+          raise errors.BadInput(f"{where} is {cfg[key]!r}, not an id in [0, {self._size})")
         return value
       if isinstance(value, dict):
         value = value.get("content")
       if not isinstance(value, str):
-        raise ValueError(f"{where} is {cfg[key]!r}; expected a token string or {{'content': ...}}")
+        raise errors.BadInput(f"{where} is {cfg[key]!r}; expected a token string or {{'content': ...}}")
       token_id = self._tok.token_to_id(value)
       if token_id is None:
-        raise ValueError(f"{where} names {value!r}, which is not in {self.path!r}")
+        raise errors.BadInput(f"{where} names {value!r}, which is not in {self.path!r}")
       return token_id
     return None
 

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from dypo_jax import errors
 from dypo_jax.data import records as records_lib
 from dypo_jax.data import templates
 from dypo_jax.data import tokenizers
@@ -26,7 +27,7 @@ class EvalSettings:
   template: str = "plain"
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(errors.BadInput):
   """A record's prompt leaves no room in the model's context for the response."""
 
 

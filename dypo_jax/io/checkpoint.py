@@ -155,6 +155,10 @@ class Checkpointer:
           "base64": base64.b64encode(data).decode("ascii")})
     return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
 
+  def check(self) -> None:
+    """Raises the error of a finished background save that failed (e.g. no space left)."""
+    self._manager.check_for_errors()
+
   def wait(self) -> None:
     """Blocks until an asynchronous save has been finalised."""
     self._manager.wait_until_finished()

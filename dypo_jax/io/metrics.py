@@ -22,7 +22,7 @@ METRICS_FILENAME = "metrics.jsonl"
 TB_DIRNAME = "tb"
 
 METRIC_KEYS = (
-    "reward/binary", "reward/shaped",
+    "reward/binary", "reward/shaped", "reward/timeouts", "reward/errors",
     "route/easy_frac", "route/mid_frac", "route/hard_frac",
     "batch/offline_ratio", "queue/hard", "queue/mid",
     "policy/entropy", "policy/kl", "policy/clip_frac",

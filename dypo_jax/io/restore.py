@@ -9,10 +9,12 @@ import json
 import os
 from typing import Any
 
+from dypo_jax import errors
+
 CHECKPOINTS_DIRNAME = "checkpoints"
 
 
-class CheckpointReadError(ValueError):
+class CheckpointReadError(errors.BadInput):
   """A checkpoint that is missing, incomplete or unreadable (the message names it)."""
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from safetensors import safe_open
 import safetensors.numpy
 
+from dypo_jax import errors
 from dypo_jax.models import hf_config
 from dypo_jax.models.transformer import ModelConfig
 from dypo_jax.models.transformer import Transformer
@@ -161,7 +162,11 @@ class _FileSource:
     for file in sorted(files):
       if not os.path.exists(file):
         raise FileNotFoundError(f"{file}: listed in {index} but missing")
-      self._handles[file] = stack.enter_context(safe_open(file, framework="numpy"))
+      try:
+        self._handles[file] = stack.enter_context(safe_open(file, framework="numpy"))
+      except Exception as e:  # pylint: disable=broad-except  # SafetensorError is not exported.
+        raise errors.BadInput(f"{file}: not a complete safetensors file ({e}); a partial copy or "
+                              "an interrupted download?") from None
     if self._file_of is None:
       self._file_of = {name: single for name in self._handles[single].keys()}
     for name, file in self._file_of.items():

@@ -29,7 +29,7 @@ FREE_ON_RESUME = ("workdir", "train.num_steps", "train.log_every", "train.checkp
                   "train.max_empty_updates", "train.micro_batches", "train.per_term_grad_norms",
                   "model.remat", "model.attention_chunk", "model.mlp_chunk", "model.logprob_impl",
                   "model.vocab_chunk", "model.pallas_interpret", "eval.", "mesh.", "distributed.",
-                  "pretrain.")
+                  "verifier.", "pretrain.")
 
 
 def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[tuple]:

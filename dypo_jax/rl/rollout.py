@@ -11,6 +11,7 @@ import time
 import jax
 import numpy as np
 
+from dypo_jax import errors
 from dypo_jax.data import records as records_lib
 from dypo_jax.data import tokenizers
 from dypo_jax.evaluation import evaluate as evaluate_lib
@@ -50,7 +51,8 @@ class RoundStats:
   rollout_s: float = 0.0
   reward_s: float = 0.0
   no_teacher: int = 0
-  reward_errors: int = 0
+  reward_timeouts: int = 0  # Verifier timeouts (scored 0; not wrong answers).
+  reward_errors: int = 0  # Verifier crashes and unparseable golds (scored 0; not wrong answers).
 
   def metrics(self) -> dict[str, float]:
     out = {"rollout/rounds": self.rounds, "rollout/empty_rounds": self.empty_rounds,
@@ -68,7 +70,7 @@ class RoundStats:
         "response/truncated_frac": float(np.concatenate(self.truncated).mean()),
         "perf/rollout_tok_s": self.tokens / max(self.rollout_s, 1e-9),
         "time/rollout_s": self.rollout_s, "time/reward_s": self.reward_s,
-        "reward/errors": self.reward_errors,
+        "reward/timeouts": self.reward_timeouts, "reward/errors": self.reward_errors,
     })
     return out
 
@@ -103,6 +105,16 @@ class TrainingPool:
 
   def longest_prompt(self) -> int:
     return max(len(p) for p in self.prompt_tokens)
+
+  def too_long_error(self, limit: int, *, source: str, context: str) -> errors.BadInput:
+    """The error for prompts over `limit` tokens, naming the first one's uid, file and line."""
+    over = [i for i, p in enumerate(self.prompt_tokens) if len(p) > limit]
+    first = self.records[over[0]]
+    where = f" ({records_lib.where_is(source, first.uid)})" if source else ""
+    return errors.BadInput(
+        f"{len(over)} training prompt(s) are longer than {limit} tokens; the first, uid "
+        f"{first.uid!r}{where}, has {len(self.prompt_tokens[over[0]])}: {context}. Drop such "
+        "prompts from the data, or raise model.max_seq_len or lower sampler.max_new_tokens")
 
 
 class Rollouts:
@@ -191,8 +203,10 @@ class Rollouts:
         [scores.reshape(n_local, k).astype(np.float32), penalty], axis=-1))  # [B, K, 2]
     rewards = scored[..., 0]
     shaped = rewards + scored[..., 1]
-    stats.reward_errors += int(multihost.gather_rows(
-        np.array([int(reward_stats.get("reward_errors", 0))], np.int32)).sum())
+    faults = multihost.gather_rows(np.array(
+        [[reward_stats["reward_timeouts"], reward_stats["reward_errors"]]], np.int32)).sum(axis=0)
+    stats.reward_timeouts += int(faults[0])
+    stats.reward_errors += int(faults[1])
     stats.reward_s += time.perf_counter() - start
 
     grades = np.asarray(grading.grade(rewards))

@@ -72,18 +72,21 @@ class Trainer:
         self.graphdef, model_config=model.config, pad_id=tokenizer.pad_id,
         prompt_buckets=tuple(sp.prompt_buckets),
         mesh=sharding.build_rollout_mesh(config.mesh) or mesh, rules=rules)
-    longest = self.pool.longest_prompt()
-    self.prompt_len = self.sampler.bucket_for(longest, self.max_len)
-    if longest > self.prompt_len:
-      raise ValueError(f"a training prompt has {longest} tokens; with max_new_tokens="
-                       f"{self.max_len} the context (model.max_seq_len="
-                       f"{model.config.max_seq_len}) leaves room for {self.prompt_len}")
+    room = min(sp.prompt_buckets[-1], model.config.max_seq_len - self.max_len)
+    if self.pool.longest_prompt() > room:
+      raise self.pool.too_long_error(room, source=config.data.train_path, context=(
+          f"sampler.prompt_buckets={tuple(sp.prompt_buckets)}, model.max_seq_len="
+          f"{model.config.max_seq_len} and sampler.max_new_tokens={self.max_len} leave room "
+          f"for {room}"))
+    self.prompt_len = self.sampler.bucket_for(self.pool.longest_prompt(), self.max_len)
     self.program = program_lib.UpdateProgram.build(
         config, graphdef=self.graphdef, params=params, mesh=mesh, rules=rules,
         prompt_len=self.prompt_len, num_teachers=len(self.pool.teacher_names))
     self.state = self.program.init_state(params)
     self.ref_params = jax.tree.map(jnp.copy, params)  # Frozen: never donated, never updated.
-    self.reward_pool = (rewards_lib.MathVerifyPool(num_workers=2)
+    v = config.verifier
+    self.reward_pool = (rewards_lib.MathVerifyPool(v.workers, timeout=v.item_timeout_s,
+                                                   batch_timeout=v.batch_timeout_s)
                         if config.data.reward == "math_verify" else None)
     self.rollouts = rollout.Rollouts(
         pool=self.pool, policy=self.policy, sampler=self.sampler, tokenizer=tokenizer, k=self.k,
@@ -284,6 +287,7 @@ class Trainer:
           stopped = True
           break
         metrics = self.step()
+        ckpt.check()  # A failed background save (a full disk) surfaces now, not one save later.
         step = self.step_count
         too_many_nonfinite = metrics.get("train/nonfinite_skipped", 0) > tr.max_nonfinite_updates
         if step % tr.log_every == 0 or step == tr.num_steps or too_many_nonfinite:

@@ -19,12 +19,13 @@ needs --out.
 """
 import json
 import os
-import sys
 from typing import Any
 
 from absl import app
 from absl import flags
 from absl import logging
+
+from dypo_jax import errors
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir (checkpoints/, config).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -47,10 +48,19 @@ _MAX_PROMPTS = flags.DEFINE_integer("max_prompts", None, "First N prompts of eac
 _PASS_KS = flags.DEFINE_list("pass_ks", None, "The k of pass@k (each <= num_samples).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _OUT = flags.DEFINE_string("out", None, "JSON file to write.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "On an input error, print the traceback too.")
 
 
-class EvalCheckpointError(ValueError):
+class EvalCheckpointError(errors.BadInput):
   """A flag, checkpoint or data source that cannot be evaluated (the message names it)."""
+
+
+def _pass_ks_flag() -> tuple[int, ...]:
+  try:
+    return tuple(int(k) for k in _PASS_KS.value)
+  except ValueError:
+    raise EvalCheckpointError(f"--pass_ks={','.join(_PASS_KS.value)}: expected whole numbers, "
+                              "e.g. --pass_ks=1,8") from None
 
 
 def eval_settings(config, *, reward: str, template: str):
@@ -60,7 +70,7 @@ def eval_settings(config, *, reward: str, template: str):
       ("num_samples", _NUM_SAMPLES), ("temperature", _TEMPERATURE), ("top_p", _TOP_P),
       ("max_new_tokens", _MAX_NEW_TOKENS), ("max_prompts", _MAX_PROMPTS)) if flag.value is not None}
   if _PASS_KS.value:
-    pass_ks = tuple(int(k) for k in _PASS_KS.value)
+    pass_ks = _pass_ks_flag()
     num_samples = flags_given.get("num_samples", config.eval.num_samples)
     if any(k < 1 or k > num_samples for k in pass_ks):
       raise EvalCheckpointError(f"--pass_ks={pass_ks}: each k must lie in [1, --num_samples="
@@ -73,7 +83,8 @@ def eval_settings(config, *, reward: str, template: str):
     raise EvalCheckpointError(str(e)) from e
 
 
-def load_sets(config, workdir: str | None) -> dict[str, tuple[list, str]]:
+def load_sets(config, workdir: str | None,
+              data_sets: dict[str, list] | None = None) -> dict[str, tuple[list, str]]:
   """{set name: (records, reward name)} from --benchmarks, --data or the run's own pools."""
   from dypo_jax import build  # pylint: disable=g-import-not-at-top
   from dypo_jax.data import benchmarks  # pylint: disable=g-import-not-at-top
@@ -83,9 +94,10 @@ def load_sets(config, workdir: str | None) -> dict[str, tuple[list, str]]:
     # ARC's gold is a choice letter: compared exactly; the math sets need math-verify.
     default = "exact_match" if name == "arc_challenge" else "math_verify"
     sets[name] = (benchmarks.load_benchmark(name), _REWARD.value or default)
-  for path in _DATA.value:
-    recs, _ = records_lib.read_records(path, on_error="raise")
-    sets[os.path.basename(path)] = (recs, _REWARD.value or config.data.reward)
+  if data_sets is None:
+    data_sets = records_lib.read_named_sets(_DATA.value)
+  for name, recs in data_sets.items():
+    sets[name] = (recs, _REWARD.value or config.data.reward)
   if sets:
     return sets
   if config.data.source != "procedural" and not (config.data.eval_id_paths or
@@ -114,7 +126,8 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
   return "\n".join(rows)
 
 
-def run(workdir: str | None, *, step: int | None, hf_path: str | None) -> dict[str, Any]:
+def run(workdir: str | None, *, step: int | None, hf_path: str | None,
+        data_sets: dict[str, list] | None = None) -> dict[str, Any]:
   """Evaluates the chosen policy on the chosen sets; returns the JSON-ready result."""
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -158,10 +171,12 @@ def run(workdir: str | None, *, step: int | None, hf_path: str | None) -> dict[s
   sampler = sampler_lib.Sampler(graphdef, model_config=model.config, pad_id=tok.pad_id,
                                 prompt_buckets=buckets, mesh=mesh,
                                 rules=sharding.DEFAULT_RULES)
-  sets = load_sets(config, workdir)
+  sets = load_sets(config, workdir, data_sets)
   pool = None
   if any(reward == "math_verify" for _, reward in sets.values()):
-    pool = rewards_lib.MathVerifyPool(num_workers=2)
+    v = config.verifier
+    pool = rewards_lib.MathVerifyPool(v.workers, timeout=v.item_timeout_s,
+                                      batch_timeout=v.batch_timeout_s)
   results, settings_json = {}, {}
   try:
     for name, (records, reward) in sets.items():
@@ -194,9 +209,15 @@ def main(argv):
   if hf_path and not workdir and not _OUT.value:
     raise app.UsageError("--out is required with --hf_path and no --workdir")
   try:
-    result = run(workdir, step=_STEP.value, hf_path=hf_path)
-  except (EvalCheckpointError, ValueError, FileNotFoundError) as e:
-    sys.exit(f"eval_checkpoint error: {e}")
+    if _PASS_KS.value:
+      _pass_ks_flag()
+    from dypo_jax.data import records as records_lib  # pylint: disable=g-import-not-at-top
+    data_sets = records_lib.read_named_sets(_DATA.value)  # Before JAX: a bad file named at once.
+    result = run(workdir, step=_STEP.value, hf_path=hf_path, data_sets=data_sets)
+  except (errors.BadInput, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+    errors.exit_with("eval_checkpoint error", e, errors.EXIT_BAD_INPUT, verbose=_VERBOSE.value)
+  except ValueError as e:
+    errors.exit_with("eval_checkpoint error", e, errors.EXIT_ERROR, verbose=_VERBOSE.value)
   out = _OUT.value
   if out is None:
     name = ("hf_" + os.path.basename(os.path.normpath(hf_path)) if hf_path

@@ -13,18 +13,19 @@ error naming it. Run it as a single process.
 import json
 import os
 import shutil
-import sys
 from typing import Any
 
 from absl import app
 from absl import flags
 
+from dypo_jax import errors
 from dypo_jax.io import restore
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir (holds checkpoints/).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
 _OUT = flags.DEFINE_string("out", None, "The Hugging Face directory to write.")
 _DTYPE = flags.DEFINE_string("dtype", None, "dtype of the stored tensors (default: as trained).")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "On an input error, print the traceback too.")
 
 ExportError = restore.CheckpointReadError  # The checkpoint to export is missing or unreadable.
 
@@ -70,8 +71,8 @@ def main(argv):
     raise app.UsageError("--workdir and --out are required")
   try:
     step = export(_WORKDIR.value, _OUT.value, step=_STEP.value, dtype=_DTYPE.value)
-  except (ExportError, FileNotFoundError) as e:
-    sys.exit(f"export error: {e}")
+  except (errors.BadInput, ExportError, FileNotFoundError, PermissionError) as e:
+    errors.exit_with("export error", e, errors.EXIT_BAD_INPUT, verbose=_VERBOSE.value)
   print(f"exported step {step} of {_WORKDIR.value} to {_OUT.value}", flush=True)
 
 

@@ -1,0 +1,168 @@
+"""Bad input is one paragraph naming the file, record, key or value at fault (exit status 2), and a
+full disk stops a run with its own status (74) without losing a complete checkpoint."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from flax import nnx
+import pytest
+
+from dypo_jax import build
+from dypo_jax import config as config_lib
+from dypo_jax import errors
+from dypo_jax import models
+from dypo_jax.data import records as records_lib
+import tiny_runs
+
+
+def _write_jsonl(path, rows) -> str:
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return str(path)
+
+
+def _row(uid: str, prompt: str = "1 + 2 =", answer: str = "3") -> dict:
+  return {"uid": uid, "prompt": prompt, "answer": answer, "source": "add",
+          "teachers": [{"teacher": "t", "response": f"Answer: {answer}"}]}
+
+
+def test_a_tuple_key_with_an_element_of_the_wrong_type_is_named():
+  config = tiny_runs.tiny_config()
+  with config.unlocked():
+    config.eval.pass_ks = (1, "x")
+  with pytest.raises(config_lib.ConfigError, match=r"'eval.pass_ks' = \(1, 'x'\) holds 'x' of "
+                                                   r"type str; expected a tuple of int"):
+    config_lib.validate(config)
+
+
+@pytest.mark.parametrize("content", ["", "\n\n"])
+def test_an_empty_train_file_is_named(tmp_path, content):
+  train = tmp_path / "train.jsonl"
+  train.write_text(content)
+  config = config_lib.base_config()
+  config.data.source, config.data.train_path = "files", str(train)
+  with pytest.raises(errors.BadInput, match=f"data.train_path: {train} holds no records"):
+    build.build_data(config, str(tmp_path))
+
+
+def test_an_empty_eval_file_is_named(tmp_path):
+  train = _write_jsonl(tmp_path / "train.jsonl", [_row("a")])
+  (tmp_path / "ood.jsonl").write_text("")
+  config = config_lib.base_config()
+  config.data.update(dict(source="files", train_path=train,
+                          eval_ood_paths=(str(tmp_path / "ood.jsonl"),)))
+  with pytest.raises(errors.BadInput, match="data.eval_ood_paths: .*ood.jsonl holds no records"):
+    build.build_data(config, str(tmp_path))
+
+
+def test_named_sets_keep_files_of_one_name_apart_and_refuse_empty_ones(tmp_path):
+  (tmp_path / "a").mkdir()
+  (tmp_path / "b").mkdir()
+  a = _write_jsonl(tmp_path / "a" / "x.jsonl", [_row("1")])
+  b = _write_jsonl(tmp_path / "b" / "x.jsonl", [_row("2"), _row("3")])
+  c = _write_jsonl(tmp_path / "y.jsonl", [_row("4")])
+  sets = records_lib.read_named_sets([a, b, c])
+  assert {name: len(recs) for name, recs in sets.items()} == {a: 1, b: 2, "y.jsonl": 1}
+  (tmp_path / "empty.jsonl").write_text("")
+  with pytest.raises(errors.BadInput, match="empty.jsonl: --data: the file holds no records"):
+    records_lib.read_named_sets([a, str(tmp_path / "empty.jsonl")])
+  with pytest.raises(errors.BadInput, match="nope.jsonl: --data: there is no such file"):
+    records_lib.read_named_sets([str(tmp_path / "nope.jsonl")])
+
+
+def test_where_is_names_the_line_or_row(tmp_path):
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  jsonl = _write_jsonl(tmp_path / "x.jsonl", [_row("a"), _row("b")])
+  assert records_lib.where_is(jsonl, "b") == f"{jsonl} line 2"
+  parquet = str(tmp_path / "x.parquet")
+  rows = [{k: v for k, v in _row(u).items() if k != "teachers"} for u in ("a", "b", "c")]
+  pq.write_table(pa.Table.from_pylist(rows), parquet)
+  assert records_lib.where_is(parquet, "c") == f"{parquet} row 3"
+  assert records_lib.where_is(parquet, "zz") == parquet
+
+
+def test_an_over_long_training_prompt_names_its_uid_file_and_line(tmp_path):
+  from dypo_jax.data import tasks  # pylint: disable=g-import-not-at-top
+  rows = [records_lib.record_to_dict(r) for r in tasks.generate(["add"], num=62, seed=0,
+                                                                split="train")]
+  rows[2:2] = [_row("long-1", prompt="1 + " * 200 + "1 ="), _row("long-2", prompt="2 + " * 200)]
+  train = _write_jsonl(tmp_path / "train.jsonl", rows)
+  config = tiny_runs.tiny_config(**{"data.source": "files", "data.train_path": train})
+  with pytest.raises(errors.BadInput) as info:
+    tiny_runs.build_trainer(config, str(tmp_path / "run"))
+  message = str(info.value)
+  assert "2 training prompt(s) are longer than" in message
+  assert f"uid 'long-1' ({train} line 3)" in message
+  assert "model.max_seq_len=128 and sampler.max_new_tokens=32 leave room for 64" in message
+
+
+def test_a_truncated_safetensors_file_is_named(tmp_path):
+  config = tiny_runs.model_config()
+  models.save_pretrained(models.Transformer(config, rngs=nnx.Rngs(0)), str(tmp_path))
+  weights = tmp_path / "model.safetensors"
+  data = weights.read_bytes()
+  weights.write_bytes(data[:len(data) // 2])
+  with pytest.raises(errors.BadInput, match=f"{weights}: not a complete safetensors file"):
+    models.from_pretrained(str(tmp_path))
+
+
+def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+  return subprocess.run(cmd, capture_output=True, text=True, env=tiny_runs.subprocess_env(),
+                        cwd=tiny_runs.REPO, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_cli_bad_input_is_one_paragraph_and_status_2(tmp_path):
+  """The tools and main, on bad input: exit 2, one paragraph, no traceback (unless asked)."""
+  tool = [sys.executable, "-m", "dypo_jax.tools.eval_checkpoint", f"--workdir={tmp_path}"]
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("")
+  for flags, said in (([f"--data={empty}"], f"{empty}: --data: the file holds no records"),
+                      (["--pass_ks=1,x"], "--pass_ks=1,x: expected whole numbers")):
+    proc = _run(tool + flags)
+    assert proc.returncode == errors.EXIT_BAD_INPUT, proc.stderr[-2000:]
+    assert said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  # A workdir that cannot be created (under a file); with --verbose the traceback comes too.
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  cmd = tiny_runs.main_command(str(blocker / "run"))
+  proc = _run(cmd)
+  assert proc.returncode == errors.EXIT_BAD_INPUT, proc.stderr[-2000:]
+  assert f"--workdir={blocker / 'run'}: cannot write there" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  proc = _run(cmd + ["--verbose"])
+  assert proc.returncode == errors.EXIT_BAD_INPUT and "Traceback" in proc.stderr
+
+
+def _mount_tmpfs(path, size: str) -> bool:
+  path.mkdir()
+  if sys.platform != "linux" or shutil.which("mount") is None:
+    return False
+  return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                        capture_output=True, check=False).returncode == 0
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_run_and_keeps_every_complete_checkpoint(tmp_path):
+  small = tmp_path / "small"
+  if not _mount_tmpfs(small, "900k"):  # Room for two tiny checkpoints, not three.
+    pytest.skip("cannot mount a small tmpfs here (needs root)")
+  try:
+    workdir = small / "run"
+    proc = _run(tiny_runs.main_command(str(workdir), **{"train.checkpoint_every": 1}))
+    assert proc.returncode == errors.EXIT_DISK_FULL, proc.stderr[-3000:]
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("disk full: no space left where the run writes"), last_line
+    assert "No space left on device" in last_line
+    done = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+    assert done and done[-1] < 5, done
+    # Moved to a disk with room, the same command resumes from the newest complete checkpoint.
+    moved = tmp_path / "moved"
+    shutil.copytree(workdir, moved)
+  finally:
+    subprocess.run(["umount", str(small)], check=False)
+  proc = _run(tiny_runs.main_command(str(moved), **{"train.checkpoint_every": 1}))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"resumed at step {done[-1]}" in proc.stdout
