@@ -25,7 +25,12 @@ _RUNTIME = [
     "math-verify>=0.9.0",
     "pyarrow>=26.0",
     "array-record>=0.8.6",
+    # dypo_jax.io.paths: one path type for local folders and buckets.
+    "etils[epath]>=1.15.0",
 ]
+
+# gs:// workdirs (dypo_jax.io.paths; Orbax writes arrays through TensorStore itself).
+_GCS = ["gcsfs>=2026.10.1"]
 
 # The versions CI ran (transformers pulls PyPI's `kernels`, which the top-level kernels/ folder
 # must not shadow: tests/test_kernels_name.py).
@@ -35,6 +40,9 @@ _TEST = [
     # A CPU wheel of exactly this torch lies on local disk; anything else pulls a CUDA build.
     "torch==2.13.0",
     "transformers==5.25.0",
+    # tests/test_gcs.py runs a workdir in a GCS API served on loopback.
+    "gcsfs==2026.10.1",
+    "gcp-storage-emulator==2026.7.19",
 ]
 
 _PACKAGES = setuptools.find_packages(include=["dypo_jax", "dypo_jax.*"])
@@ -47,5 +55,5 @@ setuptools.setup(
     packages=_PACKAGES + ["dypo_jax.kernels"],
     package_dir={"dypo_jax.kernels": "kernels"},
     install_requires=_RUNTIME,
-    extras_require={"test": _TEST, "tpu": ["jax[tpu]==0.10.2"], "cuda": ["jax[cuda12]==0.10.2"]},
+    extras_require={"test": _TEST, "gcs": _GCS, "tpu": ["jax[tpu]==0.10.2"], "cuda": ["jax[cuda12]==0.10.2"]},
 )

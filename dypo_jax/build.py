@@ -13,6 +13,7 @@ from dypo_jax import errors
 from dypo_jax import models
 from dypo_jax.data import records as records_lib
 from dypo_jax.data import tokenizers
+from dypo_jax.io import paths
 from dypo_jax.models import hf_config
 from dypo_jax.parallel import sharding
 
@@ -60,25 +61,33 @@ def build_tokenizer(config: ml_collections.ConfigDict, workdir: str,
     if t.kind != "sentencepiece":
       raise ValueError(f"tokenizer.path is empty; only kind='sentencepiece' can be trained "
                        f"here (got kind={t.kind!r})")
-    prefix = os.path.join(workdir, "tokenizer", "spm")
+    prefix = paths.join(workdir, "tokenizer", "spm")
     # Process 0 trains (the workdir is shared); the others wait for its file. Training writes
-    # under a temporary name that is renamed when complete, so a run killed meanwhile never
-    # leaves a half-written spm.model for the restart to read.
-    if not os.path.exists(prefix + ".model") and jax.process_index() == 0:
-      os.makedirs(os.path.dirname(prefix), exist_ok=True)
-      for leftover in glob.glob(prefix + ".tmp-*"):
+    # under a temporary local name; the model file is put in place whole and last, so a run
+    # killed meanwhile never leaves a half-written spm.model for the restart to read.
+    if not paths.exists(prefix + ".model") and jax.process_index() == 0:
+      local = (prefix if not paths.is_remote(prefix)
+               else os.path.join(paths.staging_dir(workdir), "tokenizer", "spm"))
+      os.makedirs(os.path.dirname(local), exist_ok=True)
+      for leftover in glob.glob(local + ".tmp-*"):
         os.remove(leftover)
       corpus = []
       for rec in pools["train"]:
         corpus.append(rec.prompt)
         corpus.extend(s.response for s in rec.teachers)
-      tmp = f"{prefix}.tmp-{os.getpid()}"
+      tmp = f"{local}.tmp-{os.getpid()}"
       tokenizers.train_sentencepiece(corpus, vocab_size=t.train_vocab_size, out_prefix=tmp)
-      os.replace(tmp + ".vocab", prefix + ".vocab")
-      os.replace(tmp + ".model", prefix + ".model")  # Last: its presence means complete.
+      for suffix in (".vocab", ".model"):  # The model last: its presence means complete.
+        if paths.is_remote(prefix):
+          paths.makedirs(paths.join(workdir, "tokenizer"))
+          with open(tmp + suffix, "rb") as f:
+            paths.write_bytes(prefix + suffix, f.read())
+          os.remove(tmp + suffix)
+        else:
+          os.replace(tmp + suffix, prefix + suffix)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("dypo_jax.build.build_tokenizer")
-    tok = tokenizers.SentencePieceTokenizer(prefix + ".model")
+    tok = tokenizers.SentencePieceTokenizer(paths.local_copy(prefix + ".model"))
   if config.model.init == "random":
     tokenizers.check_vocab_fits(tok, config.model.vocab_size)
   return tok

@@ -49,18 +49,22 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "On bad input or a full disk, pri
 
 
 def _prepare_workdir(workdir: str) -> None:
-  """Creates the workdir and proves it writable, or says which path refuses and why."""
-  probe = os.path.join(workdir, f".write_test.{os.getpid()}")
+  """Creates the workdir (a folder or a bucket URL) and proves it writable, or says which path
+  refuses and why."""
+  from dypo_jax.io import paths  # pylint: disable=g-import-not-at-top
+  probe = paths.join(workdir, f".write_test.{os.getpid()}")
   try:
-    os.makedirs(workdir, exist_ok=True)
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
+    paths.makedirs(workdir)
+    paths.write_bytes(probe, b"ok")
+    paths.remove(probe)
+  except (OSError, ImportError) as e:
     if errors.disk_full(e):
       raise
-    raise errors.BadInput(f"--workdir={workdir}: cannot write there ({e.strerror or e}: "
-                          f"{e.filename or workdir}); choose a writable folder") from e
+    why = getattr(e, "strerror", None) or e
+    where = getattr(e, "filename", None) or workdir
+    raise errors.BadInput(f"--workdir={workdir}: cannot write there ({why}: {where}); choose a "
+                          "writable folder (a gs:// workdir needs the gcs extra: pip install "
+                          "'dypo_jax[gcs]')") from e
 
 
 def main(argv):

@@ -25,7 +25,6 @@ queues) are written by the primary process only, so pass the same values everywh
 import base64
 import hashlib
 import json
-import os
 import signal
 from typing import Any, Callable
 
@@ -33,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from dypo_jax.io import paths
 
 _ITEMS = ("state", "extras", "queues", "verify")
 _QUEUES_FORMAT = "dypo_jax.rl.queues.base64"
@@ -115,9 +116,9 @@ class Checkpointer:
     """
     if keep is not None and keep < 1:
       raise ValueError(f"Checkpointer(keep={keep}): keep must be >= 1 or None")
-    self.directory = os.path.abspath(os.fspath(directory))
+    self.directory = paths.absolute(directory)  # A local folder or a bucket URL.
     self._read_only = read_only
-    if read_only and not os.path.isdir(self.directory):
+    if read_only and not paths.isdir(self.directory):
       raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, read_only=read_only,
@@ -125,7 +126,7 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
 
   def step_dir(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return paths.join(self.directory, str(step))
 
   def save(self, step: int, *, state: Any, extras: dict[str, Any], queues: bytes | None = None,
            force: bool = False) -> bool:
@@ -192,7 +193,7 @@ class Checkpointer:
     FileNotFoundError; an unreadable one ValueError naming its directory.
     """
     step = self._resolve(step)
-    has_verify = os.path.isdir(os.path.join(self.step_dir(step), "verify"))
+    has_verify = paths.isdir(paths.join(self.step_dir(step), "verify"))
     args = {"state": ocp.args.StandardRestore(abstract_state), "extras": ocp.args.JsonRestore()}
     if has_verify:
       args["verify"] = ocp.args.JsonRestore()
@@ -225,13 +226,13 @@ class Checkpointer:
     if self._read_only:
       raise ValueError(f"Checkpointer({self.directory}) is read-only; cannot move step {step}")
     self.wait()
-    target = os.path.join(self.directory, f"{CORRUPT_PREFIX}{step}")
+    target = paths.join(self.directory, f"{CORRUPT_PREFIX}{step}")
     n = 1
-    while os.path.exists(target):
+    while paths.exists(target):
       n += 1
-      target = os.path.join(self.directory, f"{CORRUPT_PREFIX}{step}.{n}")
+      target = paths.join(self.directory, f"{CORRUPT_PREFIX}{step}.{n}")
     if jax.process_index() == 0:
-      os.rename(self.step_dir(step), target)
+      paths.move_tree(self.step_dir(step), target)
     self._manager.reload()
     return target
 
@@ -267,7 +268,7 @@ class Checkpointer:
   def restore_queues(self, step: int | None = None) -> bytes | None:
     """The `queues` bytes saved with `step` (default: the latest), or None if none were saved."""
     step = self._resolve(step)
-    if not os.path.isdir(os.path.join(self.step_dir(step), "queues")):
+    if not paths.isdir(paths.join(self.step_dir(step), "queues")):
       return None
     where = f"checkpoint {self.step_dir(step)} item 'queues'"
     try:

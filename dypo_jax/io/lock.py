@@ -4,7 +4,9 @@ A second run started on a live workdir would resume from its checkpoints, delete
 in-flight save and write the same logs. Process 0 takes the lock before anything is written and
 renews its heartbeat from a background thread; a second run refuses, naming the holder. A lock
 whose holder is gone (a dead pid on this host, or no heartbeat for `stale_after_s` from another
-host) is taken over, and the run says so.
+host) is taken over, and the run says so. The workdir may be a bucket (`io.paths`): the lock is
+then created with the store's "only if absent" precondition, and staleness is judged by the
+heartbeat (or the pid, when the holder ran on this host).
 """
 import json
 import os
@@ -12,7 +14,7 @@ import socket
 import threading
 import time
 
-from dypo_jax.io import fileio
+from dypo_jax.io import paths
 
 LOCK_FILENAME = "run.lock"
 
@@ -36,21 +38,23 @@ class WorkdirLock:
 
   def __init__(self, workdir: str, *, stale_after_s: float = 600.0,
                heartbeat_s: float | None = None):
-    self.path = os.path.join(workdir, LOCK_FILENAME)
+    self.workdir = workdir
+    self.path = paths.join(workdir, LOCK_FILENAME)
     self.stale_after_s = float(stale_after_s)
     self.heartbeat_s = heartbeat_s if heartbeat_s is not None else max(self.stale_after_s / 10, 1)
     self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "start": time.time()}
     self._stop = threading.Event()
     self._thread = None
 
+  def _content(self) -> bytes:
+    return json.dumps({**self.holder, "heartbeat": time.time()}).encode("utf-8")
+
   def _write(self) -> None:
-    fileio.atomic_write_bytes(self.path, json.dumps(
-        {**self.holder, "heartbeat": time.time()}).encode("utf-8"))
+    paths.write_bytes(self.path, self._content())
 
   def _read(self) -> dict | None:
     try:
-      with open(self.path) as f:
-        return json.load(f)
+      return json.loads(paths.read_bytes(self.path))
     except FileNotFoundError:
       return None
     except (OSError, ValueError):
@@ -68,22 +72,19 @@ class WorkdirLock:
 
   def acquire(self) -> "WorkdirLock":
     """Takes the lock or raises WorkdirLocked naming the live holder."""
-    try:
-      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      os.close(fd)
-    except FileExistsError:
+    if not paths.create_exclusive(self.path, self._content()):
       held = self._read() or {}
       why = self._why_stale(held)
       if why is None:
         age = time.time() - float(held["heartbeat"])
         raise WorkdirLocked(
-            f"{os.path.dirname(self.path)} is in use by another run: process {held['pid']} on "
+            f"{self.workdir} is in use by another run: process {held['pid']} on "
             f"host {held['host']!r}, started {time.ctime(float(held['start']))}, last heartbeat "
             f"{age:.0f} s ago ({self.path}). Stop that run first, or give this one another "
             f"--workdir.") from None
       print(f"lock: taking over {self.path} from process {held.get('pid')} on host "
             f"{held.get('host')!r}: {why}", flush=True)
-    self._write()
+      self._write()
     if (self._read() or {}).get("pid") != self.holder["pid"]:  # Another taker won the race.
       raise WorkdirLocked(f"{self.path} was taken by another run at the same moment")
     self._thread = threading.Thread(target=self._beat, name="workdir-lock-heartbeat",
@@ -105,7 +106,7 @@ class WorkdirLock:
       self._thread = None
       held = self._read() or {}
       if held.get("pid") == self.holder["pid"] and held.get("host") == self.holder["host"]:
-        os.remove(self.path)
+        paths.remove(self.path)
 
   def __enter__(self) -> "WorkdirLock":
     return self.acquire()

@@ -9,14 +9,19 @@ After a restart from a checkpoint the trainer re-logs the steps after that check
 need one value per step use `merge_by_step` (the line written last wins, key by key).
 """
 import collections
+import io
 import json
 import logging
 import math
 import os
+import shutil
 import time
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from dypo_jax.io import fileio
+from dypo_jax.io import paths
 
 METRICS_FILENAME = "metrics.jsonl"
 TB_DIRNAME = "tb"
@@ -68,21 +73,47 @@ def _json_number(key: str, value: Any) -> int | float | str:
 class MetricsWriter:
   """Appends metrics to `workdir/metrics.jsonl` and TensorBoard (`workdir/tb`).
 
-  With `enabled=False` (non-zero processes) every call is a no-op and nothing is created.
+  With `enabled=False` (non-zero processes) every call is a no-op and nothing is created. A
+  bucket has no append: for a remote workdir both files are written in a local staging folder
+  (started from the bucket's copy) and uploaded whole by `sync()`, which the trainer calls with
+  every checkpoint, and which `write` calls itself every `sync_every_s` seconds. A resumed run
+  logs again from its checkpoint's step, so nothing a checkpoint covers is ever missing.
   """
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  def __init__(self, workdir: str, *, enabled: bool = True, sync_every_s: float = 60.0):
     self.enabled = enabled
-    self.path = os.path.join(workdir, METRICS_FILENAME)
+    self.path = paths.join(workdir, METRICS_FILENAME)
     self._file = None
     self._tb = None
+    self._remote = paths.is_remote(workdir)
+    self._workdir, self._sync_every_s, self._synced = workdir, sync_every_s, time.monotonic()
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    _drop_partial_last_line(self.path)
-    self._file = open(self.path, "a", encoding="utf-8")
+    paths.makedirs(workdir)
+    local_dir = paths.staging_dir(workdir) if self._remote else workdir
+    self._local = os.path.join(local_dir, METRICS_FILENAME)
+    self._local_tb = os.path.join(local_dir, TB_DIRNAME)
+    if self._remote:  # The bucket's copy is the truth; the staging folder may be stale.
+      data = paths.read_bytes(self.path) if paths.exists(self.path) else b""
+      fileio.atomic_write_bytes(self._local, data)
+      shutil.rmtree(self._local_tb, ignore_errors=True)
+      if paths.isdir(paths.join(workdir, TB_DIRNAME)):
+        paths.download_tree(paths.join(workdir, TB_DIRNAME), self._local_tb)
+    _drop_partial_last_line(self._local)
+    self._file = open(self._local, "a", encoding="utf-8")
     import tensorboardX  # pylint: disable=g-import-not-at-top
-    self._tb = tensorboardX.SummaryWriter(logdir=os.path.join(workdir, TB_DIRNAME))
+    self._tb = tensorboardX.SummaryWriter(logdir=self._local_tb)
+
+  def sync(self) -> None:
+    """Uploads the staged files of a remote workdir (a no-op for a local one)."""
+    if not self.enabled or not self._remote or self._file is None:
+      return
+    self._file.flush()
+    self._tb.flush()
+    with open(self._local, "rb") as f:
+      paths.write_bytes(self.path, f.read())
+    paths.upload_tree(self._local_tb, paths.join(self._workdir, TB_DIRNAME))
+    self._synced = time.monotonic()
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     """Appends `{"step": step, **metrics}` as one line (flushed) and as TensorBoard scalars."""
@@ -101,8 +132,11 @@ class MetricsWriter:
       if key != "step":
         self._tb.add_scalar(key, _NONFINITE.get(value, value), global_step=record["step"])
     self._tb.flush()
+    if self._remote and time.monotonic() - self._synced >= self._sync_every_s:
+      self.sync()
 
   def close(self) -> None:
+    self.sync()
     if self._file is not None:
       self._file.close()
       self._file = None
@@ -148,10 +182,9 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
   An unterminated last line that does not parse (the process was killed mid-write) is skipped with
   a warning; any other line that does not parse to a JSON object raises ValueError naming it.
   """
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise FileNotFoundError(f"metrics file {path} does not exist")
-  with open(path, "r", encoding="utf-8", errors="replace") as f:
-    lines = f.read().split("\n")
+  lines = paths.read_bytes(path).decode("utf-8", errors="replace").split("\n")
   # After split, a terminated file ends with "", so lines[-1] is the unterminated tail if any.
   records = []
   for i, line in enumerate(lines):
@@ -276,7 +309,9 @@ def _plot(path: str, title: str, ylabel: str, series: dict[str, tuple[np.ndarray
   ax.grid(True, alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, format="png")
+  png = io.BytesIO()
+  fig.savefig(png, format="png")
+  paths.write_bytes(path, png.getvalue())
 
 
 def _eval_keys(records: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -298,13 +333,13 @@ def plot_run(metrics_path: str, out_dir: str, *, eval_path: str | None = None) -
   `{"step": s, "id/pass@1": x, "ood/pass@1": y}`).
   """
   records = merge_by_step(read_jsonl(metrics_path))
-  os.makedirs(out_dir, exist_ok=True)
+  paths.makedirs(out_dir)
   written = []
   for filename, title, ylabel, keys, logy in _PLOTS:
     series = {k: _series(records, k) for k in keys}
     series = {k: v for k, v in series.items() if v[0].size}
     if series:
-      path = os.path.join(out_dir, filename)
+      path = paths.join(out_dir, filename)
       _plot(path, title, ylabel, series, logy)
       written.append(path)
   if eval_path is not None:
@@ -312,7 +347,7 @@ def plot_run(metrics_path: str, out_dir: str, *, eval_path: str | None = None) -
     series = {k: _series(evals, k) for k in _eval_keys(evals)}
     series = {k: v for k, v in series.items() if v[0].size}
     if series:
-      path = os.path.join(out_dir, "eval.png")
+      path = paths.join(out_dir, "eval.png")
       _plot(path, "Evaluation accuracy", "accuracy", series, False)
       written.append(path)
   return written

@@ -1,8 +1,8 @@
 """End-of-run report: PNG plots of the run and a table of base vs trained accuracy."""
 import json
-import os
 
 from dypo_jax.io import metrics as metrics_lib
+from dypo_jax.io import paths
 
 
 def final_table(eval_records: list[dict]) -> tuple[str, dict]:
@@ -27,18 +27,16 @@ def final_table(eval_records: list[dict]) -> tuple[str, dict]:
 
 def write_report(workdir: str) -> str:
   """Writes plots/ and final_table.{md,json} into workdir; returns the table as text."""
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  eval_path = os.path.join(workdir, "eval.jsonl")
+  metrics_path = paths.join(workdir, "metrics.jsonl")
+  eval_path = paths.join(workdir, "eval.jsonl")
   plots = []
-  if os.path.exists(metrics_path):
-    plots = metrics_lib.plot_run(metrics_path, os.path.join(workdir, "plots"),
-                                 eval_path=eval_path if os.path.exists(eval_path) else None)
-  evals = metrics_lib.read_jsonl(eval_path) if os.path.exists(eval_path) else []
+  if paths.exists(metrics_path):
+    plots = metrics_lib.plot_run(metrics_path, paths.join(workdir, "plots"),
+                                 eval_path=eval_path if paths.exists(eval_path) else None)
+  evals = metrics_lib.read_jsonl(eval_path) if paths.exists(eval_path) else []
   text, table = final_table(evals)
-  with open(os.path.join(workdir, "final_table.md"), "w") as f:
-    f.write(text + "\n")
-  with open(os.path.join(workdir, "final_table.json"), "w") as f:
-    json.dump(table, f, indent=1)
-  return (f"report: {len(plots)} plots in {os.path.join(workdir, 'plots')}\n"
+  paths.write_text(paths.join(workdir, "final_table.md"), text + "\n")
+  paths.write_text(paths.join(workdir, "final_table.json"), json.dumps(table, indent=1))
+  return (f"report: {len(plots)} plots in {paths.join(workdir, 'plots')}\n"
           f"final table (pass@k at the eval temperature; ID = held-out prompts of the training "
           f"tasks, OOD = harder settings and held-out families):\n{text}")

@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from dypo_jax import errors
+from dypo_jax.io import paths
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 
@@ -29,8 +30,8 @@ def _model_config(extras: dict[str, Any], where: str):
 
 
 def _checkpoint_dir(workdir: str) -> str:
-  ckpt_dir = os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIRNAME)
-  if not os.path.isdir(ckpt_dir):
+  ckpt_dir = paths.join(paths.absolute(workdir), CHECKPOINTS_DIRNAME)
+  if not paths.isdir(ckpt_dir):
     raise CheckpointReadError(f"no checkpoint directory {ckpt_dir} (is --workdir the training run's?)")
   return ckpt_dir
 

@@ -16,6 +16,7 @@ import ml_collections
 
 from dypo_jax import models
 from dypo_jax.evaluation import evaluate as evaluate_lib
+from dypo_jax.io import paths
 from dypo_jax.parallel import sharding
 from dypo_jax.rl import trainer as trainer_lib
 
@@ -23,7 +24,7 @@ BASE_DIR = "base_model"
 
 
 def base_dir(workdir: str) -> str:
-  return os.path.join(workdir, BASE_DIR)
+  return paths.join(workdir, BASE_DIR)
 
 
 def greedy_accuracy(trainer: trainer_lib.Trainer, records, *, max_new_tokens: int,
@@ -62,17 +63,17 @@ def ensure_base(config: ml_collections.ConfigDict, *, workdir: str, mesh, tokeni
   """Returns the base model: read from `workdir/base_model` if there, else trained and saved."""
   path = base_dir(workdir)
   rules = sharding.mesh_rules(config)
-  if os.path.exists(os.path.join(path, "config.json")):
+  if paths.exists(paths.join(path, "config.json")):  # Written last: the folder is complete.
     print(f"pretrain: reusing the base model in {path}", flush=True)
     m = config.model
     return models.from_pretrained(
-        path, dtype=m.dtype, param_dtype=m.param_dtype, max_seq_len=m.max_seq_len, mesh=mesh,
+        paths.local_copy(path), dtype=m.dtype, param_dtype=m.param_dtype, max_seq_len=m.max_seq_len, mesh=mesh,
         rules=rules, compute_options=dict(remat=m.remat, attention_chunk=m.attention_chunk,
                                           mlp_chunk=m.mlp_chunk))
   p = config.pretrain
   c = sft_config(config)
-  sft_workdir = os.path.join(workdir, "pretrain")
-  os.makedirs(sft_workdir, exist_ok=True)
+  sft_workdir = paths.join(workdir, "pretrain")
+  paths.makedirs(sft_workdir)
   trainer = trainer_lib.Trainer(c, workdir=sft_workdir, mesh=mesh, tokenizer=tokenizer,
                                 model=model, pools=pools)
   gate_records = list(pools["eval_id"])[:p.eval_prompts]
@@ -100,8 +101,13 @@ def ensure_base(config: ml_collections.ConfigDict, *, workdir: str, mesh, tokeni
   trainer.run(should_stop=gate)
   base = nnx.merge(trainer.graphdef, trainer.state.params)
   if jax.process_index() == 0:
-    with open(os.path.join(sft_workdir, "gate.json"), "w") as f:
-      json.dump(history, f, indent=1)
-  models.save_pretrained(base, path)
+    paths.write_text(paths.join(sft_workdir, "gate.json"), json.dumps(history, indent=1))
+  if paths.is_remote(path):  # Written locally, then uploaded with config.json last.
+    local = os.path.join(paths.staging_dir(workdir), BASE_DIR)
+    models.save_pretrained(base, local)
+    if jax.process_index() == 0:
+      paths.upload_tree(local, path, last=("config.json",))
+  else:
+    models.save_pretrained(base, path)
   print(f"pretrain: base model saved to {path}", flush=True)
   return base

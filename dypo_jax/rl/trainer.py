@@ -16,7 +16,6 @@ global arrays. Each reads its own shard of the training pool and scores its own 
 process 0 logs them. A checkpoint holds the queues once and every process's data position.
 """
 import json
-import os
 import signal
 import threading
 import time
@@ -33,8 +32,8 @@ from dypo_jax.data import pipeline as pipeline_lib
 from dypo_jax.evaluation import evaluate as evaluate_lib
 from dypo_jax.evaluation import rewards as rewards_lib
 from dypo_jax.io import checkpoint as checkpoint_lib
-from dypo_jax.io import fileio
 from dypo_jax.io import metrics as metrics_lib
+from dypo_jax.io import paths
 from dypo_jax.models import sampler as sampler_lib
 from dypo_jax.parallel import multihost
 from dypo_jax.parallel import sharding
@@ -245,7 +244,7 @@ class Trainer:
   def _write_eval_history(self) -> None:
     """workdir/eval.jsonl := the eval history (what a checkpoint holds), replaced atomically."""
     if self.is_main:
-      fileio.atomic_write_bytes(os.path.join(self.workdir, "eval.jsonl"), "".join(
+      paths.write_bytes(paths.join(self.workdir, "eval.jsonl"), "".join(
           json.dumps(r) + "\n" for r in self.eval_history).encode("utf-8"))
 
   # ------------------------------------------------------------------------------------ loop
@@ -261,7 +260,7 @@ class Trainer:
     NothingToLearn after `train.max_empty_updates` empty updates in a row (saved first).
     """
     tr = self.config.train
-    ckpt_dir = os.path.join(self.workdir, "checkpoints")
+    ckpt_dir = paths.join(self.workdir, "checkpoints")
     ckpt = checkpoint_lib.Checkpointer(ckpt_dir, keep=tr.keep_checkpoints)
     writer, stop_requested, previous_handlers = None, [], {}
     if threading.current_thread() is threading.main_thread():
@@ -307,6 +306,7 @@ class Trainer:
           self._log_eval(writer, self.evaluate())
         if tr.checkpoint_every and step % tr.checkpoint_every == 0:
           resume.save(self, ckpt)
+          writer.sync()  # A bucket workdir: the logs a checkpoint covers are uploaded with it.
         if self.empty_updates_in_a_row >= tr.max_empty_updates:
           break
         if should_stop is not None and should_stop(self):

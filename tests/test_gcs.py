@@ -1,0 +1,151 @@
+"""A `gs://` workdir against a GCS API on loopback (tests/gcs_emulator.py): the path layer, the
+workdir lock, and a run killed with -9 and resumed that equals an uninterrupted run."""
+import copy
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dypo_jax import errors
+from dypo_jax.io import metrics as metrics_lib
+from dypo_jax.io import paths
+import tiny_runs
+
+# Skip without importing: gcsfs reads its settings (environment()) when first imported.
+if importlib.util.find_spec("gcsfs") is None or importlib.util.find_spec(
+    "gcp_storage_emulator") is None:
+  pytest.skip("needs the gcs and test extras (gcsfs, gcp-storage-emulator)",
+              allow_module_level=True)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def bucket():
+  """gs://bucket served on 127.0.0.1; this process and its subprocesses pointed at it."""
+  import gcs_emulator  # pylint: disable=g-import-not-at-top
+  port = _free_port()
+  proc = subprocess.Popen([sys.executable, os.path.join(tiny_runs.TESTS, "gcs_emulator.py"),
+                           str(port)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          text=True)
+  assert proc.stdout.readline().strip() == "ready"
+  saved = {k: os.environ.get(k) for k in gcs_emulator.environment(port)}
+  os.environ.update(gcs_emulator.environment(port))
+  import fsspec  # pylint: disable=g-import-not-at-top
+  saved_conf = copy.deepcopy(fsspec.config.conf)
+  fsspec.config.set_conf_env(fsspec.config.conf)  # fsspec read FSSPEC_* at import, before us.
+  try:
+    yield "gs://bucket"
+  finally:
+    for key, value in saved.items():
+      if value is None:
+        os.environ.pop(key, None)
+      else:
+        os.environ[key] = value
+    fsspec.config.conf.clear()
+    fsspec.config.conf.update(saved_conf)
+    proc.kill()
+    proc.wait()
+
+
+@pytest.mark.slow
+def test_the_path_layer_on_a_bucket(bucket, tmp_path):
+  root = f"{bucket}/layer"
+  paths.makedirs(root)
+  paths.write_text(paths.join(root, "a.txt"), "one")
+  assert paths.read_text(paths.join(root, "a.txt")) == "one"
+  assert paths.isfile(paths.join(root, "a.txt")) and paths.isdir(root)
+  # Exclusive create: the second creator loses.
+  assert paths.create_exclusive(paths.join(root, "lock"), b"first")
+  assert not paths.create_exclusive(paths.join(root, "lock"), b"second")
+  assert paths.read_bytes(paths.join(root, "lock")) == b"first"
+  # Folders move (copy, then delete) and round-trip through local disk.
+  local = tmp_path / "tree"
+  (local / "sub").mkdir(parents=True)
+  (local / "x.bin").write_bytes(b"\0\1")
+  (local / "sub" / "y.txt").write_text("y")
+  paths.upload_tree(str(local), paths.join(root, "tree"), last=("x.bin",))
+  paths.move_tree(paths.join(root, "tree"), paths.join(root, "moved"))
+  assert not paths.exists(paths.join(root, "tree"))
+  assert paths.listdir(paths.join(root, "moved")) == ["sub", "x.bin"]
+  copy = paths.local_copy(paths.join(root, "moved"), cache=str(tmp_path / "cache"))
+  assert open(os.path.join(copy, "sub", "y.txt")).read() == "y"
+  # Metrics: staged locally, uploaded whole, read back by the next writer.
+  with metrics_lib.MetricsWriter(f"{root}/run") as writer:
+    writer.write(1, {"loss": 1.5})
+  with metrics_lib.MetricsWriter(f"{root}/run") as writer:
+    writer.write(2, {"loss": float("nan")})
+  records = metrics_lib.read_jsonl(f"{root}/run/metrics.jsonl")
+  assert [r["step"] for r in records] == [1, 2]
+  assert paths.listdir(f"{root}/run/tb")
+
+
+def _start(workdir: str, **overrides) -> subprocess.Popen:
+  return subprocess.Popen(tiny_runs.main_command(workdir, **overrides), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=tiny_runs.subprocess_env(),
+                          cwd=tiny_runs.REPO)
+
+
+def _complete_steps(workdir: str) -> list[int]:
+  """Steps Orbax has finalised: in a bucket a step's folder exists from its first write, and
+  `commit_success.txt` marks it complete."""
+  root = f"{workdir}/checkpoints"
+  if not paths.exists(root):
+    return []
+  return sorted(int(n) for n in paths.listdir(root)
+                if n.isdigit() and paths.exists(f"{root}/{n}/commit_success.txt"))
+
+
+@pytest.mark.slow
+def test_a_gs_workdir_survives_kill_9_and_refuses_a_second_run(bucket, tmp_path):
+  run = {"train.num_steps": 10, "train.checkpoint_every": 1}
+  reference = str(tmp_path / "reference")
+  proc = _start(reference, **run)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+
+  workdir = f"{bucket}/killed"
+  first = _start(workdir, **run)
+  try:
+    deadline = time.monotonic() + 120
+    while not paths.exists(f"{workdir}/run.lock"):
+      assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-3000:]
+      time.sleep(0.2)
+    # A second run on the live workdir refuses, naming the holder.
+    second = _start(workdir, **run)
+    out, err = second.communicate(timeout=300)
+    assert second.returncode == errors.EXIT_WORKDIR_LOCKED, err[-3000:]
+    assert f"{workdir} is in use by another run: process {first.pid}" in err
+    # kill -9 once a checkpoint after the second run's refusal exists.
+    seen = _complete_steps(workdir)
+    while _complete_steps(workdir) == seen or not _complete_steps(workdir):
+      assert first.poll() is None, "the run ended before it could be killed"
+      time.sleep(0.1)
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=60)
+  finally:
+    if first.poll() is None:
+      first.kill()
+  killed_at = _complete_steps(workdir)[-1]
+  assert killed_at < run["train.num_steps"]
+
+  resumed = _start(workdir, **run)
+  out, err = resumed.communicate(timeout=300)
+  assert resumed.returncode == 0, err[-3000:]
+  assert f"lock: taking over {workdir}/run.lock from process {first.pid}" in out
+  assert f"resumed at step {killed_at}" in out, out[-3000:]
+  tiny_runs.assert_same_metrics(tiny_runs.comparable_metrics(workdir),
+                                tiny_runs.comparable_metrics(reference))
+  table = json.loads(paths.read_text(f"{workdir}/final_table.json"))
+  assert table == json.loads(open(os.path.join(reference, "final_table.json")).read())
+  assert "reward.png" in paths.listdir(f"{workdir}/plots")
