@@ -11,7 +11,7 @@ import ml_collections
 
 from dypo_jax import errors
 from dypo_jax import models
-from dypo_jax.data import records as records_lib
+from dypo_jax.data import record_files
 from dypo_jax.data import tokenizers
 from dypo_jax.io import paths
 from dypo_jax.models import hf_config
@@ -34,11 +34,11 @@ def build_data(config: ml_collections.ConfigDict, workdir: str) -> dict[str, lis
             "eval_ood": gen(d.ood_tasks, d.num_eval_ood, "eval")}
   del workdir
   pools = {}
-  for name, paths in (("train", (d.train_path,)), ("eval_id", tuple(d.eval_id_paths)),
+  for name, files in (("train", (d.train_path,)), ("eval_id", tuple(d.eval_id_paths)),
                       ("eval_ood", tuple(d.eval_ood_paths))):
     recs = []
-    for path in paths:
-      loaded, stats = records_lib.read_records(path, on_error=d.on_error)
+    for path in files:
+      loaded, stats = record_files.read_records(path, on_error=d.on_error)
       if stats.get("skipped"):
         print(f"data: {path}: skipped {stats['skipped']} malformed records "
               f"(first: {stats['errors'][:1]})", flush=True)

@@ -20,8 +20,6 @@ of 32 prompts needs 44.6 GiB).
 """
 import os
 
-from dypo_jax import config as config_lib
-
 # The compile-only topology `python -m dypo_jax.tools.aot` uses for this config (--topology overrides).
 TOPOLOGY = "v4:2x2x2"
 

@@ -13,6 +13,7 @@ from dypo_jax import build
 from dypo_jax import config as config_lib
 from dypo_jax import errors
 from dypo_jax import models
+from dypo_jax.data import record_files
 from dypo_jax.data import records as records_lib
 import tiny_runs
 
@@ -62,25 +63,25 @@ def test_named_sets_keep_files_of_one_name_apart_and_refuse_empty_ones(tmp_path)
   a = _write_jsonl(tmp_path / "a" / "x.jsonl", [_row("1")])
   b = _write_jsonl(tmp_path / "b" / "x.jsonl", [_row("2"), _row("3")])
   c = _write_jsonl(tmp_path / "y.jsonl", [_row("4")])
-  sets = records_lib.read_named_sets([a, b, c])
+  sets = record_files.read_named_sets([a, b, c])
   assert {name: len(recs) for name, recs in sets.items()} == {a: 1, b: 2, "y.jsonl": 1}
   (tmp_path / "empty.jsonl").write_text("")
   with pytest.raises(errors.BadInput, match="empty.jsonl: --data: the file holds no records"):
-    records_lib.read_named_sets([a, str(tmp_path / "empty.jsonl")])
+    record_files.read_named_sets([a, str(tmp_path / "empty.jsonl")])
   with pytest.raises(errors.BadInput, match="nope.jsonl: --data: there is no such file"):
-    records_lib.read_named_sets([str(tmp_path / "nope.jsonl")])
+    record_files.read_named_sets([str(tmp_path / "nope.jsonl")])
 
 
 def test_where_is_names_the_line_or_row(tmp_path):
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   jsonl = _write_jsonl(tmp_path / "x.jsonl", [_row("a"), _row("b")])
-  assert records_lib.where_is(jsonl, "b") == f"{jsonl} line 2"
+  assert record_files.where_is(jsonl, "b") == f"{jsonl} line 2"
   parquet = str(tmp_path / "x.parquet")
   rows = [{k: v for k, v in _row(u).items() if k != "teachers"} for u in ("a", "b", "c")]
   pq.write_table(pa.Table.from_pylist(rows), parquet)
-  assert records_lib.where_is(parquet, "c") == f"{parquet} row 3"
-  assert records_lib.where_is(parquet, "zz") == parquet
+  assert record_files.where_is(parquet, "c") == f"{parquet} row 3"
+  assert record_files.where_is(parquet, "zz") == parquet
 
 
 def test_an_over_long_training_prompt_names_its_uid_file_and_line(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dypo_jax.data import benchmarks
-from dypo_jax.evaluation import rewards
+from dypo_jax.evaluation import answers, verifier
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +67,7 @@ def test_last_boxed_is_linear_on_a_flood_of_unclosed_boxes():
   text = "\\boxed{" * 30_000 + "\\boxed{42}" + "\\boxed{" * 30_000
   start = time.perf_counter()
   assert benchmarks.last_boxed(text) == "42"
-  assert rewards.extract_answer(text) == "42"
+  assert answers.extract_answer(text) == "42"
   assert time.perf_counter() - start < 1.0  # ~30 ms here; the quadratic scan takes minutes.
 
 
@@ -151,9 +151,9 @@ def test_arc_prompt_and_letter_gold(data_dir):
 def test_math500_golds_verify_against_themselves(data_dir):
   records = benchmarks.load_math500(data_dir=data_dir)
   golds = [r.answer for r in records]
-  with rewards.MathVerifyPool(2, timeout=10.0) as pool:
+  with verifier.MathVerifyPool(2, timeout=10.0) as pool:
     scores, faults = pool.score_batch(golds, golds)
-  assert faults == rewards.BatchFaults(0, 0)
+  assert faults == verifier.BatchFaults(0, 0)
   bad = [r.uid for r, s in zip(records, scores) if s != 1.0]
   assert not bad, bad
   assert np.all(scores == 1.0)

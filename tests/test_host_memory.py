@@ -28,11 +28,12 @@ def f(a, b, w):
 a, b, w = jnp.ones((2048,)), jnp.ones((8192,)), jnp.ones((8192, 8))
 jax.block_until_ready(f(a, b, w))
 per_call = []
-for _ in range(12):
+for _ in range(40):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   jax.block_until_ready(f(a, b, w))
   per_call.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-# The median: the heap may take a few calls to settle (a first block below later small ones).
+# The median: the heap may take a few calls to settle (a first block below later small ones),
+# more on a loaded machine (a CI run beside other tests took 7 of 12 calls), so 40 calls.
 faults = sorted(per_call)[len(per_call) // 2]
 print("ASYNC", jax.config.values["jax_cpu_enable_async_dispatch"], "APPLIED", applied, "FAULTS",
       faults, per_call)

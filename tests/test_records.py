@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from dypo_jax.data import record_files
 from dypo_jax.data import records as rec_lib
 from dypo_jax.data.records import PromptRecord
 from dypo_jax.data.records import RecordError
@@ -36,7 +37,7 @@ def _jsonl(tmp_path, objs, name="data.jsonl"):
 
 def test_good_jsonl_parses(tmp_path):
   path = _jsonl(tmp_path, [_good("a"), _good("b", prompt="3*4=?", answer=12, source="mul")])
-  recs, stats = rec_lib.read_jsonl(path)
+  recs, stats = record_files.read_jsonl(path)
   assert stats == {"read": 2, "skipped": 0, "errors": []}
   assert recs[0] == PromptRecord(
       uid="a", prompt="12+7=?", answer="19", source="add",
@@ -51,7 +52,7 @@ def test_jsonl_blank_lines_and_derived_uid(tmp_path):
   del no_uid["uid"]
   del no_uid["teachers"]
   path = _jsonl(tmp_path, [_good("a"), "", no_uid])
-  recs, _ = rec_lib.read_jsonl(path)
+  recs, _ = record_files.read_jsonl(path)
   assert [r.uid for r in recs] == ["a", "add-3"]  # Derived from source and the 1-based line.
   assert recs[1].teachers == ()
 
@@ -60,14 +61,14 @@ def test_jsonl_gz_via_read_records(tmp_path):
   path = str(tmp_path / "data.jsonl.gz")
   with gzip.open(path, "wt", encoding="utf-8") as f:
     f.write(json.dumps(_good("a")) + "\n" + json.dumps(_good("b")) + "\n")
-  recs, stats = rec_lib.read_records(path)
+  recs, stats = record_files.read_records(path)
   assert [r.uid for r in recs] == ["a", "b"] and stats["read"] == 2
 
 
 def test_good_parquet_dypo_layout(tmp_path):
   path = str(tmp_path / "data.parquet")
   pq.write_table(pa.Table.from_pylist([_good("a"), _good("b", teachers=[])]), path)
-  recs, stats = rec_lib.read_records(path)
+  recs, stats = record_files.read_records(path)
   assert stats["read"] == 2
   assert recs[0].teachers[1] == TeacherSolution("place_value",
                                                 "tens: 10\nones: 2+7=9\nAnswer: 19")
@@ -97,7 +98,7 @@ def test_good_parquet_verl_layout(tmp_path):
   rows = [_verl_row(7, target=[{"role": "assistant", "content": "2+3=5\nAnswer: 5"}]),
           _verl_row(8, user="What is 4+4?", target=[{"role": "assistant", "content": "8"}])]
   pq.write_table(pa.Table.from_pylist(rows), path)
-  recs, stats = rec_lib.read_parquet(path)  # layout="auto" detects verl by reward_model.
+  recs, stats = record_files.read_parquet(path)  # layout="auto" detects verl by reward_model.
   assert stats["read"] == 2
   assert recs[0] == PromptRecord(uid="7", prompt="What is 2+3?", answer="5", source="openr1",
                                  teachers=(TeacherSolution("target", "2+3=5\nAnswer: 5"),))
@@ -132,7 +133,7 @@ def test_verl_row_teacher_names_and_no_target():
 def test_bad_jsonl_line_raises_naming_file_and_line(tmp_path, bad_line, field):
   path = _jsonl(tmp_path, [_good("a"), "", bad_line, _good("c")])
   with pytest.raises(RecordError) as info:
-    rec_lib.read_jsonl(path)
+    record_files.read_jsonl(path)
   msg = str(info.value)
   assert path in msg and "line 3" in msg, msg
   assert info.value.field == field
@@ -145,13 +146,13 @@ def test_teacher_trace_not_text_names_record_and_teacher_index(tmp_path):
                                  {"teacher": "b", "response": ["not", "text"]}])
   path = _jsonl(tmp_path, [bad])
   with pytest.raises(RecordError, match=r"line 1.*teachers\[1\]\.response.*'rec-9'.*teacher 1"):
-    rec_lib.read_jsonl(path)
+    record_files.read_jsonl(path)
 
 
 def test_duplicate_uid_names_both_lines(tmp_path):
   path = _jsonl(tmp_path, [_good("a"), _good("dup"), _good("b"), _good("dup")])
   with pytest.raises(RecordError) as info:
-    rec_lib.read_jsonl(path)
+    record_files.read_jsonl(path)
   msg = str(info.value)
   assert path in msg and "'dup'" in msg and "line 2" in msg and "line 4" in msg, msg
 
@@ -159,21 +160,21 @@ def test_duplicate_uid_names_both_lines(tmp_path):
 def test_unknown_extension_names_file(tmp_path):
   path = _write_lines(tmp_path / "data.csv", ["a,b"])
   with pytest.raises(RecordError, match="data.csv.*unknown file extension"):
-    rec_lib.read_records(path)
+    record_files.read_records(path)
 
 
 def test_bad_parquet_rows_name_file_and_row(tmp_path):
   path = str(tmp_path / "bad.parquet")
   pq.write_table(pa.Table.from_pylist([_good("a"), _good("b", prompt="")]), path)
   with pytest.raises(RecordError, match=r"bad\.parquet row 2: field 'prompt'"):
-    rec_lib.read_records(path)
+    record_files.read_records(path)
   path2 = str(tmp_path / "nocol.parquet")
   pq.write_table(pa.Table.from_pylist([{"uid": "a", "prompt": "p", "source": "s"}]), path2)
   with pytest.raises(RecordError, match=r"nocol\.parquet: field 'answer': column is missing"):
-    rec_lib.read_parquet(path2, on_error="skip")  # A missing column always raises.
+    record_files.read_parquet(path2, on_error="skip")  # A missing column always raises.
   path3 = _write_lines(tmp_path / "fake.parquet", ["not parquet"])
   with pytest.raises(RecordError, match="fake.parquet: cannot read as Parquet"):
-    rec_lib.read_parquet(path3)
+    record_files.read_parquet(path3)
 
 
 def test_bad_verl_rows_name_field(tmp_path):
@@ -183,8 +184,8 @@ def test_bad_verl_rows_name_field(tmp_path):
   rows = [_verl_row(1), no_user, _verl_row(3, user=" "), _verl_row(1)]
   pq.write_table(pa.Table.from_pylist(rows), path)
   with pytest.raises(RecordError, match=r"row 2: field 'prompt': has no message with role 'user'"):
-    rec_lib.read_parquet(path)
-  recs, stats = rec_lib.read_parquet(path, layout="verl", on_error="skip")
+    record_files.read_parquet(path)
+  recs, stats = record_files.read_parquet(path, layout="verl", on_error="skip")
   assert [r.uid for r in recs] == ["1"]
   assert stats["skipped"] == 3 and stats["read"] == 1
   assert "row 3: field 'prompt'" in stats["errors"][1]
@@ -198,13 +199,13 @@ def test_bad_verl_rows_name_field(tmp_path):
 def test_skip_counts_every_bad_line(tmp_path):
   path = _jsonl(tmp_path, [_good("a"), "{not json", _good("b", prompt=""), _good("c"),
                            _good("a"), json.dumps({"prompt": "x", "answer": "1"})])
-  recs, stats = rec_lib.read_jsonl(path, on_error="skip")
+  recs, stats = record_files.read_jsonl(path, on_error="skip")
   assert [r.uid for r in recs] == ["a", "c"]
   assert stats["read"] == 2 and stats["skipped"] == 4 and len(stats["errors"]) == 4
   for line, err in zip((2, 3, 5, 6), stats["errors"]):
     assert f"{path} line {line}" in err, err
   with pytest.raises(ValueError, match="on_error"):
-    rec_lib.read_jsonl(path, on_error="ignore")
+    record_files.read_jsonl(path, on_error="ignore")
 
 
 # ---------------------------------------------------------------------------- validate and write
@@ -236,15 +237,15 @@ def test_write_jsonl_round_trips_and_is_atomic(tmp_path):
           PromptRecord("b", "gcd(4,6)=? — ünïcode", "2", "gcd", ())]
   for name in ("out.jsonl", "out.jsonl.gz"):
     path = str(tmp_path / name)
-    assert rec_lib.write_jsonl(recs, path) == 2
-    back, stats = rec_lib.read_records(path)
+    assert record_files.write_jsonl(recs, path) == 2
+    back, stats = record_files.read_records(path)
     assert back == recs and stats["skipped"] == 0
   # A failing write (duplicate uid) leaves the old file intact and no temp file behind.
   path = str(tmp_path / "out.jsonl")
   before = open(path, "rb").read()
   with pytest.raises(RecordError, match="duplicate uid 'a'"):
-    rec_lib.write_jsonl(recs + [recs[0]], path)
+    record_files.write_jsonl(recs + [recs[0]], path)
   with pytest.raises(RecordError, match="record 3: field 'prompt'"):
-    rec_lib.write_jsonl(recs + [PromptRecord("c", "", "1", "s")], path)
+    record_files.write_jsonl(recs + [PromptRecord("c", "", "1", "s")], path)
   assert open(path, "rb").read() == before
   assert sorted(os.listdir(tmp_path)) == ["out.jsonl", "out.jsonl.gz"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dypo_jax.data.records import PromptRecord
-from dypo_jax.evaluation import rewards
+from dypo_jax.evaluation import answers, rewards, verifier
 
 
 def _always_crash(gold: str, pred: str) -> float:
@@ -44,7 +44,7 @@ def _rec(answer: str) -> PromptRecord:
     ("", None),
 ])
 def test_extract_answer(text, want):
-  assert rewards.extract_answer(text) == want
+  assert answers.extract_answer(text) == want
 
 
 @pytest.mark.parametrize("gold,response,want", [
@@ -96,21 +96,21 @@ def test_format_penalty():
 
 
 def test_math_verify_score_inline():
-  assert rewards.math_verify_score("\\frac{1}{2}", "0.5") == 1.0
-  assert rewards.math_verify_score("p-q", "p - q") == 1.0
-  assert rewards.math_verify_score("3", "4") == 0.0
+  assert verifier.math_verify_score("\\frac{1}{2}", "0.5") == 1.0
+  assert verifier.math_verify_score("p-q", "p - q") == 1.0
+  assert verifier.math_verify_score("3", "4") == 0.0
   with pytest.raises(ValueError, match="cannot parse the gold"):
-    rewards.math_verify_score("", "4")
+    verifier.math_verify_score("", "4")
 
 
 def test_pool_rejects_unpicklable_score_fn():
   with pytest.raises(ValueError, match="not picklable"):
-    rewards.MathVerifyPool(1, score_fn=lambda g, p: 1.0)
+    verifier.MathVerifyPool(1, score_fn=lambda g, p: 1.0)
 
 
 @pytest.fixture(scope="module")
 def fault_pool():
-  with rewards.MathVerifyPool(2, timeout=10.0, score_fn=rewards.fault_injection_score) as pool:
+  with verifier.MathVerifyPool(2, timeout=10.0, score_fn=verifier.fault_injection_score) as pool:
     yield pool
 
 
@@ -121,7 +121,7 @@ def test_pool_scores_equivalent_forms(fault_pool):
            "[2, 5)"]
   scores, faults = fault_pool.score_batch(golds, preds)
   np.testing.assert_array_equal(scores, [1, 1, 1, 1, 1, 0, 1, 1])
-  assert scores.dtype == np.float32 and faults == rewards.BatchFaults(0, 0)
+  assert scores.dtype == np.float32 and faults == verifier.BatchFaults(0, 0)
 
 
 def test_pool_hanging_item_is_killed_and_replaced(fault_pool):
@@ -131,25 +131,25 @@ def test_pool_hanging_item_is_killed_and_replaced(fault_pool):
                            ["1", "HANG", "3", "5"], timeout=1.5)
   elapsed = time.monotonic() - start
   np.testing.assert_array_equal(scores, [1, 0, 1, 0])
-  assert faults == rewards.BatchFaults(timeouts=1, errors=0)
+  assert faults == verifier.BatchFaults(timeouts=1, errors=0)
   assert fault_pool.restarts == restarts + 1
   assert elapsed < 1.5 + 3.0, elapsed  # About one timeout, not a stall.
   # The replacement worker serves the next batch.
   scores, faults = fault_pool.score_batch(["7", "8", "9"], ["7", "8", "10"], timeout=30.0)
   np.testing.assert_array_equal(scores, [1, 1, 0])
-  assert faults == rewards.BatchFaults(0, 0)
+  assert faults == verifier.BatchFaults(0, 0)
 
 
 @pytest.mark.slow
 def test_pool_hang_does_not_delay_other_items():
-  with rewards.MathVerifyPool(2, timeout=10.0, score_fn=rewards.fault_injection_score) as pool:
+  with verifier.MathVerifyPool(2, timeout=10.0, score_fn=verifier.fault_injection_score) as pool:
     pool.score_batch(["1", "1"], ["1", "1"])  # Both workers warm.
     start = time.monotonic()
     scores, faults = _within(30.0, pool.score_batch, ["0"] + [str(i) for i in range(1, 9)],
                              ["HANG"] + [str(i) for i in range(1, 9)], timeout=2.0)
     elapsed = time.monotonic() - start
   np.testing.assert_array_equal(scores, [0] + [1] * 8)
-  assert faults == rewards.BatchFaults(timeouts=1, errors=0)
+  assert faults == verifier.BatchFaults(timeouts=1, errors=0)
   assert elapsed < 2.0 + 3.0, elapsed
 
 
@@ -158,20 +158,20 @@ def test_pool_crashing_and_raising_workers(fault_pool):
   scores, faults = _within(60.0, fault_pool.score_batch, ["1", "2", "3", "4"],
                            ["CRASH", "2", "RAISE", "4"], timeout=30.0)
   np.testing.assert_array_equal(scores, [0, 1, 0, 1])
-  assert faults == rewards.BatchFaults(timeouts=0, errors=2)
+  assert faults == verifier.BatchFaults(timeouts=0, errors=2)
   assert fault_pool.restarts == restarts + 1  # Only the crash costs a worker.
   scores, faults = fault_pool.score_batch(["5", "6"], ["5", "CRASH"], timeout=30.0)
   np.testing.assert_array_equal(scores, [1, 0])
-  assert faults == rewards.BatchFaults(timeouts=0, errors=1)
+  assert faults == verifier.BatchFaults(timeouts=0, errors=1)
   scores, faults = fault_pool.score_batch(["5", "6"], ["5", "6"], timeout=30.0)
   np.testing.assert_array_equal(scores, [1, 1])
-  assert faults == rewards.BatchFaults(0, 0)
+  assert faults == verifier.BatchFaults(0, 0)
 
 
 def test_pool_counts_the_verifiers_own_timeouts_apart_from_wrong_answers(fault_pool):
   scores, faults = fault_pool.score_batch(["1", "2", "3"], ["1", "GIVE_UP", "4"], timeout=30.0)
   np.testing.assert_array_equal(scores, [1, 0, 0])
-  assert faults == rewards.BatchFaults(timeouts=1, errors=0)
+  assert faults == verifier.BatchFaults(timeouts=1, errors=0)
 
 
 def test_pool_bounds_a_whole_batch(fault_pool):
@@ -181,18 +181,18 @@ def test_pool_bounds_a_whole_batch(fault_pool):
   elapsed = time.monotonic() - start
   # Both workers hang; the bound ends the batch and counts all five as timeouts.
   np.testing.assert_array_equal(scores, [0, 0, 0, 0, 0])
-  assert faults == rewards.BatchFaults(timeouts=5, errors=0)
+  assert faults == verifier.BatchFaults(timeouts=5, errors=0)
   assert elapsed < 1.5 + 3.0, elapsed
   scores, faults = fault_pool.score_batch(["3"], ["3"], timeout=30.0)  # Replaced workers serve.
   np.testing.assert_array_equal(scores, [1])
 
 
 def test_pool_workers_cut_long_log_lines(capfd):
-  with rewards.MathVerifyPool(1, score_fn=rewards.fault_injection_score) as pool:  # Under capfd.
+  with verifier.MathVerifyPool(1, score_fn=verifier.fault_injection_score) as pool:  # Under capfd.
     pool.score_batch(["1"], ["LOG"], timeout=30.0)
   err = capfd.readouterr().err
   assert "Timeout during parsing" in err and "more characters]" in err
-  assert len(err) < 2 * rewards.LOG_LINE_CHARS, len(err)
+  assert len(err) < 2 * verifier.LOG_LINE_CHARS, len(err)
 
 
 def test_math_verify_timeout_is_not_a_wrong_answer(monkeypatch):
@@ -203,21 +203,21 @@ def test_math_verify_timeout_is_not_a_wrong_answer(monkeypatch):
     raise TimeoutException("Timeout during comparison")
 
   monkeypatch.setattr(math_verify, "verify", slow_verify)
-  with pytest.raises(rewards.VerifierTimeout, match="timed out"):
-    rewards.math_verify_score("2", "3")
+  with pytest.raises(verifier.VerifierTimeout, match="timed out"):
+    verifier.math_verify_score("2", "3")
 
 
 def test_pool_size_defaults_to_cores_but_one():
-  assert rewards.default_workers() == max(1, len(os.sched_getaffinity(0)) - 1)
+  assert verifier.default_workers() == max(1, len(os.sched_getaffinity(0)) - 1)
   with pytest.raises(ValueError, match="num_workers must be >= 0"):
-    rewards.MathVerifyPool(-1)
+    verifier.MathVerifyPool(-1)
 
 
 def test_pool_bad_input(fault_pool):
   with pytest.raises(ValueError, match="2 golds but 1 preds"):
     fault_pool.score_batch(["1", "2"], ["1"])
   scores, faults = fault_pool.score_batch([], [])
-  assert scores.shape == (0,) and faults == rewards.BatchFaults(0, 0)
+  assert scores.shape == (0,) and faults == verifier.BatchFaults(0, 0)
 
 
 def test_reward_batch_math_verify_and_exact_match(fault_pool):
@@ -246,7 +246,7 @@ def test_reward_batch_without_pool_uses_a_temporary_one():
 
 
 def test_pool_gives_up_on_workers_that_never_start():
-  pool = rewards.MathVerifyPool(1, score_fn=_always_crash, max_start_failures=1)
+  pool = verifier.MathVerifyPool(1, score_fn=_always_crash, max_start_failures=1)
   try:
     start = time.monotonic()
     with pytest.raises(RuntimeError, match="failed to start 2 times in a row .*exit code 7"):

@@ -7,7 +7,7 @@ No TensorFlow is involved: the builder writes ArrayRecord files, and reading goe
                                 features.json, metadata.json ({"read_stats": {split: stats}})
 
 Splits: "train" (required), "eval_id", "eval_ood" (optional), each from one file read by
-`records.read_records`. Examples keep the order of their file (TFDS shuffling is disabled).
+`record_files.read_records`. Examples keep the order of their file (TFDS shuffling is disabled).
 Features: uid, prompt, answer, source (text) and teachers, a sequence of {teacher, response}
 (text). TFDS gives text back as bytes; `example_to_record` decodes it.
 
@@ -32,6 +32,7 @@ from typing import Any, Mapping, Sequence
 import grain
 import tensorflow_datasets as tfds
 
+from dypo_jax.data import record_files
 from dypo_jax.data import records as records_lib
 
 __all__ = [
@@ -150,8 +151,8 @@ def _builder_class(name: str) -> type:
 def build_dataset(name: str, *, data_dir: str | os.PathLike, train_path: str | os.PathLike,
                   eval_id_path: str | os.PathLike | None = None,
                   eval_ood_path: str | os.PathLike | None = None,
-                  on_error: records_lib.OnError = "raise",
-                  layout: records_lib.Layout = "auto", overwrite: bool = False) -> str:
+                  on_error: record_files.OnError = "raise",
+                  layout: record_files.Layout = "auto", overwrite: bool = False) -> str:
   """Reads the split files and writes them as the TFDS dataset `name` under `data_dir`.
 
   Every file is read (and validated) before anything is written.
@@ -164,7 +165,7 @@ def build_dataset(name: str, *, data_dir: str | os.PathLike, train_path: str | o
     eval_ood_path: records of "eval_ood", optional.
     on_error: "raise" stops at the first bad record; "skip" skips bad records and counts them in
       metadata.json (see `read_build_stats`).
-    layout: passed to `records.read_records` ("auto", "dypo" or "verl").
+    layout: passed to `record_files.read_records` ("auto", "dypo" or "verl").
     overwrite: replace an existing build of `name`; without it an existing build is an error.
 
   Returns:
@@ -185,7 +186,7 @@ def build_dataset(name: str, *, data_dir: str | os.PathLike, train_path: str | o
     if path is None:
       continue
     path = os.fspath(path)
-    recs, st = records_lib.read_records(path, layout=layout, on_error=on_error)
+    recs, st = record_files.read_records(path, layout=layout, on_error=on_error)
     if not recs:
       raise records_lib.RecordError(path, None, f"holds no usable record for split {split!r} "
                                     f"({st['skipped']} skipped)")

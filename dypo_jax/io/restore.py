@@ -6,7 +6,6 @@ extras. Errors name the checkpoint directory and step.
 """
 import dataclasses
 import json
-import os
 from typing import Any
 
 from dypo_jax import errors

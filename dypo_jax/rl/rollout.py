@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from dypo_jax import errors
+from dypo_jax.data import record_files
 from dypo_jax.data import records as records_lib
 from dypo_jax.data import tokenizers
 from dypo_jax.evaluation import evaluate as evaluate_lib
@@ -110,7 +111,7 @@ class TrainingPool:
     """The error for prompts over `limit` tokens, naming the first one's uid, file and line."""
     over = [i for i, p in enumerate(self.prompt_tokens) if len(p) > limit]
     first = self.records[over[0]]
-    where = f" ({records_lib.where_is(source, first.uid)})" if source else ""
+    where = f" ({record_files.where_is(source, first.uid)})" if source else ""
     return errors.BadInput(
         f"{len(over)} training prompt(s) are longer than {limit} tokens; the first, uid "
         f"{first.uid!r}{where}, has {len(self.prompt_tokens[over[0]])}: {context}. Drop such "

@@ -30,7 +30,7 @@ import numpy as np
 from dypo_jax import errors
 from dypo_jax.data import pipeline as pipeline_lib
 from dypo_jax.evaluation import evaluate as evaluate_lib
-from dypo_jax.evaluation import rewards as rewards_lib
+from dypo_jax.evaluation import verifier
 from dypo_jax.io import checkpoint as checkpoint_lib
 from dypo_jax.io import metrics as metrics_lib
 from dypo_jax.io import paths
@@ -84,7 +84,7 @@ class Trainer:
     self.state = self.program.init_state(params)
     self.ref_params = jax.tree.map(jnp.copy, params)  # Frozen: never donated, never updated.
     v = config.verifier
-    self.reward_pool = (rewards_lib.MathVerifyPool(v.workers, timeout=v.item_timeout_s,
+    self.reward_pool = (verifier.MathVerifyPool(v.workers, timeout=v.item_timeout_s,
                                                    batch_timeout=v.batch_timeout_s)
                         if config.data.reward == "math_verify" else None)
     self.rollouts = rollout.Rollouts(

@@ -88,14 +88,14 @@ def load_sets(config, workdir: str | None,
   """{set name: (records, reward name)} from --benchmarks, --data or the run's own pools."""
   from dypo_jax import build  # pylint: disable=g-import-not-at-top
   from dypo_jax.data import benchmarks  # pylint: disable=g-import-not-at-top
-  from dypo_jax.data import records as records_lib  # pylint: disable=g-import-not-at-top
+  from dypo_jax.data import record_files  # pylint: disable=g-import-not-at-top
   sets = {}
   for name in _BENCHMARKS.value:
     # ARC's gold is a choice letter: compared exactly; the math sets need math-verify.
     default = "exact_match" if name == "arc_challenge" else "math_verify"
     sets[name] = (benchmarks.load_benchmark(name), _REWARD.value or default)
   if data_sets is None:
-    data_sets = records_lib.read_named_sets(_DATA.value)
+    data_sets = record_files.read_named_sets(_DATA.value)
   for name, recs in data_sets.items():
     sets[name] = (recs, _REWARD.value or config.data.reward)
   if sets:
@@ -135,7 +135,7 @@ def run(workdir: str | None, *, step: int | None, hf_path: str | None,
   from dypo_jax import models  # pylint: disable=g-import-not-at-top
   from dypo_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
   from dypo_jax.evaluation import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-  from dypo_jax.evaluation import rewards as rewards_lib  # pylint: disable=g-import-not-at-top
+  from dypo_jax.evaluation import verifier  # pylint: disable=g-import-not-at-top
   from dypo_jax.io import restore  # pylint: disable=g-import-not-at-top
   from dypo_jax.models import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
   from dypo_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
@@ -175,7 +175,7 @@ def run(workdir: str | None, *, step: int | None, hf_path: str | None,
   pool = None
   if any(reward == "math_verify" for _, reward in sets.values()):
     v = config.verifier
-    pool = rewards_lib.MathVerifyPool(v.workers, timeout=v.item_timeout_s,
+    pool = verifier.MathVerifyPool(v.workers, timeout=v.item_timeout_s,
                                       batch_timeout=v.batch_timeout_s)
   results, settings_json = {}, {}
   try:
@@ -211,8 +211,8 @@ def main(argv):
   try:
     if _PASS_KS.value:
       _pass_ks_flag()
-    from dypo_jax.data import records as records_lib  # pylint: disable=g-import-not-at-top
-    data_sets = records_lib.read_named_sets(_DATA.value)  # Before JAX: a bad file named at once.
+    from dypo_jax.data import record_files  # pylint: disable=g-import-not-at-top
+    data_sets = record_files.read_named_sets(_DATA.value)  # Before JAX: a bad file named at once.
     result = run(workdir, step=_STEP.value, hf_path=hf_path, data_sets=data_sets)
   except (errors.BadInput, FileNotFoundError, IsADirectoryError, PermissionError) as e:
     errors.exit_with("eval_checkpoint error", e, errors.EXIT_BAD_INPUT, verbose=_VERBOSE.value)

@@ -10,7 +10,6 @@ with `dypo_jax.models.save_pretrained` (config.json + safetensors, which transfo
 run's tokenizer files are copied beside them. A missing or unreadable checkpoint stops with an
 error naming it. Run it as a single process.
 """
-import json
 import os
 import shutil
 from typing import Any
