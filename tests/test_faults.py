@@ -176,3 +176,40 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(tmp_path):
   for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p3)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert np.isfinite(np.asarray(b)).all()
+
+
+def _safetensors_arrays(path: str) -> dict[str, np.ndarray]:
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  return load_file(path)
+
+
+@pytest.mark.slow
+def test_sigterm_during_pretraining_exits_75_and_the_resumed_base_equals_an_uninterrupted_one(
+    tmp_path):
+  # A gate never reached: pretraining runs its max_steps, then one DYPO update.
+  run = {"pretrain.enabled": True, "pretrain.max_steps": 12, "pretrain.eval_every": 4,
+         "pretrain.eval_prompts": 4, "pretrain.update_prompts": 4,
+         "pretrain.target_accuracy": 1.0, "pretrain.max_minutes": 60.0, "train.num_steps": 1}
+  ref, work = str(tmp_path / "reference"), str(tmp_path / "preempted")
+  rc, _, err = _finish(_start(ref, **run))
+  assert rc == 0, err[-3000:]
+
+  proc = _start(work, **run)
+  for line in proc.stdout:  # SIGTERM at pretraining's first gate (step 4 of 12).
+    if line.startswith("pretrain: step 4 "):
+      proc.send_signal(signal.SIGTERM)
+      break
+  rc, out, err = _finish(proc)
+  assert rc == errors.EXIT_PREEMPTED, err[-3000:]
+  assert "SIGTERM/SIGINT: stopped at step" in err and "Traceback" not in err
+  base = os.path.join(work, "base_model")
+  assert not os.path.exists(os.path.join(base, "config.json"))  # No half-trained base is kept.
+
+  rc, out, err = _finish(_start(work, **run))
+  assert rc == 0, err[-3000:]
+  assert "resumed at step" in out  # Pretraining's own checkpoint, not a fresh start.
+  got = _safetensors_arrays(os.path.join(base, "model.safetensors"))
+  want = _safetensors_arrays(os.path.join(ref, "base_model", "model.safetensors"))
+  assert sorted(got) == sorted(want)
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
