@@ -255,7 +255,8 @@ def main():
   compiles = (trainer.update_trace_count, trainer.sampler.trace_count)
   caches = ([_cache_size(step) for step in steps.values()],
             _cache_size(trainer.sampler._generate_jit))  # pylint: disable=protected-access
-  ok = (compiles == (len(steps), 1) and all(c in (None, 1) for c in caches[0])
+  # A variant compiled ahead (at the batch shape's first update) but never called holds 0 entries.
+  ok = (compiles == (len(steps), 1) and all(c in (None, 0, 1) for c in caches[0])
         and caches[1] in (None, 1))
   variants = ", ".join(f"{'shared-prompt' if shared else 'row'} path" + (" + term norms" if norms
                                                                          else "")

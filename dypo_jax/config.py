@@ -40,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
       arch="qwen2", vocab_size=512, embed_dim=128, num_layers=2, num_heads=4, num_kv_heads=2,
       head_dim=32, mlp_dim=512, rope_theta=10000.0, rms_norm_eps=1e-6, tie_embeddings=False,
       qkv_bias=True, qk_norm=False, max_seq_len=512, param_dtype="float32", dtype="float32",
-      remat=False, init_std=0.02,
+      remat="none", init_std=0.02,
       # Attention in blocks of this many queries (0: off): bounds the [T, S] attention logits,
       # which at 8k-token rows do not fit a TPU's HBM (see dypo_jax.tools.aot). Same result.
       attention_chunk=0,
@@ -156,7 +156,7 @@ def base_config() -> ml_collections.ConfigDict:
       per_term_grad_norms=True,
       # A batch of groups only (no packed Hard slot) runs each prompt once and its K responses
       # against copies of its KV cache: the prompt's share of the update costs 1/K. The cached
-      # forward is not rematerialised, so this needs model.remat=False.
+      # forward is not rematerialised, so this needs model.remat="none".
       shared_prompt=True,
   ))
 
@@ -205,7 +205,7 @@ _NON_NEGATIVE = _range(0)
 _DTYPES = _choice("float32", "bfloat16", "float16")
 
 _RULES: dict[str, _Rule] = {
-    "model.arch": _choice(*transformer.ARCHS),
+    "model.arch": _choice(*transformer.ARCHS), "model.remat": _choice(*transformer.REMAT_POLICIES),
     "model.vocab_size": _POSITIVE, "model.embed_dim": _POSITIVE, "model.num_layers": _POSITIVE,
     "model.num_heads": _POSITIVE, "model.num_kv_heads": _POSITIVE, "model.head_dim": _POSITIVE,
     "model.mlp_dim": _POSITIVE, "model.rope_theta": _POSITIVE, "model.rms_norm_eps": _POSITIVE,
@@ -360,8 +360,8 @@ def _validate_relations(c: ml_collections.ConfigDict) -> None:
   if t.update_prompts % t.micro_batches:
     raise ConfigError(f"train.update_prompts={t.update_prompts} must be a multiple of "
                       f"train.micro_batches={t.micro_batches}")
-  if t.shared_prompt and m.remat:
-    raise ConfigError("train.shared_prompt=True needs model.remat=False (the prompt's KV cache "
+  if t.shared_prompt and m.remat != "none":
+    raise ConfigError("train.shared_prompt=True needs model.remat='none' (the prompt's KV cache "
                       "is read by a cached forward, which is not rematerialised); set one off")
   if c.rl.clip_low >= 1:
     raise ConfigError(f"rl.clip_low={c.rl.clip_low} must be < 1 (the ratio floor 1 - clip_low)")

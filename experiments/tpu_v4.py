@@ -57,7 +57,7 @@ def get_config(variant: str = ""):
     raise ValueError(f"unknown variant {variant!r} of experiments/tpu_v4.py; allowed: ''")
   c = config_lib.base_config()
   c.model.update(model_fields(QWEN25_MATH_7B, max_seq_len=PROMPT_BUCKETS[-1] + RESPONSE_LEN))
-  c.model.update(dict(init="hf", hf_path=HF_PATH, remat=True, logprob_impl="chunked",
+  c.model.update(dict(init="hf", hf_path=HF_PATH, remat="full", logprob_impl="chunked",
                       vocab_chunk=4096, attention_chunk=1024, mlp_chunk=1024))
   c.mesh.update(dict(data=1, fsdp=8, tensor=4))
   c.tokenizer.update(dict(kind="hf", path=HF_PATH, template="qwen_chat"))

@@ -35,7 +35,7 @@ def test_tiny_train_step_and_sampler_compile_for_v4_with_positive_memory():
     from dypo_jax.parallel import sharding
     from dypo_jax.tools import aot
     c = config_lib.load_experiment("experiments/cpu_tiny.py", "quick")
-    c.model.update(dict(remat=True, attention_chunk=32, dtype="bfloat16"))
+    c.model.update(dict(remat="full", attention_chunk=32, dtype="bfloat16"))
     c.mesh.update(dict(data=1, fsdp=2, tensor=2))
     c.train.update(dict(update_prompts=8, micro_batches=2, per_term_grad_norms=False,
                         shared_prompt=False))

@@ -73,7 +73,7 @@ def test_relations_are_checked():
   with pytest.raises(config_lib.ConfigError, match="model.num_heads=6"):
     config_lib.validate(c)
   c = config_lib.base_config()
-  c.model.remat = True  # The shared-prompt update reads a cache, which is not rematerialised.
+  c.model.remat = "full"  # The shared-prompt update reads a cache, which is not rematerialised.
   with pytest.raises(config_lib.ConfigError, match="train.shared_prompt=True needs model.remat"):
     config_lib.validate(c)
   c.train.shared_prompt = False

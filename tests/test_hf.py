@@ -388,9 +388,9 @@ def test_from_pretrained_onto_a_mesh(tmp_path, fake_devices):
       mesh = sharding.make_mesh({{"fsdp": 2, "tensor": 2}})
       model = hf.from_pretrained({str(tmp_path / "ckpt")!r}, mesh=mesh)
       emb = model.embedding.get_value()
-      q = model.blocks[0].attn.q_proj.get_value()
+      q = model.blocks.attn.q_proj.get_value()
       assert emb.sharding.spec == P("tensor", "fsdp"), emb.sharding
-      assert q.sharding.spec == P("fsdp", "tensor", None), q.sharding
+      assert q.sharding.spec == P(None, "fsdp", "tensor", None), q.sharding
       assert len(emb.addressable_shards) == 4 and emb.addressable_shards[0].data.shape == (48, 24)
       tokens = np.array({tokens.tolist()}); mask = np.array({mask.tolist()})
       got = np.asarray(model(jnp.asarray(tokens), input_mask=jnp.asarray(mask)))
@@ -408,7 +408,7 @@ def test_compute_options_reach_the_model_and_unknown_ones_are_refused(tmp_path):
                                   num_kv_heads=1, head_dim=8, mlp_dim=32)
   models_lib.save_pretrained(models_lib.Transformer(config, rngs=nnx.Rngs(0)), str(tmp_path))
   model = models_lib.from_pretrained(str(tmp_path), compute_options=dict(
-      remat=True, attention_chunk=4, mlp_chunk=4))
-  assert model.config.remat and model.config.attention_chunk == 4 and model.config.mlp_chunk == 4
+      remat="full", attention_chunk=4, mlp_chunk=4))
+  assert model.config.remat == "full" and model.config.attention_chunk == 4 and model.config.mlp_chunk == 4
   with pytest.raises(ValueError, match="compute_options \\['vocab_size'\\]"):
     models_lib.from_pretrained(str(tmp_path), compute_options=dict(vocab_size=64))

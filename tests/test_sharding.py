@@ -40,9 +40,10 @@ def test_sharded_forward_equals_single_device_and_specs_follow_rules(fake_device
     model = sharding.create_sharded(lambda: models.Transformer(config, rngs=nnx.Rngs(0)),
                                     mesh, rules)
     single = models.Transformer(config, rngs=nnx.Rngs(0))
-    q = model.blocks[0].attn.q_proj.value
-    assert tuple(q.sharding.spec) == ("fsdp", "tensor", None), q.sharding.spec
-    assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (16, 2, 8)
+    q = model.blocks.attn.q_proj.value  # [L, D, N, H]: the layer axis is never split.
+    assert tuple(q.sharding.spec) == (None, "fsdp", "tensor", None), q.sharding.spec
+    assert len(q.addressable_shards) == 8
+    assert q.addressable_shards[0].data.shape == (config.num_layers, 16, 2, 8)
     emb = model.embedding.value
     assert tuple(emb.sharding.spec) == ("tensor", "fsdp")
     tokens = jax.random.randint(jax.random.key(1), (4, 7), 0, 64)

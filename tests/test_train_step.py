@@ -84,7 +84,9 @@ def test_micro_batches_equal_big_batch(agg_mode):
   for name in ("loss/total", "loss/sft", "loss/grpo", "loss/gal", "grad/norm", "grad/norm_sft",
                "grad/norm_grpo", "grad/norm_gal", "policy/entropy", "policy/kl", "gal/pairs"):
     np.testing.assert_allclose(small[name], big[name], rtol=2e-5, atol=1e-6, err_msg=name)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+  # Adam divides by sqrt(v): a gradient entry near zero turns float-order noise into up to
+  # ~1e-3 of a step (lr 1e-3), hence atol 5e-6 on the parameters.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-6),
                small_state.params, big_state.params)
 
 
@@ -193,7 +195,7 @@ def test_sharded_step_equals_single_device(fake_devices):
     new_state, sharded = t.sharded_run(mesh, activation_sharding=False)
     for k in ("loss/total", "grad/norm", "loss/gal", "policy/kl"):
       np.testing.assert_allclose(sharded[k], single[k], rtol=1e-5, atol=1e-6, err_msg=k)
-    spec = new_state.params["blocks"][0]["attn"]["q_proj"].value.sharding.spec
+    spec = new_state.params["blocks"]["attn"]["q_proj"].value.sharding.spec
     print("OK", spec)
   """)
   assert "OK" in out and "fsdp" in out
@@ -240,7 +242,7 @@ def test_one_item_micro_batches_split_by_rows_equal_single_device(fake_devices):
     for k in ("loss/total", "loss/sft", "loss/grpo", "loss/gal", "grad/norm", "policy/kl",
               "policy/entropy", "grad/norm_gal"):
       np.testing.assert_allclose(sharded[k], single[k], rtol=2e-5, atol=1e-6, err_msg=k)
-    spec = new_state.params["blocks"][0]["attn"]["q_proj"].value.sharding.spec
+    spec = new_state.params["blocks"]["attn"]["q_proj"].value.sharding.spec
     print("OK", spec)
   """)
   assert "OK" in out and "fsdp" in out
@@ -329,7 +331,7 @@ def test_shared_prompt_path_equals_row_path(micro_batches):
       step_config(micro_batches=micro_batches, shared_prompt=True), batch)
   for name, value in rows.items():
     np.testing.assert_allclose(shared[name], value, rtol=2e-5, atol=2e-6, err_msg=name)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-6),  # As above.
                shared_state.params, rows_state.params)
 
 

@@ -80,7 +80,7 @@ def test_bfloat16_compute_keeps_float32_logits_and_remat_matches():
   assert logits.dtype == jnp.float32
   ref = models.Transformer(tiny(), rngs=nnx.Rngs(0))(tokens)
   assert float(jnp.abs(logits - ref).max()) < 0.1
-  remat = models.Transformer(tiny(remat=True), rngs=nnx.Rngs(0))
+  remat = models.Transformer(tiny(remat="full"), rngs=nnx.Rngs(0))
   grads = lambda m: jax.grad(lambda st: nnx.merge(nnx.graphdef(m), st)(tokens).sum())(
       nnx.state(m))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
@@ -95,7 +95,61 @@ def test_param_count_matches_config_and_axes_are_named():
   state = nnx.state(models.Transformer(tiny(), rngs=nnx.Rngs(0)))
   axes = {a for v in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
           for a in v.get_metadata()["axes"]}
-  assert axes == {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp"}
+  assert axes == {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers"}
+
+
+def test_layer_parameters_are_stacked_on_a_leading_layers_axis():
+  model = models.Transformer(tiny(num_layers=3), rngs=nnx.Rngs(0))
+  for path, var in jax.tree_util.tree_flatten_with_path(
+      nnx.state(model.blocks), is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
+    assert var.get_metadata()["axes"][0] == "layers", path
+    assert var.get_value().shape[0] == 3, path
+  q = model.blocks.attn.q_proj.get_value()
+  assert not np.allclose(q[0], q[1]) and not np.allclose(q[1], q[2])  # Each layer its own draw.
+
+
+def _layer_by_layer_logits(model, tokens):
+  """The forward as a Python loop over the stacked layers: what the scan must compute."""
+  c = model.config
+  mask = jnp.ones(tokens.shape, jnp.bool_)
+  positions, attention = models.positions_from_mask(mask), models.causal_mask(mask)
+  graphdef, layers = nnx.split(model.blocks)
+  x = model.embedding.get_value()[tokens]
+  for i in range(c.num_layers):
+    block = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], layers))
+    x, _ = block(x, positions=positions, attention_mask=attention, layer_cache=None,
+                 end_index=None)
+  return model.logits_from_hidden(model.final_norm(x))
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "dots", "dots_no_batch"])
+def test_the_scan_over_layers_equals_a_loop_over_them_for_every_remat_policy(remat):
+  model = models.Transformer(tiny(num_layers=3, remat=remat), rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(2), (2, 7), 0, 61)
+  np.testing.assert_allclose(model(tokens), _layer_by_layer_logits(model, tokens), atol=1e-5)
+  grads = lambda f: jax.grad(lambda st: f(nnx.merge(nnx.graphdef(model), st)).sum())(
+      nnx.state(model))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               grads(lambda m: m(tokens)), grads(lambda m: _layer_by_layer_logits(m, tokens)))
+
+
+def test_init_and_forward_programs_do_not_grow_with_depth():
+  # The compile-time property: one layer's program, scanned (or vmapped), at any depth.
+  def sizes(num_layers):
+    config = tiny(num_layers=num_layers, remat="full")
+    init = jax.make_jaxpr(lambda: nnx.state(models.Transformer(config, rngs=nnx.Rngs(0))))()
+    model = models.Transformer(config, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    tokens = jnp.zeros((1, 5), jnp.int32)
+    loss = lambda st: nnx.merge(graphdef, st)(tokens).sum()
+    backward = jax.make_jaxpr(jax.grad(loss))(state)
+    return len(init.jaxpr.eqns), len(backward.jaxpr.eqns)
+  assert sizes(2) == sizes(12)
+
+
+def test_an_unknown_remat_policy_is_named():
+  with pytest.raises(ValueError, match="model.remat='some'; allowed: .'none', 'full'"):
+    tiny(remat="some")
 
 
 def test_bad_architecture_values_are_named():
@@ -110,7 +164,7 @@ def test_bad_architecture_values_are_named():
 def test_query_chunked_attention_and_mlp_equal_plain_forward_and_gradients(chunk):
   # 9 and 11 tokens do not divide by 3 or 4 (padded blocks); 16 exceeds T (the plain path).
   plain = models.Transformer(tiny(), rngs=nnx.Rngs(0))
-  chunked = models.Transformer(tiny(attention_chunk=chunk, mlp_chunk=chunk + 1, remat=True),
+  chunked = models.Transformer(tiny(attention_chunk=chunk, mlp_chunk=chunk + 1, remat="full"),
                                rngs=nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.key(3), (2, 11), 0, 61)
   mask = jnp.arange(11)[None, :] >= jnp.array([[0], [2]])  # Row 1 left-padded by 2.
@@ -139,7 +193,7 @@ def test_query_chunked_attention_and_mlp_equal_plain_forward_and_gradients(chunk
 def test_remat_works_when_params_come_from_an_outer_trace():
   # The train step evaluates its loss under jax.eval_shape and the sampler decodes inside a
   # while_loop, both with Params merged from the enclosing jit: remat must not write them back.
-  model = models.Transformer(tiny(remat=True, attention_chunk=4, mlp_chunk=4), rngs=nnx.Rngs(0))
+  model = models.Transformer(tiny(remat="full", attention_chunk=4, mlp_chunk=4), rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
   tokens = jnp.arange(9)[None] % 61
 

@@ -54,10 +54,11 @@ class _Spec:
   only reshaped (biases, norms, embeddings).
   """
   hf_name: str
-  path: tuple[str | int, ...]  # Our state path, e.g. ("blocks", 0, "attn", "q_proj").
+  path: tuple[str | int, ...]  # Our state path, e.g. ("blocks", "attn", "q_proj").
   hf_shape: tuple[int, ...]
-  shape: tuple[int, ...]
+  shape: tuple[int, ...]  # One layer's, for a layer tensor (ours stacks them: [L, *shape]).
   linear: bool
+  layer: int | None = None  # Which row of the stacked parameter; None outside the layers.
 
   def to_ours(self, w: np.ndarray) -> np.ndarray:
     return (w.T if self.linear else w).reshape(self.shape)
@@ -74,31 +75,45 @@ def _specs(c: ModelConfig) -> list[_Spec]:
                        c.vocab_size)
   specs = [_Spec("model.embed_tokens.weight", ("embedding",), (v, d), (v, d), False)]
   for i in range(c.num_layers):
-    p, b = f"model.layers.{i}.", ("blocks", i)
+    p, b = f"model.layers.{i}.", ("blocks",)
     attn, mlp = b + ("attn",), b + ("mlp",)
-    specs.append(_Spec(p + "input_layernorm.weight", b + ("input_norm", "scale"), (d,), (d,),
-                       False))
+
+    def layer(*args, i=i):  # A tensor of layer i: one row of a stacked parameter.
+      specs.append(_Spec(*args, layer=i))
+
+    layer(p + "input_layernorm.weight", b + ("input_norm", "scale"), (d,), (d,), False)
     for name, heads in (("q", n), ("k", kv), ("v", kv)):
-      specs.append(_Spec(p + f"self_attn.{name}_proj.weight", attn + (f"{name}_proj",),
-                         (heads * h, d), (d, heads, h), True))
+      layer(p + f"self_attn.{name}_proj.weight", attn + (f"{name}_proj",), (heads * h, d),
+            (d, heads, h), True)
       if c.qkv_bias:
-        specs.append(_Spec(p + f"self_attn.{name}_proj.bias", attn + (f"{name}_bias",),
-                           (heads * h,), (heads, h), False))
-    specs.append(_Spec(p + "self_attn.o_proj.weight", attn + ("o_proj",), (d, n * h), (n, h, d),
-                       True))
+        layer(p + f"self_attn.{name}_proj.bias", attn + (f"{name}_bias",), (heads * h,),
+              (heads, h), False)
+    layer(p + "self_attn.o_proj.weight", attn + ("o_proj",), (d, n * h), (n, h, d), True)
     if c.qk_norm:
       for name in ("q_norm", "k_norm"):
-        specs.append(_Spec(p + f"self_attn.{name}.weight", attn + (name, "scale"), (h,), (h,),
-                           False))
-    specs.append(_Spec(p + "post_attention_layernorm.weight", b + ("post_attn_norm", "scale"),
-                       (d,), (d,), False))
-    specs.append(_Spec(p + "mlp.gate_proj.weight", mlp + ("gate_proj",), (f, d), (d, f), True))
-    specs.append(_Spec(p + "mlp.up_proj.weight", mlp + ("up_proj",), (f, d), (d, f), True))
-    specs.append(_Spec(p + "mlp.down_proj.weight", mlp + ("down_proj",), (d, f), (f, d), True))
+        layer(p + f"self_attn.{name}.weight", attn + (name, "scale"), (h,), (h,), False)
+    layer(p + "post_attention_layernorm.weight", b + ("post_attn_norm", "scale"), (d,), (d,),
+          False)
+    layer(p + "mlp.gate_proj.weight", mlp + ("gate_proj",), (f, d), (d, f), True)
+    layer(p + "mlp.up_proj.weight", mlp + ("up_proj",), (f, d), (d, f), True)
+    layer(p + "mlp.down_proj.weight", mlp + ("down_proj",), (d, f), (f, d), True)
   specs.append(_Spec("model.norm.weight", ("final_norm", "scale"), (d,), (d,), False))
   if not c.tie_embeddings:
     specs.append(_Spec("lm_head.weight", ("lm_head",), (v, d), (d, v), True))
   return specs
+
+
+def _specs_by_path(specs: list[_Spec]) -> dict[tuple, list[_Spec]]:
+  """Our parameter path -> its HF tensors (one, or one per layer in layer order)."""
+  groups: dict[tuple, list[_Spec]] = {}
+  for spec in specs:
+    groups.setdefault(spec.path, []).append(spec)
+  return groups
+
+
+def _stacked_shape(group: list[_Spec]) -> tuple[int, ...]:
+  """Our parameter's shape: [L, *one layer's] for layer tensors."""
+  return group[0].shape if group[0].layer is None else (len(group),) + group[0].shape
 
 
 def _path_key(path) -> tuple[str | int, ...]:
@@ -232,7 +247,7 @@ def _build(config: ModelConfig, source, *, shardings_for=None) -> Transformer:
   abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_state, is_leaf=_is_variable)
-  by_path = {s.path: s for s in specs}
+  by_path = _specs_by_path(specs)
   paths = [_path_key(p) for p, _ in leaves]
   if set(paths) != set(by_path):  # The Transformer grew or lost a parameter: fix _specs.
     raise RuntimeError(f"hf.py has no mapping for parameters {sorted(set(paths) - set(by_path))} "
@@ -241,11 +256,14 @@ def _build(config: ModelConfig, source, *, shardings_for=None) -> Transformer:
   np_dtype = jnp.dtype(config.param_dtype)
   new_leaves = []
   for path, (_, var) in zip(paths, leaves):
-    spec = by_path[path]
-    if var.get_value().shape != spec.shape:
+    group = by_path[path]
+    if var.get_value().shape != _stacked_shape(group):
       raise RuntimeError(f"parameter {path} has shape {var.get_value().shape}; hf.py expects "
-                         f"{spec.shape}")
-    host = spec.to_ours(source.read(spec.hf_name)).astype(np_dtype)
+                         f"{_stacked_shape(group)}")
+    # A layer parameter is every layer's tensor stacked on the host, one parameter at a time.
+    host = np.stack([spec.to_ours(source.read(spec.hf_name)).astype(np_dtype) for spec in group])
+    if group[0].layer is None:
+      host = host[0]
     sharding = shardings.get(path)
     if sharding is None:
       value = jnp.asarray(host)
@@ -336,9 +354,13 @@ def hf_state_dict(model: Transformer, *, dtype: str | None = None) -> dict[str, 
   flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_variable)[0]
   params = {_path_key(p): var.get_value() for p, var in flat}
   out = {}
-  for s in _specs(c):
-    x = _to_host(params[s.path])
-    out[s.hf_name] = s.to_hf(x.astype(jnp.dtype(dtype)) if dtype is not None else x)
+  for path, group in _specs_by_path(_specs(c)).items():
+    x = _to_host(params[path])  # Gathered once: [L, ...] for a layer parameter.
+    if dtype is not None:
+      x = x.astype(jnp.dtype(dtype))
+    for spec in group:
+      out[spec.hf_name] = spec.to_hf(x if spec.layer is None else x[spec.layer])
+  out = {spec.hf_name: out[spec.hf_name] for spec in _specs(c)}  # Checkpoint order.
   if c.arch == "qwen2" and not c.qkv_bias:
     bias_dtype = jnp.dtype(dtype or c.param_dtype)
     for i in range(c.num_layers):

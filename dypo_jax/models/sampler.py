@@ -199,7 +199,7 @@ class _DecodeState:
   logprobs: jax.Array  # [R, T] float32
   done: jax.Array  # [R] bool: sampled a stop id.
   lengths: jax.Array  # [R] int32
-  cache: transformer.KVCache  # [R, S] per layer; end_index = P + step - 1.
+  cache: transformer.KVCache  # [L, R, KV, S, H]; end_index = P + step - 1.
 
 
 class Sampler:
@@ -370,7 +370,7 @@ class Sampler:
     b, p = prompt_tokens.shape
     k, t = num_samples, max_new_tokens
     r, s = b * k, p + t
-    batch_axes = ("batch", "kv_heads", None, "head_dim")  # A KVCache entry [R, KV, S, H].
+    cache_axes = (None, "batch", "kv_heads", None, "head_dim")  # KVCache.k / .v [L, R, KV, S, H].
 
     # Prefill the B prompts once.
     slots = jnp.arange(s, dtype=jnp.int32)  # [S]
@@ -388,8 +388,8 @@ class Sampler:
 
     # Share each prompt's cache with its K samples: rows r = b * K + k.
     cache = cache.repeat(k)
-    cache = cache.replace(k=tuple(self._constrain(x, batch_axes) for x in cache.k),
-                          v=tuple(self._constrain(x, batch_axes) for x in cache.v))
+    cache = cache.replace(k=self._constrain(cache.k, cache_axes),
+                          v=self._constrain(cache.v, cache_axes))
     logits = jnp.repeat(logits, k, axis=0)  # [R, V]
     row_pad_start = jnp.repeat(pad_start, k)  # [R]
     row_lengths = jnp.repeat(prompt_lengths, k)  # [R]

@@ -16,6 +16,13 @@ import jax
 import jax.numpy as jnp
 
 ARCHS = ("qwen2", "qwen3", "llama")
+# model.remat -> the `jax.checkpoint` policy of one scanned layer (None: no checkpoint at all).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -38,7 +45,10 @@ class ModelConfig:
   max_seq_len: int = 2048  # Context length: prompt + response must fit.
   param_dtype: str = "float32"
   dtype: str = "float32"  # Compute dtype; logits are always float32.
-  remat: bool = False  # Recompute each block's activations in the backward pass.
+  # What each layer keeps for the backward pass (REMAT_POLICIES): "none" keeps every
+  # activation; "full" recomputes the layer; "dots" keeps matmul outputs, "dots_no_batch" those
+  # without batch dimensions (the weight products), and recomputes the rest.
+  remat: str = "none"
   # Attention over query blocks of this many tokens (0: all at once). Bounds the [T, S] logits
   # to [attention_chunk, S] per step, forward and backward; same result.
   attention_chunk: int = 0
@@ -56,6 +66,8 @@ class ModelConfig:
           f"model.num_kv_heads={self.num_kv_heads}")
     if self.head_dim % 2:
       raise ValueError(f"model.head_dim={self.head_dim} must be even (RoPE rotates pairs)")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"model.remat={self.remat!r}; allowed: {tuple(REMAT_POLICIES)}")
     if self.attention_chunk < 0:
       raise ValueError(f"model.attention_chunk={self.attention_chunk} must be >= 0 (0: off)")
     if self.mlp_chunk < 0:
@@ -76,34 +88,32 @@ class ModelConfig:
 
 @flax.struct.dataclass
 class KVCache:
-  """Per-layer keys and values; slots [0, end_index) hold written entries.
+  """Keys and values of every layer, stacked; slots [0, end_index) hold written entries.
 
   Prompts are left-padded to a common length, so one write index serves the whole batch; which
   slots are real tokens is the caller's attention mask.
   """
-  # Slots on the third axis, so a decode step's attention reads the cache as laid out (with the
-  # slots second, XLA:CPU copied the whole cache into this layout at every step).
-  k: tuple[jax.Array, ...]  # L x [B, KV, S, H]
-  v: tuple[jax.Array, ...]  # L x [B, KV, S, H]
+  # Slots on the fourth axis, so a decode step's attention reads a layer's cache as laid out (with
+  # the slots before the heads, XLA:CPU copied the whole cache into this layout at every step).
+  k: jax.Array  # [L, B, KV, S, H]
+  v: jax.Array  # [L, B, KV, S, H]
   end_index: jax.Array  # [] int32
 
   @classmethod
   def zeros(cls, config: ModelConfig, batch: int, length: int, dtype=None) -> "KVCache":
     dtype = jnp.dtype(dtype or config.dtype)
-    shape = (batch, config.num_kv_heads, length, config.head_dim)
-    return cls(
-        k=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-        v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-        end_index=jnp.zeros((), jnp.int32))
+    shape = (config.num_layers, batch, config.num_kv_heads, length, config.head_dim)
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+               end_index=jnp.zeros((), jnp.int32))
 
   @property
   def length(self) -> int:
-    return self.k[0].shape[2]
+    return self.k.shape[3]
 
   def repeat(self, n: int) -> "KVCache":
-    """Each batch row repeated n times in place ([B, ...] -> [B*n, ...]): k samples per prompt."""
-    rep = lambda x: jnp.repeat(x, n, axis=0)
-    return KVCache(k=tuple(map(rep, self.k)), v=tuple(map(rep, self.v)), end_index=self.end_index)
+    """Each batch row repeated n times in place ([L, B, ...] -> [L, B*n, ...]): k samples a prompt."""
+    rep = lambda x: jnp.repeat(x, n, axis=1)
+    return KVCache(k=rep(self.k), v=rep(self.v), end_index=self.end_index)
 
 
 def positions_from_mask(input_mask: jax.Array) -> jax.Array:
@@ -206,7 +216,9 @@ class Attention(nnx.Module):
       self.k_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, axis_name="head_dim", param_dtype=pd)
 
   def __call__(self, x, *, positions, attention_mask, layer_cache, end_index):
-    """x [B, T, D]; attention_mask [B, T, S]; layer_cache (k, v) [B, KV, S, H] or None."""
+    """x [B, T, D]; attention_mask [B, T, S]; layer_cache None, or (k, v, layer) with the whole
+    stacked cache k, v [L, B, KV, S, H] and this layer's index: the new keys are written into
+    it in place and it is returned."""
     c = self.config
     dt = x.dtype
     q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj.value.astype(dt))
@@ -223,11 +235,14 @@ class Attention(nnx.Module):
     k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, KV, T, H], the cache's layout.
 
     if layer_cache is not None:
-      cache_k, cache_v = layer_cache
-      start = (0, 0, end_index, 0)
-      k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
-      v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
-      new_cache = (k, v)
+      # Written into the stacked cache (a loop carry: updated in place), then this layer's
+      # slots read back whole.
+      cache_k, cache_v, layer = layer_cache
+      start = (layer, 0, 0, end_index, 0)
+      cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
+      cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
+      k, v = cache_k[layer], cache_v[layer]
+      new_cache = (cache_k, cache_v)
     else:
       new_cache = None
 
@@ -320,21 +335,19 @@ class Block(nnx.Module):
     return x, new_cache
 
 
-def _remat_block(block: Block, x, positions, attention_mask):
-  """A block whose activations are recomputed in the backward pass (no cache: training only).
+def _stacked_blocks(config: ModelConfig, rngs: nnx.Rngs) -> Block:
+  """The L layers as one Block whose every parameter has a leading layer axis [L, ...] (logical
+  axis "layers"), which `Transformer.forward` scans over.
 
-  A pure `jax.checkpoint` over the block's split state, not `nnx.remat`: nnx.remat writes the
-  block's Params back after the call, which fails when the model's values belong to an outer
-  trace (the train step's `jax.eval_shape` of the loss, the sampler's while_loop).
+  Made by vmapping one layer's initialisation over L keys: the program holds one layer's random
+  draws whatever the depth, so it compiles in the same time at 2 layers as at 28.
   """
-  graphdef, state = nnx.split(block)
-
-  def run(state, h, p, m):
-    out, _ = nnx.merge(graphdef, state)(h, positions=p, attention_mask=m, layer_cache=None,
-                                        end_index=None)
-    return out
-
-  return jax.checkpoint(run)(state, x, positions, attention_mask)
+  keys = jax.random.split(rngs.params(), config.num_layers)
+  graphdef = nnx.split(nnx.eval_shape(lambda: Block(config, rngs=nnx.Rngs(0))))[0]
+  state = jax.vmap(lambda key: nnx.split(Block(config, rngs=nnx.Rngs(params=key)))[1])(keys)
+  state = jax.tree.map(lambda var: var.replace(axes=("layers",) + var.get_metadata()["axes"]),
+                       state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.merge(graphdef, state)
 
 
 class Transformer(nnx.Module):
@@ -345,7 +358,7 @@ class Transformer(nnx.Module):
     self.config = c
     self.embedding = _param(rngs, (c.vocab_size, c.embed_dim), ("vocab", "embed"),
                             c.param_dtype, c.init_std)
-    self.blocks = nnx.List([Block(c, rngs=rngs) for _ in range(c.num_layers)])
+    self.blocks = _stacked_blocks(c, rngs)  # Every parameter [L, ...].
     self.final_norm = RMSNorm(c.embed_dim, eps=c.rms_norm_eps, axis_name="embed",
                               param_dtype=c.param_dtype)
     if not c.tie_embeddings:
@@ -400,24 +413,35 @@ class Transformer(nnx.Module):
       positions = split(positions, (rows, seq))
       attention_mask = split(attention_mask, (rows, seq, None))
     x = pin(self.embedding.value.astype(c.dtype)[tokens])  # [B, T, D]
+    # The layers are one scanned program: compile time and program size do not grow with depth.
+    graphdef, layers = nnx.split(self.blocks)
     end_index = cache.end_index if cache is not None else None
-    new_k, new_v = [], []
-    for i, block in enumerate(self.blocks):
-      layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
-      if c.remat and cache is None:
-        x, updated = _remat_block(block, x, positions, attention_mask), None
-      else:
-        x, updated = block(x, positions=positions, attention_mask=attention_mask,
-                           layer_cache=layer_cache, end_index=end_index)
-      x = pin(x)
-      if updated is not None:
-        new_k.append(updated[0])
-        new_v.append(updated[1])
+
+    def apply_layer(h, layer, layer_cache):
+      return nnx.merge(graphdef, layer)(h, positions=positions, attention_mask=attention_mask,
+                                        layer_cache=layer_cache, end_index=end_index)
+
+    if cache is None:
+      def layer_step(h, layer):
+        return pin(apply_layer(h, layer, None)[0]), None
+      policy = REMAT_POLICIES[c.remat]
+      if c.remat != "none":
+        layer_step = jax.checkpoint(layer_step, policy=policy, prevent_cse=False)
+      x, _ = jax.lax.scan(layer_step, x, layers)
+    else:
+      # The stacked cache is carried through the layers, so each layer writes its slots in place.
+      def cached_layer_step(carry, layer_and_index):
+        h, k, v = carry
+        layer, i = layer_and_index
+        h, (k, v) = apply_layer(h, layer, (k, v, i))
+        return (pin(h), k, v), None
+      (x, new_k, new_v), _ = jax.lax.scan(
+          cached_layer_step, (x, cache.k, cache.v),
+          (layers, jnp.arange(c.num_layers, dtype=jnp.int32)))
     x = self.final_norm(x)
     new_cache = None
     if cache is not None:
-      new_cache = KVCache(k=tuple(new_k), v=tuple(new_v),
-                          end_index=cache.end_index + tokens.shape[1])
+      new_cache = KVCache(k=new_k, v=new_v, end_index=cache.end_index + tokens.shape[1])
     out = x if return_hidden else self.logits_from_hidden(x)
     return out, new_cache
 

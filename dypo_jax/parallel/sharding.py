@@ -1,7 +1,7 @@
 """Device mesh, logical-axis rules and sharded parameter creation.
 
-Model code names logical axes only (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, and
-`batch` for activations); the rules in the config map each to a mesh axis (or a tuple of them, or
+Model code names logical axes only (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`,
+`layers`, and `batch` for activations); the rules in the config map each to a mesh axis (or a tuple of them, or
 None for replicated). Parameters are born sharded: abstract shapes first (`nnx.eval_shape`), then
 a jitted init with `out_shardings`.
 """
@@ -26,6 +26,7 @@ DEFAULT_RULES = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
+    ("layers", None),  # The stacked layer axis that the forward scans over: never split.
 )
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
