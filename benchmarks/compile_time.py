@@ -38,11 +38,9 @@ def case_config(case: str):
   width, _, layers = case.partition(":")
   if width not in ("w1", "qwen0.5b") or not layers.isdigit() or int(layers) < 1:
     raise SystemExit(f"--cases: {case!r} is not WIDTH:LAYERS with WIDTH w1 or qwen0.5b")
-  config = w1_config = w1_step.w1_config("dypo", layers=int(layers))
+  config = w1_step.w1_config("dypo", layers=int(layers))
   if width == "qwen0.5b":
     config.model.update(QWEN05_WIDTH)
-  del w1_config
-  config.jax.compilation_cache_dir = ""  # Measure compiles, not cache reads.
   return config
 
 
@@ -57,6 +55,7 @@ def measure(case: str) -> dict:
   from dypo_jax.rl import routing  # pylint: disable=g-import-not-at-top
   from dypo_jax.tools import aot  # pylint: disable=g-import-not-at-top
 
+  jax.config.update("jax_enable_compilation_cache", False)  # Compiles, not cache reads.
   config = case_config(case)
   mesh = sharding.build_mesh(config.mesh)
   rules = sharding.mesh_rules(config)
@@ -78,7 +77,7 @@ def measure(case: str) -> dict:
   prog = program_lib.UpdateProgram.build(config, graphdef=graphdef, params=params, mesh=mesh,
                                          rules=rules, prompt_len=prompt_len,
                                          num_teachers=aot.NUM_TEACHERS)
-  policy = routing.Policy.from_config(config)
+  policy = routing.Policy.from_config(config.rl)
   variants = routing.update_variants(
       policy, shared_prompt=config.train.shared_prompt,
       term_norms=prog.step_cfg.per_term_grad_norms,

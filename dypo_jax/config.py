@@ -76,6 +76,14 @@ def base_config() -> ml_collections.ConfigDict:
       # Temporaries past 2 GB cannot be kept (glibc trims them): set False for such programs.
       host_reuse_memory=True,
   ))
+  c.compile_cache = ml_collections.ConfigDict(dict(
+      # JAX's persistent compilation cache: a restarted or resumed run loads its programs instead
+      # of compiling them again. "workdir": <workdir>/compile_cache (with a gs:// workdir, in the
+      # bucket, which every host of a pod reads); "off"; or any folder or URL (one shared by all
+      # runs of a project). An environment that sets JAX_COMPILATION_CACHE_DIR wins.
+      dir="workdir",
+      min_compile_time_s=1.0,  # Programs that compile faster get no cache entry.
+  ))
   c.distributed = ml_collections.ConfigDict(dict(
       # "auto": initialise when the environment says so (a TPU pod, or the JAX_COORDINATOR_*
       # variables); "always" / "never" force it.
@@ -240,7 +248,7 @@ _RULES: dict[str, _Rule] = {
     "train.num_steps": _NON_NEGATIVE, "train.rollout_prompts": _POSITIVE,
     "train.update_prompts": _POSITIVE, "train.micro_batches": _POSITIVE,
     "train.max_rollouts_per_update": _POSITIVE, "train.max_empty_updates": _POSITIVE,
-    "train.workdir_lock_stale_s": _POSITIVE,
+    "train.workdir_lock_stale_s": _POSITIVE, "compile_cache.min_compile_time_s": _NON_NEGATIVE,
     "train.log_every": _POSITIVE, "train.checkpoint_every": _NON_NEGATIVE,
     "train.keep_checkpoints": _POSITIVE, "train.eval_every": _NON_NEGATIVE,
     "train.max_nonfinite_updates": _POSITIVE,

@@ -82,8 +82,11 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   from dypo_jax.parallel import host  # pylint: disable=g-import-not-at-top
 
-  # Phase: host (a CPU split into devices, programs on the calling thread), before JAX starts.
+  # Phase: host (a CPU split into devices, programs on the calling thread, the compilation
+  # cache), before JAX starts.
   host.configure_host(config.mesh)
+  cache = host.configure_compilation_cache(config.compile_cache, workdir)
+  print(f"compile cache: {cache or 'off'}", flush=True)
   # Phase: distributed.
   host.maybe_initialize_distributed(config.distributed)
   # Phase: workdir lock (one run per workdir; process 0 holds it).

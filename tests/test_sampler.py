@@ -5,6 +5,8 @@ log-probs == teacher-forced log-softmax; sharded == one device. Distributions: c
 the sampling rule on fixed logits (golden values derived by hand in the comments) and of the whole
 sampler's first token against the model's own teacher-forced logits.
 """
+import dataclasses
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -340,3 +342,18 @@ def test_sharded_matches_single_device(fake_devices):
   print("OK", jax.device_count())
   """
   assert "OK 8" in fake_devices(code)
+
+
+@pytest.mark.slow
+def test_bfloat16_compute_reads_weights_cast_once_with_the_models_own_values():
+  # float32 master weights cast by the sampler once a call must sample exactly what weights
+  # stored in bfloat16 sample: the same values reach every matmul.
+  config = dataclasses.replace(CONFIG, dtype="bfloat16")
+  model = Transformer(config, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  as_bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  sampler = sampler_lib.Sampler(graphdef, model_config=config, pad_id=PAD, prompt_buckets=BUCKETS)
+  kw = dict(num_samples=2, max_new_tokens=6, temperature=0.8, rng=jax.random.key(5))
+  master, stored = sampler.sample(params, PROMPTS, **kw), sampler.sample(as_bf16, PROMPTS, **kw)
+  np.testing.assert_array_equal(master.tokens, stored.tokens)
+  np.testing.assert_array_equal(master.logprobs, stored.logprobs)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dypo_jax import config as config_lib
+from dypo_jax import errors
 from dypo_jax.io import checkpoint as checkpoint_lib
 from dypo_jax.io import metrics as metrics_lib
 from dypo_jax.rl import queues as queues_lib
@@ -96,7 +97,7 @@ def test_a_batch_shapes_first_update_compiles_every_variant(tmp_path):
 
 
 @pytest.mark.slow
-def test_queues_and_position_survive_save_and_restore(tmp_path):
+def test_queues_and_position_survive_save_and_restore(tmp_path, monkeypatch):
   # Rollouts of 12 prompts against updates of 8: items stay queued across the checkpoint.
   config = tiny_config("dypo", num_steps=2, rollout_prompts=12, update_prompts=8,
                        checkpoint_every=1)
@@ -129,6 +130,14 @@ def test_queues_and_position_survive_save_and_restore(tmp_path):
   longer = config.copy_and_resolve_references()
   longer.train.num_steps = 7
   assert resume.restore(tiny_runs.build_trainer(longer, str(tmp_path)), ckpt)
+
+  # A checkpoint of another format (another parameter layout) is refused by name before its
+  # arrays are read, and left where it is (not taken for a corrupt one).
+  monkeypatch.setattr(resume, "CHECKPOINT_FORMAT", 3)
+  with pytest.raises(errors.BadInput, match=r"checkpoints/2 has format 2; this version reads "
+                     r"format 3.*tools.export"):
+    resume.restore(tiny_runs.build_trainer(config, str(tmp_path)), ckpt)
+  assert ckpt.all_steps() == [1, 2]
 
 
 @pytest.mark.slow

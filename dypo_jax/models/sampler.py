@@ -366,6 +366,12 @@ class Sampler:
     the shards (they start done, so they never keep the loop running).
     """
     self.trace_count += 1  # Python side effect: runs once per trace.
+    # The weights in the compute dtype, cast once per call (a rollout round) and read by every
+    # decode step: each step would otherwise read the float32 master weights and cast them again.
+    # The same values the model's own casts give, so the samples do not change.
+    compute = jnp.dtype(self.config.dtype)
+    params = jax.tree.map(
+        lambda x: x.astype(compute) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
     model = nnx.merge(self._graphdef, params)
     b, p = prompt_tokens.shape
     k, t = num_samples, max_new_tokens

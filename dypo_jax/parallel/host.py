@@ -1,5 +1,6 @@
 """The host before JAX starts: a CPU split into devices, synchronous dispatch with a heap that keeps
-XLA's temporaries resident, and `jax.distributed` for multi-host jobs. main's platform phase."""
+XLA's temporaries resident, the persistent compilation cache, and `jax.distributed` for multi-host
+jobs. main's platform phase."""
 import ctypes
 import ctypes.util
 import os
@@ -41,6 +42,26 @@ def configure_host_devices(count: int) -> None:
     if have != count:
       raise ValueError(f"mesh.host_devices={count}, but JAX already started with {have} CPU "
                        "device(s); set it before the first JAX call") from None
+
+
+def configure_compilation_cache(cfg: ml_collections.ConfigDict, workdir: str) -> str | None:
+  """Turns on JAX's persistent compilation cache where `compile_cache.dir` says; returns it.
+
+  Before the first compile. JAX_COMPILATION_CACHE_DIR in the environment wins (JAX reads it, and
+  its own JAX_PERSISTENT_CACHE_* settings, itself); "off" leaves the cache off.
+  """
+  from_env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  if from_env:
+    return from_env
+  if cfg.dir == "off":
+    return None
+  path = cfg.dir
+  if path == "workdir":
+    from dypo_jax.io import paths  # pylint: disable=g-import-not-at-top
+    path = paths.join(workdir, "compile_cache")
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", cfg.min_compile_time_s)
+  return path
 
 
 # Whether `configure_host` set synchronous CPU dispatch before JAX started its backends.

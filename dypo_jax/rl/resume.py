@@ -14,12 +14,14 @@ import ml_collections
 import numpy as np
 
 from dypo_jax import config as config_lib
+from dypo_jax import errors
 from dypo_jax.io import checkpoint as checkpoint_lib
 from dypo_jax.parallel import multihost
 from dypo_jax.rl import queues as queues_lib
 
-# Version of what `extras` writes (read by `io.restore` and `tools.export`).
-CHECKPOINT_FORMAT = 1
+# Version of a run's checkpoint (read by `io.restore` and `tools.export`). 2: the model's layer
+# parameters stacked, [L, ...] under `blocks` (1 held one subtree per layer).
+CHECKPOINT_FORMAT = 2
 
 
 # Keys a resumed run may change without changing what the run computes: its length and
@@ -29,7 +31,7 @@ FREE_ON_RESUME = ("workdir", "train.num_steps", "train.log_every", "train.checkp
                   "train.max_empty_updates", "train.micro_batches", "train.per_term_grad_norms",
                   "model.remat", "model.attention_chunk", "model.mlp_chunk", "model.logprob_impl",
                   "model.vocab_chunk", "model.pallas_interpret", "eval.", "mesh.", "distributed.",
-                  "verifier.", "pretrain.")
+                  "verifier.", "pretrain.", "compile_cache.")
 
 
 def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[tuple]:
@@ -71,6 +73,7 @@ def _newest_good_step(ckpt: checkpoint_lib.Checkpointer, abstract: Any):
   None when there is none. A corrupt step (truncated, missing or altered data) is moved aside to
   `checkpoints/corrupt-<step>`, never deleted, and the one before it is tried."""
   for step in reversed(ckpt.all_steps()):
+    _check_format(ckpt, step)  # Before reading arrays laid out another way.
     try:
       state, saved = ckpt.restore(step, abstract_state=abstract)
       return step, state, saved, ckpt.restore_queues(step)
@@ -79,6 +82,19 @@ def _newest_good_step(ckpt: checkpoint_lib.Checkpointer, abstract: Any):
       print(f"resume: WARNING checkpoint step {step} is corrupt and was moved to {moved}; "
             f"trying the step before it. ({e})", flush=True)
   return None
+
+
+def _check_format(ckpt: checkpoint_lib.Checkpointer, step: int) -> None:
+  try:
+    found = ckpt.restore_extras(step).get("format")
+  except ValueError:
+    return  # Unreadable extras: the restore finds the step corrupt and moves it aside.
+  if found != CHECKPOINT_FORMAT:
+    raise errors.BadInput(
+        f"checkpoint {ckpt.step_dir(step)} has format {found!r}; this version reads format "
+        f"{CHECKPOINT_FORMAT} (2 stacks the layer parameters). Export it with the version that "
+        "wrote it (python -m dypo_jax.tools.export) and start from that directory "
+        "(model.init=hf), or use a new --workdir.")
 
 
 def arrays(trainer) -> dict[str, Any]:
@@ -114,9 +130,6 @@ def restore(trainer, ckpt: checkpoint_lib.Checkpointer, *,
     return False
   step, state, saved, queue_bytes = loaded
   where = f"checkpoint {ckpt.step_dir(step)}"
-  if saved.get("format") != CHECKPOINT_FORMAT:
-    raise ValueError(f"{where}: extras format {saved.get('format')!r}; this trainer reads "
-                     f"format {CHECKPOINT_FORMAT}")
   changed = check_config(json.loads(saved["config"]), trainer.config, where=where,
                          allowed=allow_config_change)
   if changed and jax.process_index() == 0:
