@@ -4,6 +4,7 @@ CPU exactly as the Trainer jits it.
 
   python benchmarks/compile_time.py                                  # The issue's depths.
   python benchmarks/compile_time.py --cases w1:2,w1:24 --plot /tmp/compile.png
+  python benchmarks/compile_time.py --plot=new.png --compare=old_output.txt  # Beside another run.
 
 A case is WIDTH:LAYERS with WIDTH "w1" (workload W1: hidden 128, 4/2 heads, MLP 512, vocab 512,
 8 prompts x 8 samples, 32 + 32 tokens) or "qwen0.5b" (Qwen2.5-0.5B: hidden 896, 14/2 heads of 64,
@@ -19,6 +20,7 @@ used (each program is compiled from scratch).
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -110,7 +112,7 @@ def run_case(case: str) -> dict:
 
 def format_table(results: list[dict]) -> str:
   programs = sorted({p for r in results for p in r["seconds"]},
-                    key=lambda p: ("init", "update", "generate").index(p.split("/")[0]))
+                    key=lambda p: (("init", "update", "generate").index(p.split("/")[0]), p))
   head = ["case", "params (M)"] + [f"{p} s" for p in programs] + ["total s", "peak RSS MB"]
   rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in results:
@@ -121,7 +123,21 @@ def format_table(results: list[dict]) -> str:
   return "\n".join(rows)
 
 
-def plot(results: list[dict], path: str) -> None:
+def parse_results(text: str) -> list[dict]:
+  """The cases of another run's printed output (its RESULT lines), e.g. an older checkout's."""
+  results = []
+  for line in text.splitlines():
+    match = re.match(r"RESULT (\S+): (.*); total ([\d.]+)s; peak RSS ([\d.]+) MB", line)
+    if match:
+      case, programs, total, rss = match.groups()
+      seconds = {name: float(value[:-1]) for name, value in
+                 (item.split(" ") for item in programs.split(", "))}
+      results.append({"case": case, "layers": int(case.split(":")[1]), "seconds": seconds,
+                      "total_s": float(total), "peak_rss_mb": float(rss)})
+  return results
+
+
+def plot(results: list[dict], path: str, before: list[dict] = ()) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -134,6 +150,12 @@ def plot(results: list[dict], path: str) -> None:
     for program in ("init", "generate"):
       ax_s.plot(layers, [r["seconds"][program] for r in rs], ".--", label=f"{width} {program}")
     ax_m.plot(layers, [r["peak_rss_mb"] for r in rs], "o-", label=width)
+  for width in sorted({r["case"].split(":")[0] for r in before}):
+    rs = sorted((r for r in before if r["case"].startswith(width + ":")),
+                key=lambda r: r["layers"])
+    layers = [r["layers"] for r in rs]
+    ax_s.plot(layers, [r["total_s"] for r in rs], "x:", color="grey", label=f"{width} total, before")
+    ax_m.plot(layers, [r["peak_rss_mb"] for r in rs], "x:", color="grey", label=f"{width} before")
   ax_s.set(xlabel="layers", ylabel="compile seconds", title="compile time vs depth")
   ax_m.set(xlabel="layers", ylabel="peak RSS MB", title="peak host memory vs depth")
   for ax in (ax_s, ax_m):
@@ -148,6 +170,9 @@ def main():
   ap.add_argument("--cases", default=",".join(DEFAULT_CASES),
                   help="comma-separated WIDTH:LAYERS, WIDTH w1 or qwen0.5b")
   ap.add_argument("--plot", default="", help="write a PNG of seconds and RSS against depth")
+  ap.add_argument("--compare", default="",
+                  help="another run's printed output (e.g. of an older checkout): its cases are "
+                  "plotted beside these as 'before'")
   ap.add_argument("--child", default="", help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.child:
@@ -164,7 +189,11 @@ def main():
           flush=True)
   print(format_table(results))
   if args.plot:
-    plot(results, args.plot)
+    before = []
+    if args.compare:
+      with open(args.compare) as f:
+        before = parse_results(f.read())
+    plot(results, args.plot, before)
     print(f"plot: {args.plot}")
 
 

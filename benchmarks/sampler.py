@@ -13,6 +13,7 @@ Run (from the repository root):
   python benchmarks/sampler.py --devices 2     # 2 host devices, batch split over data=2
 """
 import argparse
+import dataclasses
 import os
 import resource
 import sys
@@ -42,12 +43,15 @@ def main():
   ap.add_argument("--hidden", type=int, default=128)
   ap.add_argument("--layers", type=int, default=2)
   ap.add_argument("--cache-dtype", default=None)
+  ap.add_argument("--dtype", default="float32",
+                  help="the model's compute dtype (parameters stay float32)")
   ap.add_argument("--devices", type=int, default=1,
                   help="host CPU devices; > 1 splits the batch over a data-parallel mesh")
   args = ap.parse_args()
 
   print(f"jax {jax.__version__} devices={jax.devices()}", flush=True)
-  config = w1.model_config(hidden=args.hidden, layers=args.layers)
+  config = dataclasses.replace(w1.model_config(hidden=args.hidden, layers=args.layers),
+                               dtype=args.dtype)
   mesh = None
   if args.devices > 1:
     mesh = sharding.make_mesh({"data": args.devices})

@@ -177,21 +177,22 @@ def make_tokenizer() -> WordTokenizer:
   return tok
 
 
-def make_prompt_texts(n: int, *, seed: int = 0) -> list[str]:
+def make_prompt_texts(n: int, *, seed: int = 0, prompt_words: int = PROMPT_WORDS) -> list[str]:
   tt = _tiny_tok()
   if tt is not None:
-    return tt.make_prompts(n, PROMPT_WORDS, seed=seed)
+    return tt.make_prompts(n, prompt_words, seed=seed)
   rng = random.Random(seed)
   ws = words()
-  return [" ".join(rng.choice(ws) for _ in range(PROMPT_WORDS)) for _ in range(n)]
+  return [" ".join(rng.choice(ws) for _ in range(prompt_words)) for _ in range(n)]
 
 
-def make_records(n: int, *, seed: int = 0) -> list[records_lib.PromptRecord]:
+def make_records(n: int, *, seed: int = 0,
+                 prompt_words: int = PROMPT_WORDS) -> list[records_lib.PromptRecord]:
   """n W1 prompts; each carries one teacher trace (31 even words) for the Hard route."""
   rng = random.Random(seed + 1)
   even = [w for i, w in enumerate(words()) if i % 2 == 0]
   recs = []
-  for i, text in enumerate(make_prompt_texts(n, seed=seed)):
+  for i, text in enumerate(make_prompt_texts(n, seed=seed, prompt_words=prompt_words)):
     trace = " ".join(rng.choice(even) for _ in range(PROMPT_WORDS))
     recs.append(records_lib.PromptRecord(
         uid=f"w1/{i}", prompt=text, answer="even", source="w1",
@@ -236,14 +237,16 @@ def w1_config(method: str = "grpo", *, hidden: int = 128, layers: int = 2, promp
 
 
 def build_trainer(config, *, num_records: int, tokenizer: WordTokenizer | None = None,
-                  workdir: str | None = None) -> trainer_lib.Trainer:
+                  workdir: str | None = None,
+                  prompt_words: int = PROMPT_WORDS) -> trainer_lib.Trainer:
   """A Trainer on the W1 pool of `num_records` prompts (taken in order)."""
   tok = tokenizer or make_tokenizer()
   host.configure_host(config.mesh)
   mesh = sharding.build_mesh(config.mesh)
   host.keep_host_heap(config.mesh)
   model = build.build_model(config, mesh, tok)
-  pools = {"train": make_records(num_records, seed=config.seed), "eval_id": [], "eval_ood": []}
+  pools = {"train": make_records(num_records, seed=config.seed, prompt_words=prompt_words),
+           "eval_id": [], "eval_ood": []}
   workdir = workdir or tempfile.mkdtemp(prefix="dypo-w1-")
   return trainer_lib.Trainer(config, workdir=workdir, mesh=mesh, tokenizer=tok, model=model,
                              pools=pools)

@@ -32,6 +32,22 @@ def test_profile_step_tiny():
 
 
 @pytest.mark.slow
+def test_gpu_step_tiny():  # G1's script at toy sizes on the CPU.
+  out = _run([sys.executable, "benchmarks/gpu_step.py", "--tiny", "--steps", "1"])
+  for needle in ("RESULT dypo_jax_grpo steps/s", "decode roofline", "MFU",
+                 "first step (compiles)"):
+    assert needle in out, needle
+
+
+@pytest.mark.slow
+def test_compile_time_one_case(tmp_path):
+  png = tmp_path / "compile.png"
+  out = _run([sys.executable, "benchmarks/compile_time.py", "--cases", "w1:1", "--plot",
+              str(png)])
+  assert "RESULT w1:1: init" in out and "| w1:1 |" in out and png.stat().st_size > 1000
+
+
+@pytest.mark.slow
 def test_scaling_quick(tmp_path):
   png = tmp_path / "scaling.png"
   out = _run([sys.executable, "benchmarks/scaling.py", "--quick", "--axes", "T", "--reps", "1",
