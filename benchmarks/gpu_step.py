@@ -39,8 +39,7 @@ def g1_config(args):
   """W1's config reshaped to G1 (see module docstring)."""
   c = w1_step.w1_config(args.method, prompts=args.prompts, k=args.gens,
                         new_tokens=args.new_tokens, kl_coef=0.04,
-                        num_steps=args.warmup + args.steps, micro_batches=args.micro_batches,
-                        host_reuse_memory=jax.default_backend() == "cpu")
+                        num_steps=args.warmup + args.steps, micro_batches=args.micro_batches)
   model = dict(G1_MODEL, num_layers=args.layers)
   if args.tiny:
     model.update(embed_dim=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128,
