@@ -27,6 +27,9 @@ TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = f"{TEST_XLA_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
 
 import pytest  # pylint: disable=g-import-not-at-top
+# matplotlib builds its font cache on first use by running `fc-list`; a fresh install would do it
+# inside whichever quick test plots first, where subprocesses are refused (below). Build it here.
+import matplotlib.font_manager  # pylint: disable=g-import-not-at-top,unused-import
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -204,11 +204,16 @@ def test_make_pools_and_ood_differ_from_id():
   assert any(tasks.ALL_TASKS[r.source].family == "addsub" for r in pools["eval_ood"])
   for r in pools["train"]:
     assert _problem_of(r).prompt == r.prompt and len(r.teachers) == 3
-  # OOD problems are never ID problems: sample both broadly and compare canonical keys.
+  # OOD problems are never ID problems: sample both broadly and compare canonical keys. A format
+  # shift asks ID problems (from the eval split only) in a way no ID prompt is written.
   rng = random.Random(9)
   id_keys = {s.sample(rng).key for s in tasks.ID_TASKS.values() for _ in range(3000)}
-  ood_keys = {s.sample(rng).key for s in tasks.OOD_TASKS.values() for _ in range(1000)}
+  ood_keys = {s.sample(rng).key for s in tasks.OOD_TASKS.values() for _ in range(1000)
+              if s.prompt_format == "plain"}
   assert not id_keys & ood_keys
+  spaced = [r for r in pools["eval_ood"] if r.source == "add_spaced"]
+  assert spaced and all(" + " in r.prompt and r.prompt.endswith(" = ?") for r in spaced)
+  assert all(tasks.split_of(_problem_of(r)) == "eval" for r in spaced)
   assert not {r.prompt for r in pools["eval_ood"]} & {r.prompt for r in pools["eval_id"]}
 
 

@@ -129,7 +129,8 @@ def test_the_scan_over_layers_equals_a_loop_over_them_for_every_remat_policy(rem
   np.testing.assert_allclose(model(tokens), _layer_by_layer_logits(model, tokens), atol=1e-5)
   grads = lambda f: jax.grad(lambda st: f(nnx.merge(nnx.graphdef(model), st)).sum())(
       nnx.state(model))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+  # Gradients here reach ~7; the two programs sum in different orders (float32 noise ~1e-6).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                grads(lambda m: m(tokens)), grads(lambda m: _layer_by_layer_logits(m, tokens)))
 
 

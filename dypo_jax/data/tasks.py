@@ -9,7 +9,13 @@ In-distribution (ID_TASKS):
   mul          two-digit x one-digit (2..9)       "47*6=?"
   gcd          two different numbers in 2..60     "gcd(42,18)=?"
   lineq        a*x+b=c, a 2..9, x 1..15, b 1..30  "3x+5=38, x=?"
-Out of distribution (OOD_TASKS; no OOD problem is an ID problem):
+Out of distribution (OOD_TASKS), graded by distance from the ID tasks. Near sets shift one thing
+the training distribution never drew, on a scale the ID traces already show:
+  add_5x1      near, composition: exactly 5 terms of 1 digit (ID has at most 4 terms)
+  add_100s     near, value: 2-3 terms of 1-2 digits, one of them in 100..199 (ID terms are < 100;
+               ID running sums already pass 100)
+  add_spaced   near, format: an ID-shaped sum written "12 + 7 + 30 = ?" (ID prompts have no spaces)
+Far sets (every other OOD problem is no ID problem):
   add_long     5-6 terms of 1-2 digits
   add_3digit   2-3 terms of 3 digits
   mul_3x1      three-digit x one-digit
@@ -64,6 +70,13 @@ class TaskSpec:
   ood: bool
   settings: tuple[tuple[str, object], ...]
   sampler: Callable[..., Problem] = dataclasses.field(repr=False)
+  # How the prompt is written ("plain" = Problem.prompt; "spaced" puts spaces around + and =).
+  prompt_format: str = "plain"
+
+  def prompt_of(self, problem: Problem) -> str:
+    if self.prompt_format == "spaced":
+      return problem.prompt.replace("+", " + ").replace("=", " = ")
+    return problem.prompt
 
   @property
   def params(self) -> dict[str, object]:
@@ -82,6 +95,14 @@ def _number(rng: random.Random, digits: tuple[int, int]) -> int:
 def _sample_add(rng: random.Random, *, terms: tuple[int, int],
                 digits: tuple[int, int]) -> Problem:
   return Problem("add", tuple(_number(rng, digits) for _ in range(rng.randint(*terms))))
+
+
+def _sample_add_one_big(rng: random.Random, *, terms: tuple[int, int], digits: tuple[int, int],
+                        big: tuple[int, int]) -> Problem:
+  """`_sample_add` with one term, at a random place, drawn uniformly from `big` instead."""
+  values = [_number(rng, digits) for _ in range(rng.randint(*terms))]
+  values[rng.randrange(len(values))] = rng.randint(*big)
+  return Problem("add", tuple(values))
 
 
 def _sample_mul(rng: random.Random, *, digits: tuple[int, int],
@@ -125,9 +146,9 @@ def _sample_addsub(rng: random.Random, *, terms: tuple[int, int], first: tuple[i
 
 
 def _spec(name: str, family: str, ood: bool, sampler: Callable[..., Problem],
-          **settings) -> TaskSpec:
+          prompt_format: str = "plain", **settings) -> TaskSpec:
   return TaskSpec(name=name, family=family, ood=ood, settings=tuple(settings.items()),
-                  sampler=sampler)
+                  sampler=sampler, prompt_format=prompt_format)
 
 
 ID_TASKS: dict[str, TaskSpec] = {s.name: s for s in (
@@ -138,6 +159,11 @@ ID_TASKS: dict[str, TaskSpec] = {s.name: s for s in (
 )}
 
 OOD_TASKS: dict[str, TaskSpec] = {s.name: s for s in (
+    _spec("add_5x1", "add", True, _sample_add, terms=(5, 5), digits=(1, 1)),
+    _spec("add_100s", "add", True, _sample_add_one_big, terms=(2, 3), digits=(1, 2),
+          big=(100, 199)),
+    _spec("add_spaced", "add", True, _sample_add, prompt_format="spaced", terms=(2, 4),
+          digits=(1, 2)),
     _spec("add_long", "add", True, _sample_add, terms=(5, 6), digits=(1, 2)),
     _spec("add_3digit", "add", True, _sample_add, terms=(2, 3), digits=(3, 3)),
     _spec("mul_3x1", "mul", True, _sample_mul, digits=(3, 3), multiplier=(2, 9)),
@@ -237,7 +263,7 @@ def generate(task_names: Sequence[str], *, num: int, seed: int, split: str,
         rng = random.Random(f"dypo-teachers/{seed}/{uid}/{tname}")
         rate = teachers_lib.error_rate_of(rates, spec.family, tname)
         sols.append(TeacherSolution(teacher=tname, response=teacher(p, rng, error_rate=rate)))
-      records.append(PromptRecord(uid=uid, prompt=p.prompt, answer=str(p.answer),
+      records.append(PromptRecord(uid=uid, prompt=spec.prompt_of(p), answer=str(p.answer),
                                   source=spec.name, teachers=tuple(sols)))
   random.Random(f"dypo-order/{seed}/{split}").shuffle(records)
   return records
