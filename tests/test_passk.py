@@ -68,3 +68,14 @@ def test_summarize():
   assert out["num_prompts"] == 5 and out["num_samples"] == 6
   with pytest.raises(ValueError, match="k must be in"):
     passk.summarize(correct, ks=(7,))
+
+
+def test_pass_at_1_by_source_averages_each_sets_prompts():
+  from dypo_jax.data import records  # pylint: disable=g-import-not-at-top
+  from dypo_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  pool = [records.PromptRecord(uid=str(i), prompt="p", answer="1", source=s)
+          for i, s in enumerate(["near", "far", "near", "far", "near"])]
+  # Three prompts were evaluated (evaluate caps at max_prompts): the first three records count.
+  correct = np.array([[1, 1, 0, 0], [0, 0, 0, 1], [1, 1, 1, 1]], bool)
+  got = evaluate.pass_at_1_by_source(pool, correct)
+  assert got == {"far": 0.25, "near": (0.5 + 1.0) / 2}

@@ -211,8 +211,9 @@ def test_make_pools_and_ood_differ_from_id():
   ood_keys = {s.sample(rng).key for s in tasks.OOD_TASKS.values() for _ in range(1000)
               if s.prompt_format == "plain"}
   assert not id_keys & ood_keys
-  spaced = [r for r in pools["eval_ood"] if r.source == "add_spaced"]
-  assert spaced and all(" + " in r.prompt and r.prompt.endswith(" = ?") for r in spaced)
+  spaced = [r for r in pools["eval_ood"] if r.source == "add_space_eq"]
+  assert spaced and all(" " not in r.prompt[:-3] and r.prompt.endswith(" =?") for r in spaced)
+  assert all(0 in _problem_of(r).args for r in pools["eval_ood"] if r.source == "add_zero")
   assert all(tasks.split_of(_problem_of(r)) == "eval" for r in spaced)
   assert not {r.prompt for r in pools["eval_ood"]} & {r.prompt for r in pools["eval_id"]}
 

@@ -9,13 +9,16 @@ In-distribution (ID_TASKS):
   mul          two-digit x one-digit (2..9)       "47*6=?"
   gcd          two different numbers in 2..60     "gcd(42,18)=?"
   lineq        a*x+b=c, a 2..9, x 1..15, b 1..30  "3x+5=38, x=?"
-Out of distribution (OOD_TASKS), graded by distance from the ID tasks. Near sets shift one thing
-the training distribution never drew, on a scale the ID traces already show:
-  add_5x1      near, composition: exactly 5 terms of 1 digit (ID has at most 4 terms)
-  add_100s     near, value: 2-3 terms of 1-2 digits, one of them in 100..199 (ID terms are < 100;
+Out of distribution (OOD_TASKS), graded by distance from the ID tasks. Near and mid sets shift
+one thing the training distribution never drew, on a scale the ID traces already show (the gated
+base models of experiments/study.py, 5 seeds, at 33% ID pass@1: add_zero 17%, add_space_eq 27%,
+add_5x1 3%, add_100s 0.1%, the far sets under 1%):
+  add_zero     near, value: a sum of 3-4 terms of 1-2 digits, one of them 0 (ID terms are >= 1)
+  add_space_eq near, format: an ID-shaped sum written "12+7 =?" (no ID prompt has a space)
+  add_5x1      mid, composition: exactly 5 terms of 1 digit (ID has at most 4 terms)
+  add_100s     mid, value: 2-3 terms of 1-2 digits, one of them in 100..199 (ID terms are < 100;
                ID running sums already pass 100)
-  add_spaced   near, format: an ID-shaped sum written "12 + 7 + 30 = ?" (ID prompts have no spaces)
-Far sets (every other OOD problem is no ID problem):
+Far sets:
   add_long     5-6 terms of 1-2 digits
   add_3digit   2-3 terms of 3 digits
   mul_3x1      three-digit x one-digit
@@ -70,12 +73,12 @@ class TaskSpec:
   ood: bool
   settings: tuple[tuple[str, object], ...]
   sampler: Callable[..., Problem] = dataclasses.field(repr=False)
-  # How the prompt is written ("plain" = Problem.prompt; "spaced" puts spaces around + and =).
+  # How the prompt is written ("plain" = Problem.prompt; "space_eq" puts a space before "=").
   prompt_format: str = "plain"
 
   def prompt_of(self, problem: Problem) -> str:
-    if self.prompt_format == "spaced":
-      return problem.prompt.replace("+", " + ").replace("=", " = ")
+    if self.prompt_format == "space_eq":
+      return problem.prompt.replace("=", " =")
     return problem.prompt
 
   @property
@@ -97,11 +100,11 @@ def _sample_add(rng: random.Random, *, terms: tuple[int, int],
   return Problem("add", tuple(_number(rng, digits) for _ in range(rng.randint(*terms))))
 
 
-def _sample_add_one_big(rng: random.Random, *, terms: tuple[int, int], digits: tuple[int, int],
-                        big: tuple[int, int]) -> Problem:
-  """`_sample_add` with one term, at a random place, drawn uniformly from `big` instead."""
+def _sample_add_one_from(rng: random.Random, *, terms: tuple[int, int],
+                         digits: tuple[int, int], special: tuple[int, int]) -> Problem:
+  """`_sample_add` with one term, at a random place, drawn uniformly from `special` instead."""
   values = [_number(rng, digits) for _ in range(rng.randint(*terms))]
-  values[rng.randrange(len(values))] = rng.randint(*big)
+  values[rng.randrange(len(values))] = rng.randint(*special)
   return Problem("add", tuple(values))
 
 
@@ -159,11 +162,13 @@ ID_TASKS: dict[str, TaskSpec] = {s.name: s for s in (
 )}
 
 OOD_TASKS: dict[str, TaskSpec] = {s.name: s for s in (
-    _spec("add_5x1", "add", True, _sample_add, terms=(5, 5), digits=(1, 1)),
-    _spec("add_100s", "add", True, _sample_add_one_big, terms=(2, 3), digits=(1, 2),
-          big=(100, 199)),
-    _spec("add_spaced", "add", True, _sample_add, prompt_format="spaced", terms=(2, 4),
+    _spec("add_zero", "add", True, _sample_add_one_from, terms=(3, 4), digits=(1, 2),
+          special=(0, 0)),  # Two non-zero terms at least: a sum to do (and to slip on).
+    _spec("add_space_eq", "add", True, _sample_add, prompt_format="space_eq", terms=(2, 4),
           digits=(1, 2)),
+    _spec("add_5x1", "add", True, _sample_add, terms=(5, 5), digits=(1, 1)),
+    _spec("add_100s", "add", True, _sample_add_one_from, terms=(2, 3), digits=(1, 2),
+          special=(100, 199)),
     _spec("add_long", "add", True, _sample_add, terms=(5, 6), digits=(1, 2)),
     _spec("add_3digit", "add", True, _sample_add, terms=(2, 3), digits=(3, 3)),
     _spec("mul_3x1", "mul", True, _sample_mul, digits=(3, 3), multiplier=(2, 9)),

@@ -101,3 +101,12 @@ def evaluate(*, sampler: sampler_lib.Sampler, params, tokenizer: tokenizers.Toke
   summary["response_len"] = float(np.mean(np.concatenate(lengths)))
   summary["num_prompts"] = len(records)
   return summary, correct
+
+
+def pass_at_1_by_source(records: Sequence[records_lib.PromptRecord],
+                        correct: np.ndarray) -> dict[str, float]:
+  """pass@1 per record source (a task or benchmark) from `evaluate`'s correct [P, n], whose P
+  rows are the first P records."""
+  sources = [r.source for r in list(records)[:len(correct)]]
+  return {s: float(np.mean([correct[i].mean() for i, src in enumerate(sources) if src == s]))
+          for s in sorted(set(sources))}

@@ -10,7 +10,9 @@ import dataclasses
 
 import numpy as np
 
-__all__ = ["Interval", "bootstrap_mean", "paired_difference", "GradientSpread", "gradient_spread"]
+__all__ = ["Interval", "bootstrap_mean", "paired_difference", "GradientSpread", "gradient_spread",
+           "spread_from_gram", "resample_rounds", "resampled_relative_variance",
+           "percentile_interval"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +108,52 @@ def gradient_spread(estimates) -> GradientSpread:
   return spread_from_gram(g @ g.T)
 
 
+def _cov_and_mean_sq(grams: np.ndarray, distinct=None) -> tuple[np.ndarray, np.ndarray]:
+  """tr(Cov g) and the unbiased ‖E g‖² of each [B, R, R] Gram matrix: two arrays [B].
+
+  E‖g‖² is the mean of the diagonal and ‖E g‖² the mean inner product of two independent
+  estimates (off the diagonal, or where `distinct` [B, R, R] marks pairs of distinct estimates:
+  a bootstrap resample repeats some, and a repeat paired with itself is not independent).
+  """
+  r = grams.shape[-1]
+  if distinct is None:
+    distinct = np.broadcast_to(~np.eye(r, dtype=bool), grams.shape)
+  mean_of_sq = np.einsum("brr->b", grams) / r
+  # Clamped: with noise far above the signal, the estimate of ‖E g‖² can go below 0.
+  pairs = distinct.sum(axis=(1, 2))
+  with np.errstate(invalid="ignore", divide="ignore"):  # No distinct pair: NaN, dropped later.
+    mean_sq = np.maximum((grams * distinct).sum(axis=(1, 2)) / pairs, 1e-30)
+  return mean_of_sq - mean_sq, mean_sq
+
+
+def resample_rounds(num_estimates: int, *, resamples: int = 2000, seed: int = 0) -> np.ndarray:
+  """Bootstrap index sets [resamples, R] over R estimates; share them to pair two terms."""
+  return np.random.default_rng(seed).integers(0, num_estimates, (resamples, num_estimates))
+
+
+def resampled_relative_variance(gram, indices: np.ndarray) -> np.ndarray:
+  """The relative variance of every bootstrap resample `indices` [B, R] of the estimates: [B].
+
+  Resampling whole estimates (rounds) keeps what one round's terms share, so two terms measured
+  on the same rounds and resampled with the same `indices` give a paired ratio.
+  """
+  gram = np.asarray(gram, np.float64)
+  distinct = indices[:, :, None] != indices[:, None, :]
+  trace_cov, mean_sq = _cov_and_mean_sq(gram[indices[:, :, None], indices[:, None, :]], distinct)
+  return trace_cov / mean_sq
+
+
+def percentile_interval(point: float, samples, *, confidence: float = 0.95) -> Interval:
+  """`point` with the percentile interval of its bootstrap `samples` [B]."""
+  samples = np.asarray(samples, np.float64)
+  samples = samples[np.isfinite(samples)]  # A resample of one repeated estimate has no spread.
+  if samples.size == 0:
+    return Interval(float(point), float(point), float(point), 1, confidence)
+  tail = (1 - confidence) / 2
+  low, high = np.quantile(samples, [tail, 1 - tail])
+  return Interval(float(point), float(low), float(high), int(samples.size), confidence)
+
+
 def spread_from_gram(gram) -> GradientSpread:
   """`gradient_spread` from the Gram matrix G[r, s] = <g_r, g_s> of R estimates (R >= 2).
 
@@ -117,10 +165,7 @@ def spread_from_gram(gram) -> GradientSpread:
   if gram.shape != (r, r) or r < 2:
     raise ValueError(f"spread_from_gram: want an R x R Gram matrix with R >= 2, got {gram.shape}")
   sq_norms = np.diag(gram)
-  mean_of_sq = float(sq_norms.mean())
-  sq_norm_of_mean = float(gram.sum()) / r**2
-  trace_cov = (mean_of_sq - sq_norm_of_mean) * r / (r - 1)
-  mean_sq = max(sq_norm_of_mean - trace_cov / r, 1e-30)
+  trace_cov, mean_sq = (float(v[0]) for v in _cov_and_mean_sq(gram[None]))
   norms = np.sqrt(np.maximum(sq_norms, 0.0))
   safe = np.where(norms > 0, norms, 1.0)
   cos = gram / safe[:, None] / safe[None, :]

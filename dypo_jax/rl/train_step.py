@@ -231,6 +231,34 @@ def _loss_terms(params, ref_params, graphdef, mb, denoms, cfg: StepConfig):
   return terms, metrics
 
 
+def _per_term_grads(vjp_fn, dtype):
+  """The gradient of each loss term, stacked on a leading [3] axis, from the terms' VJP.
+
+  One VJP per term, not `jax.vmap(vjp_fn)(eye)`: under jit (jax 0.10.2, XLA:CPU) the vmapped VJP
+  of the transformer returned wrong gradients for rows > 0 once the batch had ~128 rows (a zero
+  cotangent gave a non-zero gradient; BUILD_NOTES.md, traps).
+  """
+  unit = jnp.eye(len(TERMS), dtype=dtype)
+  per_term = [vjp_fn(unit[i])[0] for i in range(len(TERMS))]
+  return jax.tree.map(lambda *g: jnp.stack(g), *per_term)
+
+
+def build_term_gradients(graphdef, cfg: StepConfig):
+  """Returns the pure `(params, ref_params, batch) -> (terms [3], grads)`: each normalised loss
+  term of a whole update batch (one micro-batch) and its gradient, stacked [3, ...] per parameter
+  in `TERMS` order. The update descends `weights @ grads`; studies of the gradient estimator
+  (experiments/variance.py) read the terms apart."""
+
+  def term_gradients(params, ref_params, batch):
+    denoms = _denominators(batch, cfg)
+    mb = {k: v for k, v in batch.items() if k != "weights"}
+    terms, vjp_fn, _ = jax.vjp(
+        lambda p: _loss_terms(p, ref_params, graphdef, mb, denoms, cfg), params, has_aux=True)
+    return terms, _per_term_grads(vjp_fn, terms.dtype)
+
+  return term_gradients
+
+
 def build_train_step(graphdef, cfg: StepConfig, tx: optax.GradientTransformation,
                      schedule: optax.Schedule):
   """Returns the pure step `(state, ref_params, batch, rng) -> (state, metrics)` (not jitted).
@@ -256,12 +284,7 @@ def build_train_step(graphdef, cfg: StepConfig, tx: optax.GradientTransformation
         return _loss_terms(p, ref_params, graphdef, mb, denoms, cfg)
       terms, vjp_fn, metrics = jax.vjp(terms_fn, state.params, has_aux=True)
       if cfg.per_term_grad_norms:
-        # One VJP per term, not `jax.vmap(vjp_fn)(eye)`: under jit (jax 0.10.2, XLA:CPU) the
-        # vmapped VJP of the transformer returned wrong gradients for rows > 0 once the batch
-        # had ~128 rows (a zero cotangent gave a non-zero gradient; BUILD_NOTES.md, traps).
-        unit = jnp.eye(len(TERMS), dtype=terms.dtype)
-        per_term = [vjp_fn(unit[i])[0] for i in range(len(TERMS))]
-        per_term = jax.tree.map(lambda *g: jnp.stack(g), *per_term)
+        per_term = _per_term_grads(vjp_fn, terms.dtype)
         grads = jax.tree.map(lambda g: jnp.tensordot(weights, g, axes=1), per_term)
       else:
         per_term = None

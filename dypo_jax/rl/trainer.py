@@ -233,10 +233,13 @@ class Trainer:
     key = jax.random.fold_in(self.rng, rollout.KEY_EVAL)
     for split, prefix in (("eval_id", "id"), ("eval_ood", "ood")):
       if self.pools.get(split):
-        summary, _ = evaluate_lib.evaluate(
+        summary, correct = evaluate_lib.evaluate(
             sampler=self.sampler, params=self.state.params, tokenizer=self.tok,
             records=self.pools[split], settings=settings, rng=key, pool=self.reward_pool)
         result.update({f"{prefix}/{name}": value for name, value in summary.items()})
+        by_source = evaluate_lib.pass_at_1_by_source(self.pools[split], correct)
+        if len(by_source) > 1:  # A pool of several sets: each set's figure, not only the pool's.
+          result.update({f"{prefix}/{source}/pass@1": v for source, v in by_source.items()})
     self.eval_history.append(result)
     self._write_eval_history()
     return result
