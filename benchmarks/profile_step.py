@@ -188,7 +188,8 @@ def main():
                              prompts=args.prompts, k=args.gens, new_tokens=args.new_tokens,
                              kl_coef=args.beta, alpha=args.alpha,
                              per_term_grad_norms=args.per_term_grad_norms, num_steps=total,
-                             host_devices=args.devices, host_reuse_memory=args.host_reuse_memory)
+                             host_devices=args.devices, host_reuse_memory=args.host_reuse_memory,
+                             scan_layers=bool(args.scan_layers))
   w1_step.host.configure_host(config.mesh)
   print(f"jax {jax.__version__} devices={jax.devices()}", flush=True)
   trainer = w1_step.build_trainer(config, num_records=args.prompts * total * 2)

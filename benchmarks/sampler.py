@@ -45,13 +45,16 @@ def main():
   ap.add_argument("--cache-dtype", default=None)
   ap.add_argument("--dtype", default="float32",
                   help="the model's compute dtype (parameters stay float32)")
+  ap.add_argument("--scan-layers", type=int, choices=(0, 1), default=0,
+                  help="model.scan_layers: 0 (default) a loop over W1's 2 layers, what a CPU run "
+                  "at this depth uses; 1 the scanned stack")
   ap.add_argument("--devices", type=int, default=1,
                   help="host CPU devices; > 1 splits the batch over a data-parallel mesh")
   args = ap.parse_args()
 
   print(f"jax {jax.__version__} devices={jax.devices()}", flush=True)
   config = dataclasses.replace(w1.model_config(hidden=args.hidden, layers=args.layers),
-                               dtype=args.dtype)
+                               dtype=args.dtype, scan_layers=bool(args.scan_layers))
   mesh = None
   if args.devices > 1:
     mesh = sharding.make_mesh({"data": args.devices})

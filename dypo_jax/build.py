@@ -129,8 +129,8 @@ def build_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     model = models.from_pretrained(
         m.hf_path, dtype=m.dtype, param_dtype=m.param_dtype, max_seq_len=m.max_seq_len,
         mesh=mesh, rules=rules,
-        compute_options=dict(remat=m.remat, attention_chunk=m.attention_chunk,
-                             mlp_chunk=m.mlp_chunk))
+        compute_options=dict(remat=m.remat, scan_layers=m.scan_layers,
+                             attention_chunk=m.attention_chunk, mlp_chunk=m.mlp_chunk))
   else:
     mc = model_config(config)
     model = sharding.create_sharded(lambda: models.Transformer(mc, rngs=nnx.Rngs(config.seed)),
@@ -148,7 +148,8 @@ def summary(config, mesh, tokenizer, model, pools) -> str:
       f"dypo_jax  method={config.rl.method}  seed={config.seed}",
       f"devices   {sharding.devices_summary(mesh)}  (process {jax.process_index()} of "
       f"{jax.process_count()})",
-      f"model     {mc.arch}  layers={mc.num_layers} embed={mc.embed_dim} heads={mc.num_heads}/"
+      f"model     {mc.arch}  layers={mc.num_layers} ({'scanned' if mc.scan_layers else 'looped'})"
+      f" embed={mc.embed_dim} heads={mc.num_heads}/"
       f"{mc.num_kv_heads} head_dim={mc.head_dim} mlp={mc.mlp_dim} vocab={mc.vocab_size} "
       f"tied={mc.tie_embeddings} params={models.param_count(model):,} "
       f"dtype={mc.param_dtype}/{mc.dtype}",

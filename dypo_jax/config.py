@@ -41,6 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
       head_dim=32, mlp_dim=512, rope_theta=10000.0, rms_norm_eps=1e-6, tie_embeddings=False,
       qkv_bias=True, qk_norm=False, max_seq_len=512, param_dtype="float32", dtype="float32",
       remat="none", init_std=0.02,
+      # True: the layers are one lax.scan (compile time flat in depth: use it at depth). False:
+      # a loop over layers, faster on a CPU at a few layers (models.ModelConfig.scan_layers).
+      scan_layers=True,
       # Attention in blocks of this many queries (0: off): bounds the [T, S] attention logits,
       # which at 8k-token rows do not fit a TPU's HBM (see dypo_jax.tools.aot). Same result.
       attention_chunk=0,

@@ -20,7 +20,10 @@ def get_config(variant: str = ""):
   c.seed = 0
   c.model.update(dict(
       arch="qwen2", vocab_size=64, embed_dim=128, num_layers=2, num_heads=4, num_kv_heads=2,
-      head_dim=32, mlp_dim=384, max_seq_len=160, tie_embeddings=True, logprob_impl="full"))
+      head_dim=32, mlp_dim=384, max_seq_len=160, tie_embeddings=True, logprob_impl="full",
+      # Two layers on a CPU: a loop over them runs rollouts ~25% faster than the scan, which
+      # pays off only at depth (compile time; BENCHMARKS.md).
+      scan_layers=False))
   c.tokenizer.train_vocab_size = 64  # Addition traces hold 72 distinct pieces at most.
   # Multi-term addition in-distribution (three teacher styles, one of them sloppy); OOD sets near
   # (a zero term, a space before "="), mid (5 terms, a term in 100..199) and far (5-6 terms,

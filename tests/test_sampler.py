@@ -312,6 +312,7 @@ def test_bucket_is_capped_by_the_context(setup):
 @pytest.mark.slow
 def test_sharded_matches_single_device(fake_devices):
   code = """
+  import dataclasses
   import jax, numpy as np
   from flax import nnx
   from dypo_jax.models import ModelConfig, Transformer
@@ -338,6 +339,15 @@ def test_sharded_matches_single_device(fake_devices):
   np.testing.assert_array_equal(out.tokens, one.tokens)
   np.testing.assert_array_equal(out.lengths, one.lengths)
   np.testing.assert_array_equal(out.stop_reason, one.stop_reason)
+  np.testing.assert_allclose(out.logprobs, one.logprobs, atol=1e-5)
+  # The loop over layers (one cache array per layer, each pinned to the mesh) samples the same.
+  loop_cfg = dataclasses.replace(cfg, scan_layers=False)
+  looped = sharding.create_sharded(lambda: Transformer(loop_cfg, rngs=nnx.Rngs(0)), mesh,
+                                   sharding.DEFAULT_RULES)
+  gl, _ = nnx.split(looped, nnx.Param)
+  out = S.Sampler(gl, model_config=loop_cfg, pad_id=0, prompt_buckets=(8, 16),
+                  mesh=mesh).sample(p8, prompts, **kw)
+  np.testing.assert_array_equal(out.tokens, one.tokens)
   np.testing.assert_allclose(out.logprobs, one.logprobs, atol=1e-5)
   print("OK", jax.device_count())
   """

@@ -1,5 +1,7 @@
 """The pure DYPO update: micro-batching is exact, sharding changes nothing, one compile per run."""
 
+import dataclasses
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -54,8 +56,8 @@ def step_config(**overrides) -> step_lib.StepConfig:
   return step_lib.StepConfig(**base)
 
 
-def make_state(seed: int = 0):
-  model = models.Transformer(_MODEL, rngs=nnx.Rngs(seed))
+def make_state(seed: int = 0, model_config: models.ModelConfig = _MODEL):
+  model = models.Transformer(model_config, rngs=nnx.Rngs(seed))
   graphdef, params = nnx.split(model, nnx.Param)
   # A perturbed reference so that KL and GAL's Δ are not zero.
   ref = jax.tree.map(lambda x: x + 0.01 * jnp.sin(jnp.arange(x.size).reshape(x.shape)), params)
@@ -67,8 +69,8 @@ def make_state(seed: int = 0):
   return graphdef, state, ref, tx, sched
 
 
-def run_step(cfg, batch, seed=0):
-  graphdef, state, ref, tx, sched = make_state(seed)
+def run_step(cfg, batch, seed=0, model_config=_MODEL):
+  graphdef, state, ref, tx, sched = make_state(seed, model_config)
   fn = jax.jit(step_lib.build_train_step(graphdef, cfg, tx, sched))
   new_state, metrics = fn(state, ref, batch, jax.random.key(0))
   return new_state, jax.device_get(metrics)
@@ -357,6 +359,19 @@ def test_shared_prompt_path_equals_row_path(micro_batches):
     np.testing.assert_allclose(shared[name], value, rtol=2e-5, atol=2e-6, err_msg=name)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-6),  # As above.
                shared_state.params, rows_state.params)
+
+
+def test_a_loop_over_layers_updates_as_the_scan_does_with_a_shared_prompt_cache():
+  # model.scan_layers=False: the same update, through the per-layer KV cache of the prompt pass.
+  batch = shared_prompt_batch(seed=3)
+  cfg = step_config(shared_prompt=True)
+  scan_state, scanned = run_step(cfg, batch)
+  loop_state, looped = run_step(cfg, batch, model_config=dataclasses.replace(
+      _MODEL, scan_layers=False))
+  for name, value in scanned.items():
+    np.testing.assert_allclose(looped[name], value, rtol=2e-5, atol=2e-6, err_msg=name)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-6),
+               loop_state.params, scan_state.params)
 
 
 @pytest.mark.slow

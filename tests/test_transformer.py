@@ -134,6 +134,54 @@ def test_the_scan_over_layers_equals_a_loop_over_them_for_every_remat_policy(rem
                grads(lambda m: m(tokens)), grads(lambda m: _layer_by_layer_logits(m, tokens)))
 
 
+def _prefill_then_decode(model, tokens, prefill: int):
+  """Logits of tokens [B, T] from a cached prefill of `prefill` tokens, then one at a time."""
+  b, t = tokens.shape
+  cache = models.KVCache.zeros(model.config, b, t + 2)
+  slots = jnp.arange(t + 2)
+  mask = (slots[None, :] <= jnp.arange(prefill)[:, None])[None].repeat(b, 0)
+  out, cache = model.forward(tokens[:, :prefill], positions=jnp.arange(prefill)[None].repeat(b, 0),
+                             attention_mask=mask, cache=cache)
+  outs = [out]
+  for i in range(prefill, t):
+    out, cache = model.forward(tokens[:, i:i + 1], positions=jnp.full((b, 1), i),
+                               attention_mask=(slots <= i)[None, None, :].repeat(b, 0),
+                               cache=cache)
+    outs.append(out)
+  return jnp.concatenate(outs, axis=1), cache
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_the_loop_over_layers_equals_the_scan_forward_gradients_and_cached_decode(remat):
+  # model.scan_layers=False: same parameters (stacked), same maths, a per-layer KV cache.
+  scanned = models.Transformer(tiny(num_layers=3, remat=remat), rngs=nnx.Rngs(0))
+  looped = models.Transformer(tiny(num_layers=3, remat=remat, scan_layers=False),
+                              rngs=nnx.Rngs(0))
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(scanned), nnx.state(looped))
+  tokens = jax.random.randint(jax.random.key(2), (2, 7), 0, 61)
+  np.testing.assert_allclose(looped(tokens), scanned(tokens), atol=1e-5)
+  grads = lambda m: jax.grad(lambda st: nnx.merge(nnx.graphdef(m), st)(tokens).sum())(
+      nnx.state(m))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               grads(looped), grads(scanned))
+  out_loop, cache_loop = _prefill_then_decode(looped, tokens, prefill=3)
+  out_scan, cache_scan = _prefill_then_decode(scanned, tokens, prefill=3)
+  np.testing.assert_allclose(out_loop, out_scan, atol=1e-5)
+  np.testing.assert_allclose(out_loop, scanned(tokens), atol=1e-5)
+  assert not cache_loop.stacked and len(cache_loop.k) == 3 and cache_loop.k[0].shape == (2, 2, 9, 8)
+  assert cache_scan.stacked and cache_scan.k.shape == (3, 2, 2, 9, 8)
+  np.testing.assert_allclose(jnp.stack(cache_loop.v), cache_scan.v, atol=1e-5)
+  assert cache_loop.repeat(2).k[0].shape == (4, 2, 9, 8) == cache_scan.repeat(2).k.shape[1:]
+
+
+def test_a_cache_of_the_other_layout_is_refused_by_name():
+  looped = models.Transformer(tiny(scan_layers=False), rngs=nnx.Rngs(0))
+  stacked_cache = models.KVCache.zeros(tiny(), 1, 4)
+  with pytest.raises(ValueError, match="stacked KVCache for scan_layers=False"):
+    looped.forward(jnp.zeros((1, 1), jnp.int32), positions=jnp.zeros((1, 1), jnp.int32),
+                   attention_mask=jnp.ones((1, 1, 4), bool), cache=stacked_cache)
+
+
 def test_init_and_forward_programs_do_not_grow_with_depth():
   # The compile-time property: one layer's program, scanned (or vmapped), at any depth.
   def sizes(num_layers):

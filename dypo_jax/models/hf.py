@@ -306,7 +306,7 @@ def from_pretrained(path: str, *, dtype: str = "float32", param_dtype: str | Non
     mesh: place each parameter sharded over this mesh (each device receives only its shard).
     rules: logical-axis rules for `mesh` (`dypo_jax.parallel.sharding`); default its DEFAULT_RULES.
     compute_options: ModelConfig fields that a checkpoint does not hold and the run chooses
-      (`remat`, `attention_chunk`, `mlp_chunk`); anything else is an error.
+      (`remat`, `scan_layers`, `attention_chunk`, `mlp_chunk`); anything else is an error.
 
   Returns:
     The Transformer, never randomly initialised: shapes come from `nnx.eval_shape`.
@@ -321,10 +321,10 @@ def from_pretrained(path: str, *, dtype: str = "float32", param_dtype: str | Non
     message = str(e).removeprefix("config.json ")
     raise ValueError(message if config_file in message else f"{config_file}: {message}") from None
   options = dict(compute_options or {})
-  unknown = set(options) - {"remat", "attention_chunk", "mlp_chunk"}
+  unknown = set(options) - {"remat", "scan_layers", "attention_chunk", "mlp_chunk"}
   if unknown:
     raise ValueError(f"from_pretrained: compute_options {sorted(unknown)} are not run-time "
-                     "choices (allowed: remat, attention_chunk, mlp_chunk)")
+                     "choices (allowed: remat, scan_layers, attention_chunk, mlp_chunk)")
   config = dataclasses.replace(config, **options)
   shardings_for = _mesh_shardings(mesh, rules) if mesh is not None else None
   with contextlib.ExitStack() as stack:

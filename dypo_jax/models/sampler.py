@@ -199,7 +199,7 @@ class _DecodeState:
   logprobs: jax.Array  # [R, T] float32
   done: jax.Array  # [R] bool: sampled a stop id.
   lengths: jax.Array  # [R] int32
-  cache: transformer.KVCache  # [L, R, KV, S, H]; end_index = P + step - 1.
+  cache: transformer.KVCache  # [L, R, KV, S, H] or L x [R, ...]; end_index = P + step - 1.
 
 
 class Sampler:
@@ -376,7 +376,7 @@ class Sampler:
     b, p = prompt_tokens.shape
     k, t = num_samples, max_new_tokens
     r, s = b * k, p + t
-    cache_axes = (None, "batch", "kv_heads", None, "head_dim")  # KVCache.k / .v [L, R, KV, S, H].
+    layer_cache_axes = ("batch", "kv_heads", None, "head_dim")  # One layer's cache [R, KV, S, H].
 
     # Prefill the B prompts once.
     slots = jnp.arange(s, dtype=jnp.int32)  # [S]
@@ -394,8 +394,12 @@ class Sampler:
 
     # Share each prompt's cache with its K samples: rows r = b * K + k.
     cache = cache.repeat(k)
-    cache = cache.replace(k=self._constrain(cache.k, cache_axes),
-                          v=self._constrain(cache.v, cache_axes))
+    if cache.stacked:  # [L, R, KV, S, H]: the layer axis is never split.
+      constrain = lambda x: self._constrain(x, (None,) + layer_cache_axes)
+      cache = cache.replace(k=constrain(cache.k), v=constrain(cache.v))
+    else:
+      constrain = lambda x: self._constrain(x, layer_cache_axes)
+      cache = cache.replace(k=tuple(map(constrain, cache.k)), v=tuple(map(constrain, cache.v)))
     logits = jnp.repeat(logits, k, axis=0)  # [R, V]
     row_pad_start = jnp.repeat(pad_start, k)  # [R]
     row_lengths = jnp.repeat(prompt_lengths, k)  # [R]

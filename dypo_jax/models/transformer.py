@@ -49,6 +49,12 @@ class ModelConfig:
   # activation; "full" recomputes the layer; "dots" keeps matmul outputs, "dots_no_batch" those
   # without batch dimensions (the weight products), and recomputes the rest.
   remat: str = "none"
+  # True: the layers run as one `lax.scan` over the stacked parameters, so the program (and its
+  # compile time) does not grow with depth. False: a Python loop over the layers, with the KV
+  # cache as one array per layer: the program grows with depth, but no layer's weights or cache
+  # are sliced out of a stacked array at each decode step, which on a CPU at a few layers costs
+  # ~25% of a rollout (BENCHMARKS.md). Same parameters, checkpoints and maths either way.
+  scan_layers: bool = True
   # Attention over query blocks of this many tokens (0: all at once). Bounds the [T, S] logits
   # to [attention_chunk, S] per step, forward and backward; same result.
   attention_chunk: int = 0
@@ -88,32 +94,48 @@ class ModelConfig:
 
 @flax.struct.dataclass
 class KVCache:
-  """Keys and values of every layer, stacked; slots [0, end_index) hold written entries.
+  """Keys and values of every layer; slots [0, end_index) hold written entries.
 
-  Prompts are left-padded to a common length, so one write index serves the whole batch; which
-  slots are real tokens is the caller's attention mask.
+  Stacked [L, B, KV, S, H] for the scanned layers (`ModelConfig.scan_layers`), a tuple of L
+  arrays [B, KV, S, H] for the loop over layers. Prompts are left-padded to a common length, so
+  one write index serves the whole batch; which slots are real tokens is the caller's attention
+  mask.
   """
-  # Slots on the fourth axis, so a decode step's attention reads a layer's cache as laid out (with
+  # Slots after the heads, so a decode step's attention reads a layer's cache as laid out (with
   # the slots before the heads, XLA:CPU copied the whole cache into this layout at every step).
-  k: jax.Array  # [L, B, KV, S, H]
-  v: jax.Array  # [L, B, KV, S, H]
+  k: jax.Array | tuple[jax.Array, ...]  # [L, B, KV, S, H] or L x [B, KV, S, H]
+  v: jax.Array | tuple[jax.Array, ...]
   end_index: jax.Array  # [] int32
 
   @classmethod
   def zeros(cls, config: ModelConfig, batch: int, length: int, dtype=None) -> "KVCache":
     dtype = jnp.dtype(dtype or config.dtype)
-    shape = (config.num_layers, batch, config.num_kv_heads, length, config.head_dim)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-               end_index=jnp.zeros((), jnp.int32))
+    layer_shape = (batch, config.num_kv_heads, length, config.head_dim)
+    if config.scan_layers:
+      make = lambda: jnp.zeros((config.num_layers,) + layer_shape, dtype)
+    else:
+      make = lambda: tuple(jnp.zeros(layer_shape, dtype) for _ in range(config.num_layers))
+    return cls(k=make(), v=make(), end_index=jnp.zeros((), jnp.int32))
+
+  @property
+  def stacked(self) -> bool:
+    return not isinstance(self.k, tuple)
 
   @property
   def length(self) -> int:
-    return self.k.shape[3]
+    return self.k.shape[3] if self.stacked else self.k[0].shape[2]
+
+  def map_layers(self, fn) -> "KVCache":
+    """fn applied to each layer's k and v [B, KV, S, H] (with the stacked layout, to the whole
+    [L, ...] arrays with fn vmapped over L)."""
+    if self.stacked:
+      fn = jax.vmap(fn)
+      return self.replace(k=fn(self.k), v=fn(self.v))
+    return self.replace(k=tuple(map(fn, self.k)), v=tuple(map(fn, self.v)))
 
   def repeat(self, n: int) -> "KVCache":
-    """Each batch row repeated n times in place ([L, B, ...] -> [L, B*n, ...]): k samples a prompt."""
-    rep = lambda x: jnp.repeat(x, n, axis=1)
-    return KVCache(k=rep(self.k), v=rep(self.v), end_index=self.end_index)
+    """Each batch row repeated n times in place ([B, ...] -> [B*n, ...]): k samples a prompt."""
+    return self.map_layers(lambda x: jnp.repeat(x, n, axis=0))
 
 
 def positions_from_mask(input_mask: jax.Array) -> jax.Array:
@@ -216,9 +238,9 @@ class Attention(nnx.Module):
       self.k_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, axis_name="head_dim", param_dtype=pd)
 
   def __call__(self, x, *, positions, attention_mask, layer_cache, end_index):
-    """x [B, T, D]; attention_mask [B, T, S]; layer_cache None, or (k, v, layer) with the whole
-    stacked cache k, v [L, B, KV, S, H] and this layer's index: the new keys are written into
-    it in place and it is returned."""
+    """x [B, T, D]; attention_mask [B, T, S]; layer_cache None, or (k, v, layer): the whole
+    stacked cache k, v [L, B, KV, S, H] and this layer's index, or this layer's own k, v
+    [B, KV, S, H] and None. The new keys are written into it in place and it is returned."""
     c = self.config
     dt = x.dtype
     q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj.value.astype(dt))
@@ -235,13 +257,18 @@ class Attention(nnx.Module):
     k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, KV, T, H], the cache's layout.
 
     if layer_cache is not None:
-      # Written into the stacked cache (a loop carry: updated in place), then this layer's
-      # slots read back whole.
+      # Written into the cache (a loop carry: updated in place), then this layer's slots read
+      # back whole.
       cache_k, cache_v, layer = layer_cache
-      start = (layer, 0, 0, end_index, 0)
-      cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
-      cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
-      k, v = cache_k[layer], cache_v[layer]
+      if layer is None:
+        start = (0, 0, end_index, 0)
+        k = cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
+        v = cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+      else:
+        start = (layer, 0, 0, end_index, 0)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
+        k, v = cache_k[layer], cache_v[layer]
       new_cache = (cache_k, cache_v)
     else:
       new_cache = None
@@ -421,13 +448,33 @@ class Transformer(nnx.Module):
       return nnx.merge(graphdef, layer)(h, positions=positions, attention_mask=attention_mask,
                                         layer_cache=layer_cache, end_index=end_index)
 
+    if cache is not None and cache.stacked != c.scan_layers:
+      raise ValueError(f"a {'stacked' if cache.stacked else 'per-layer'} KVCache for "
+                       f"scan_layers={c.scan_layers}: make it with KVCache.zeros(model.config, ...)")
+    if not c.scan_layers:
+      # Each layer's weights sliced from the stack (loop-invariant in a decode loop), the cache
+      # one array per layer: no cache slice is read out of a stacked array at each step.
+      per_layer = [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(c.num_layers)]
+
     if cache is None:
       def layer_step(h, layer):
         return pin(apply_layer(h, layer, None)[0]), None
       policy = REMAT_POLICIES[c.remat]
       if c.remat != "none":
         layer_step = jax.checkpoint(layer_step, policy=policy, prevent_cse=False)
-      x, _ = jax.lax.scan(layer_step, x, layers)
+      if c.scan_layers:
+        x, _ = jax.lax.scan(layer_step, x, layers)
+      else:
+        for layer in per_layer:
+          x, _ = layer_step(x, layer)
+    elif not c.scan_layers:
+      new_k, new_v = [], []
+      for layer, k, v in zip(per_layer, cache.k, cache.v):
+        x, (k, v) = apply_layer(x, layer, (k, v, None))
+        x = pin(x)
+        new_k.append(k)
+        new_v.append(v)
+      new_k, new_v = tuple(new_k), tuple(new_v)
     else:
       # The stacked cache is carried through the layers, so each layer writes its slots in place.
       def cached_layer_step(carry, layer_and_index):

@@ -29,9 +29,9 @@ CHECKPOINT_FORMAT = 2
 FREE_ON_RESUME = ("workdir", "train.num_steps", "train.log_every", "train.checkpoint_every",
                   "train.keep_checkpoints", "train.eval_every", "train.max_nonfinite_updates",
                   "train.max_empty_updates", "train.micro_batches", "train.per_term_grad_norms",
-                  "model.remat", "model.attention_chunk", "model.mlp_chunk", "model.logprob_impl",
-                  "model.vocab_chunk", "model.pallas_interpret", "eval.", "mesh.", "distributed.",
-                  "verifier.", "pretrain.", "compile_cache.")
+                  "model.remat", "model.scan_layers", "model.attention_chunk", "model.mlp_chunk",
+                  "model.logprob_impl", "model.vocab_chunk", "model.pallas_interpret", "eval.",
+                  "mesh.", "distributed.", "verifier.", "pretrain.", "compile_cache.")
 
 
 def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[tuple]:
