@@ -88,8 +88,15 @@ def exit_with(prefix: str, exc: BaseException, status: int, *, verbose: bool = F
   """
   if verbose or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
     traceback.print_exception(exc)
-  print(f"{prefix}: {_first_line(exc)}", file=sys.stderr, flush=True)
+  message = f"{prefix}: {_first_line(exc)}"
   if now:
     sys.stdout.flush()
+    sys.stderr.flush()
+    # Silence the other threads (their tracebacks go through sys.stderr and logging), then write
+    # the message to the file descriptor itself, so that it is the last line a user sees.
+    logging.disable(logging.CRITICAL)
+    sys.stderr = open(os.devnull, "w", encoding="utf-8")  # pylint: disable=consider-using-with
+    os.write(2, (message + "\n").encode())
     os._exit(status)  # pylint: disable=protected-access
+  print(message, file=sys.stderr, flush=True)
   sys.exit(status)

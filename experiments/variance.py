@@ -72,7 +72,7 @@ def trainer_at_base(study_dir: str, seed: int, *, size: str, prompts: int, workd
                              pools=pools)
 
 
-def term_gradient_fns(trainer) -> dict[tuple[str, float], object]:
+def term_gradient_fns(trainer, betas=BETAS) -> dict[tuple[str, float], object]:
   """{(Δ norm, β): jitted (params, ref, batch) -> (terms [3], grads [3, ...])}."""
   import jax  # pylint: disable=g-import-not-at-top
   from dypo_jax.rl import train_step  # pylint: disable=g-import-not-at-top
@@ -80,17 +80,18 @@ def term_gradient_fns(trainer) -> dict[tuple[str, float], object]:
                                  use_gal=True)
   return {(norm, beta): jax.jit(train_step.build_term_gradients(
       trainer.graphdef, dataclasses.replace(base_cfg, beta_gal=beta, gal_length_norm=norm)))
-          for norm in NORMS for beta in BETAS}
+          for norm in NORMS for beta in betas}
 
 
-def measure_point(trainer, params, *, prompts: int, repeats: int, seed: int) -> dict:
+def measure_point(trainer, params, *, prompts: int, repeats: int, seed: int,
+                  betas=BETAS) -> dict:
   """Every term's spread over `repeats` rollout rounds of the first `prompts` training prompts."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax import flatten_util  # pylint: disable=g-import-not-at-top
   from dypo_jax.rl import queues as queues_lib  # pylint: disable=g-import-not-at-top
   from dypo_jax.rl import rollout  # pylint: disable=g-import-not-at-top
   alpha = trainer.config.rl.alpha
-  fns = term_gradient_fns(trainer)
+  fns = term_gradient_fns(trainer, betas)
   idx = list(range(prompts))
   rng = jax.random.key(10_000 + seed)  # Not the run's stream: fresh draws at every point.
   estimates: dict[str, list[np.ndarray]] = {}
@@ -256,7 +257,8 @@ def measure_seed(args, seed: int, out_dir: str) -> dict[str, dict]:
       new = nnx.split(policy.model, nnx.Param)[1]
       params = jax.tree.map(lambda n, o: jax.device_put(n, o.sharding), new, params)
     start = time.perf_counter()
-    point = measure_point(trainer, params, prompts=args.prompts, repeats=args.repeats, seed=seed)
+    point = measure_point(trainer, params, prompts=args.prompts, repeats=args.repeats, seed=seed,
+                          betas=args.betas)
     point["wall_s"] = time.perf_counter() - start
     point["step"] = 0 if label == "base" else int(policy.step)
     with open(_point_path(out_dir, label, seed), "w") as f:
@@ -273,7 +275,14 @@ def main() -> None:
   ap.add_argument("--repeats", type=int, default=32, help="R, independent rollout rounds")
   ap.add_argument("--prompts", type=int, default=16, help="fixed training prompts per round")
   ap.add_argument("--size", default="", choices=("", "quick"))
+  ap.add_argument("--betas", default=",".join(f"{b:g}" for b in BETAS),
+                  help="β_GAL values of the GAL terms (each one compiled program per Δ norm); "
+                  "β = 1, where GRPO and the DYPO update are read, is always included")
   args = ap.parse_args()
+  try:
+    args.betas = tuple(sorted({1.0, *(float(b) for b in args.betas.split(",") if b)}))
+  except ValueError:
+    raise SystemExit(f"--betas={args.betas!r}: comma-separated numbers") from None
   if args.repeats < 2:
     raise SystemExit(f"--repeats={args.repeats}: a spread needs at least 2 rounds")
   seeds = [int(s) for s in args.seeds.split(",") if s]

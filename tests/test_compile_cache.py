@@ -35,6 +35,16 @@ def test_a_second_start_reads_every_program_from_the_cache(tmp_path):
   assert set(os.listdir(cache)) == entries
   assert not (tmp_path / "second" / "compile_cache").exists()
 
-  out = _run(tmp_path / "off", **{"compile_cache.dir": "off"})
-  assert "compile cache: off" in out
-  assert not (tmp_path / "off" / "compile_cache").exists()
+
+def test_off_turns_nothing_on_and_the_environment_wins(tmp_path, monkeypatch):
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from dypo_jax.parallel import host  # pylint: disable=g-import-not-at-top
+  before = jax.config.jax_compilation_cache_dir
+  cfg = ml_collections.ConfigDict(dict(dir="off", min_compile_time_s=1.0))
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/shared/cache")
+  assert host.configure_compilation_cache(cfg, str(tmp_path)) == "/shared/cache"
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+  assert host.configure_compilation_cache(cfg, str(tmp_path)) is None
+  assert jax.config.jax_compilation_cache_dir == before
+  assert not (tmp_path / "compile_cache").exists()

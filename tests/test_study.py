@@ -95,7 +95,7 @@ def test_study_and_variance_run_end_to_end(tmp_path):
               "--steps=1", "--part=compare", "--methods=dypo")
   assert "seed0/dypo: done, skipped" in again.stdout  # A done cell is not run again.
   v = run("experiments/variance.py", f"--study={work}", "--size=quick", "--repeats=2",
-          "--prompts=2")
+          "--prompts=2", "--betas=1")  # One β: two compiled programs a point, not six.
   assert v.returncode == 0, v.stdout[-3000:] + v.stderr[-3000:]
   assert "| GRPO |" in v.stdout and "After 1 DYPO updates" in v.stdout
   for name in ("variance.md", "variance.json", "variance.png"):

@@ -266,28 +266,23 @@ def test_per_term_grad_norms_equal_each_terms_own_gradient_on_a_large_batch():
     np.testing.assert_allclose(got[f"grad/norm_{name}"], want, rtol=1e-5, err_msg=name)
 
 
-def test_term_gradients_are_each_terms_gradient_and_weigh_to_the_update_gradient():
+def test_term_gradients_are_each_terms_gradient():
   # experiments/variance.py reads the terms apart; the update descends `weights @ grads`.
-  batch = make_batch(weights=(0.5, 0.25, 0.25))
+  batch = make_batch()
   cfg = step_config()
   graphdef, state, ref, _, _ = make_state()
   terms, grads = jax.jit(step_lib.build_term_gradients(graphdef, cfg))(state.params, ref, batch)
   denoms = step_lib._denominators(batch, cfg)  # pylint: disable=protected-access
   mb = {k: jnp.asarray(v) for k, v in batch.items() if k != "weights"}
-  weights = jnp.asarray(batch["weights"])
-  total = lambda p: weights @ step_lib._loss_terms(p, ref, graphdef, mb, denoms, cfg)[0]  # pylint: disable=protected-access
-  want_total = jax.jit(jax.grad(total))(state.params)
-  got_total = jax.tree.map(lambda g: jnp.tensordot(weights, g, axes=1), grads)
-  for got, want in zip(jax.tree.leaves(got_total), jax.tree.leaves(want_total)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  loss_terms = lambda p: step_lib._loss_terms(p, ref, graphdef, mb, denoms, cfg)[0]  # pylint: disable=protected-access
+  # Every term's own gradient in one program (one compile).
+  want = jax.jit(lambda p: [jax.grad(lambda q, i=i: loss_terms(q)[i])(p)
+                            for i in range(len(update_batch.TERMS))])(state.params)
+  np.testing.assert_allclose(terms, loss_terms(state.params), rtol=1e-5)
   for i, name in enumerate(update_batch.TERMS):
-    term = lambda p, i=i: step_lib._loss_terms(p, ref, graphdef, mb, denoms, cfg)[0][i]  # pylint: disable=protected-access
-    np.testing.assert_allclose(terms[i], term(state.params), rtol=1e-5, err_msg=name)
-    want = jax.jit(jax.grad(term))(state.params)
-    got_i = jax.tree.map(lambda g, i=i: g[i], grads)
-    np.testing.assert_allclose(optax.global_norm(got_i), optax.global_norm(want), rtol=1e-5,
-                               err_msg=name)
-    assert float(optax.global_norm(want)) > 0, name  # every term of this batch moves the weights
+    jax.tree.map(lambda g, w, i=i: np.testing.assert_allclose(g[i], w, rtol=1e-4, atol=1e-6,
+                                                              err_msg=name), grads, want[i])
+    assert float(optax.global_norm(want[i])) > 0, name  # Every term of this batch moves weights.
 
 
 def test_layout_batch_packs_hard_items_and_lays_out_groups():
