@@ -157,10 +157,11 @@ def summarize(point: dict, *, resamples: int = 2000) -> dict[str, dict]:
       out[name] = None
       continue
     out[name] = {
-        "relative_variance": statistics.percentile_interval(t["relative_variance"],
-                                                            samples[name]),
+        "relative_variance": statistics.percentile_interval(
+            t["relative_variance"], samples[name], units=point["repeats"]),
         "ratio_to_grpo": None if grpo is None else statistics.percentile_interval(
-            t["relative_variance"] / grpo, samples[name] / samples["GRPO"]),
+            t["relative_variance"] / grpo, samples[name] / samples["GRPO"],
+            units=point["repeats"]),
         "mean_cosine": t["mean_cosine"], "mean_norm": t["mean_norm"]}
   return out
 

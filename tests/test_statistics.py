@@ -102,7 +102,7 @@ def test_bootstrap_over_rounds_covers_the_true_relative_variance():
     samples = statistics.resampled_relative_variance(
         gram, statistics.resample_rounds(r, resamples=500, seed=t))
     iv = statistics.percentile_interval(statistics.spread_from_gram(gram).relative_variance,
-                                        samples)
+                                        samples, units=r)
     hits += iv.low <= truth <= iv.high
   assert 0.88 <= hits / trials <= 1.0
 
@@ -118,4 +118,4 @@ def test_paired_ratio_over_shared_rounds():
   same = statistics.resampled_relative_variance((5 * g) @ (5 * g).T, idx)
   np.testing.assert_allclose(same / base, 1.0, rtol=1e-9)
   more = statistics.resampled_relative_variance(noisier @ noisier.T, idx)
-  assert statistics.percentile_interval(1.0, more / base).low > 1.5
+  assert statistics.percentile_interval(1.0, more / base, units=32).low > 1.5

@@ -60,9 +60,7 @@ def bootstrap_mean(values, *, confidence: float = 0.95, resamples: int = 10_000,
     return Interval(mean, mean, mean, 1, confidence)
   rng = np.random.default_rng(seed)
   means = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
-  tail = (1 - confidence) / 2
-  low, high = np.quantile(means, [tail, 1 - tail])
-  return Interval(mean, float(low), float(high), int(x.size), confidence)
+  return percentile_interval(mean, means, units=x.size, confidence=confidence)
 
 
 def paired_difference(values, baseline, *, confidence: float = 0.95, resamples: int = 10_000,
@@ -143,15 +141,17 @@ def resampled_relative_variance(gram, indices: np.ndarray) -> np.ndarray:
   return trace_cov / mean_sq
 
 
-def percentile_interval(point: float, samples, *, confidence: float = 0.95) -> Interval:
-  """`point` with the percentile interval of its bootstrap `samples` [B]."""
+def percentile_interval(point: float, samples, *, units: int,
+                        confidence: float = 0.95) -> Interval:
+  """`point` with the percentile interval of its bootstrap `samples` [B], resampled from `units`
+  units (seeds, rounds)."""
   samples = np.asarray(samples, np.float64)
   samples = samples[np.isfinite(samples)]  # A resample of one repeated estimate has no spread.
   if samples.size == 0:
     return Interval(float(point), float(point), float(point), 1, confidence)
   tail = (1 - confidence) / 2
   low, high = np.quantile(samples, [tail, 1 - tail])
-  return Interval(float(point), float(low), float(high), int(samples.size), confidence)
+  return Interval(float(point), float(low), float(high), int(units), confidence)
 
 
 def spread_from_gram(gram) -> GradientSpread:

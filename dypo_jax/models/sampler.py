@@ -394,12 +394,7 @@ class Sampler:
 
     # Share each prompt's cache with its K samples: rows r = b * K + k.
     cache = cache.repeat(k)
-    if cache.stacked:  # [L, R, KV, S, H]: the layer axis is never split.
-      constrain = lambda x: self._constrain(x, (None,) + layer_cache_axes)
-      cache = cache.replace(k=constrain(cache.k), v=constrain(cache.v))
-    else:
-      constrain = lambda x: self._constrain(x, layer_cache_axes)
-      cache = cache.replace(k=tuple(map(constrain, cache.k)), v=tuple(map(constrain, cache.v)))
+    cache = cache.map_layers(lambda x: self._constrain(x, layer_cache_axes))
     logits = jnp.repeat(logits, k, axis=0)  # [R, V]
     row_pad_start = jnp.repeat(pad_start, k)  # [R]
     row_lengths = jnp.repeat(prompt_lengths, k)  # [R]
