@@ -37,6 +37,7 @@ _GCS = ["gcsfs>=2026.10.1"]
 _TEST = [
     "pytest==9.0.3",
     "pytest-xdist==3.8.0",
+    "filelock==4.3.2",  # tests/conftest.py: one reference run shared by the xdist workers.
     # A CPU wheel of exactly this torch lies on local disk; anything else pulls a CUDA build.
     "torch==2.13.0",
     "transformers==5.25.0",

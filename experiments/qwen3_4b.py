@@ -20,6 +20,8 @@ of 32 prompts needs 44.6 GiB).
 """
 import os
 
+from dypo_jax import config as config_lib
+
 # The compile-only topology `python -m dypo_jax.tools.aot` uses for this config (--topology overrides).
 TOPOLOGY = "v4:2x2x2"
 
@@ -35,20 +37,10 @@ QWEN3_4B = {
 HF_PATH = "/mnt/disks/ckpt/Qwen3-4B"  # Placeholder: --config.model.hf_path=...
 
 
-def _load_tpu_v4():
-  """experiments/tpu_v4.py as a module (its constants and `model_fields`)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.dirname(__file__), "tpu_v4.py")
-  spec = importlib.util.spec_from_file_location("dypo_experiment_tpu_v4_base", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def get_config(variant: str = ""):
   if variant:
     raise ValueError(f"unknown variant {variant!r} of experiments/qwen3_4b.py; allowed: ''")
-  base = _load_tpu_v4()
+  base = config_lib.load_module(os.path.join(os.path.dirname(__file__), "tpu_v4.py"))
   c = base.get_config()  # The method, data, sampler and optimizer settings.
   c.model.update(base.model_fields(QWEN3_4B,
                                    max_seq_len=base.PROMPT_BUCKETS[-1] + base.RESPONSE_LEN))

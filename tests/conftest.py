@@ -59,6 +59,27 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def reference_run(request, tmp_path_factory) -> str:
+  """The workdir of one uninterrupted `python -m dypo_jax.main` run (tiny_runs.REFERENCE_RUN),
+  made once per test run and shared by every xdist worker: the kill -9 tests on local disk and on
+  gs:// compare their resumed runs with it. Its users only read it."""
+  import filelock  # pylint: disable=g-import-not-at-top
+  import tiny_runs  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.getbasetemp()
+  if hasattr(request.config, "workerinput"):  # An xdist worker: share the run's base folder.
+    root = root.parent
+  workdir = root / "reference_run"
+  with filelock.FileLock(str(root / "reference_run.lock")):
+    if not (workdir / "final_table.json").exists():
+      shutil.rmtree(workdir, ignore_errors=True)  # A failed attempt is not resumed.
+      proc = subprocess.run(tiny_runs.main_command(str(workdir), **tiny_runs.REFERENCE_RUN),
+                            capture_output=True, text=True, env=tiny_runs.subprocess_env(),
+                            cwd=_REPO, timeout=600)
+      assert proc.returncode == 0, proc.stderr[-3000:]
+  return str(workdir)
+
+
 def run_with_fake_devices(code: str, num_devices: int = 8, timeout: int = 600) -> str:
   """Runs `code` in a fresh Python with `num_devices` fake CPU devices; returns its stdout.
 

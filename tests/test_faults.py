@@ -61,18 +61,15 @@ def _new_steps(path: str, offset: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_kill_9_mid_save_then_sigterm_then_finish_equals_an_uninterrupted_run(tmp_path):
-  num_steps = 16
+def test_kill_9_mid_save_then_sigterm_then_finish_equals_an_uninterrupted_run(tmp_path,
+                                                                           reference_run):
+  ref, work = reference_run, str(tmp_path / "killed")  # The reference: every checkpoint kept.
+  num_steps = tiny_runs.REFERENCE_RUN["train.num_steps"]
   run = {"train.num_steps": num_steps, "train.checkpoint_every": 1}
-  ref, work = str(tmp_path / "reference"), str(tmp_path / "killed")
   rng = random.Random()
   seed = rng.randrange(1 << 30)
   rng.seed(seed)
   print("random seed of this test:", seed)
-
-  # The reference: uninterrupted, every checkpoint kept.
-  rc, out, err = _finish(_start(ref, **run, **{"train.keep_checkpoints": num_steps}))
-  assert rc == 0, err[-3000:]
 
   # Run 1: kill -9 while the checkpoint of a random step >= target is being written.
   target = rng.randrange(2, num_steps - 6)

@@ -152,3 +152,20 @@ def test_plot_run_skips_absent_keys(tmp_path):
   _write_run(run, ["policy/entropy"])
   paths = metrics.plot_run(run, str(tmp_path / "plots"))
   assert [os.path.basename(p) for p in paths] == ["entropy.png"]
+
+
+@pytest.mark.slow
+def test_a_fresh_process_logs_tensorboard_without_loading_torch_and_can_load_it_after(tmp_path):
+  import tiny_runs  # pylint: disable=g-import-not-at-top
+  out = tiny_runs.run_python("""
+      import glob, sys
+      from dypo_jax.io import metrics
+      with metrics.MetricsWriter(sys.argv[1]) as writer:
+        writer.write(1, {"loss": 0.5})
+      print("torch loaded by the writer:", "torch" in sys.modules)
+      import torch
+      print("torch after:", torch.ones(2).sum().item())
+      print("events:", len(glob.glob(sys.argv[1] + "/tb/events.out.tfevents.*")))
+      """, str(tmp_path))
+  assert "torch loaded by the writer: False" in out
+  assert "torch after: 2.0" in out and "events: 1" in out

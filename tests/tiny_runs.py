@@ -30,6 +30,10 @@ OVERRIDES = {
     "pretrain.enabled": False,  # main would first train a base model to an accuracy gate.
 }
 
+# The shared reference run (conftest.reference_run): uninterrupted, a checkpoint at every step,
+# every one kept, so a test can compare what it saved at any step.
+REFERENCE_RUN = {"train.num_steps": 16, "train.checkpoint_every": 1, "train.keep_checkpoints": 16}
+
 # Keys that describe the process rather than the run: wall-clock measurements, and the count of
 # update programs this process compiled (a restarted process compiles again).
 _PROCESS_KEYS = ("time/", "perf/", "train/compiles")

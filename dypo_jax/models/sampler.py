@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dypo_jax.models import kv_cache
 from dypo_jax.models import transformer
 from dypo_jax.parallel import sharding as sharding_lib
 
@@ -199,7 +200,7 @@ class _DecodeState:
   logprobs: jax.Array  # [R, T] float32
   done: jax.Array  # [R] bool: sampled a stop id.
   lengths: jax.Array  # [R] int32
-  cache: transformer.KVCache  # [L, R, KV, S, H] or L x [R, ...]; end_index = P + step - 1.
+  cache: kv_cache.KVCache  # [L, R, KV, S, H] or L x [R, ...]; end_index = P + step - 1.
 
 
 class Sampler:
@@ -385,7 +386,7 @@ class Sampler:
     positions = transformer.positions_from_mask(real)
     prefill_mask = transformer.causal_mask(real)  # [B, P, P]
     prefill_mask = jnp.pad(prefill_mask, ((0, 0), (0, 0), (0, t)))  # [B, P, S]
-    cache = transformer.KVCache.zeros(self.config, b, s, self.cache_dtype)
+    cache = kv_cache.KVCache.zeros(self.config, b, s, self.cache_dtype)
     hidden, cache = model.forward(prompt_tokens, positions=positions,
                                   attention_mask=prefill_mask, cache=cache, return_hidden=True)
     logits = model.logits_from_hidden(hidden[:, -1:, :])[:, 0, :]  # [B, V]

@@ -10,10 +10,11 @@ metadata; `dypo_jax.parallel.sharding` maps them to mesh axes.
 import dataclasses
 from typing import Any
 
-import flax
 from flax import nnx
 import jax
 import jax.numpy as jnp
+
+from dypo_jax.models.kv_cache import KVCache
 
 ARCHS = ("qwen2", "qwen3", "llama")
 # model.remat -> the `jax.checkpoint` policy of one scanned layer (None: no checkpoint at all).
@@ -90,52 +91,6 @@ class ModelConfig:
     block = attn + 3 * d * f + 2 * d
     head = 0 if self.tie_embeddings else d * v
     return v * d + self.num_layers * block + d + head
-
-
-@flax.struct.dataclass
-class KVCache:
-  """Keys and values of every layer; slots [0, end_index) hold written entries.
-
-  Stacked [L, B, KV, S, H] for the scanned layers (`ModelConfig.scan_layers`), a tuple of L
-  arrays [B, KV, S, H] for the loop over layers. Prompts are left-padded to a common length, so
-  one write index serves the whole batch; which slots are real tokens is the caller's attention
-  mask.
-  """
-  # Slots after the heads, so a decode step's attention reads a layer's cache as laid out (with
-  # the slots before the heads, XLA:CPU copied the whole cache into this layout at every step).
-  k: jax.Array | tuple[jax.Array, ...]  # [L, B, KV, S, H] or L x [B, KV, S, H]
-  v: jax.Array | tuple[jax.Array, ...]
-  end_index: jax.Array  # [] int32
-
-  @classmethod
-  def zeros(cls, config: ModelConfig, batch: int, length: int, dtype=None) -> "KVCache":
-    dtype = jnp.dtype(dtype or config.dtype)
-    layer_shape = (batch, config.num_kv_heads, length, config.head_dim)
-    if config.scan_layers:
-      make = lambda: jnp.zeros((config.num_layers,) + layer_shape, dtype)
-    else:
-      make = lambda: tuple(jnp.zeros(layer_shape, dtype) for _ in range(config.num_layers))
-    return cls(k=make(), v=make(), end_index=jnp.zeros((), jnp.int32))
-
-  @property
-  def stacked(self) -> bool:
-    return not isinstance(self.k, tuple)
-
-  @property
-  def length(self) -> int:
-    return self.k.shape[3] if self.stacked else self.k[0].shape[2]
-
-  def map_layers(self, fn) -> "KVCache":
-    """fn applied to each layer's k and v [B, KV, S, H] (with the stacked layout, to the whole
-    [L, ...] arrays with fn vmapped over L)."""
-    if self.stacked:
-      fn = jax.vmap(fn)
-      return self.replace(k=fn(self.k), v=fn(self.v))
-    return self.replace(k=tuple(map(fn, self.k)), v=tuple(map(fn, self.v)))
-
-  def repeat(self, n: int) -> "KVCache":
-    """Each batch row repeated n times in place ([B, ...] -> [B*n, ...]): k samples a prompt."""
-    return self.map_layers(lambda x: jnp.repeat(x, n, axis=0))
 
 
 def positions_from_mask(input_mask: jax.Array) -> jax.Array:
@@ -488,7 +443,7 @@ class Transformer(nnx.Module):
     x = self.final_norm(x)
     new_cache = None
     if cache is not None:
-      new_cache = KVCache(k=new_k, v=new_v, end_index=cache.end_index + tokens.shape[1])
+      new_cache = cache.replace(k=new_k, v=new_v, end_index=cache.end_index + tokens.shape[1])
     out = x if return_hidden else self.logits_from_hidden(x)
     return out, new_cache
 
