@@ -384,6 +384,10 @@ def _validate_relations(c: ml_collections.ConfigDict) -> None:
                       f"dypo_jax.evaluation.rewards.register)")
   if c.data.source == "files" and not c.data.train_path:
     raise ConfigError("data.source='files' needs data.train_path")
+  file_keys = [k for k in ("train_path", "eval_id_paths", "eval_ood_paths") if c.data[k]]
+  if c.data.source != "files" and file_keys:  # Would be silently ignored.
+    raise ConfigError(f"data.{file_keys[0]} is set but data.source={c.data.source!r} does not read "
+                      "files; add --config.data.source=files")
   buckets = tuple(c.sampler.prompt_buckets)
   if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
     raise ConfigError(f"sampler.prompt_buckets={buckets}: a non-empty increasing tuple of "

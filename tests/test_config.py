@@ -78,6 +78,12 @@ def test_relations_are_checked():
     config_lib.validate(c)
   c.train.shared_prompt = False
   config_lib.validate(c)
+  c = config_lib.base_config()
+  c.data.eval_id_paths = ("/data/id.jsonl",)  # Read only with data.source="files".
+  with pytest.raises(config_lib.ConfigError, match="data.eval_id_paths is set but data.source="):
+    config_lib.validate(c)
+  c.data.update(dict(source="files", train_path="/data/train.jsonl"))
+  config_lib.validate(c)
 
 
 def test_reward_must_be_registered_and_a_registered_one_is_accepted():
