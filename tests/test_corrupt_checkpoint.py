@@ -47,9 +47,6 @@ def _damage(path: str, how: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncate", "delete", "flip"])
-# Orbax leaves the read coroutines of the other shards unawaited when one fails on a truncated
-# file; garbage collection then reports each one. The failure itself is what this test expects.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_corrupt_latest_step_is_moved_aside_and_the_run_resumes_from_the_one_before(
     trained, tmp_path, how, capsys):
   source, step1 = trained
