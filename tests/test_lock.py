@@ -48,6 +48,14 @@ def test_a_dead_holder_on_this_host_is_taken_over(tmp_path, capsys):
   assert f"from process {dead} on host" in capsys.readouterr().out
 
 
+def test_an_unreadable_lock_file_is_taken_over_and_said_so(tmp_path, capsys):
+  path = tmp_path / lock_lib.LOCK_FILENAME
+  path.write_text("garbage{")  # E.g. a holder killed while writing it.
+  with lock_lib.WorkdirLock(str(tmp_path)):
+    assert _holder(path)["pid"] == os.getpid()
+  assert f"lock: taking over {path}: it is unreadable" in capsys.readouterr().out
+
+
 def test_a_stale_heartbeat_from_another_host_is_taken_over_a_fresh_one_is_not(tmp_path):
   path = tmp_path / lock_lib.LOCK_FILENAME
   other = {"host": "pod-worker-7", "pid": 1, "start": time.time() - 3600}

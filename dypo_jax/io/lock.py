@@ -82,8 +82,9 @@ class WorkdirLock:
             f"host {held['host']!r}, started {time.ctime(float(held['start']))}, last heartbeat "
             f"{age:.0f} s ago ({self.path}). Stop that run first, or give this one another "
             f"--workdir.") from None
-      print(f"lock: taking over {self.path} from process {held.get('pid')} on host "
-            f"{held.get('host')!r}: {why}", flush=True)
+      holder = (f" from process {held['pid']} on host {held['host']!r}"
+                if held and {"pid", "host"} <= set(held) else "")
+      print(f"lock: taking over {self.path}{holder}: {why}", flush=True)
       self._write()
     if (self._read() or {}).get("pid") != self.holder["pid"]:  # Another taker won the race.
       raise WorkdirLocked(f"{self.path} was taken by another run at the same moment")
