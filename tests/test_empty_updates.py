@@ -64,14 +64,21 @@ def test_every_group_easy_stops_with_nothing_to_learn(tmp_path, offline_loss_typ
 
 
 @pytest.mark.slow
-def test_hard_prompts_without_teachers_are_counted_not_trained(tmp_path):
+# Every method whose updates can find nothing: DYPO (Hard prompts), and SFT and SFT -> RL (before
+# the switch), which read only teacher traces. GRPO, LUFFY and SFT + RL always queue the group.
+@pytest.mark.parametrize("method", ["dypo", "sft", "sft_then_rl"])
+def test_hard_prompts_without_teachers_are_counted_not_trained(tmp_path, method):
   workdir = str(tmp_path)
-  trainer = _trainer(workdir, method="dypo", reward="test_always_wrong", teachers=False)
-  with pytest.raises(errors.NothingToLearn):
+  trainer = _trainer(workdir, method=method, reward="test_always_wrong", teachers=False)
+  with pytest.raises(errors.NothingToLearn, match="Hard with no teacher trace"):
     trainer.run()
-  for r in _records(workdir):
-    assert r["route/hard_frac"] == 1.0 and r["train/empty_update"] == 1
+  records = _records(workdir)
+  assert [r["step"] for r in records] == [1, 2]
+  for r in records:
+    assert r["train/empty_update"] == 1
     assert r["sft/no_teacher_skipped"] == 2 * 4  # Two rounds of four prompts, each counted.
+    if method == "dypo":
+      assert r["route/hard_frac"] == 1.0
 
 
 @pytest.mark.slow

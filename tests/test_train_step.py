@@ -109,10 +109,30 @@ def test_weights_select_terms_and_update_moves_params():
   assert m["sft/teacher_tokens"][1] > 0 and m["sft/teacher_tokens"][0] == 0
 
 
-def test_nonfinite_update_is_skipped_and_counted():
+def _overflowing_bf16_state():
+  """A bfloat16-compute model whose logits overflow to inf. (bfloat16 keeps float32's exponent
+  range, and RMSNorm maps an overflowed residual stream to zeros, so the overflow is put where no
+  norm follows: the final norm's scale and the LM head.)"""
+  graphdef, state, ref, tx, sched = make_state(model_config=dataclasses.replace(
+      _MODEL, dtype="bfloat16"))
+  huge = ("final_norm", "lm_head")
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: x * 1e30 if any(h in jax.tree_util.keystr(path) for h in huge) else x,
+      state.params)
+  return graphdef, state.replace(params=params), ref, tx, sched
+
+
+@pytest.mark.parametrize("poison", ["nan_old_logp", "inf_weight",
+                                    pytest.param("bf16_overflow", marks=pytest.mark.slow)])
+def test_nonfinite_update_is_skipped_and_counted(poison):
   batch = make_batch()
-  batch["old_logp"][0, 0, 0] = np.nan  # A corrupted behaviour log-prob poisons the loss.
   graphdef, state, ref, tx, sched = make_state()
+  if poison == "nan_old_logp":  # A corrupted behaviour log-prob poisons the loss.
+    batch["old_logp"][0, 0, 0] = np.nan
+  elif poison == "inf_weight":  # An injected inf: loss and gradient are inf.
+    batch["weights"][0] = np.inf
+  else:
+    graphdef, state, ref, tx, sched = _overflowing_bf16_state()
   before = jax.tree.map(np.asarray, state.params)
   fn = jax.jit(step_lib.build_train_step(graphdef, step_config(), tx, sched))
   new_state, m = fn(state, ref, batch, jax.random.key(0))
