@@ -3,6 +3,7 @@ checkpoints/corrupt-<step> (never deleted) and the run resumes from the newest g
 import os
 import shutil
 
+import flax
 import jax
 import numpy as np
 import pytest
@@ -12,6 +13,12 @@ from dypo_jax.rl import resume
 import tiny_runs
 
 _CONFIG = {"train.num_steps": 2, "train.checkpoint_every": 1}
+
+
+@flax.struct.dataclass
+class _TrainLike:  # Saved states are dataclasses (TrainState): attribute steps in key paths.
+  params: dict
+  opt: jax.Array
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +84,51 @@ def test_altered_extras_fail_their_checksum(tmp_path):
   with checkpoint_lib.Checkpointer(str(tmp_path), keep=None) as ckpt:
     with pytest.raises(checkpoint_lib.CheckpointCorrupt, match="'extras' fails its sha256"):
       ckpt.restore(1, abstract_state=checkpoint_lib.abstract_like(state))
+
+
+def test_a_partial_restore_checks_the_arrays_it_reads(tmp_path):
+  """restore_subtree (export, eval_checkpoint) reads part of a state saved as a dataclass; each
+  array it reads is checked against the checksum saved for it, and only those."""
+  state = {"train": _TrainLike(params={"w": jax.numpy.arange(8.0)}, opt=jax.numpy.ones(3)),
+           "ref": {"w": jax.numpy.zeros(8)}}
+  with checkpoint_lib.Checkpointer(str(tmp_path), keep=None, async_save=False) as ckpt:
+    ckpt.save(1, state=state, extras={})
+  subtree = {"train": {"params": checkpoint_lib.abstract_like(state["train"].params)}}
+  with checkpoint_lib.Checkpointer(str(tmp_path), keep=None, read_only=True) as ckpt:
+    got = ckpt.restore_subtree(1, abstract_subtree=subtree)
+  np.testing.assert_array_equal(got["train"]["params"]["w"], np.arange(8.0))
+
+  verify_file = next((tmp_path / "1" / "verify").iterdir())
+  saved = verify_file.read_text()
+  for key, read in (("['train'].opt", False), ("['train'].params['w']", True)):
+    entry = f'"{key}": '
+    assert entry in saved, (entry, saved)
+    start = saved.index(entry) + len(entry)
+    end = start + len(saved[start:].split(",")[0].split("}")[0])
+    verify_file.write_text(saved[:start] + str(int(saved[start:end]) ^ 1) + saved[end:])
+    with checkpoint_lib.Checkpointer(str(tmp_path), keep=None, read_only=True) as ckpt:
+      if read:
+        with pytest.raises(checkpoint_lib.CheckpointCorrupt,
+                           match=r"1 array\(s\) fail their checksum, first \['train'\]\['params'\]"):
+          ckpt.restore_subtree(1, abstract_subtree=subtree)
+      else:  # An array the partial restore does not read is not checked.
+        ckpt.restore_subtree(1, abstract_subtree=subtree)
+    verify_file.write_text(saved)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["truncate", "flip"])
+def test_export_and_eval_refuse_a_corrupt_policy(trained, tmp_path, how):
+  from dypo_jax.io import restore  # pylint: disable=g-import-not-at-top
+  source, _ = trained
+  workdir = str(tmp_path / "run")
+  shutil.copytree(source, workdir)
+  state_dir = os.path.join(workdir, "checkpoints", "2", "state")
+  data_files = [os.path.join(d, f) for d, _, names in os.walk(state_dir) for f in names
+                if os.path.basename(d) == "d"]  # OCDBT's data files: the policy is in one.
+  assert data_files
+  for path in data_files:
+    _damage(path, how)
+  with pytest.raises(restore.CheckpointReadError, match="checkpoints/2.*--step=1 reads the one"):
+    restore.restore_policy(workdir)
+  assert restore.restore_policy(workdir, step=1).step == 1

@@ -63,6 +63,20 @@ def test_truncated_last_line_tolerated_middle_line_is_error(tmp_path, caplog):
     metrics.read_jsonl(path)
 
 
+def test_the_end_of_run_report_skips_a_damaged_line_and_names_it(tmp_path, caplog):
+  from dypo_jax.io import report  # pylint: disable=g-import-not-at-top
+  (tmp_path / "metrics.jsonl").write_text(
+      '{"step": 1, "reward/binary": 0.1}\n{"step": 2, "rew\n{"step": 3, "reward/binary": 0.3}\n')
+  (tmp_path / "eval.jsonl").write_text(
+      '{"step": 0, "id/pass@1": 0.25}\n[1, 2]\n{"step": 3, "id/pass@1": 0.5}\n')
+  with caplog.at_level("WARNING"):
+    text = report.write_report(str(tmp_path))
+  assert "| id/pass@1 | 25.0% | 50.0% | +25.0 |" in text
+  assert "metrics.jsonl:2: malformed JSON line" in caplog.text
+  assert "eval.jsonl:2: expected a JSON object" in caplog.text
+  assert (tmp_path / "plots" / "reward.png").exists()
+
+
 def test_writer_reopen_after_kill_drops_partial_line_and_keeps_the_rest(tmp_path):
   with metrics.MetricsWriter(str(tmp_path)) as w:
     w.write(1, {"a": 1.0})

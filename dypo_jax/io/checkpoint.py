@@ -25,6 +25,7 @@ queues) are written by the primary process only, so pass the same values everywh
 import base64
 import hashlib
 import json
+import re
 import signal
 from typing import Any, Callable
 
@@ -64,6 +65,25 @@ def state_fingerprints(state: Any) -> dict[str, int]:
   flat = jax.tree_util.tree_flatten_with_path(state)[0]
   values = np.asarray(jax.device_get(_fingerprints([x for _, x in flat])))
   return {jax.tree_util.keystr(path): int(v) for (path, _), v in zip(flat, values)}
+
+
+def _plain_path(keystr: str) -> str:
+  """A key path with attribute steps written as dict keys (`.params` -> `['params']`): a saved
+  dataclass state and the dict that names a part of it for `restore_subtree` then agree."""
+  return re.sub(r"\.([A-Za-z_]\w*)", r"['\1']", keystr)
+
+
+def _check_arrays(where: str, got: dict[str, int], want: dict[str, int], *,
+                  partial: bool) -> None:
+  """Raises CheckpointCorrupt unless every restored array (`got`: fingerprints by key path) has
+  its saved fingerprint (`want`). `partial`: only some of the saved arrays were read."""
+  odd = set(got) - set(want) if partial else set(got) ^ set(want)
+  if odd:
+    raise CheckpointCorrupt(f"{where}: the restored arrays {sorted(odd)[:3]} differ from those "
+                            f"saved")
+  bad = [path for path in got if got[path] != want[path]]
+  if bad:
+    raise CheckpointCorrupt(f"{where}: {len(bad)} array(s) fail their checksum, first {bad[0]}")
 
 
 def _json_sha256(value: Any) -> str:
@@ -211,14 +231,7 @@ class Checkpointer:
     where = f"checkpoint {self.step_dir(step)}"
     if _json_sha256(extras) != verify.get("extras_sha256"):
       raise CheckpointCorrupt(f"{where}: item 'extras' fails its sha256 check")
-    got, want = state_fingerprints(state), verify.get("arrays", {})
-    if set(got) != set(want):
-      raise CheckpointCorrupt(f"{where}: the restored arrays {sorted(set(got) ^ set(want))[:3]} "
-                              f"differ from those saved")
-    bad = [path for path in want if got[path] != want[path]]
-    if bad:
-      raise CheckpointCorrupt(f"{where}: {len(bad)} array(s) fail their checksum, first "
-                              f"{bad[0]}")
+    _check_arrays(where, state_fingerprints(state), verify.get("arrays", {}), partial=False)
 
   def quarantine(self, step: int) -> str:
     """Moves a corrupt step aside to `<directory>/corrupt-<step>` (never deletes it); returns
@@ -255,15 +268,25 @@ class Checkpointer:
     that has not restored `state` with `restore` (the two use different Orbax handlers).
     """
     step = self._resolve(step)
-    args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
+    args = {"state": ocp.args.PyTreeRestore(
         item=abstract_subtree,
         restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_subtree),
-        partial_restore=True))
+        partial_restore=True)}
+    has_verify = paths.isdir(paths.join(self.step_dir(step), "verify"))
+    if has_verify:
+      args["verify"] = ocp.args.JsonRestore()
     try:
-      return self._manager.restore(step, args=args)["state"]
+      restored = self._manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f"checkpoint {self.step_dir(step)} is corrupt or does not hold the "
-                       f"requested arrays: {type(e).__name__}: {e}") from e
+      raise CheckpointCorrupt(f"checkpoint {self.step_dir(step)} is corrupt or does not hold the "
+                              f"requested arrays: {type(e).__name__}: {e}") from e
+    if has_verify:  # The arrays read are checked as `restore` checks the whole state.
+      _check_arrays(
+          f"checkpoint {self.step_dir(step)}",
+          {_plain_path(k): v for k, v in state_fingerprints(restored["state"]).items()},
+          {_plain_path(k): v for k, v in restored["verify"].get("arrays", {}).items()},
+          partial=True)
+    return restored["state"]
 
   def restore_queues(self, step: int | None = None) -> bytes | None:
     """The `queues` bytes saved with `step` (default: the latest), or None if none were saved."""

@@ -191,11 +191,13 @@ def _decode(value: Any) -> Any:
   return value
 
 
-def read_jsonl(path: str) -> list[dict[str, Any]]:
+def read_jsonl(path: str, *, skip_malformed: bool = False) -> list[dict[str, Any]]:
   """Reads a metrics / eval JSONL file; "nan"/"inf"/"-inf" strings become floats.
 
   An unterminated last line that does not parse (the process was killed mid-write) is skipped with
-  a warning; any other line that does not parse to a JSON object raises ValueError naming it.
+  a warning; any other line that does not parse to a JSON object raises ValueError naming it, or
+  with `skip_malformed` (a run's end-of-run report: a damaged log line must not lose the rest) is
+  skipped with a warning naming it too.
   """
   if not paths.exists(path):
     raise FileNotFoundError(f"metrics file {path} does not exist")
@@ -211,9 +213,17 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
       if i == len(lines) - 1:
         logging.warning("%s: skipping truncated last line %d: %r", path, i + 1, line[:200])
         continue
-      raise ValueError(f"{path}:{i + 1}: malformed JSON line ({e}): {line[:200]!r}") from e
+      problem = f"{path}:{i + 1}: malformed JSON line ({e}): {line[:200]!r}"
+      if skip_malformed:
+        logging.warning("skipped %s", problem)
+        continue
+      raise ValueError(problem) from e
     if not isinstance(obj, dict):
-      raise ValueError(f"{path}:{i + 1}: expected a JSON object, got {type(obj).__name__}")
+      problem = f"{path}:{i + 1}: expected a JSON object, got {type(obj).__name__}"
+      if skip_malformed:
+        logging.warning("skipped %s", problem)
+        continue
+      raise ValueError(problem)
     records.append({k: _decode(v) for k, v in obj.items()})
   return records
 
@@ -340,14 +350,15 @@ def _eval_keys(records: Sequence[Mapping[str, Any]]) -> list[str]:
   return split or keys
 
 
-def plot_run(metrics_path: str, out_dir: str, *, eval_path: str | None = None) -> list[str]:
+def plot_run(metrics_path: str, out_dir: str, *, eval_path: str | None = None,
+             skip_malformed: bool = False) -> list[str]:
   """Writes PNG plots of a run (each only if some of its keys were logged); returns their paths.
 
   Plots: reward, offline data ratio, routing fractions, queue depths, entropy, gradient norm by
   term, losses, response length, and eval accuracy from `eval_path` (lines like
   `{"step": s, "id/pass@1": x, "ood/pass@1": y}`).
   """
-  records = merge_by_step(read_jsonl(metrics_path))
+  records = merge_by_step(read_jsonl(metrics_path, skip_malformed=skip_malformed))
   paths.makedirs(out_dir)
   written = []
   for filename, title, ylabel, keys, logy in _PLOTS:
@@ -358,7 +369,7 @@ def plot_run(metrics_path: str, out_dir: str, *, eval_path: str | None = None) -
       _plot(path, title, ylabel, series, logy)
       written.append(path)
   if eval_path is not None:
-    evals = merge_by_step(read_jsonl(eval_path))
+    evals = merge_by_step(read_jsonl(eval_path, skip_malformed=skip_malformed))
     series = {k: _series(evals, k) for k in _eval_keys(evals)}
     series = {k: v for k, v in series.items() if v[0].size}
     if series:

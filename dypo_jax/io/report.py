@@ -26,14 +26,17 @@ def final_table(eval_records: list[dict]) -> tuple[str, dict]:
 
 
 def write_report(workdir: str) -> str:
-  """Writes plots/ and final_table.{md,json} into workdir; returns the table as text."""
+  """Writes plots/ and final_table.{md,json} into workdir; returns the table as text. A damaged
+  log line is skipped with a warning naming it: the run's work is done by now."""
   metrics_path = paths.join(workdir, "metrics.jsonl")
   eval_path = paths.join(workdir, "eval.jsonl")
   plots = []
   if paths.exists(metrics_path):
     plots = metrics_lib.plot_run(metrics_path, paths.join(workdir, "plots"),
-                                 eval_path=eval_path if paths.exists(eval_path) else None)
-  evals = metrics_lib.read_jsonl(eval_path) if paths.exists(eval_path) else []
+                                 eval_path=eval_path if paths.exists(eval_path) else None,
+                                 skip_malformed=True)
+  evals = (metrics_lib.read_jsonl(eval_path, skip_malformed=True) if paths.exists(eval_path)
+           else [])
   text, table = final_table(evals)
   paths.write_text(paths.join(workdir, "final_table.md"), text + "\n")
   paths.write_text(paths.join(workdir, "final_table.json"), json.dumps(table, indent=1))

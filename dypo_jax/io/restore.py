@@ -90,7 +90,9 @@ def restore_policy(workdir: str, *, step: int | None = None) -> RestoredPolicy:
     try:
       restored = ckpt.restore_subtree(step, abstract_subtree={"train": {"params": target}})
     except ValueError as e:
-      raise CheckpointReadError(str(e)) from e
+      older = [s for s in ckpt.all_steps() if s < step]
+      hint = f"; --step={older[-1]} reads the one before it" if older else ""
+      raise CheckpointReadError(f"{e}{hint}") from e
   return RestoredPolicy(model=nnx.merge(graphdef, restored["train"]["params"]), config=config,
                         step=step)
 
