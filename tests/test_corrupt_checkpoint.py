@@ -109,7 +109,8 @@ def test_a_partial_restore_checks_the_arrays_it_reads(tmp_path):
     with checkpoint_lib.Checkpointer(str(tmp_path), keep=None, read_only=True) as ckpt:
       if read:
         with pytest.raises(checkpoint_lib.CheckpointCorrupt,
-                           match=r"1 array\(s\) fail their checksum, first \['train'\]\['params'\]"):
+                           match=r"1 array\(s\) fail their checksum, "
+                                 r"first \['train'\]\['params'\]"):
           ckpt.restore_subtree(1, abstract_subtree=subtree)
       else:  # An array the partial restore does not read is not checked.
         ckpt.restore_subtree(1, abstract_subtree=subtree)

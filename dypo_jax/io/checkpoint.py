@@ -1,7 +1,7 @@
 """A thin Orbax wrapper: save / restore the train state, JSON extras and the DYPO queues.
 
 One checkpoint is a step directory `<directory>/<step>/` written by `orbax.checkpoint.
-CheckpointManager` with three items:
+CheckpointManager` with four items:
   * `state`  — a pytree of jax arrays (params, optimizer state, step, rng key *data*), saved with
     `StandardSave` and restored with `StandardRestore` onto an abstract target whose shardings may
     differ from the saved ones (restoring onto another mesh reshards);
@@ -10,8 +10,9 @@ CheckpointManager` with three items:
     `{"sha256", "nbytes", "base64"}`. It rides inside the same atomic step directory as the state
     it belongs to, and the checksum turns a damaged payload into a clear error;
   * `verify` — a fingerprint of every array (computed on device at save time) and the sha256 of
-    the extras: `restore` checks both, so truncated or altered data is `CheckpointCorrupt`, never
-    restored silently. `quarantine` moves such a step aside.
+    the extras: `restore` checks both, and `restore_subtree` the arrays it reads, so truncated or
+    altered data is `CheckpointCorrupt`, never restored silently. `quarantine` moves such a step
+    aside.
 
 Atomicity: Orbax writes a step into `<step>.orbax-checkpoint-tmp-<n>/` and renames it to `<step>/`
 only once every item is complete (on object stores it writes `commit_success.txt` instead). Step

@@ -73,8 +73,8 @@ def _json_number(key: str, value: Any) -> int | float | str:
 
 def _summary_writer_class():
   """tensorboardX.SummaryWriter, imported without torch when torch is not loaded yet: tensorboardX
-  imports torch (when installed) only to accept its tensors, 1.3 of a tiny run's 9 s start on a
-  CPU (measured), and this writer logs Python floats."""
+  imports torch (when installed) only to accept its tensors, 1.3 s of a tiny run's 9-second
+  start on a CPU (measured), and this writer logs Python floats."""
   if "torch" in sys.modules or "tensorboardX" in sys.modules:
     import tensorboardX  # pylint: disable=g-import-not-at-top
     return tensorboardX.SummaryWriter
@@ -213,17 +213,15 @@ def read_jsonl(path: str, *, skip_malformed: bool = False) -> list[dict[str, Any
       if i == len(lines) - 1:
         logging.warning("%s: skipping truncated last line %d: %r", path, i + 1, line[:200])
         continue
-      problem = f"{path}:{i + 1}: malformed JSON line ({e}): {line[:200]!r}"
-      if skip_malformed:
-        logging.warning("skipped %s", problem)
-        continue
-      raise ValueError(problem) from e
-    if not isinstance(obj, dict):
-      problem = f"{path}:{i + 1}: expected a JSON object, got {type(obj).__name__}"
-      if skip_malformed:
-        logging.warning("skipped %s", problem)
-        continue
-      raise ValueError(problem)
+      obj, problem = None, f"malformed JSON line ({e}): {line[:200]!r}"
+    else:
+      problem = (None if isinstance(obj, dict)
+                 else f"expected a JSON object, got {type(obj).__name__}")
+    if problem is not None:
+      if not skip_malformed:
+        raise ValueError(f"{path}:{i + 1}: {problem}")
+      logging.warning("skipped %s:%d: %s", path, i + 1, problem)
+      continue
     records.append({k: _decode(v) for k, v in obj.items()})
   return records
 

@@ -31,7 +31,8 @@ def _model_config(extras: dict[str, Any], where: str):
 def _checkpoint_dir(workdir: str) -> str:
   ckpt_dir = paths.join(paths.absolute(workdir), CHECKPOINTS_DIRNAME)
   if not paths.isdir(ckpt_dir):
-    raise CheckpointReadError(f"no checkpoint directory {ckpt_dir} (is --workdir the training run's?)")
+    raise CheckpointReadError(f"no checkpoint directory {ckpt_dir} (is --workdir the training "
+                              "run's?)")
   return ckpt_dir
 
 
@@ -58,8 +59,8 @@ class RestoredPolicy:
 def restore_policy(workdir: str, *, step: int | None = None) -> RestoredPolicy:
   """The policy of checkpoint `step` (default: the latest) of `workdir`, restored alone.
 
-  Raises CheckpointReadError (a ValueError) naming the checkpoint directory when it is missing, has no
-  such step, or cannot be read.
+  Raises CheckpointReadError (a ValueError) naming the checkpoint directory when it is missing,
+  has no such step, or cannot be read (a corrupt array fails its saved checksum).
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
