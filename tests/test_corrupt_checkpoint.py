@@ -1,5 +1,6 @@
 """A corrupt latest checkpoint never blocks a run nor restores silently: it is moved aside to
 checkpoints/corrupt-<step> (never deleted) and the run resumes from the newest good step."""
+import json
 import os
 import shutil
 
@@ -133,3 +134,28 @@ def test_export_and_eval_refuse_a_corrupt_policy(trained, tmp_path, how):
   with pytest.raises(restore.CheckpointReadError, match="checkpoints/2.*--step=1 reads the one"):
     restore.restore_policy(workdir)
   assert restore.restore_policy(workdir, step=1).step == 1
+
+
+def test_a_sign_flip_at_any_index_changes_the_fingerprint():
+  x = jax.numpy.arange(1.0, 9.0)
+  for i in range(8):
+    flipped = x.at[i].multiply(-1.0)  # Word i changes by 2**31.
+    assert (checkpoint_lib.state_fingerprints(flipped)
+            != checkpoint_lib.state_fingerprints(x)), i
+  # Version 1's multiplier was even at odd indices: the flip at index 1 went unseen.
+  assert (checkpoint_lib.state_fingerprints(x.at[1].multiply(-1.0), version=1)
+          == checkpoint_lib.state_fingerprints(x, version=1))
+
+
+def test_a_step_saved_with_version_1_fingerprints_still_restores(tmp_path):
+  state = {"w": jax.numpy.arange(8.0)}
+  with checkpoint_lib.Checkpointer(str(tmp_path), keep=None, async_save=False) as ckpt:
+    ckpt.save(1, state=state, extras={})
+  verify_file = next((tmp_path / "1" / "verify").iterdir())
+  saved = json.loads(verify_file.read_text())
+  del saved["version"]  # As written before versions existed.
+  saved["arrays"] = checkpoint_lib.state_fingerprints(state, version=1)
+  verify_file.write_text(json.dumps(saved))
+  with checkpoint_lib.Checkpointer(str(tmp_path), keep=None) as ckpt:
+    got, _ = ckpt.restore(1, abstract_state=checkpoint_lib.abstract_like(state))
+  np.testing.assert_array_equal(got["w"], np.arange(8.0))

@@ -24,6 +24,7 @@ Multi-process: call `save` / `restore` on every process (they are collective); J
 queues) are written by the primary process only, so pass the same values everywhere.
 """
 import base64
+import functools
 import hashlib
 import json
 import re
@@ -46,25 +47,32 @@ class CheckpointCorrupt(ValueError):
   """A saved step cannot be read back as it was written (truncated, missing or altered data)."""
 
 
-@jax.jit
-def _fingerprints(leaves: list[jax.Array]) -> jax.Array:
-  """[n] uint32: per array, sum over its 32/16/8-bit words w_i of w_i * (i * 2654435761 + 1),
-  wrapping. Computed where the arrays live (one small result a save), it changes when any word
-  changes or two words swap."""
+# Version 1 multiplied word i by i * K + 1, which is even at odd i: a sign flip (a change of
+# 2**31) at any odd index left the sum unchanged. Version 2's multiplier 2 * i * K + 1 is odd, so
+# any change of one word changes the sum. Steps saved without a version are checked with 1.
+FINGERPRINT_VERSION = 2
+_K = 2654435761
+
+
+@functools.partial(jax.jit, static_argnames="version")
+def _fingerprints(leaves: list[jax.Array], version: int) -> jax.Array:
+  """[n] uint32: per array, sum over its 32/16/8-bit words w_i of w_i * (2 * i * K + 1)
+  (version 2), wrapping. Computed where the arrays live (one small result a save), it changes
+  when any one word changes."""
+  step = jnp.uint32({1: _K, 2: (2 * _K) % 2**32}[version])
   out = []
   for x in leaves:
     bits = {4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}[x.dtype.itemsize]
     words = jax.lax.bitcast_convert_type(x.reshape(-1), bits).astype(jnp.uint32)
     index = jnp.arange(words.size, dtype=jnp.uint32)
-    out.append(jnp.sum(words * (index * jnp.uint32(2654435761) + jnp.uint32(1)),
-                       dtype=jnp.uint32))
+    out.append(jnp.sum(words * (index * step + jnp.uint32(1)), dtype=jnp.uint32))
   return jnp.stack(out) if out else jnp.zeros((0,), jnp.uint32)
 
 
-def state_fingerprints(state: Any) -> dict[str, int]:
+def state_fingerprints(state: Any, version: int = FINGERPRINT_VERSION) -> dict[str, int]:
   """{key path: fingerprint} of every array of a state pytree (see `_fingerprints`)."""
   flat = jax.tree_util.tree_flatten_with_path(state)[0]
-  values = np.asarray(jax.device_get(_fingerprints([x for _, x in flat])))
+  values = np.asarray(jax.device_get(_fingerprints([x for _, x in flat], version=version)))
   return {jax.tree_util.keystr(path): int(v) for (path, _), v in zip(flat, values)}
 
 
@@ -74,10 +82,13 @@ def _plain_path(keystr: str) -> str:
   return re.sub(r"\.([A-Za-z_]\w*)", r"['\1']", keystr)
 
 
-def _check_arrays(where: str, got: dict[str, int], want: dict[str, int], *,
-                  partial: bool) -> None:
-  """Raises CheckpointCorrupt unless every restored array (`got`: fingerprints by key path) has
-  its saved fingerprint (`want`). `partial`: only some of the saved arrays were read."""
+def _check_arrays(where: str, state: Any, verify: dict[str, Any], *, partial: bool) -> None:
+  """Raises CheckpointCorrupt unless every array of the restored `state` has the fingerprint
+  saved for it in `verify`. `partial`: only some of the saved arrays were read (key paths are
+  compared with attribute and dict steps alike, `_plain_path`)."""
+  got = {_plain_path(k): v
+         for k, v in state_fingerprints(state, verify.get("version", 1)).items()}
+  want = {_plain_path(k): v for k, v in verify.get("arrays", {}).items()}
   odd = set(got) - set(want) if partial else set(got) ^ set(want)
   if odd:
     raise CheckpointCorrupt(f"{where}: the restored arrays {sorted(odd)[:3]} differ from those "
@@ -166,7 +177,8 @@ class Checkpointer:
       raise ValueError(f"extras for step {step} are not JSON-serialisable at {problem}")
     if step in self.all_steps():
       return False
-    verify = {"arrays": state_fingerprints(state), "extras_sha256": _json_sha256(extras)}
+    verify = {"version": FINGERPRINT_VERSION, "arrays": state_fingerprints(state),
+              "extras_sha256": _json_sha256(extras)}
     items = {"state": ocp.args.StandardSave(state), "extras": ocp.args.JsonSave(extras),
              "verify": ocp.args.JsonSave(verify)}
     if queues is not None:
@@ -232,7 +244,7 @@ class Checkpointer:
     where = f"checkpoint {self.step_dir(step)}"
     if _json_sha256(extras) != verify.get("extras_sha256"):
       raise CheckpointCorrupt(f"{where}: item 'extras' fails its sha256 check")
-    _check_arrays(where, state_fingerprints(state), verify.get("arrays", {}), partial=False)
+    _check_arrays(where, state, verify, partial=False)
 
   def quarantine(self, step: int) -> str:
     """Moves a corrupt step aside to `<directory>/corrupt-<step>` (never deletes it); returns
@@ -282,11 +294,8 @@ class Checkpointer:
       raise CheckpointCorrupt(f"checkpoint {self.step_dir(step)} is corrupt or does not hold the "
                               f"requested arrays: {type(e).__name__}: {e}") from e
     if has_verify:  # The arrays read are checked as `restore` checks the whole state.
-      _check_arrays(
-          f"checkpoint {self.step_dir(step)}",
-          {_plain_path(k): v for k, v in state_fingerprints(restored["state"]).items()},
-          {_plain_path(k): v for k, v in restored["verify"].get("arrays", {}).items()},
-          partial=True)
+      _check_arrays(f"checkpoint {self.step_dir(step)}", restored["state"], restored["verify"],
+                    partial=True)
     return restored["state"]
 
   def restore_queues(self, step: int | None = None) -> bytes | None:

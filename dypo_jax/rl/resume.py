@@ -16,6 +16,7 @@ import numpy as np
 from dypo_jax import config as config_lib
 from dypo_jax import errors
 from dypo_jax.io import checkpoint as checkpoint_lib
+from dypo_jax.io import metrics as metrics_lib
 from dypo_jax.parallel import multihost
 from dypo_jax.rl import queues as queues_lib
 
@@ -114,8 +115,13 @@ def extras(trainer) -> dict[str, Any]:
           "model_config": dataclasses.asdict(trainer.sampler.config)}
 
 
-def save(trainer, ckpt: checkpoint_lib.Checkpointer) -> bool:
-  """Saves the trainer's step with the queues (collective; asynchronous; never rewrites one)."""
+def save(trainer, ckpt: checkpoint_lib.Checkpointer, writer: metrics_lib.MetricsWriter) -> bool:
+  """Saves the trainer's step with the queues (collective; asynchronous; never rewrites one).
+
+  A bucket workdir's logs are uploaded first (`writer.sync()`): a save that commits before a
+  later upload, then a kill -9, would leave the checkpoint without its steps' log lines.
+  """
+  writer.sync()
   return ckpt.save(trainer.step_count, state=arrays(trainer), extras=extras(trainer),
                    queues=trainer.queues.to_bytes())
 

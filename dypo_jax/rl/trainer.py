@@ -308,8 +308,7 @@ class Trainer:
         if tr.eval_every and step % tr.eval_every == 0:
           self._log_eval(writer, self.evaluate())
         if tr.checkpoint_every and step % tr.checkpoint_every == 0:
-          writer.sync()  # A bucket workdir: the logs a checkpoint covers are there before it.
-          resume.save(self, ckpt)
+          resume.save(self, ckpt, writer)
         if self.empty_updates_in_a_row >= tr.max_empty_updates:
           break
         if should_stop is not None and should_stop(self):
@@ -317,8 +316,7 @@ class Trainer:
       stopped = stopped or multihost.any_process(bool(stop_requested))
       nothing_left = self.empty_updates_in_a_row >= tr.max_empty_updates
       if stopped or nothing_left or (tr.checkpoint_every and self.step_count % tr.checkpoint_every):
-        writer.sync()
-        resume.save(self, ckpt)
+        resume.save(self, ckpt, writer)
       ckpt.wait()
       if nothing_left:
         raise errors.NothingToLearn(
