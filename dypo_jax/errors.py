@@ -3,6 +3,7 @@
 Light on purpose (no JAX): `main` catches these before it imports anything heavy.
 """
 import errno
+import inspect
 import logging
 import os
 import sys
@@ -13,11 +14,18 @@ EXIT_BAD_INPUT = 2  # The config, a flag or an input file is invalid: nothing wa
 EXIT_NOTHING_TO_LEARN = 3  # train.max_empty_updates empty updates in a row; checkpoint saved.
 EXIT_NONFINITE = 4  # More than train.max_nonfinite_updates non-finite updates.
 EXIT_WORKDIR_LOCKED = 5  # Another live run holds the workdir (workdir/run.lock).
+EXIT_CHECKPOINTS_UNREADABLE = 6  # The workdir has checkpoints and none reads: nothing was moved.
+EXIT_STORAGE_UNAVAILABLE = 69  # Storage kept failing for train.storage_retry_s (EX_UNAVAILABLE).
 EXIT_DISK_FULL = 74  # No space left where the run writes (EX_IOERR); free some and rerun.
 EXIT_PREEMPTED = 75  # SIGTERM / SIGINT: saved; "temporary failure, resume me" (EX_TEMPFAIL).
 
 # Set to 1 for the traceback of a bad-input or disk-full error (tools also take --verbose).
 TRACEBACK_ENV = "DYPO_JAX_TRACEBACK"
+
+
+def verbose() -> bool:
+  """Whether tracebacks were asked for (`--verbose` sets TRACEBACK_ENV for the process)."""
+  return os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
 
 
 class BadInput(ValueError):
@@ -28,8 +36,50 @@ class NothingToLearn(RuntimeError):
   """`train.max_empty_updates` updates in a row found nothing queued."""
 
 
+class StorageError(OSError):
+  """A read or write the store itself failed (I/O, permission, network, timeout): the bytes may
+  be fine, so nothing is set aside; it is retried for `train.storage_retry_s`."""
+
+
+class StorageUnavailable(RuntimeError):
+  """Storage kept failing for `train.storage_retry_s`; the message names the path."""
+
+
+class CheckpointsUnreadable(RuntimeError):
+  """The workdir holds checkpoints and not one of them reads back (nothing was moved aside)."""
+
+
+class SaveFailed(RuntimeError):
+  """A checkpoint's background save did not finalise (its cause is chained)."""
+
+
 class Preempted(RuntimeError):
   """SIGTERM or SIGINT arrived: the run saved a checkpoint at a step boundary and stopped early."""
+
+
+def set_verbose(on: bool) -> None:
+  """`--verbose`: tracebacks for this process and the ones it starts."""
+  if on:
+    os.environ[TRACEBACK_ENV] = "1"
+
+
+def quiet_background_errors() -> None:
+  """Drops Python's "Exception ignored in <coroutine>" reports unless tracebacks were asked for.
+
+  A restore of a damaged step fails in every pending Orbax read coroutine, and each was printed
+  with its TensorStore dump (~990 lines for one bad step); the failure itself is reported once,
+  as one line, by whoever asked for the read.
+  """
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    noise = inspect.iscoroutine(unraisable.object) or (
+        isinstance(unraisable.exc_value, RuntimeError)
+        and "Event loop is closed" in str(unraisable.exc_value))
+    if verbose() or not noise:
+      previous(unraisable)
+
+  sys.unraisablehook = hook
 
 
 def disk_full(exc: BaseException) -> bool:

@@ -144,6 +144,8 @@ def _check_config_file(argv: list[str]) -> None:
 
 def run():
   verbose = "--verbose" in sys.argv[1:]
+  errors.set_verbose(verbose)
+  errors.quiet_background_errors()
   try:
     _check_config_file(sys.argv[1:])
     config_lib.check_override_keys(sys.argv[1:])
@@ -167,6 +169,11 @@ def run():
   except FloatingPointError as e:  # Too many non-finite updates (train.max_nonfinite_updates).
     print(f"training stopped: {e}", file=sys.stderr)
     sys.exit(errors.EXIT_NONFINITE)
+  except errors.CheckpointsUnreadable as e:
+    errors.exit_with("resume", e, errors.EXIT_CHECKPOINTS_UNREADABLE, verbose=verbose)
+  except errors.StorageUnavailable as e:  # A wrapper may rerun once the store is back.
+    errors.exit_with("storage unavailable", e, errors.EXIT_STORAGE_UNAVAILABLE, verbose=verbose,
+                     now=True)
   except Exception as e:  # pylint: disable=broad-except
     if not errors.disk_full(e):
       raise

@@ -1,0 +1,97 @@
+"""Storage failures: telling damaged bytes from a store that failed, and retrying the latter.
+
+A read that fails is either certain damage (`CheckpointCorrupt`: a checksum mismatch, a truncated
+or missing file, undecodable JSON) or a failure of the store (`errors.StorageError`: an I/O,
+permission or network error, a timeout), which may pass: only damage may be set aside, and a
+store's failure is retried for a bounded time (`retrying`) before the run stops with
+`errors.StorageUnavailable`.
+"""
+import json
+import re
+import sys
+import time
+import traceback
+from typing import Callable, TypeVar
+
+from dypo_jax import errors
+
+T = TypeVar("T")
+
+
+class CheckpointCorrupt(ValueError):
+  """A saved step cannot be read back as it was written (truncated, missing or altered data)."""
+
+
+# TensorStore / gRPC status words (they lead its messages) and HTTP statuses that say the store
+# refused or could not answer, not that the bytes are bad.
+_STORAGE_WORDS = re.compile(
+    r"\b(PERMISSION_DENIED|UNAVAILABLE|DEADLINE_EXCEEDED|UNAUTHENTICATED|RESOURCE_EXHAUSTED|"
+    r"CANCELLED|ABORTED|Connection (refused|reset|aborted)|timed out|Timeout|"
+    r"HTTP (403|408|429|5\d\d)|status(_code)?[ =:]+(403|408|429|5\d\d))\b")
+# What damaged bytes look like when read: a short or missing file, a bad encoding.
+_DAMAGE_WORDS = re.compile(r"\b(OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|INVALID_ARGUMENT|"
+                           r"FAILED_PRECONDITION)\b|Error opening|Error reading|No such file")
+
+
+def _chain(exc: BaseException | None) -> list[BaseException]:
+  out, seen = [], set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    out.append(exc)
+    exc = exc.__cause__ or exc.__context__
+  return out
+
+
+def damage_is_certain(exc: BaseException) -> bool:
+  """True when `exc` (or an exception it came from) shows the saved bytes themselves are bad,
+  and nothing in it points at the store (an OSError other than a missing file, a permission,
+  network or timeout status)."""
+  chain = _chain(exc)
+  for e in chain:
+    if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, NotADirectoryError,
+                                                     IsADirectoryError)):
+      return False
+    if isinstance(e, (TimeoutError, ConnectionError)) or _STORAGE_WORDS.search(str(e)):
+      return False
+  return any(isinstance(e, (CheckpointCorrupt, FileNotFoundError, json.JSONDecodeError,
+                            UnicodeDecodeError)) or _DAMAGE_WORDS.search(str(e)) for e in chain)
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+  """The innermost cause's first non-empty line (TensorStore's status, not Orbax's dump)."""
+  root = _chain(exc)[-1]
+  text = next((line for line in str(root).splitlines() if line.strip()), "")
+  return f"{type(root).__name__}: {text[:limit]}" if text else type(root).__name__
+
+
+def read_failure(where: str, exc: BaseException) -> Exception:
+  """The one-line error to raise for a failed read of `where`: CheckpointCorrupt when the damage
+  is certain (`damage_is_certain`), else errors.StorageError."""
+  if damage_is_certain(exc):
+    return CheckpointCorrupt(f"{where} is corrupt: {first_line(exc)}")
+  return errors.StorageError(f"{where} could not be read: {first_line(exc)}")
+
+
+def retrying(fn: Callable[[], T], *, what: str, retry_s: float, prefix: str = "storage") -> T:
+  """`fn()`, called again while it raises errors.StorageError, for at most `retry_s` seconds in
+  all (backoff 0.5 s doubling to 30 s; one warning line per retry); then
+  errors.StorageUnavailable naming `what`."""
+  deadline = time.monotonic() + retry_s
+  delay, attempt = 0.5, 0
+  while True:
+    try:
+      return fn()
+    except errors.StorageError as e:
+      attempt += 1
+      left = deadline - time.monotonic()
+      if errors.verbose():
+        traceback.print_exception(e)
+      if left <= 0:
+        raise errors.StorageUnavailable(
+            f"{what}: the storage kept failing for {retry_s:g} s (train.storage_retry_s); "
+            f"the last error: {e}") from e
+      wait = min(delay, left)
+      print(f"{prefix}: WARNING {e}; retry {attempt} in {wait:.1f} s", file=sys.stderr,
+            flush=True)
+      time.sleep(wait)
+      delay = min(delay * 2, 30.0)
