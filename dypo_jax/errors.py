@@ -64,7 +64,8 @@ def set_verbose(on: bool) -> None:
 
 
 def quiet_background_errors() -> None:
-  """Drops Python's "Exception ignored in <coroutine>" reports unless tracebacks were asked for.
+  """Drops Python's "Exception ignored in <coroutine>" reports, and asyncio's "exception was
+  never retrieved", unless tracebacks were asked for.
 
   A restore of a damaged step fails in every pending Orbax read coroutine, and each was printed
   with its TensorStore dump (~990 lines for one bad step); the failure itself is reported once,
@@ -80,6 +81,12 @@ def quiet_background_errors() -> None:
       previous(unraisable)
 
   sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(_quiet_asyncio)
+
+
+def _quiet_asyncio(record: logging.LogRecord) -> bool:
+  """asyncio's "Future/Task exception was never retrieved" (the same failed reads, at exit)."""
+  return verbose() or "exception was never retrieved" not in str(record.msg)
 
 
 def disk_full(exc: BaseException) -> bool:

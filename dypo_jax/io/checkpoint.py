@@ -213,7 +213,13 @@ class Checkpointer:
           "format": _QUEUES_FORMAT, "nbytes": len(data),
           "sha256": hashlib.sha256(data).hexdigest(),
           "base64": base64.b64encode(data).decode("ascii")})
-    started = bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
+    try:
+      started = bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
+    except Exception as e:  # pylint: disable=broad-except
+      if errors.disk_full(e):  # The step is named: the failure is this save's, not a later one's.
+        raise errors.SaveFailed(f"checkpoint step {step} in {self.directory} was not saved: "
+                                f"{storage.first_line(e, 2000)}") from e
+      raise
     if started:
       self._pending = step
     return started
@@ -229,8 +235,8 @@ class Checkpointer:
     step, self._pending = self._pending, None
     if step is None:
       return
-    self._manager.wait_until_finished()
     try:
+      self._manager.wait_until_finished()
       self._manager.check_for_errors()
     except Exception as e:  # pylint: disable=broad-except
       self.save_errors.setdefault(step, e)
@@ -238,7 +244,7 @@ class Checkpointer:
     if step in self._manager.all_steps():
       return
     cause = self.save_errors.pop(step, None)
-    why = f": {storage.first_line(cause)}" if cause is not None else ""
+    why = f": {storage.first_line(cause, 2000)}" if cause is not None else ""
     raise errors.SaveFailed(f"checkpoint step {step} in {self.directory} was not saved{why}") \
         from cause
 
@@ -391,7 +397,7 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       failure = storage.read_failure(where, e)
       if isinstance(e, (ValueError, KeyError, TypeError)) and not isinstance(
-          failure, errors.StorageError):  # A payload of the wrong shape: damage.
+          failure, errors.StorageError):  # A payload of the wrong layout: damage.
         failure = CheckpointCorrupt(str(failure))
       raise failure from e
     if len(data) != payload["nbytes"] or hashlib.sha256(data).hexdigest() != payload["sha256"]:
@@ -403,7 +409,8 @@ class Checkpointer:
     from its metadata alone (no array is read)."""
     step = self._resolve(step)
     try:
-      meta = self._manager.item_metadata(step)["state"]
+      meta = ocp.PyTreeCheckpointer().metadata(
+          paths.join(self.step_dir(step), "state")).item_metadata.tree
     except Exception as e:  # pylint: disable=broad-except
       raise storage.read_failure(f"checkpoint {self.step_dir(step)} item 'state' metadata",
                                  e) from e

@@ -1,10 +1,10 @@
 """Storage failures: telling damaged bytes from a store that failed, and retrying the latter.
 
-A read that fails is either certain damage (`CheckpointCorrupt`: a checksum mismatch, a truncated
-or missing file, undecodable JSON) or a failure of the store (`errors.StorageError`: an I/O,
-permission or network error, a timeout), which may pass: only damage may be set aside, and a
-store's failure is retried for a bounded time (`retrying`) before the run stops with
-`errors.StorageUnavailable`.
+A read that fails is certain damage (`CheckpointCorrupt`: a checksum mismatch, a truncated or
+missing file, undecodable JSON), a failure of the store (`errors.StorageError`: an I/O,
+permission or network error, a timeout), which may pass, or neither (`CheckpointUnreadable`: e.g.
+arrays of other shapes than asked for). Only damage may be set aside; a store's failure is
+retried for a bounded time (`retrying`) before the run stops with `errors.StorageUnavailable`.
 """
 import json
 import re
@@ -18,7 +18,11 @@ from dypo_jax import errors
 T = TypeVar("T")
 
 
-class CheckpointCorrupt(ValueError):
+class CheckpointUnreadable(ValueError):
+  """A saved step could not be read, and neither damage nor the store is shown to be why."""
+
+
+class CheckpointCorrupt(CheckpointUnreadable):
   """A saved step cannot be read back as it was written (truncated, missing or altered data)."""
 
 
@@ -42,17 +46,26 @@ def _chain(exc: BaseException | None) -> list[BaseException]:
   return out
 
 
-def damage_is_certain(exc: BaseException) -> bool:
-  """True when `exc` (or an exception it came from) shows the saved bytes themselves are bad,
-  and nothing in it points at the store (an OSError other than a missing file, a permission,
-  network or timeout status)."""
-  chain = _chain(exc)
-  for e in chain:
+def store_failed(exc: BaseException) -> bool:
+  """True when `exc` (or an exception it came from) points at the store: an OSError other than
+  a missing file, a timeout, a permission, network or server status."""
+  for e in _chain(exc):
+    if isinstance(e, errors.StorageError):
+      return True
     if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, NotADirectoryError,
                                                      IsADirectoryError)):
-      return False
+      return True
     if isinstance(e, (TimeoutError, ConnectionError)) or _STORAGE_WORDS.search(str(e)):
-      return False
+      return True
+  return False
+
+
+def damage_is_certain(exc: BaseException) -> bool:
+  """True when `exc` (or an exception it came from) shows the saved bytes themselves are bad,
+  and nothing in it points at the store (`store_failed`)."""
+  if store_failed(exc):
+    return False
+  chain = _chain(exc)
   return any(isinstance(e, (CheckpointCorrupt, FileNotFoundError, json.JSONDecodeError,
                             UnicodeDecodeError)) or _DAMAGE_WORDS.search(str(e)) for e in chain)
 
@@ -66,10 +79,13 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
 
 def read_failure(where: str, exc: BaseException) -> Exception:
   """The one-line error to raise for a failed read of `where`: CheckpointCorrupt when the damage
-  is certain (`damage_is_certain`), else errors.StorageError."""
+  is certain (`damage_is_certain`), errors.StorageError when the store failed, else
+  CheckpointUnreadable."""
   if damage_is_certain(exc):
     return CheckpointCorrupt(f"{where} is corrupt: {first_line(exc)}")
-  return errors.StorageError(f"{where} could not be read: {first_line(exc)}")
+  if store_failed(exc):
+    return errors.StorageError(f"{where} could not be read: {first_line(exc)}")
+  return CheckpointUnreadable(f"{where} could not be read: {first_line(exc)}")
 
 
 def retrying(fn: Callable[[], T], *, what: str, retry_s: float, prefix: str = "storage") -> T:

@@ -133,7 +133,7 @@ def choose_step(ckpt: checkpoint_lib.Checkpointer, step: int | None) -> int:
 
 def _as_read_failure(where: str, e: Exception) -> Exception:
   """Any error of a step's read as CheckpointCorrupt or StorageError (ours pass through)."""
-  if isinstance(e, (storage.CheckpointCorrupt, errors.StorageError, errors.BadInput)):
+  if isinstance(e, (storage.CheckpointUnreadable, errors.StorageError, errors.BadInput)):
     return e
   return storage.read_failure(where, e)
 
@@ -183,8 +183,8 @@ def restore(ckpt: checkpoint_lib.Checkpointer, like: run_state_lib.RunState, *,
   """The RunState of the newest step that reads back as saved, resharded like `like` (whose
   stream object is reused), or None when the directory lists no step.
 
-  Steps whose damage is certain are passed over, and set aside (`corrupt-<step>`) only once an
-  older step has read: when none reads, nothing is moved and `errors.CheckpointsUnreadable`
+  Steps that do not read are passed over; those whose damage is certain are set aside
+  (`corrupt-<step>`) once an older step has read: when none reads, nothing is moved and `errors.CheckpointsUnreadable`
   says so. A failing store is retried for `storage_retry_s`. A config that differs from the
   saved one is printed, and refused where it changes the run's meaning (`check_config`).
   """
@@ -198,10 +198,11 @@ def restore(ckpt: checkpoint_lib.Checkpointer, like: run_state_lib.RunState, *,
           lambda step=step: _read_run_step(ckpt, step, abstract),
           what=f"reading checkpoint {ckpt.step_dir(step)}", retry_s=storage_retry_s,
           prefix="resume")
-    except storage.CheckpointCorrupt as e:
+    except storage.CheckpointUnreadable as e:
       _warn(f"resume: WARNING checkpoint step {step} does not read back as saved ({e}); "
             "trying the step before it", e)
-      damaged.append(step)
+      if isinstance(e, storage.CheckpointCorrupt):  # Only certain damage is set aside.
+        damaged.append(step)
       continue
     for bad in damaged:
       moved = ckpt.quarantine(bad, reason="does not read back as saved")
@@ -281,8 +282,12 @@ def _abstract_policy(model_config, config: dict[str, Any], mesh):
 
 def _check_shapes(ckpt, step: int, target: Any, where: str) -> None:
   """CheckpointReadError naming the first parameter whose saved shape differs from the model
-  config's (before anything is read)."""
-  saved = ckpt.item_shapes(step)
+  config's (before anything is read). Unreadable metadata is left to the restore, which then
+  says what is damaged."""
+  try:
+    saved = ckpt.item_shapes(step)
+  except storage.CheckpointUnreadable:
+    return
   flat = jax.tree_util.tree_flatten_with_path({"train": {"params": target}})[0]
   for path, leaf in flat:
     key = checkpoint_lib.plain_path(jax.tree_util.keystr(path))
@@ -322,7 +327,7 @@ def _read(workdir: str, step: int | None, read, *, retry_s: float):
 
     try:
       return storage.retrying(attempt, what=where, retry_s=retry_s, prefix="checkpoint")
-    except storage.CheckpointCorrupt as e:
+    except storage.CheckpointUnreadable as e:
       older = [s for s in ckpt.all_steps() if s < step]
       hint = (f"; --step={older[-1]} reads the one before it" if older
               else "; no older step is left")

@@ -210,6 +210,8 @@ def main(argv):
     raise app.UsageError("--out is required with --hf_path and no --workdir")
   errors.set_verbose(_VERBOSE.value)
   errors.quiet_background_errors()
+  if _VERBOSE.value:
+    logging.set_verbosity(logging.INFO)
   try:
     if _PASS_KS.value:
       _pass_ks_flag()
@@ -236,5 +238,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every restore step at INFO.
+  logging.set_verbosity(logging.ERROR)  # Orbax logs every restore step (INFO, WARNING).
   app.run(main)

@@ -16,6 +16,7 @@ from typing import Any
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from dypo_jax import errors
 from dypo_jax.rl import run_checkpoint
@@ -72,6 +73,8 @@ def main(argv):
     raise app.UsageError("--workdir and --out are required")
   errors.set_verbose(_VERBOSE.value)
   errors.quiet_background_errors()
+  if _VERBOSE.value:
+    logging.set_verbosity(logging.INFO)
   try:
     step = export(_WORKDIR.value, _OUT.value, step=_STEP.value, dtype=_DTYPE.value)
   except (errors.BadInput, FileNotFoundError, PermissionError) as e:
@@ -82,4 +85,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  logging.set_verbosity(logging.ERROR)  # Orbax logs every restore step (INFO, WARNING).
   app.run(main)
