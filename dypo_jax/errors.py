@@ -108,13 +108,17 @@ def disk_full(exc: BaseException) -> bool:
 
 
 class _DiskFullLogs(logging.Filter):
-  """A full disk fails every pending write of a background save, and each logs its traceback:
-  such a record keeps one short line (asyncio's "never retrieved" copies go); `main` says the
-  rest once."""
+  """A full disk (or, with `match`, a failing store) fails every pending write of a background
+  save, and each logs its traceback: such a record keeps one short line (asyncio's "never
+  retrieved" copies go); `main` says the rest once."""
+
+  def __init__(self, match=disk_full):
+    super().__init__()
+    self._match = match
 
   def filter(self, record: logging.LogRecord) -> bool:
     exc = record.exc_info[1] if record.exc_info else None
-    if exc is None or not disk_full(exc):
+    if exc is None or verbose() or not self._match(exc):
       return True
     if record.name == "asyncio":
       return False
@@ -123,12 +127,15 @@ class _DiskFullLogs(logging.Filter):
     return True
 
 
-def shorten_disk_full_logs() -> None:
+def shorten_disk_full_logs(match=None) -> None:
   """Adds `_DiskFullLogs` to the root logger's handlers (absl's included: call after app.run
-  started)."""
+  started); `match(exc)`: another kind of failure to shorten the same way."""
   for handler in logging.getLogger().handlers:
-    if not any(isinstance(f, _DiskFullLogs) for f in handler.filters):
+    kinds = [f for f in handler.filters if isinstance(f, _DiskFullLogs)]
+    if not kinds:
       handler.addFilter(_DiskFullLogs())
+    if match is not None and not any(f._match is match for f in kinds):  # pylint: disable=protected-access
+      handler.addFilter(_DiskFullLogs(match))
 
 
 def _first_line(exc: BaseException, limit: int = 2000) -> str:

@@ -58,8 +58,12 @@ def _prepare_workdir(workdir: str) -> None:
     paths.write_bytes(probe, b"ok")
     paths.remove(probe)
   except (OSError, ImportError) as e:
+    from dypo_jax.io import storage  # pylint: disable=g-import-not-at-top
     if errors.disk_full(e):
       raise
+    if paths.is_remote(workdir) and storage.store_failed(e):
+      raise errors.StorageUnavailable(f"--workdir={workdir}: the storage failed (retried for "
+                                      f"train.storage_retry_s): {storage.first_line(e)}") from e
     why = getattr(e, "strerror", None) or e
     where = getattr(e, "filename", None) or workdir
     raise errors.BadInput(f"--workdir={workdir}: cannot write there ({why}: {where}); choose a "
@@ -76,6 +80,9 @@ def main(argv):
     raise app.UsageError("--config is required, e.g. --config=experiments/cpu_tiny.py")
   config_lib.validate(config)
   workdir = _WORKDIR.value or config.workdir or "workdir"
+  from dypo_jax.io import storage  # pylint: disable=g-import-not-at-top
+  storage.bound_client_retries(config.train.storage_retry_s, tensorstore=False)  # No JAX yet.
+  errors.shorten_disk_full_logs(storage.store_failed)
   _prepare_workdir(workdir)
 
   # JAX is imported after validation: a bad config fails in a second, not after JAX starts.
@@ -94,9 +101,15 @@ def main(argv):
           .acquire() if jax.process_index() == 0 else None)
   try:
     _run_phases(config, workdir)
-  finally:
+  except BaseException:
     if lock is not None:
-      lock.release()
+      try:
+        lock.release()
+      except Exception as e:  # pylint: disable=broad-except  # Storage gone: say what stopped.
+        print(f"workdir: WARNING the lock was not released: {e}", file=sys.stderr, flush=True)
+    raise
+  if lock is not None:
+    lock.release()
 
 
 def _run_phases(config, workdir: str) -> None:
@@ -175,6 +188,12 @@ def run():
     errors.exit_with("storage unavailable", e, errors.EXIT_STORAGE_UNAVAILABLE, verbose=verbose,
                      now=True)
   except Exception as e:  # pylint: disable=broad-except
+    from dypo_jax.io import storage  # pylint: disable=g-import-not-at-top
+    if not errors.disk_full(e) and storage.store_failed(e):
+      errors.exit_with("storage unavailable: the storage kept failing (retried for "
+                       "train.storage_retry_s); rerun the same command once it is back. The "
+                       "failed operation", e, errors.EXIT_STORAGE_UNAVAILABLE, verbose=verbose,
+                       now=True)
     if not errors.disk_full(e):
       raise
     errors.exit_with(

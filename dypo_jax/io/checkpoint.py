@@ -240,11 +240,19 @@ class Checkpointer:
       self._manager.check_for_errors()
     except Exception as e:  # pylint: disable=broad-except
       self.save_errors.setdefault(step, e)
-    self._manager.reload()
-    if step in self._manager.all_steps():
-      return
+    try:
+      self._manager.reload()
+      if step in self._manager.all_steps():
+        return
+    except Exception as e:  # pylint: disable=broad-except
+      if not storage.store_failed(e):
+        raise
+      self.save_errors.setdefault(step, e)
     cause = self.save_errors.pop(step, None)
     why = f": {storage.first_line(cause, 2000)}" if cause is not None else ""
+    if cause is not None and storage.store_failed(cause) and not errors.disk_full(cause):
+      raise errors.StorageUnavailable(f"checkpoint step {step} in {self.directory} was not "
+                                      f"saved: the storage failed{why}") from cause
     raise errors.SaveFailed(f"checkpoint step {step} in {self.directory} was not saved{why}") \
         from cause
 

@@ -111,3 +111,49 @@ def retrying(fn: Callable[[], T], *, what: str, retry_s: float, prefix: str = "s
             flush=True)
       time.sleep(wait)
       delay = min(delay * 2, 30.0)
+
+
+def _tensorstore_retries(retry_s: float) -> dict[str, object]:
+  """TensorStore's `gcs_request_retries` whose backoff delays sum to at most `retry_s`."""
+  initial = min(1.0, max(retry_s / 8, 0.05))
+  cap = min(32.0, max(retry_s / 2, initial))
+  total, delay, count = 0.0, initial, 0
+  while count < 32 and total + delay <= retry_s:
+    total, count, delay = total + delay, count + 1, min(delay * 2, cap)
+  return {"max_retries": max(count, 1), "initial_delay": f"{initial:g}s",
+          "max_delay": f"{cap:g}s"}
+
+
+class _CappedSleep:
+  """gcsfs' `asyncio`, with each retry's sleep capped (gcsfs sleeps 1, 2, 4, 8, 16 s: ~33 s a
+  call, not configurable)."""
+
+  def __init__(self, real, cap: float):
+    self._real, self._cap = real, cap
+
+  def __getattr__(self, name):
+    return getattr(self._real, name)
+
+  async def sleep(self, delay, *args, **kwargs):
+    return await self._real.sleep(min(delay, self._cap), *args, **kwargs)
+
+
+def bound_client_retries(retry_s: float, *, tensorstore: bool = True) -> None:
+  """Bounds the retries of the storage clients to about `retry_s` a call: gcsfs' backoff (five
+  sleeps, each capped at retry_s / 5; its per-retry tracebacks only with `--verbose`) and, with
+  `tensorstore`, TensorStore's GCS request retries in every Orbax read and write (Orbax builds
+  its TensorStore contexts from module defaults, which get `gcs_request_retries`)."""
+  import asyncio  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import logging  # pylint: disable=g-import-not-at-top
+  if importlib.util.find_spec("gcsfs") is not None:
+    from gcsfs import retry as gcsfs_retry  # pylint: disable=g-import-not-at-top
+    real = getattr(gcsfs_retry.asyncio, "_real", asyncio)
+    gcsfs_retry.asyncio = _CappedSleep(real, max(retry_s / 5, 0.01))
+    if not errors.verbose():
+      logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
+  if tensorstore:
+    from orbax.checkpoint._src.serialization import tensorstore_utils  # pylint: disable=g-import-not-at-top
+    for context in (tensorstore_utils._BASE_TS_CONTEXT,  # pylint: disable=protected-access
+                    tensorstore_utils._DEFAULT_OCDBT_TS_CONTEXT):  # pylint: disable=protected-access
+      context["gcs_request_retries"] = _tensorstore_retries(retry_s)

@@ -156,7 +156,13 @@ def save(ckpt: checkpoint_lib.Checkpointer, run: run_state_lib.RunState, *,
   A bucket workdir's logs are uploaded first (`writer.sync()`): a save that commits before a
   later upload, then a kill -9, would leave the checkpoint without its steps' log lines.
   """
-  writer.sync()
+  try:
+    writer.sync()
+  except Exception as e:  # pylint: disable=broad-except
+    if storage.store_failed(e) and not errors.disk_full(e):
+      raise errors.StorageUnavailable(f"uploading the logs beside {ckpt.directory} before "
+                                      f"saving step {run.step}: {storage.first_line(e)}") from e
+    raise
   extras = {"format": CHECKPOINT_FORMAT, "process_count": jax.process_count(),
             "streams": multihost.gather_json(run.stream.state()),  # Collective.
             "rollout_round": run.rollout_round,

@@ -19,6 +19,7 @@ process 0 logs them. A checkpoint holds the queues once and every process's data
 """
 import json
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -34,6 +35,7 @@ from dypo_jax.evaluation import verifier
 from dypo_jax.io import checkpoint as checkpoint_lib
 from dypo_jax.io import metrics as metrics_lib
 from dypo_jax.io import paths
+from dypo_jax.io import storage
 from dypo_jax.models import sampler as sampler_lib
 from dypo_jax.parallel import multihost
 from dypo_jax.parallel import sharding
@@ -259,6 +261,7 @@ class Trainer:
     """
     tr, rs = self.config.train, self.run_state
     ckpt_dir = run_checkpoint.checkpoint_dir(self.workdir)
+    storage.bound_client_retries(tr.storage_retry_s)
     ckpt = checkpoint_lib.Checkpointer(ckpt_dir, keep=tr.keep_checkpoints)
     writer, stop_requested, previous_handlers = None, [], {}
     if threading.current_thread() is threading.main_thread():
@@ -337,9 +340,15 @@ class Trainer:
                                f"resume")
       return metrics
     finally:
-      ckpt.close()  # Waits for a pending save.
-      if writer is not None:
-        writer.close()
+      try:  # A failing store must not hide the error that stopped the run.
+        ckpt.close()  # Waits for a pending save.
+        if writer is not None:
+          writer.close()
+      except Exception as e:  # pylint: disable=broad-except
+        if not storage.store_failed(e) or sys.exc_info()[0] is None:
+          raise
+        print(f"train: WARNING closing after the error: {storage.first_line(e)}",
+              file=sys.stderr, flush=True)
       if self.reward_pool is not None:
         self.reward_pool.close()
       for sig, handler in previous_handlers.items():
