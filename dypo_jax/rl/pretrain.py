@@ -81,7 +81,7 @@ def ensure_base(config: ml_collections.ConfigDict, *, workdir: str, mesh, tokeni
   history = []
 
   def gate(t: trainer_lib.Trainer) -> bool:
-    step = t.step_count
+    step = t.run_state.step
     if step % p.eval_every:
       return False
     acc = greedy_accuracy(t, gate_records, max_new_tokens=config.sampler.max_new_tokens,
