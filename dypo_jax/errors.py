@@ -134,7 +134,7 @@ def shorten_disk_full_logs(match=None) -> None:
     kinds = [f for f in handler.filters if isinstance(f, _DiskFullLogs)]
     if not kinds:
       handler.addFilter(_DiskFullLogs())
-    if match is not None and not any(f._match is match for f in kinds):  # pylint: disable=protected-access
+    if match is not None and all(f._match is not match for f in kinds):  # pylint: disable=W0212
       handler.addFilter(_DiskFullLogs(match))
 
 

@@ -18,10 +18,12 @@ Exit status: 0 done; 1 an error; 2 bad input (a config key or value, a flag, a d
 or checkpoint file: one paragraph names it; `--verbose` or DYPO_JAX_TRACEBACK=1 adds the
 traceback); 3 nothing left to learn (`train.max_empty_updates` empty updates in a row, checkpoint
 saved); 4 too many non-finite updates (`train.max_nonfinite_updates`; the last good checkpoint is
-kept); 5 another live run holds the workdir (`workdir/run.lock` names it); 74 no space left where
-the run writes (the last complete checkpoint is kept; free space and run the command again); 75
-preempted (SIGTERM or SIGINT: a checkpoint was saved at a step boundary, no final table; run the
-command again).
+kept); 5 another live run holds the workdir (`workdir/run.lock` names it); 6 the workdir has
+checkpoints and none reads back (nothing was moved aside; the run did not start over); 69 the
+storage kept failing for `train.storage_retry_s` (the path is named; rerun once it is back); 74
+no space left where the run writes (the failing save is named; the last complete checkpoint
+is kept; free space and run the command again); 75 preempted (SIGTERM or SIGINT: a checkpoint was
+saved at a step boundary, no final table; run the command again).
 """
 import os
 import sys

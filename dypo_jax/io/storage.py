@@ -113,6 +113,21 @@ def retrying(fn: Callable[[], T], *, what: str, retry_s: float, prefix: str = "s
       delay = min(delay * 2, 30.0)
 
 
+def close_after(failing: BaseException | None, *closers) -> None:
+  """Calls each closer (None: skipped). While `failing` propagates, a closer's store failure is
+  one warning line, so that it does not replace the error that stopped the run."""
+  for close in closers:
+    if close is None:
+      continue
+    try:
+      close()
+    except Exception as e:  # pylint: disable=broad-except
+      if failing is None or not store_failed(e):
+        raise
+      print(f"storage: WARNING closing after the error: {first_line(e)}", file=sys.stderr,
+            flush=True)
+
+
 def _tensorstore_retries(retry_s: float) -> dict[str, object]:
   """TensorStore's `gcs_request_retries` whose backoff delays sum to at most `retry_s`."""
   initial = min(1.0, max(retry_s / 8, 0.05))
@@ -153,7 +168,8 @@ def bound_client_retries(retry_s: float, *, tensorstore: bool = True) -> None:
     if not errors.verbose():
       logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
   if tensorstore:
-    from orbax.checkpoint._src.serialization import tensorstore_utils  # pylint: disable=g-import-not-at-top
-    for context in (tensorstore_utils._BASE_TS_CONTEXT,  # pylint: disable=protected-access
-                    tensorstore_utils._DEFAULT_OCDBT_TS_CONTEXT):  # pylint: disable=protected-access
+    # pylint: disable-next=g-import-not-at-top
+    from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+    # pylint: disable-next=protected-access
+    for context in (ts_utils._BASE_TS_CONTEXT, ts_utils._DEFAULT_OCDBT_TS_CONTEXT):
       context["gcs_request_retries"] = _tensorstore_retries(retry_s)

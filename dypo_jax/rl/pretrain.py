@@ -34,8 +34,8 @@ def greedy_accuracy(trainer: trainer_lib.Trainer, records, *, max_new_tokens: in
       max_prompts=len(records), batch_prompts=min(32, len(records)), reward=reward,
       template=template)
   summary, _ = evaluate_lib.evaluate(sampler=trainer.sampler,
-                                     params=trainer.run_state.train.params, tokenizer=trainer.tok, records=records, settings=settings,
-                                     rng=jax.random.key(0))
+                                     params=trainer.run_state.train.params, tokenizer=trainer.tok,
+                                     records=records, settings=settings, rng=jax.random.key(0))
   return float(summary["pass@1"])
 
 

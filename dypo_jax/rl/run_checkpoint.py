@@ -190,9 +190,10 @@ def restore(ckpt: checkpoint_lib.Checkpointer, like: run_state_lib.RunState, *,
   stream object is reused), or None when the directory lists no step.
 
   Steps that do not read are passed over; those whose damage is certain are set aside
-  (`corrupt-<step>`) once an older step has read: when none reads, nothing is moved and `errors.CheckpointsUnreadable`
-  says so. A failing store is retried for `storage_retry_s`. A config that differs from the
-  saved one is printed, and refused where it changes the run's meaning (`check_config`).
+  (`corrupt-<step>`) once an older step has read: when none reads, nothing is moved and
+  `errors.CheckpointsUnreadable` says so. A failing store is retried for `storage_retry_s`. A
+  config that differs from the saved one is printed, and refused where it changes the run's
+  meaning (`check_config`).
   """
   steps = storage.retrying(ckpt.all_steps, what=f"listing {ckpt.directory}",
                            retry_s=storage_retry_s, prefix="resume")

@@ -271,8 +271,7 @@ class Trainer:
       restored = run_checkpoint.restore(ckpt, rs, config=self.config,
                                         allow_config_change=self.allow_config_change,
                                         storage_retry_s=tr.storage_retry_s)
-      resumed = restored is not None
-      if resumed:
+      if resumed := restored is not None:
         self.run_state = rs = restored
         if rs.eval_history:
           self._write_eval_history()
@@ -287,11 +286,8 @@ class Trainer:
       if tr.eval_every and rs.step == 0 and not resumed:
         self._log_eval(writer, self.evaluate())
       metrics, stopped = {}, False
-
-      def save():
-        run_checkpoint.save(ckpt, rs, config=self.config, model_config=self.sampler.config,
-                            writer=writer)
-
+      save = lambda: run_checkpoint.save(ckpt, rs, config=self.config,
+                                         model_config=self.sampler.config, writer=writer)
       while rs.step < tr.num_steps:
         if multihost.any_process(bool(stop_requested)):  # Every process stops at one step.
           stopped = True
@@ -340,15 +336,8 @@ class Trainer:
                                f"resume")
       return metrics
     finally:
-      try:  # A failing store must not hide the error that stopped the run.
-        ckpt.close()  # Waits for a pending save.
-        if writer is not None:
-          writer.close()
-      except Exception as e:  # pylint: disable=broad-except
-        if not storage.store_failed(e) or sys.exc_info()[0] is None:
-          raise
-        print(f"train: WARNING closing after the error: {storage.first_line(e)}",
-              file=sys.stderr, flush=True)
+      # ckpt.close waits for a pending save; a failing store must not hide what stopped the run.
+      storage.close_after(sys.exc_info()[1], ckpt.close, writer and writer.close)
       if self.reward_pool is not None:
         self.reward_pool.close()
       for sig, handler in previous_handlers.items():
