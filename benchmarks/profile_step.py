@@ -103,10 +103,10 @@ def step_variants(trainer, batch: dict[str, np.ndarray], reps: int,
   for name, cfg in variants.items():
     step = jax.jit(step_lib.build_train_step(trainer.graphdef, cfg, trainer.program.tx,
                                              trainer.program.schedule))
-    state = jax.tree.map(jnp.copy, trainer.state)
+    state = jax.tree.map(jnp.copy, trainer.run_state.train)
 
     def call(step=step, state=state):
-      jax.block_until_ready(step(state, trainer.ref_params, device_batch, key))
+      jax.block_until_ready(step(state, trainer.run_state.ref_params, device_batch, key))
 
     out[name] = _time_fn(call, reps)
 
@@ -116,7 +116,7 @@ def step_variants(trainer, batch: dict[str, np.ndarray], reps: int,
   fwd = jax.jit(lambda p: step_lib._response_logprobs(  # pylint: disable=protected-access
       trainer.graphdef, p, device_batch["tokens"], device_batch["input_mask"], temp, base))
   out["policy forward only"] = _time_fn(
-      lambda: jax.block_until_ready(fwd(trainer.state.params)), reps)
+      lambda: jax.block_until_ready(fwd(trainer.run_state.train.params)), reps)
   return out
 
 
@@ -135,7 +135,8 @@ def thunk_profile(trainer, batch: dict[str, np.ndarray], reps: int, top: int) ->
   fn = trainer.update_fn(shared_prompt=update_batch.slots_share_prompts(batch, trainer.prompt_len),
                         term_norms=False)
   instructions = {}  # HLO instruction -> (shape, JAX op name)
-  hlo = fn.lower(trainer.state, trainer.ref_params, device_batch, key).compile().as_text()
+  rs = trainer.run_state
+  hlo = fn.lower(rs.train, rs.ref_params, device_batch, key).compile().as_text()
   for line in hlo.splitlines():
     match = _HLO_LINE.match(line)
     if match and match.group(1) not in instructions:
@@ -143,7 +144,7 @@ def thunk_profile(trainer, batch: dict[str, np.ndarray], reps: int, top: int) ->
       instructions[match.group(1)] = (match.group(2), op.group(1) if op else "")
 
   def call():
-    trainer.state, metrics = fn(trainer.state, trainer.ref_params, device_batch, key)
+    rs.train, metrics = fn(rs.train, rs.ref_params, device_batch, key)
     jax.block_until_ready(metrics)
 
   call()
@@ -222,9 +223,9 @@ def main():
 
   # A real batch from the queue for the update variants: roll out once more and build it.
   stats = rollout.RoundStats()
-  while not trainer.queues.ready(config.train.update_prompts):
+  while not trainer.run_state.queues.ready(config.train.update_prompts):
     trainer.run_rollout_round(stats)
-  hard, mid, _ = trainer.queues.pop_batch(config.train.update_prompts)
+  hard, mid, _ = trainer.run_state.queues.pop_batch(config.train.update_prompts)
   batch, _ = trainer.build_batch(hard, mid)
   put = _time_fn(lambda: jax.block_until_ready(
       {n: jax.device_put(v, trainer.program.batch_shardings[n]) for n, v in batch.items()}), 10)

@@ -58,7 +58,7 @@ def measure(point: dict[str, int], *, prompts: int, layers: int, reps: int, tok,
   t0 = time.perf_counter()
   step = trainer.update_fn(shared_prompt=update_batch.slots_share_prompts(
       batch, trainer.prompt_len), term_norms=False)
-  compiled = step.lower(trainer.state, trainer.ref_params, device_batch,
+  compiled = step.lower(trainer.run_state.train, trainer.run_state.ref_params, device_batch,
                                       key).compile()
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
@@ -66,18 +66,18 @@ def measure(point: dict[str, int], *, prompts: int, layers: int, reps: int, tok,
   total = temp + (getattr(mem, "argument_size_in_bytes", 0) + getattr(
       mem, "output_size_in_bytes", 0) - getattr(mem, "alias_size_in_bytes", 0)
                   if mem is not None else 0)
-  state = trainer.state
+  state = trainer.run_state.train
   t0 = time.perf_counter()
-  state, metrics = compiled(state, trainer.ref_params, device_batch, key)
+  state, metrics = compiled(state, trainer.run_state.ref_params, device_batch, key)
   jax.block_until_ready((state, metrics))
   first = time.perf_counter() - t0
   times = []
   for _ in range(reps if first < 2.0 else 1):  # Long steps: one timed call is enough.
     t0 = time.perf_counter()
-    state, metrics = compiled(state, trainer.ref_params, device_batch, key)
+    state, metrics = compiled(state, trainer.run_state.ref_params, device_batch, key)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - t0)
-  trainer.state = state
+  trainer.run_state.train = state
   rows = prompts * point["k"]
   return {"compile_s": compile_s, "step_s": float(np.median(times)), "temp_mb": temp / 2**20,
           "xla_mb": total / 2**20, "rss_mb": w1_step.peak_rss_mb(),

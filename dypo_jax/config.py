@@ -160,6 +160,9 @@ def base_config() -> ml_collections.ConfigDict:
       # A workdir's lock (workdir/run.lock) whose holder has not renewed it for this long, or whose
       # process on this host is gone, is taken over; a live one makes a second run refuse.
       workdir_lock_stale_s=600.0,
+      # How long a failing store (I/O, permission, network errors; not damaged bytes) is retried
+      # in all before the run stops with exit status 69, naming the path.
+      storage_retry_s=180.0,
       log_every=1, checkpoint_every=50, keep_checkpoints=3, eval_every=0,
       max_nonfinite_updates=10,
       # One backward per loss term for the per-term gradient norms of METHOD.md §6, on logged
@@ -251,7 +254,8 @@ _RULES: dict[str, _Rule] = {
     "train.num_steps": _NON_NEGATIVE, "train.rollout_prompts": _POSITIVE,
     "train.update_prompts": _POSITIVE, "train.micro_batches": _POSITIVE,
     "train.max_rollouts_per_update": _POSITIVE, "train.max_empty_updates": _POSITIVE,
-    "train.workdir_lock_stale_s": _POSITIVE, "compile_cache.min_compile_time_s": _NON_NEGATIVE,
+    "train.workdir_lock_stale_s": _POSITIVE, "train.storage_retry_s": _NON_NEGATIVE,
+    "compile_cache.min_compile_time_s": _NON_NEGATIVE,
     "train.log_every": _POSITIVE, "train.checkpoint_every": _NON_NEGATIVE,
     "train.keep_checkpoints": _POSITIVE, "train.eval_every": _NON_NEGATIVE,
     "train.max_nonfinite_updates": _POSITIVE,

@@ -18,10 +18,12 @@ Exit status: 0 done; 1 an error; 2 bad input (a config key or value, a flag, a d
 or checkpoint file: one paragraph names it; `--verbose` or DYPO_JAX_TRACEBACK=1 adds the
 traceback); 3 nothing left to learn (`train.max_empty_updates` empty updates in a row, checkpoint
 saved); 4 too many non-finite updates (`train.max_nonfinite_updates`; the last good checkpoint is
-kept); 5 another live run holds the workdir (`workdir/run.lock` names it); 74 no space left where
-the run writes (the last complete checkpoint is kept; free space and run the command again); 75
-preempted (SIGTERM or SIGINT: a checkpoint was saved at a step boundary, no final table; run the
-command again).
+kept); 5 another live run holds the workdir (`workdir/run.lock` names it); 6 the workdir has
+checkpoints and none reads back (nothing was moved aside; the run did not start over); 69 the
+storage kept failing for `train.storage_retry_s` (the path is named; rerun once it is back); 74
+no space left where the run writes (the failing save is named; the last complete checkpoint
+is kept; free space and run the command again); 75 preempted (SIGTERM or SIGINT: a checkpoint was
+saved at a step boundary, no final table; run the command again).
 """
 import os
 import sys
@@ -58,8 +60,12 @@ def _prepare_workdir(workdir: str) -> None:
     paths.write_bytes(probe, b"ok")
     paths.remove(probe)
   except (OSError, ImportError) as e:
+    from dypo_jax.io import storage  # pylint: disable=g-import-not-at-top
     if errors.disk_full(e):
       raise
+    if paths.is_remote(workdir) and storage.store_failed(e):
+      raise errors.StorageUnavailable(f"--workdir={workdir}: the storage failed (retried for "
+                                      f"train.storage_retry_s): {storage.first_line(e)}") from e
     why = getattr(e, "strerror", None) or e
     where = getattr(e, "filename", None) or workdir
     raise errors.BadInput(f"--workdir={workdir}: cannot write there ({why}: {where}); choose a "
@@ -76,6 +82,9 @@ def main(argv):
     raise app.UsageError("--config is required, e.g. --config=experiments/cpu_tiny.py")
   config_lib.validate(config)
   workdir = _WORKDIR.value or config.workdir or "workdir"
+  from dypo_jax.io import storage  # pylint: disable=g-import-not-at-top
+  storage.bound_client_retries(config.train.storage_retry_s, tensorstore=False)  # No JAX yet.
+  errors.shorten_disk_full_logs(storage.store_failed)
   _prepare_workdir(workdir)
 
   # JAX is imported after validation: a bad config fails in a second, not after JAX starts.
@@ -94,9 +103,15 @@ def main(argv):
           .acquire() if jax.process_index() == 0 else None)
   try:
     _run_phases(config, workdir)
-  finally:
+  except BaseException:
     if lock is not None:
-      lock.release()
+      try:
+        lock.release()
+      except Exception as e:  # pylint: disable=broad-except  # Storage gone: say what stopped.
+        print(f"workdir: WARNING the lock was not released: {e}", file=sys.stderr, flush=True)
+    raise
+  if lock is not None:
+    lock.release()
 
 
 def _run_phases(config, workdir: str) -> None:
@@ -144,6 +159,8 @@ def _check_config_file(argv: list[str]) -> None:
 
 def run():
   verbose = "--verbose" in sys.argv[1:]
+  errors.set_verbose(verbose)
+  errors.quiet_background_errors()
   try:
     _check_config_file(sys.argv[1:])
     config_lib.check_override_keys(sys.argv[1:])
@@ -167,7 +184,18 @@ def run():
   except FloatingPointError as e:  # Too many non-finite updates (train.max_nonfinite_updates).
     print(f"training stopped: {e}", file=sys.stderr)
     sys.exit(errors.EXIT_NONFINITE)
+  except errors.CheckpointsUnreadable as e:
+    errors.exit_with("resume", e, errors.EXIT_CHECKPOINTS_UNREADABLE, verbose=verbose)
+  except errors.StorageUnavailable as e:  # A wrapper may rerun once the store is back.
+    errors.exit_with("storage unavailable", e, errors.EXIT_STORAGE_UNAVAILABLE, verbose=verbose,
+                     now=True)
   except Exception as e:  # pylint: disable=broad-except
+    from dypo_jax.io import storage  # pylint: disable=g-import-not-at-top
+    if not errors.disk_full(e) and storage.store_failed(e):
+      errors.exit_with("storage unavailable: the storage kept failing (retried for "
+                       "train.storage_retry_s); rerun the same command once it is back. The "
+                       "failed operation", e, errors.EXIT_STORAGE_UNAVAILABLE, verbose=verbose,
+                       now=True)
     if not errors.disk_full(e):
       raise
     errors.exit_with(

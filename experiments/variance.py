@@ -100,8 +100,9 @@ def measure_point(trainer, params, *, prompts: int, repeats: int, seed: int,
   flat = lambda tree: np.asarray(flatten_util.ravel_pytree(tree)[0], np.float32)
   for r in range(repeats):
     queues, stats = queues_lib.QueueSet(), rollout.RoundStats()
-    trainer.rollouts.run_round(idx, params=params, step=trainer.step_count, rollout_round=r,
-                               rng=rng, queues=queues, stats=stats)
+    trainer.rollouts.run_round(idx, params=params, step=trainer.run_state.step, rollout_round=r,
+                               rng=rng, queues=queues,
+                               teacher_counts=trainer.run_state.teacher_counts, stats=stats)
     hard, mid, _ = queues.pop_batch(len(queues)) if len(queues) else ([], [], [])
     counts["hard"].append(len(hard))
     counts["mid"].append(len(mid))
@@ -116,7 +117,7 @@ def measure_point(trainer, params, *, prompts: int, repeats: int, seed: int,
     device_batch = jax.device_put(batch)
     row: dict[str, np.ndarray] = {}
     for (norm, beta), fn in fns.items():
-      _, grads = fn(params, trainer.ref_params, device_batch)
+      _, grads = fn(params, trainer.run_state.ref_params, device_batch)
       sft, grpo, gal = (flat(jax.tree.map(lambda g, i=i: g[i], grads)) for i in range(3))
       row[f"GAL Δ {norm}, β={beta:g}"] = gal
       row[f"α-mix Δ {norm}, β={beta:g}"] = alpha * grpo + (1 - alpha) * gal
@@ -231,7 +232,7 @@ def measure_seed(args, seed: int, out_dir: str) -> dict[str, dict]:
   """Measures (or reads) the seed's parameter points: {label: figures}."""
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from dypo_jax.io import restore  # pylint: disable=g-import-not-at-top
+  from dypo_jax.rl import run_checkpoint  # pylint: disable=g-import-not-at-top
   study = study_lib.Study(args.study, size=args.size, steps=0)
   base_cell, dypo_cell = study_lib.Cell("base", seed), study_lib.Cell("dypo", seed)
   if not study.done(base_cell):
@@ -252,9 +253,9 @@ def measure_seed(args, seed: int, out_dir: str) -> dict[str, dict]:
   for label in labels:
     if label in results:
       continue
-    params = trainer.state.params
+    params = trainer.run_state.train.params
     if label == "DYPO":
-      policy = restore.restore_policy(study.dir(dypo_cell))
+      policy = run_checkpoint.read_policy(study.dir(dypo_cell))
       new = nnx.split(policy.model, nnx.Param)[1]
       params = jax.tree.map(lambda n, o: jax.device_put(n, o.sharding), new, params)
     start = time.perf_counter()

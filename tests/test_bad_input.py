@@ -159,6 +159,11 @@ def test_a_full_disk_stops_the_run_and_keeps_every_complete_checkpoint(tmp_path)
     assert "No space left on device" in last_line
     done = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
     assert done and done[-1] < 5, done
+    # Noticed at the failing save: the step after the last complete one is named, and the run
+    # logged at most one step past it (the step during which that save ran).
+    assert f"checkpoint step {done[-1] + 1} " in last_line, last_line
+    logged = [r["step"] for r in map(json.loads, open(workdir / "metrics.jsonl"))]
+    assert max(logged) <= done[-1] + 2, (logged, done)
     # Moved to a disk with room, the same command resumes from the newest complete checkpoint.
     moved = tmp_path / "moved"
     shutil.copytree(workdir, moved)

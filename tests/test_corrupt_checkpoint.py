@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from dypo_jax.io import checkpoint as checkpoint_lib
-from dypo_jax.rl import resume
 import tiny_runs
 
 _CONFIG = {"train.num_steps": 2, "train.checkpoint_every": 1}
@@ -30,7 +29,7 @@ def trained(tmp_path_factory):
   trainer.run()
   with checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=None) as ckpt:
     state, _ = ckpt.restore(1, abstract_state=checkpoint_lib.abstract_like(
-        resume.arrays(trainer)))
+        trainer.run_state.arrays()))
   return workdir, jax.device_get(state)
 
 
@@ -65,13 +64,14 @@ def test_a_corrupt_latest_step_is_moved_aside_and_the_run_resumes_from_the_one_b
 
   trainer = tiny_runs.build_trainer(tiny_runs.tiny_config(**_CONFIG), workdir)
   with checkpoint_lib.Checkpointer(checkpoints, keep=None) as ckpt:
-    assert resume.restore(trainer, ckpt)
+    assert tiny_runs.resume(trainer, ckpt)
     assert ckpt.all_steps() == [1]
-  assert trainer.step_count == 1
-  jax.tree.map(np.testing.assert_array_equal,
-               jax.device_get({"train": trainer.state, "ref": trainer.ref_params}), step1)
+  assert trainer.run_state.step == 1
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(trainer.run_state.arrays()), step1)
   assert sorted(os.listdir(checkpoints)) == ["1", "corrupt-2"]  # Kept, not deleted.
-  assert "checkpoint step 2 is corrupt and was moved to" in capsys.readouterr().out
+  err = capsys.readouterr().err
+  assert "checkpoint step 2 is corrupt and was moved to" in err
+  assert len(err.strip().splitlines()) == 2, err  # One line on reading it, one on moving it.
 
 
 def test_altered_extras_fail_their_checksum(tmp_path):
@@ -121,7 +121,7 @@ def test_a_partial_restore_checks_the_arrays_it_reads(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncate", "flip"])
 def test_export_and_eval_refuse_a_corrupt_policy(trained, tmp_path, how):
-  from dypo_jax.io import restore  # pylint: disable=g-import-not-at-top
+  from dypo_jax.rl import run_checkpoint  # pylint: disable=g-import-not-at-top
   source, _ = trained
   workdir = str(tmp_path / "run")
   shutil.copytree(source, workdir)
@@ -131,9 +131,10 @@ def test_export_and_eval_refuse_a_corrupt_policy(trained, tmp_path, how):
   assert data_files
   for path in data_files:
     _damage(path, how)
-  with pytest.raises(restore.CheckpointReadError, match="checkpoints/2.*--step=1 reads the one"):
-    restore.restore_policy(workdir)
-  assert restore.restore_policy(workdir, step=1).step == 1
+  with pytest.raises(run_checkpoint.CheckpointReadError,
+                     match="checkpoints/2.*--step=1 reads the one"):
+    run_checkpoint.read_policy(workdir)
+  assert run_checkpoint.read_policy(workdir, step=1).step == 1
 
 
 def test_a_sign_flip_at_any_index_changes_the_fingerprint():

@@ -58,7 +58,7 @@ def test_every_group_easy_stops_with_nothing_to_learn(tmp_path, offline_loss_typ
   for r in records:
     assert r["train/empty_update"] == 1 and r["route/easy_frac"] == 1.0
     assert r["rollout/rounds"] == 2 and r["rollout/empty_rounds"] == 2  # Sampled up to the limit.
-  assert trainer.step_count == 2 and int(trainer.state.step) == 2
+  assert trainer.run_state.step == 2 and int(trainer.run_state.train.step) == 2
   # Saved before stopping: a restart resumes at step 2 and stops again at once, not later.
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
 

@@ -140,7 +140,7 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(tmp_path):
       build_batch = t.build_batch
       def poisoned(hard, mid):  # From the second update on, the loss weights are NaN.
         batch, info = build_batch(hard, mid)
-        if t.step_count >= 1:
+        if t.run_state.step >= 1:
           batch["weights"][:] = np.nan
         return batch, info
       t.build_batch = poisoned

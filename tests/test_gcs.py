@@ -147,3 +147,68 @@ def test_a_gs_workdir_survives_kill_9_and_refuses_a_second_run(bucket, reference
   table = json.loads(paths.read_text(f"{workdir}/final_table.json"))
   assert table == json.loads(open(os.path.join(reference, "final_table.json")).read())
   assert "reward.png" in paths.listdir(f"{workdir}/plots")
+
+
+def _emulator(port: int) -> subprocess.Popen:
+  proc = subprocess.Popen([sys.executable, os.path.join(tiny_runs.TESTS, "gcs_emulator.py"),
+                           str(port)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          text=True)
+  assert proc.stdout.readline().strip() == "ready"
+  return proc
+
+
+def _run_against(port: int, workdir: str, **overrides) -> subprocess.Popen:
+  import gcs_emulator  # pylint: disable=g-import-not-at-top
+  env = tiny_runs.subprocess_env()
+  env.update(gcs_emulator.environment(port))
+  return subprocess.Popen(tiny_runs.main_command(workdir, **overrides), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env, cwd=tiny_runs.REPO)
+
+
+@pytest.mark.slow
+def test_storage_gone_mid_run_stops_with_its_own_status_in_one_sentence():
+  """The emulator is killed after a checkpoint: retries are bounded by train.storage_retry_s
+  (2 s here; every client's, gcsfs' and TensorStore's, not ~33 s a call each), then exit 69."""
+  port = _free_port()
+  emulator = _emulator(port)
+  workdir = "gs://bucket/gone"
+  run = _run_against(port, workdir, **{"train.num_steps": 40, "train.checkpoint_every": 1,
+                                       "train.storage_retry_s": 2.0})
+  try:
+    import gcs_emulator  # pylint: disable=g-import-not-at-top
+    saved = dict(os.environ)
+    os.environ.update(gcs_emulator.environment(port))
+    try:
+      deadline = time.monotonic() + 120
+      while len(_complete_steps(workdir)) < 2:
+        assert run.poll() is None and time.monotonic() < deadline, run.stderr.read()[-3000:]
+        time.sleep(0.2)
+    finally:
+      os.environ.clear()
+      os.environ.update(saved)
+    emulator.kill()
+    emulator.wait()
+    out, err = run.communicate(timeout=90)  # Before: no exit after 240 s.
+  finally:
+    for proc in (run, emulator):
+      if proc.poll() is None:
+        proc.kill()
+  assert run.returncode == errors.EXIT_STORAGE_UNAVAILABLE, err[-3000:]
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert lines[-1].startswith("storage unavailable:") and "gs://bucket/gone" in lines[-1], \
+      lines[-1]
+  assert "Traceback" not in err and len(lines) <= 15, err[-3000:]
+  assert "step 40/40" not in out
+
+
+@pytest.mark.slow
+def test_storage_down_at_start_stops_with_its_own_status_in_one_sentence():
+  port = _free_port()  # Nothing listens there.
+  run = _run_against(port, "gs://bucket/down", **{"train.storage_retry_s": 2.0})
+  out, err = run.communicate(timeout=90)
+  assert run.returncode == errors.EXIT_STORAGE_UNAVAILABLE, err[-3000:]
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert lines[-1].startswith("storage unavailable: --workdir=gs://bucket/down: the storage "
+                              "failed"), lines[-1]
+  assert "Traceback" not in err and len(lines) <= 3, err[-3000:]
+  del out

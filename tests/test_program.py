@@ -26,8 +26,8 @@ def test_aot_compiles_the_trainers_update_and_sampler_from_abstract_inputs():
 @pytest.mark.slow
 def test_abstract_state_has_the_trainers_shapes_and_shardings(tmp_path):
   trainer = tiny_runs.build_trainer(tiny_runs.tiny_config(), str(tmp_path))
-  abstract = trainer.program.abstract_state(trainer.state.params)
-  real = jax.tree.leaves(trainer.state)
+  abstract = trainer.program.abstract_state(trainer.run_state.train.params)
+  real = jax.tree.leaves(trainer.run_state.train)
   assert len(jax.tree.leaves(abstract)) == len(real)
   for a, r in zip(jax.tree.leaves(abstract), real):
     assert (a.shape, a.dtype) == (r.shape, r.dtype)

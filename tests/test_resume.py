@@ -51,28 +51,27 @@ def test_restore_onto_another_mesh_reshards(tmp_path):
       import numpy as np
       import tiny_runs
       from dypo_jax.io import checkpoint as checkpoint_lib
-      from dypo_jax.rl import resume
       workdir = sys.argv[1]
       over = {"rl.method": "sft", "train.num_steps": 1}
       first = tiny_runs.build_trainer(tiny_runs.tiny_config(
           **over, **{"mesh.fsdp": 2, "mesh.tensor": 1}), workdir)
       first.run()
-      saved = jax.device_get((first.state, first.ref_params))
-      assert len(first.queues) > 0
-      saved_queue = first.queues.to_bytes()
+      saved = jax.device_get(first.run_state.arrays())
+      assert len(first.run_state.queues) > 0
+      saved_queue = first.run_state.queues.to_bytes()
       second = tiny_runs.build_trainer(tiny_runs.tiny_config(
           **over, **{"mesh.fsdp": 1, "mesh.tensor": 2}), workdir)
       with checkpoint_lib.Checkpointer(workdir + "/checkpoints", keep=3) as ckpt:
-        assert resume.restore(second, ckpt)
-      jax.tree.map(np.testing.assert_array_equal, jax.device_get(
-          (second.state, second.ref_params)), saved)
-      assert second.queues.to_bytes() == saved_queue
-      assert second.stream.state() == first.stream.state()
+        assert tiny_runs.resume(second, ckpt)
+      jax.tree.map(np.testing.assert_array_equal, jax.device_get(second.run_state.arrays()),
+                   saved)
+      assert second.run_state.queues.to_bytes() == saved_queue
+      assert second.run_state.stream.state() == first.run_state.stream.state()
       for name, t in (("first", first), ("second", second)):
-        mesh = dict(t.state.params["embedding"].value.sharding.mesh.shape)
+        mesh = dict(t.run_state.train.params["embedding"].value.sharding.mesh.shape)
         # The embedding [V=64, D=32]: its shard on one device, and its first Adam moment's.
-        shard = t.state.params["embedding"].value.addressable_shards[0].data.shape
-        mu = t.state.opt_state[1][0].mu["embedding"].value.addressable_shards[0].data.shape
+        shard = t.run_state.train.params["embedding"].value.addressable_shards[0].data.shape
+        mu = t.run_state.train.opt_state[1][0].mu["embedding"].value.addressable_shards[0].data.shape
         print(name, mesh["fsdp"], mesh["tensor"], shard, mu)
       """, str(tmp_path), num_devices=2)
   lines = {line.split()[0]: line.split(" ", 1)[1] for line in out.splitlines()

@@ -10,7 +10,7 @@ from dypo_jax import errors
 from dypo_jax.io import checkpoint as checkpoint_lib
 from dypo_jax.io import metrics as metrics_lib
 from dypo_jax.rl import queues as queues_lib
-from dypo_jax.rl import resume
+from dypo_jax.rl import run_checkpoint
 from dypo_jax.rl import update_batch
 import tiny_runs
 
@@ -103,17 +103,20 @@ def test_queues_and_position_survive_save_and_restore(tmp_path, monkeypatch):
                        checkpoint_every=1)
   first = tiny_runs.build_trainer(config, str(tmp_path))
   first.run()
-  assert len(first.queues) > 0
-  saved_queue = first.queues.to_bytes()
+  assert len(first.run_state.queues) > 0
+  saved_queue = first.run_state.queues.to_bytes()
   resumed = tiny_runs.build_trainer(config, str(tmp_path))
-  assert resume.restore(resumed, checkpoint_lib.Checkpointer(
+  assert tiny_runs.resume(resumed, checkpoint_lib.Checkpointer(
       os.path.join(str(tmp_path), "checkpoints"), keep=3))
-  assert resumed.queues.to_bytes() == saved_queue
-  assert int(resumed.state.step) == resumed.step_count == 2
-  assert resumed.stream.state() == first.stream.state()
-  assert resumed.rollout_round == first.rollout_round
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state.params),
-               jax.device_get(first.state.params))
+  rs, was = resumed.run_state, first.run_state
+  assert rs.queues.to_bytes() == saved_queue
+  assert int(rs.train.step) == rs.step == 2
+  assert rs.stream.state() == was.stream.state()
+  assert rs.rollout_round == was.rollout_round
+  np.testing.assert_array_equal(rs.teacher_counts, was.teacher_counts)
+  np.testing.assert_array_equal(jax.random.key_data(rs.rng), jax.random.key_data(was.rng))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(rs.arrays()),
+               jax.device_get(was.arrays()))
 
   # Resuming under another config: the diff is printed; keys that change what the run computes
   # are refused unless named, the run's length and bookkeeping may change freely.
@@ -123,20 +126,20 @@ def test_queues_and_position_survive_save_and_restore(tmp_path, monkeypatch):
   changed.train.num_steps = 7
   with pytest.raises(config_lib.ConfigError,
                      match=r"\['optim.learning_rate'\].*--allow_config_change=optim.learning_rate"):
-    resume.restore(tiny_runs.build_trainer(changed, str(tmp_path)), ckpt)
+    tiny_runs.resume(tiny_runs.build_trainer(changed, str(tmp_path)), ckpt)
   again = tiny_runs.build_trainer(changed, str(tmp_path))
-  assert resume.restore(again, ckpt, allow_config_change=("optim.learning_rate",))
-  assert again.step_count == 2
+  assert tiny_runs.resume(again, ckpt, allow_config_change=("optim.learning_rate",))
+  assert again.run_state.step == 2
   longer = config.copy_and_resolve_references()
   longer.train.num_steps = 7
-  assert resume.restore(tiny_runs.build_trainer(longer, str(tmp_path)), ckpt)
+  assert tiny_runs.resume(tiny_runs.build_trainer(longer, str(tmp_path)), ckpt)
 
   # A checkpoint of another format (another parameter layout) is refused by name before its
   # arrays are read, and left where it is (not taken for a corrupt one).
-  monkeypatch.setattr(resume, "CHECKPOINT_FORMAT", 3)
-  with pytest.raises(errors.BadInput, match=r"checkpoints/2 has format 2; this version reads "
-                     r"format 3.*tools.export"):
-    resume.restore(tiny_runs.build_trainer(config, str(tmp_path)), ckpt)
+  monkeypatch.setattr(run_checkpoint, "CHECKPOINT_FORMAT", 3)
+  with pytest.raises(run_checkpoint.FormatError, match=r"checkpoints/2 has format 2; this "
+                     r"version reads format 3.*tools.export"):
+    tiny_runs.resume(tiny_runs.build_trainer(config, str(tmp_path)), ckpt)
   assert ckpt.all_steps() == [1, 2]
 
 

@@ -72,6 +72,18 @@ def build_trainer(config, workdir: str):
                              pools=pools)
 
 
+def resume(trainer, ckpt, *, allow_config_change: tuple[str, ...] = ()) -> bool:
+  """Restores the newest good step of `ckpt` into `trainer.run_state`, as `Trainer.run` does;
+  returns whether there was one."""
+  from dypo_jax.rl import run_checkpoint  # pylint: disable=g-import-not-at-top
+  restored = run_checkpoint.restore(ckpt, trainer.run_state, config=trainer.config,
+                                    allow_config_change=allow_config_change,
+                                    storage_retry_s=trainer.config.train.storage_retry_s)
+  if restored is not None:
+    trainer.run_state = restored
+  return restored is not None
+
+
 def xla_flags(num_devices: int) -> str:
   """XLA_FLAGS of a subprocess: the test run's (conftest.py) and `num_devices` CPU devices."""
   own = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()

@@ -14,6 +14,17 @@ CheckpointManager` with four items:
     altered data is `CheckpointCorrupt`, never restored silently. `quarantine` moves such a step
     aside.
 
+Read failures come in two kinds (`read_failure`): `CheckpointCorrupt` when the damage is certain
+(a checksum or fingerprint mismatch, a truncated or missing file, undecodable JSON), and
+`errors.StorageError` for anything the store itself may cure (an I/O, permission or network
+error, a timeout): only the first may be quarantined.
+
+Quarantine is recorded first in a marker file `quarantine-<step>.json` (one object, written
+atomically) that `all_steps` reads: a marked step is never listed, whatever state the move aside
+is in. The move (a rename locally; copy, then delete, in a bucket) then completes and the marker
+goes; a move cut short is finished by the next writable Checkpointer, or before that step number
+is saved again.
+
 Atomicity: Orbax writes a step into `<step>.orbax-checkpoint-tmp-<n>/` and renames it to `<step>/`
 only once every item is complete (on object stores it writes `commit_success.txt` instead). Step
 listing (`latest_step`, `all_steps`) only returns finalised steps, so a save cut short by kill -9
@@ -27,8 +38,10 @@ import base64
 import functools
 import hashlib
 import json
+import logging
 import re
 import signal
+import sys
 from typing import Any, Callable
 
 import jax
@@ -36,15 +49,17 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dypo_jax import errors
 from dypo_jax.io import paths
+from dypo_jax.io import storage
 
 _ITEMS = ("state", "extras", "queues", "verify")
 _QUEUES_FORMAT = "dypo_jax.rl.queues.base64"
 CORRUPT_PREFIX = "corrupt-"
+QUARANTINE_PREFIX = "quarantine-"  # quarantine-<step>.json: the step is set aside (see above).
 
 
-class CheckpointCorrupt(ValueError):
-  """A saved step cannot be read back as it was written (truncated, missing or altered data)."""
+CheckpointCorrupt = storage.CheckpointCorrupt  # Certain damage: the only kind set aside.
 
 
 # Version 1 multiplied word i by i * K + 1, which is even at odd i: a sign flip (a change of
@@ -80,6 +95,9 @@ def _plain_path(keystr: str) -> str:
   """A key path with attribute steps written as dict keys (`.params` -> `['params']`): a saved
   dataclass state and the dict that names a part of it for `restore_subtree` then agree."""
   return re.sub(r"\.([A-Za-z_]\w*)", r"['\1']", keystr)
+
+
+plain_path = _plain_path
 
 
 def _check_arrays(where: str, state: Any, verify: dict[str, Any], *, partial: bool) -> None:
@@ -156,6 +174,12 @@ class Checkpointer:
         max_to_keep=keep, enable_async_checkpointing=async_save, read_only=read_only,
         create=not read_only, cleanup_tmp_directories=not read_only)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+    self._pending: int | None = None  # The step of the save `wait_saved` has not checked yet.
+    self.save_errors: dict[int, BaseException] = {}  # Step -> why its background save failed.
+    if not read_only:
+      _SaveFailures.attach(self)
+      for step in sorted(self.quarantined()):
+        self._finish_quarantine(step, strict=False)
 
   def step_dir(self, step: int) -> str:
     return paths.join(self.directory, str(step))
@@ -175,6 +199,8 @@ class Checkpointer:
     problem = _json_problem(extras)
     if problem:
       raise ValueError(f"extras for step {step} are not JSON-serialisable at {problem}")
+    if step in self.quarantined():  # Its number is free again once the move aside is done.
+      self._finish_quarantine(step, strict=True)
     if step in self.all_steps():
       return False
     verify = {"version": FINGERPRINT_VERSION, "arrays": state_fingerprints(state),
@@ -187,21 +213,68 @@ class Checkpointer:
           "format": _QUEUES_FORMAT, "nbytes": len(data),
           "sha256": hashlib.sha256(data).hexdigest(),
           "base64": base64.b64encode(data).decode("ascii")})
-    return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
+    try:
+      started = bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
+    except Exception as e:  # pylint: disable=broad-except
+      if errors.disk_full(e):  # The step is named: the failure is this save's, not a later one's.
+        raise errors.SaveFailed(f"checkpoint step {step} in {self.directory} was not saved: "
+                                f"{storage.first_line(e, 2000)}") from e
+      raise
+    if started:
+      self._pending = step
+    return started
 
   def check(self) -> None:
     """Raises the error of a finished background save that failed (e.g. no space left)."""
     self._manager.check_for_errors()
+
+  def wait_saved(self) -> None:
+    """Waits for the save started last and raises `errors.SaveFailed` (its cause chained: a full
+    disk stays recognisable) when that step was not finalised. Orbax's own finalisation logs a
+    failed background save and drops its error, so this is where it is noticed."""
+    step, self._pending = self._pending, None
+    if step is None:
+      return
+    try:
+      self._manager.wait_until_finished()
+      self._manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      self.save_errors.setdefault(step, e)
+    try:
+      self._manager.reload()
+      if step in self._manager.all_steps():
+        return
+    except Exception as e:  # pylint: disable=broad-except
+      if not storage.store_failed(e):
+        raise
+      self.save_errors.setdefault(step, e)
+    cause = self.save_errors.pop(step, None)
+    why = f": {storage.first_line(cause, 2000)}" if cause is not None else ""
+    if cause is not None and storage.store_failed(cause) and not errors.disk_full(cause):
+      raise errors.StorageUnavailable(f"checkpoint step {step} in {self.directory} was not "
+                                      f"saved: the storage failed{why}") from cause
+    raise errors.SaveFailed(f"checkpoint step {step} in {self.directory} was not saved{why}") \
+        from cause
 
   def wait(self) -> None:
     """Blocks until an asynchronous save has been finalised."""
     self._manager.wait_until_finished()
 
   def all_steps(self) -> list[int]:
-    """The finalised steps, ascending."""
+    """The finalised steps, ascending, less those set aside (`quarantine`)."""
     if self._read_only:
       self._manager.reload()  # A writer elsewhere may have added steps.
-    return sorted(self._manager.all_steps())
+    aside = self.quarantined()
+    return sorted(s for s in self._manager.all_steps() if s not in aside)
+
+  def quarantined(self) -> set[int]:
+    """Steps whose quarantine marker exists (set aside, maybe not yet moved)."""
+    found = set()
+    for name in paths.listdir(self.directory) if paths.isdir(self.directory) else []:
+      match = re.fullmatch(rf"{QUARANTINE_PREFIX}(\d+)\.json", name)
+      if match:
+        found.add(int(match.group(1)))
+    return found
 
   def latest_step(self) -> int | None:
     steps = self.all_steps()
@@ -233,8 +306,7 @@ class Checkpointer:
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointCorrupt(f"checkpoint {self.step_dir(step)} is corrupt or does not match "
-                              f"abstract_state: {type(e).__name__}: {str(e)[:500]}") from e
+      raise storage.read_failure(f"checkpoint {self.step_dir(step)}", e) from e
     if has_verify:  # Steps written before checksums existed are read as they are.
       self._verify(step, restored["state"], restored["extras"], restored["verify"])
     return restored["state"], restored["extras"]
@@ -246,9 +318,13 @@ class Checkpointer:
       raise CheckpointCorrupt(f"{where}: item 'extras' fails its sha256 check")
     _check_arrays(where, state, verify, partial=False)
 
-  def quarantine(self, step: int) -> str:
-    """Moves a corrupt step aside to `<directory>/corrupt-<step>` (never deletes it); returns
-    the new path. Only finalised integer-named steps are listed, so it is no longer restored."""
+  def _marker(self, step: int) -> str:
+    return paths.join(self.directory, f"{QUARANTINE_PREFIX}{step}.json")
+
+  def quarantine(self, step: int, reason: str = "") -> str:
+    """Sets a corrupt step aside as `<directory>/corrupt-<step>` (never deletes it); returns
+    that path. The marker is written first, so the step is no longer listed even if the move is
+    cut short (the next writable Checkpointer finishes it)."""
     if self._read_only:
       raise ValueError(f"Checkpointer({self.directory}) is read-only; cannot move step {step}")
     self.wait()
@@ -258,9 +334,27 @@ class Checkpointer:
       n += 1
       target = paths.join(self.directory, f"{CORRUPT_PREFIX}{step}.{n}")
     if jax.process_index() == 0:
-      paths.move_tree(self.step_dir(step), target)
-    self._manager.reload()
+      paths.write_bytes(self._marker(step), json.dumps(
+          {"step": step, "target": target, "reason": reason}).encode("utf-8"))
+    self._finish_quarantine(step, strict=False)
     return target
+
+  def _finish_quarantine(self, step: int, *, strict: bool) -> None:
+    """Moves a marked step to its target and removes the marker. A failure leaves the marker
+    (the step stays unlisted); `strict` raises it, else one warning line."""
+    if jax.process_index() == 0:
+      try:
+        target = json.loads(paths.read_bytes(self._marker(step)))["target"]
+        if paths.exists(self.step_dir(step)):
+          paths.move_tree(self.step_dir(step), target)  # Copies overwrite: safe to repeat.
+        paths.remove(self._marker(step))
+      except Exception as e:  # pylint: disable=broad-except
+        if strict:
+          raise errors.StorageError(f"cannot finish moving checkpoint step {step} aside "
+                                    f"({self._marker(step)}): {storage.first_line(e)}") from e
+        print(f"checkpoint: WARNING step {step} is set aside ({self._marker(step)}) but could "
+              f"not be moved yet: {storage.first_line(e)}", file=sys.stderr, flush=True)
+    self._manager.reload()
 
   def restore_extras(self, step: int | None = None) -> dict[str, Any]:
     """The JSON extras of `step` (default: the latest), without reading any array."""
@@ -269,8 +363,7 @@ class Checkpointer:
       return self._manager.restore(
           step, args=ocp.args.Composite(extras=ocp.args.JsonRestore()))["extras"]
     except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f"checkpoint {self.step_dir(step)} item 'extras' is unreadable: "
-                       f"{type(e).__name__}: {e}") from e
+      raise storage.read_failure(f"checkpoint {self.step_dir(step)} item 'extras'", e) from e
 
   def restore_subtree(self, step: int | None = None, *, abstract_subtree: Any) -> Any:
     """Restores only the arrays of the saved state that `abstract_subtree` names.
@@ -291,8 +384,7 @@ class Checkpointer:
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointCorrupt(f"checkpoint {self.step_dir(step)} is corrupt or does not hold the "
-                              f"requested arrays: {type(e).__name__}: {e}") from e
+      raise storage.read_failure(f"checkpoint {self.step_dir(step)}", e) from e
     if has_verify:  # The arrays read are checked as `restore` checks the whole state.
       _check_arrays(f"checkpoint {self.step_dir(step)}", restored["state"], restored["verify"],
                     partial=True)
@@ -311,13 +403,33 @@ class Checkpointer:
         raise ValueError(f"format {payload.get('format')!r}, expected {_QUEUES_FORMAT!r}")
       data = base64.b64decode(payload["base64"], validate=True)
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointCorrupt(f"{where} is unreadable: {type(e).__name__}: {e}") from e
+      failure = storage.read_failure(where, e)
+      if isinstance(e, (ValueError, KeyError, TypeError)) and not isinstance(
+          failure, errors.StorageError):  # A payload of the wrong layout: damage.
+        failure = CheckpointCorrupt(str(failure))
+      raise failure from e
     if len(data) != payload["nbytes"] or hashlib.sha256(data).hexdigest() != payload["sha256"]:
       raise CheckpointCorrupt(f"{where} fails its size / sha256 check")
     return data
 
+  def item_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+    """{key path (dict steps, `_plain_path`): shape} of the arrays saved in `step`'s state,
+    from its metadata alone (no array is read)."""
+    step = self._resolve(step)
+    try:
+      meta = ocp.PyTreeCheckpointer().metadata(
+          paths.join(self.step_dir(step), "state")).item_metadata.tree
+    except Exception as e:  # pylint: disable=broad-except
+      raise storage.read_failure(f"checkpoint {self.step_dir(step)} item 'state' metadata",
+                                 e) from e
+    flat = jax.tree_util.tree_flatten_with_path(
+        meta, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict))[0]
+    return {_plain_path(jax.tree_util.keystr(p)): tuple(x.shape) for p, x in flat
+            if hasattr(x, "shape")}
+
   def close(self) -> None:
     """Waits for a pending save and releases Orbax's resources."""
+    _SaveFailures.detach(self)
     self._manager.close()
 
   def __enter__(self) -> "Checkpointer":
@@ -325,6 +437,32 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+class _SaveFailures(logging.Filter):
+  """Catches the error Orbax's finalisation thread logs for a failed background save
+  ("[step=N] Checkpointer failed"), for `Checkpointer.wait_saved` to raise; the record is kept."""
+  _owners: list["Checkpointer"] = []
+
+  @classmethod
+  def attach(cls, owner: "Checkpointer") -> None:
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, cls) for f in logger.filters):
+      logger.addFilter(cls())
+    cls._owners.append(owner)
+
+  @classmethod
+  def detach(cls, owner: "Checkpointer") -> None:
+    if owner in cls._owners:
+      cls._owners.remove(owner)
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    match = re.match(r"\[step=(\d+)\] Checkpointer failed", str(record.msg % record.args
+                                                                  if record.args else record.msg))
+    if match and record.exc_info and record.exc_info[1] is not None:
+      for owner in self._owners:
+        owner.save_errors.setdefault(int(match.group(1)), record.exc_info[1])
+    return True
 
 
 def install_stop_handlers(callback: Callable[[], None]) -> dict[int, Any]:

@@ -33,9 +33,9 @@ def greedy_accuracy(trainer: trainer_lib.Trainer, records, *, max_new_tokens: in
       num_samples=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, pass_ks=(1,),
       max_prompts=len(records), batch_prompts=min(32, len(records)), reward=reward,
       template=template)
-  summary, _ = evaluate_lib.evaluate(sampler=trainer.sampler, params=trainer.state.params,
-                                     tokenizer=trainer.tok, records=records, settings=settings,
-                                     rng=jax.random.key(0))
+  summary, _ = evaluate_lib.evaluate(sampler=trainer.sampler,
+                                     params=trainer.run_state.train.params, tokenizer=trainer.tok,
+                                     records=records, settings=settings, rng=jax.random.key(0))
   return float(summary["pass@1"])
 
 
@@ -81,7 +81,7 @@ def ensure_base(config: ml_collections.ConfigDict, *, workdir: str, mesh, tokeni
   history = []
 
   def gate(t: trainer_lib.Trainer) -> bool:
-    step = t.step_count
+    step = t.run_state.step
     if step % p.eval_every:
       return False
     acc = greedy_accuracy(t, gate_records, max_new_tokens=config.sampler.max_new_tokens,
@@ -99,7 +99,7 @@ def ensure_base(config: ml_collections.ConfigDict, *, workdir: str, mesh, tokeni
     return False
 
   trainer.run(should_stop=gate)
-  base = nnx.merge(trainer.graphdef, trainer.state.params)
+  base = nnx.merge(trainer.graphdef, trainer.run_state.train.params)
   if jax.process_index() == 0:
     paths.write_text(paths.join(sft_workdir, "gate.json"), json.dumps(history, indent=1))
   if paths.is_remote(path):  # Written locally, then uploaded with config.json last.

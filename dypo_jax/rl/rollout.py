@@ -127,8 +127,6 @@ class Rollouts:
     self.pool, self.policy, self.sampler, self.tok = pool, policy, sampler, tokenizer
     self.settings, self.k, self.reward_pool = settings, k, reward_pool
     self.stop_ids = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
-    # Traces drawn per teacher so far (a run's total; checkpointed by the trainer).
-    self.teacher_counts = np.zeros((max(len(pool.teacher_names), 1),), np.int64)
 
   def _hard_item(self, i: int, choice: int, rollout_round: int) -> queues_lib.HardItem:
     rec = self.pool.records[i]
@@ -138,8 +136,10 @@ class Rollouts:
         response_tokens=self.pool.teacher_tokens[i][choice], step=rollout_round)
 
   def run_round(self, idx: list[int], *, params, step: int, rollout_round: int, rng: jax.Array,
-                queues: queues_lib.QueueSet, stats: RoundStats) -> None:
-    """One round over the training-pool prompts `idx` (the same list on every process)."""
+                queues: queues_lib.QueueSet, teacher_counts: np.ndarray,
+                stats: RoundStats) -> None:
+    """One round over the training-pool prompts `idx` (the same list on every process);
+    `teacher_counts` (traces drawn per teacher, the run's) is counted up in place."""
     num_teachers = np.array([len(self.pool.teacher_tokens[i]) for i in idx], np.int32)
     choices = np.asarray(_draw_teachers(rng, rollout_round, num_teachers))
     before = len(queues)
@@ -153,7 +153,7 @@ class Rollouts:
       dest = routing.route(self.policy, step, grades[b], has_teacher=choice >= 0)
       stats.no_teacher += dest.no_teacher
       if dest.hard or dest.mid_teacher:
-        self.teacher_counts[self.pool.teacher_index[
+        teacher_counts[self.pool.teacher_index[
             self.pool.records[i].teachers[choice].teacher]] += 1
       if dest.hard:
         queues.push_hard(self._hard_item(i, choice, rollout_round))

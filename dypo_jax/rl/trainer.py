@@ -5,10 +5,12 @@ are `rollout`'s; the batch layout `update_batch`'s; the jitted update `program`'
 `train_step`'s. `step()` is one update and the only place its body is written: `run()` and the
 benchmarks call it.
 
-Everything a restart needs (train state, reference params, rng, data position, queues, eval
-history, counters, the config) is one Orbax checkpoint, saved every `train.checkpoint_every`
-updates, at the end, and at the step boundary after a SIGTERM; a restart from it continues the run
-exactly (every later step's metrics equal an uninterrupted run's, same machine).
+The Trainer holds the run's plan (config-derived values, the sampler, the compiled programs) and
+one `RunState` (`run_state`: train state, reference params, queues, data position, rng,
+counters, eval history). `run_checkpoint` saves that RunState whole every
+`train.checkpoint_every` updates, at the end, and at the step boundary after a SIGTERM; a restart
+from it continues the run exactly (every later step's metrics equal an uninterrupted run's, same
+machine).
 
 Multi-process (one controller per host): every process runs this loop in lockstep on the same
 global arrays. Each reads its own shard of the training pool and scores its own prompts' rollouts
@@ -17,31 +19,31 @@ process 0 logs them. A checkpoint holds the queues once and every process's data
 """
 import json
 import signal
+import sys
 import threading
 import time
 from typing import Any
 
 from flax import nnx
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from dypo_jax import errors
-from dypo_jax.data import pipeline as pipeline_lib
 from dypo_jax.evaluation import evaluate as evaluate_lib
 from dypo_jax.evaluation import verifier
 from dypo_jax.io import checkpoint as checkpoint_lib
 from dypo_jax.io import metrics as metrics_lib
 from dypo_jax.io import paths
+from dypo_jax.io import storage
 from dypo_jax.models import sampler as sampler_lib
 from dypo_jax.parallel import multihost
 from dypo_jax.parallel import sharding
 from dypo_jax.rl import program as program_lib
-from dypo_jax.rl import queues as queues_lib
-from dypo_jax.rl import resume
 from dypo_jax.rl import rollout
 from dypo_jax.rl import routing
+from dypo_jax.rl import run_checkpoint
+from dypo_jax.rl import run_state as run_state_lib
 from dypo_jax.rl import update_batch
 
 class Trainer:
@@ -81,8 +83,10 @@ class Trainer:
     self.program = program_lib.UpdateProgram.build(
         config, graphdef=self.graphdef, params=params, mesh=mesh, rules=rules,
         prompt_len=self.prompt_len, num_teachers=len(self.pool.teacher_names))
-    self.state = self.program.init_state(params)
-    self.ref_params = jax.tree.map(jnp.copy, params)  # Frozen: never donated, never updated.
+    self.run_state = run_state_lib.RunState.initial(
+        train=self.program.init_state(params), params=params, pool_size=len(self.pool),
+        seed=config.seed, shuffle=config.data.shuffle,
+        num_teachers=len(self.pool.teacher_names))
     v = config.verifier
     self.reward_pool = (verifier.MathVerifyPool(v.workers, timeout=v.item_timeout_s,
                                                    batch_timeout=v.batch_timeout_s)
@@ -93,15 +97,7 @@ class Trainer:
             max_new_tokens=self.max_len, temperature=sp.temperature, top_p=sp.top_p,
             top_k=sp.top_k, reward=config.data.reward,
             format_penalty_coef=rl.format_penalty_coef))
-    self.queues = queues_lib.QueueSet()
-    self.stream = pipeline_lib.IndexStream(len(self.pool), seed=config.seed,
-                                           shuffle=config.data.shuffle)
-    self.rng = jax.random.key(config.seed)
-    self.step_count = 0  # Updates so far: the host's copy of state.step.
-    self.rollout_round = 0
-    self.empty_updates_in_a_row = 0
-    self.eval_history: list[dict[str, Any]] = []
-    self.update_trace_count = 0
+    self.update_trace_count = 0  # This process's compiles (not run state: a restart recompiles).
     self._updates = {}  # (shared_prompt, term_norms) -> the jitted update.
     self._compiled_shapes = set()  # Batch shapes whose every update variant is compiled.
 
@@ -113,14 +109,14 @@ class Trainer:
     Returns the update's metrics as host values. With nothing queued after
     `train.max_rollouts_per_update` rounds the update is empty: the step counts, nothing trains.
     """
-    tr = self.config.train
+    tr, rs = self.config.train, self.run_state
     start = time.perf_counter()
     stats = rollout.RoundStats()
-    while not self.queues.ready(tr.update_prompts) and stats.rounds < tr.max_rollouts_per_update:
+    while not rs.queues.ready(tr.update_prompts) and stats.rounds < tr.max_rollouts_per_update:
       self.run_rollout_round(stats)
     rounds_done = time.perf_counter()
-    if len(self.queues):
-      hard, mid, _ = self.queues.pop_batch(min(tr.update_prompts, len(self.queues)))
+    if len(rs.queues):
+      hard, mid, _ = rs.queues.pop_batch(min(tr.update_prompts, len(rs.queues)))
       batch, info = self.build_batch(hard, mid)
       update_start = time.perf_counter()
       metrics = self._host_metrics(jax.device_get(self.update(batch)))
@@ -128,32 +124,32 @@ class Trainer:
       metrics["time/update_s"] = time.perf_counter() - update_start
       metrics["time/build_s"] = update_start - rounds_done
       metrics["perf/update_tok_s"] = float(batch["input_mask"].sum()) / metrics["time/update_s"]
-      self.empty_updates_in_a_row = 0
+      rs.empty_updates_in_a_row = 0
     else:
-      self.state = self.state.replace(step=self.state.step + 1)
+      rs.train = rs.train.replace(step=rs.train.step + 1)
       metrics = {"train/empty_update": 1}
-      self.empty_updates_in_a_row += 1
-    self.step_count += 1
+      rs.empty_updates_in_a_row += 1
+    rs.step += 1
     metrics.update(stats.metrics())
-    metrics.update({"queue/hard": self.queues.depths()["hard"],
-                    "queue/mid": self.queues.depths()["mid"], "train/compiles":
+    metrics.update({"queue/hard": rs.queues.depths()["hard"],
+                    "queue/mid": rs.queues.depths()["mid"], "train/compiles":
                     self.update_trace_count, "train/empty_updates_in_a_row":
-                    self.empty_updates_in_a_row, "time/rounds_s": rounds_done - start,
+                    rs.empty_updates_in_a_row, "time/rounds_s": rounds_done - start,
                     "time/step_s": time.perf_counter() - start})
     return metrics
 
   def run_rollout_round(self, stats: rollout.RoundStats) -> None:
     """One rollout round of the next `train.rollout_prompts` prompts into the queues."""
-    idx = self._take_prompts(self.config.train.rollout_prompts)
-    self.rollouts.run_round(idx, params=self.state.params, step=self.step_count,
-                            rollout_round=self.rollout_round, rng=self.rng, queues=self.queues,
-                            stats=stats)
-    self.rollout_round += 1
+    idx, rs = self._take_prompts(self.config.train.rollout_prompts), self.run_state
+    self.rollouts.run_round(idx, params=rs.train.params, step=rs.step,
+                            rollout_round=rs.rollout_round, rng=rs.rng, queues=rs.queues,
+                            teacher_counts=rs.teacher_counts, stats=stats)
+    rs.rollout_round += 1
 
   def _take_prompts(self, n: int) -> list[int]:
     """The round's n prompts, the same list on every process: each takes n / process_count from
     its own shard, and process p's are rows [p * n_local, (p + 1) * n_local) of the round."""
-    local = np.asarray(self.stream.take(n // jax.process_count()), np.int32)
+    local = np.asarray(self.run_state.stream.take(n // jax.process_count()), np.int32)
     return [int(i) for i in multihost.gather_rows(local)]
 
   def build_batch(self, hard: list, mid: list) -> tuple[dict[str, np.ndarray], dict[str, float]]:
@@ -161,7 +157,7 @@ class Trainer:
     batch, offline = update_batch.layout(
         hard, mid, slot_buckets=self.program.slot_buckets, k=self.k, prompt_len=self.prompt_len,
         max_len=self.max_len, pad_id=self.tok.pad_id, teacher_index=self.pool.teacher_index)
-    weights = routing.loss_weights(self.policy, self.step_count, n_hard=len(hard),
+    weights = routing.loss_weights(self.policy, self.run_state.step, n_hard=len(hard),
                                    n_mid=len(mid))
     batch["weights"][:] = weights
     n = max(len(hard) + len(mid), 1)
@@ -200,24 +196,24 @@ class Trainer:
     device_batch = {name: jax.make_array_from_callback(value.shape, shardings[name],
                                                        lambda index, value=value: value[index])
                     for name, value in batch.items()}
-    key = rollout.derived_key(self.rng, rollout.KEY_UPDATE, self.step_count)
-    tr = self.config.train
-    logged = (self.step_count + 1) % tr.log_every == 0 or self.step_count + 1 == tr.num_steps
+    tr, rs = self.config.train, self.run_state
+    key = rollout.derived_key(rs.rng, rollout.KEY_UPDATE, rs.step)
+    logged = (rs.step + 1) % tr.log_every == 0 or rs.step + 1 == tr.num_steps
     if batch["tokens"].shape not in self._compiled_shapes:
       self._compiled_shapes.add(batch["tokens"].shape)
       for shared, norms in self.update_variants():
         self.update_fn(shared_prompt=shared, term_norms=norms).lower(
-            self.state, self.ref_params, device_batch, key).compile()
+            rs.train, rs.ref_params, device_batch, key).compile()
     fn = self.update_fn(shared_prompt=update_batch.slots_share_prompts(batch, self.prompt_len),
                         term_norms=logged)
-    self.state, metrics = fn(self.state, self.ref_params, device_batch, key)
+    rs.train, metrics = fn(rs.train, rs.ref_params, device_batch, key)
     return metrics
 
   def _host_metrics(self, metrics) -> dict[str, Any]:
     nll, tokens = metrics.pop("sft/teacher_nll_sum"), metrics.pop("sft/teacher_tokens")
     out = {name: float(np.asarray(value)) for name, value in metrics.items()}
     for i, name in enumerate(self.pool.teacher_names):
-      out[f"sft/teacher_{name}_count"] = int(self.rollouts.teacher_counts[i])
+      out[f"sft/teacher_{name}_count"] = int(self.run_state.teacher_counts[i])
       if tokens[i] > 0:
         out[f"sft/teacher_{name}_loss"] = float(nll[i] / tokens[i])
     return out
@@ -229,18 +225,19 @@ class Trainer:
     c = self.config
     settings = evaluate_lib.settings_from_config(c.eval, reward=c.data.reward,
                                                  template=c.tokenizer.template)
-    result = {"step": self.step_count}
-    key = jax.random.fold_in(self.rng, rollout.KEY_EVAL)
+    rs = self.run_state
+    result = {"step": rs.step}
+    key = jax.random.fold_in(rs.rng, rollout.KEY_EVAL)
     for split, prefix in (("eval_id", "id"), ("eval_ood", "ood")):
       if self.pools.get(split):
         summary, correct = evaluate_lib.evaluate(
-            sampler=self.sampler, params=self.state.params, tokenizer=self.tok,
+            sampler=self.sampler, params=rs.train.params, tokenizer=self.tok,
             records=self.pools[split], settings=settings, rng=key, pool=self.reward_pool)
         result.update({f"{prefix}/{name}": value for name, value in summary.items()})
         by_source = evaluate_lib.pass_at_1_by_source(self.pools[split], correct)
         if len(by_source) > 1:  # A pool of several sets: each set's figure, not only the pool's.
           result.update({f"{prefix}/{source}/pass@1": v for source, v in by_source.items()})
-    self.eval_history.append(result)
+    rs.eval_history.append(result)
     self._write_eval_history()
     return result
 
@@ -248,7 +245,7 @@ class Trainer:
     """workdir/eval.jsonl := the eval history (what a checkpoint holds), replaced atomically."""
     if self.is_main:
       paths.write_bytes(paths.join(self.workdir, "eval.jsonl"), "".join(
-          json.dumps(r) + "\n" for r in self.eval_history).encode("utf-8"))
+          json.dumps(r) + "\n" for r in self.run_state.eval_history).encode("utf-8"))
 
   # ------------------------------------------------------------------------------------ loop
 
@@ -262,35 +259,42 @@ class Trainer:
     `train.max_nonfinite_updates` non-finite updates (the failing step is logged, not saved) and
     NothingToLearn after `train.max_empty_updates` empty updates in a row (saved first).
     """
-    tr = self.config.train
-    ckpt_dir = paths.join(self.workdir, "checkpoints")
+    tr, rs = self.config.train, self.run_state
+    ckpt_dir = run_checkpoint.checkpoint_dir(self.workdir)
+    storage.bound_client_retries(tr.storage_retry_s)
     ckpt = checkpoint_lib.Checkpointer(ckpt_dir, keep=tr.keep_checkpoints)
     writer, stop_requested, previous_handlers = None, [], {}
     if threading.current_thread() is threading.main_thread():
       previous_handlers = checkpoint_lib.install_stop_handlers(
           lambda: stop_requested.append(True))
     try:
-      resumed = resume.restore(self, ckpt, allow_config_change=self.allow_config_change)
-      if resumed and self.eval_history:
-        self._write_eval_history()
+      restored = run_checkpoint.restore(ckpt, rs, config=self.config,
+                                        allow_config_change=self.allow_config_change,
+                                        storage_retry_s=tr.storage_retry_s)
+      if resumed := restored is not None:
+        self.run_state = rs = restored
+        if rs.eval_history:
+          self._write_eval_history()
       writer = metrics_lib.MetricsWriter(self.workdir, enabled=self.is_main)
-      progress = metrics_lib.Progress(max(tr.num_steps, 1), start_step=self.step_count)
+      progress = metrics_lib.Progress(max(tr.num_steps, 1), start_step=rs.step)
       if self.is_main:
         print(f"train: method={self.policy.method} k={self.k} P={self.prompt_len} "
               f"T={self.max_len} U={tr.update_prompts} teachers={self.pool.teacher_names} "
               f"processes={jax.process_count()} "
-              f"{f'resumed at step {self.step_count}' if resumed else 'from scratch'}",
+              f"{f'resumed at step {rs.step}' if resumed else 'from scratch'}",
               flush=True)
-      if tr.eval_every and self.step_count == 0 and not resumed:
+      if tr.eval_every and rs.step == 0 and not resumed:
         self._log_eval(writer, self.evaluate())
       metrics, stopped = {}, False
-      while self.step_count < tr.num_steps:
+      save = lambda: run_checkpoint.save(ckpt, rs, config=self.config,
+                                         model_config=self.sampler.config, writer=writer)
+      while rs.step < tr.num_steps:
         if multihost.any_process(bool(stop_requested)):  # Every process stops at one step.
           stopped = True
           break
         metrics = self.step()
-        ckpt.check()  # A failed background save (a full disk) surfaces now, not one save later.
-        step = self.step_count
+        ckpt.wait_saved()  # The save started after the last step failed? Said now, naming it.
+        step = rs.step
         too_many_nonfinite = metrics.get("train/nonfinite_skipped", 0) > tr.max_nonfinite_updates
         if step % tr.log_every == 0 or step == tr.num_steps or too_many_nonfinite:
           writer.write(step, metrics)
@@ -308,33 +312,32 @@ class Trainer:
         if tr.eval_every and step % tr.eval_every == 0:
           self._log_eval(writer, self.evaluate())
         if tr.checkpoint_every and step % tr.checkpoint_every == 0:
-          resume.save(self, ckpt, writer)
-        if self.empty_updates_in_a_row >= tr.max_empty_updates:
+          save()
+        if rs.empty_updates_in_a_row >= tr.max_empty_updates:
           break
         if should_stop is not None and should_stop(self):
           break
       stopped = stopped or multihost.any_process(bool(stop_requested))
-      nothing_left = self.empty_updates_in_a_row >= tr.max_empty_updates
-      if stopped or nothing_left or (tr.checkpoint_every and self.step_count % tr.checkpoint_every):
-        resume.save(self, ckpt, writer)
-      ckpt.wait()
+      nothing_left = rs.empty_updates_in_a_row >= tr.max_empty_updates
+      if stopped or nothing_left or (tr.checkpoint_every and rs.step % tr.checkpoint_every):
+        save()
+      ckpt.wait_saved()
       if nothing_left:
         raise errors.NothingToLearn(
-            f"the last {self.empty_updates_in_a_row} updates found nothing queued (each after "
+            f"the last {rs.empty_updates_in_a_row} updates found nothing queued (each after "
             f"train.max_rollouts_per_update={tr.max_rollouts_per_update} rollout rounds in which "
             f"every prompt was Easy, or Hard with no teacher trace): nothing left to learn at "
-            f"this difficulty; stopped at step {self.step_count} (limit "
+            f"this difficulty; stopped at step {rs.step} (limit "
             f"train.max_empty_updates={tr.max_empty_updates}); checkpoint "
-            f"{ckpt.step_dir(self.step_count)}")
+            f"{ckpt.step_dir(rs.step)}")
       if stopped:
-        raise errors.Preempted(f"SIGTERM/SIGINT: stopped at step {self.step_count}; checkpoint "
-                               f"{ckpt.step_dir(self.step_count)}; rerun the same command to "
+        raise errors.Preempted(f"SIGTERM/SIGINT: stopped at step {rs.step}; checkpoint "
+                               f"{ckpt.step_dir(rs.step)}; rerun the same command to "
                                f"resume")
       return metrics
     finally:
-      ckpt.close()  # Waits for a pending save.
-      if writer is not None:
-        writer.close()
+      # ckpt.close waits for a pending save; a failing store must not hide what stopped the run.
+      storage.close_after(sys.exc_info()[1], ckpt.close, writer and writer.close)
       if self.reward_pool is not None:
         self.reward_pool.close()
       for sig, handler in previous_handlers.items():

@@ -136,19 +136,19 @@ def run(workdir: str | None, *, step: int | None, hf_path: str | None,
   from dypo_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
   from dypo_jax.evaluation import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   from dypo_jax.evaluation import verifier  # pylint: disable=g-import-not-at-top
-  from dypo_jax.io import restore  # pylint: disable=g-import-not-at-top
   from dypo_jax.models import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
   from dypo_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+  from dypo_jax.rl import run_checkpoint  # pylint: disable=g-import-not-at-top
 
   mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
   if hf_path:
     config = config_lib.base_config()
     if workdir:  # A run's base model or export: its tokenizer, template and pools still apply.
-      config = config_lib.from_dict(restore.restore_config(workdir, step=step))
+      config = config_lib.from_dict(run_checkpoint.read_config(workdir, step=step))
     model = models.from_pretrained(hf_path, mesh=mesh)
     source = {"hf_path": os.path.abspath(hf_path)}
   else:
-    policy = restore.restore_policy(workdir, step=step)
+    policy = run_checkpoint.read_policy(workdir, step=step)
     config, model = config_lib.from_dict(policy.config), policy.model
     source = {"workdir": os.path.abspath(workdir), "step": policy.step}
 
@@ -208,6 +208,10 @@ def main(argv):
     raise app.UsageError("pass --workdir (a training run) or --hf_path (a Hugging Face folder)")
   if hf_path and not workdir and not _OUT.value:
     raise app.UsageError("--out is required with --hf_path and no --workdir")
+  errors.set_verbose(_VERBOSE.value)
+  errors.quiet_background_errors()
+  if _VERBOSE.value:
+    logging.set_verbosity(logging.INFO)
   try:
     if _PASS_KS.value:
       _pass_ks_flag()
@@ -216,6 +220,9 @@ def main(argv):
     result = run(workdir, step=_STEP.value, hf_path=hf_path, data_sets=data_sets)
   except (errors.BadInput, FileNotFoundError, IsADirectoryError, PermissionError) as e:
     errors.exit_with("eval_checkpoint error", e, errors.EXIT_BAD_INPUT, verbose=_VERBOSE.value)
+  except errors.StorageUnavailable as e:
+    errors.exit_with("eval_checkpoint error", e, errors.EXIT_STORAGE_UNAVAILABLE,
+                     verbose=_VERBOSE.value)
   except ValueError as e:
     errors.exit_with("eval_checkpoint error", e, errors.EXIT_ERROR, verbose=_VERBOSE.value)
   out = _OUT.value
@@ -231,5 +238,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every restore step at INFO.
+  logging.set_verbosity(logging.ERROR)  # Orbax logs every restore step (INFO, WARNING).
   app.run(main)

@@ -16,9 +16,10 @@ from typing import Any
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from dypo_jax import errors
-from dypo_jax.io import restore
+from dypo_jax.rl import run_checkpoint
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir (holds checkpoints/).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
@@ -26,7 +27,8 @@ _OUT = flags.DEFINE_string("out", None, "The Hugging Face directory to write.")
 _DTYPE = flags.DEFINE_string("dtype", None, "dtype of the stored tensors (default: as trained).")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "On an input error, print the traceback too.")
 
-ExportError = restore.CheckpointReadError  # The checkpoint to export is missing or unreadable.
+ExportError = run_checkpoint.CheckpointReadError  # The checkpoint is missing or unreadable.
+
 
 
 def _copy_tokenizer(config: dict[str, Any], workdir: str, out: str) -> list[str]:
@@ -54,10 +56,11 @@ def export(workdir: str, out: str, *, step: int | None = None,
            dtype: str | None = None) -> int:
   """Writes the policy of checkpoint `step` (default: the latest) of `workdir` to `out`.
 
-  Returns the exported step; raises ExportError as `restore_policy` does.
+  Returns the exported step; raises `run_checkpoint.CheckpointReadError` (a BadInput) as
+  `read_policy` does.
   """
   from dypo_jax import models  # pylint: disable=g-import-not-at-top
-  policy = restore.restore_policy(workdir, step=step)
+  policy = run_checkpoint.read_policy(workdir, step=step)
   models.save_pretrained(policy.model, out, dtype=dtype)
   _copy_tokenizer(policy.config, workdir, out)
   return policy.step
@@ -68,12 +71,19 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not _WORKDIR.value or not _OUT.value:
     raise app.UsageError("--workdir and --out are required")
+  errors.set_verbose(_VERBOSE.value)
+  errors.quiet_background_errors()
+  if _VERBOSE.value:
+    logging.set_verbosity(logging.INFO)
   try:
     step = export(_WORKDIR.value, _OUT.value, step=_STEP.value, dtype=_DTYPE.value)
-  except (errors.BadInput, ExportError, FileNotFoundError, PermissionError) as e:
+  except (errors.BadInput, FileNotFoundError, PermissionError) as e:
     errors.exit_with("export error", e, errors.EXIT_BAD_INPUT, verbose=_VERBOSE.value)
+  except errors.StorageUnavailable as e:
+    errors.exit_with("export error", e, errors.EXIT_STORAGE_UNAVAILABLE, verbose=_VERBOSE.value)
   print(f"exported step {step} of {_WORKDIR.value} to {_OUT.value}", flush=True)
 
 
 if __name__ == "__main__":
+  logging.set_verbosity(logging.ERROR)  # Orbax logs every restore step (INFO, WARNING).
   app.run(main)
