@@ -220,7 +220,7 @@ class Sampler:
     self.mesh = mesh
     self.rules = tuple(rules if rules is not None else sharding_lib.DEFAULT_RULES)
     self.cache_dtype = jnp.dtype(cache_dtype or model_config.dtype)
-    self.trace_count = 0  # Incremented each time `_generate` is traced (= compiled).
+    self.trace_count = 0  # Incremented each time `_start` (prefill) is traced (= compiled).
     self._param_shardings = None
     self.batch_shards = 1 if mesh is None else sharding_lib.batch_shards(mesh, self.rules)
     if rows < 0:
@@ -240,6 +240,10 @@ class Sampler:
                                 donate_argnums=0)
     self._compact_jit = jax.jit(self._compact, static_argnames="rows")
     self._finish_jit = jax.jit(self._finish, static_argnames="num_samples")
+    # A whole round in one program at one row count (no compaction): what `dypo_jax.tools.aot`
+    # compiles to size a round's memory (the first segment is the largest).
+    self._generate_jit = jax.jit(
+        self._generate, static_argnames=("num_samples", "max_new_tokens", "mode", "rows"))
 
   # ---------------------------------------------------------------------------------- host side
 
@@ -350,8 +354,10 @@ class Sampler:
       live = int(jax.device_get(jnp.sum(state.live)))
       if live == 0:
         break
-      while self._smaller_rows(rows) >= live:  # Straight to the smallest size that holds them.
-        rows = self._smaller_rows(rows)
+      # One rung down, never skipping one: the sizes a round visits (and compiles) then do not
+      # depend on its lengths, so warm rounds never compile (a segment whose rows already fit
+      # the next rung ends at its first check).
+      rows = exit_rows
       state = self._compact_jit(state, rows=rows)
     out = self._finish_jit(state, num_samples=num_samples)
     tokens, logprobs, out_lengths, done = jax.device_get(out)
@@ -483,6 +489,12 @@ class Sampler:
     state = continuous_batching.compact(state, rows)
     return state.replace(cache=state.cache.map_layers(
         lambda x: self._constrain(x, self._CACHE_AXES)))
+
+  def _generate(self, *args, num_samples: int, max_new_tokens: int, mode: Mode, rows: int):
+    state, rnd = self._start(*args, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                             mode=mode, rows=rows)
+    state = self._segment(state, rnd, exit_rows=0, mode=mode)
+    return self._finish(state, num_samples=num_samples)
 
   def _finish(self, state, *, num_samples: int):
     # The results are small: replicate them, so that every process can fetch them (multi-host).
