@@ -123,6 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampler = ml_collections.ConfigDict(dict(
       max_new_tokens=96, temperature=1.0, top_p=1.0, top_k=0,
       prompt_buckets=(32, 64, 128, 256, 512, 1024, 2048, 4096),
+      rows=0,  # Rows in flight (continuous batching); 0: every sample of a round at once.
   ))
 
   c.rl = ml_collections.ConfigDict(dict(
@@ -237,6 +238,7 @@ _RULES: dict[str, _Rule] = {
     "data.num_eval_ood": _NON_NEGATIVE,
     "sampler.max_new_tokens": _POSITIVE, "sampler.temperature": _NON_NEGATIVE,
     "sampler.top_p": _range(0, 1, lo_open=True), "sampler.top_k": _NON_NEGATIVE,
+    "sampler.rows": _NON_NEGATIVE,
     "rl.method": _choice(*routing.METHODS),
     "rl.num_samples": _range(2),
     "rl.alpha": _range(0, 1), "rl.beta_gal": _POSITIVE, "rl.sft_loss_coef": _NON_NEGATIVE,

@@ -367,3 +367,64 @@ def test_bfloat16_compute_reads_weights_cast_once_with_the_models_own_values():
   master, stored = sampler.sample(params, PROMPTS, **kw), sampler.sample(as_bf16, PROMPTS, **kw)
   np.testing.assert_array_equal(master.tokens, stored.tokens)
   np.testing.assert_array_equal(master.logprobs, stored.logprobs)
+
+
+# ------------------------------------------------------------- continuous batching, positions
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_tokens_depend_on_the_sample_not_on_the_rows_in_flight(scan_layers):
+  """Rows refilled as samples end (rows < samples), finished rows compacted (rows = samples):
+  each sample's tokens are the same token for token whatever the row count."""
+  config = dataclasses.replace(CONFIG, scan_layers=scan_layers)
+  model = Transformer(config, rngs=nnx.Rngs(0))
+  model.lm_head[...] = model.lm_head[...] * 30.0
+  graphdef, params = nnx.split(model, nnx.Param)
+  # Stops that end samples at many different lengths (found in a free run of the same draws).
+  kw = dict(num_samples=4, max_new_tokens=12, temperature=1.5, rng=jax.random.key(11))
+  free = sampler_lib.Sampler(graphdef, model_config=config, pad_id=PAD,
+                             prompt_buckets=BUCKETS).sample(params, PROMPTS, **kw)
+  stop_ids = tuple(int(x) for x in np.unique(free.tokens[:, :, 2:5])[:6])
+  outs = {}
+  for rows in (0, 2, 5):  # 0: all 12 at once, compacted; 2 and 5: refilled.
+    sampler = sampler_lib.Sampler(graphdef, model_config=config, pad_id=PAD,
+                                  prompt_buckets=BUCKETS, rows=rows)
+    outs[rows] = sampler.sample(params, PROMPTS, stop_ids=stop_ids, **kw)
+  ref = outs[0]
+  assert len(set(ref.lengths.ravel())) >= 4, ref.lengths  # Long-tailed enough to matter.
+  assert (ref.stop_reason == sampler_lib.STOP_TOKEN).any()
+  for rows, out in outs.items():
+    np.testing.assert_array_equal(out.tokens, ref.tokens, err_msg=f"rows={rows}")
+    # Log-probs to float32 rounding: a matmul's summation order may follow the batch size.
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5, err_msg=f"rows={rows}")
+    np.testing.assert_array_equal(out.lengths, ref.lengths)
+    np.testing.assert_array_equal(out.stop_reason, ref.stop_reason)
+  # Up to its stop, every sample is the free run's (the same keys): nothing after counts.
+  mask = ref.response_mask()
+  np.testing.assert_array_equal(np.where(mask, ref.tokens, PAD), np.where(mask, free.tokens, PAD))
+  assert np.all(ref.tokens[~mask] == PAD) and np.all(ref.logprobs[~mask] == 0)
+
+
+@pytest.mark.slow
+def test_chunked_prefill_and_the_pallas_decode_sample_the_same(setup):
+  _, params, sampler = setup
+  graphdef = sampler._graphdef  # pylint: disable=protected-access
+  kw = dict(num_samples=2, max_new_tokens=6, temperature=1.0, stop_ids=(3,),
+            rng=jax.random.key(2))
+  ref = sampler.sample(params, PROMPTS, **kw)  # P = 16: one prefill pass (chunk 512).
+  for extra in (dict(prefill_chunk=4), dict(decode_impl="pallas", decode_block=8)):
+    other = sampler_lib.Sampler(graphdef, model_config=CONFIG, pad_id=PAD,
+                                prompt_buckets=BUCKETS, **extra)
+    out = other.sample(params, PROMPTS, **kw)
+    np.testing.assert_array_equal(out.tokens, ref.tokens, err_msg=str(extra))
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5, err_msg=str(extra))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(rows=-1), "sampler.rows=-1"), (dict(decode_impl="triton"), "decode_impl"),
+    (dict(decode_block=0), "decode_block=0")])
+def test_bad_sampler_settings_are_refused(kwargs, match):
+  graphdef, _ = nnx.split(Transformer(CONFIG, rngs=nnx.Rngs(0)), nnx.Param)
+  with pytest.raises(ValueError, match=match):
+    sampler_lib.Sampler(graphdef, model_config=CONFIG, pad_id=PAD, **kwargs)

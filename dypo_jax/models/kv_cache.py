@@ -16,12 +16,21 @@ class KVCache:
   arrays [B, KV, S, H] for the loop over layers. Prompts are left-padded to a common length, so
   one write index serves the whole batch; which slots are real tokens is the caller's attention
   mask.
+
+  Per-row positions (the sampler's continuous batching): `end_index` [B] is each row's write
+  slot and `starts` [B] its first visible slot; a decode step (one token per row) then writes
+  row b at slot end_index[b] and attends [starts[b], end_index[b]], reading only as many slots
+  as the furthest row needs (`decode_attention.bounded_attention`, blocks of `decode_block`).
   """
   # Slots after the heads, so a decode step's attention reads a layer's cache as laid out (with
   # the slots before the heads, XLA:CPU copied the whole cache into this layout at every step).
   k: jax.Array | tuple[jax.Array, ...]  # [L, B, KV, S, H] or L x [B, KV, S, H]
   v: jax.Array | tuple[jax.Array, ...]
-  end_index: jax.Array  # [] int32
+  end_index: jax.Array  # [] int32, or [B] int32 with per-row positions.
+  starts: jax.Array | None = None  # [B] int32 with per-row positions, else None.
+  decode_block: int = flax.struct.field(pytree_node=False, default=64)
+  # "jnp" (the bounded `lax.switch`, any backend) or "pallas" (the per-row block loop kernel).
+  decode_impl: str = flax.struct.field(pytree_node=False, default="jnp")
 
   @classmethod
   def zeros(cls, config, batch: int, length: int, dtype=None) -> "KVCache":
@@ -33,6 +42,10 @@ class KVCache:
     else:
       make = lambda: tuple(jnp.zeros(layer_shape, dtype) for _ in range(config.num_layers))
     return cls(k=make(), v=make(), end_index=jnp.zeros((), jnp.int32))
+
+  @property
+  def per_row(self) -> bool:
+    return self.end_index.ndim == 1
 
   @property
   def stacked(self) -> bool:

@@ -35,12 +35,13 @@ import dataclasses
 import functools
 from typing import Any, Literal
 
-import flax
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dypo_jax.models import continuous_batching
+from dypo_jax.models import decode_attention
 from dypo_jax.models import kv_cache
 from dypo_jax.models import transformer
 from dypo_jax.parallel import sharding as sharding_lib
@@ -52,7 +53,10 @@ MAX_STOP_IDS = 8  # Stop ids travel as a fixed-size array so their number never 
 # sharded batch it is a cross-device all-reduce, and a barrier: on 2 CPU devices it cost a
 # third of the decode time when made every step. Rows that finish early only idle (they record
 # nothing), so at most STEPS_PER_DONE_CHECK - 1 steps are spent after the last row stops.
-STEPS_PER_DONE_CHECK = 8
+STEPS_PER_DONE_CHECK = continuous_batching.STEPS_PER_CHECK
+# The smallest batch the finished rows are compacted down to (the ladder halves R until it).
+MIN_ROWS = 4
+DECODE_IMPLS = ("jnp", "pallas")
 DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 Mode = Literal["greedy", "sample", "filter"]
@@ -191,18 +195,6 @@ def sample_token(*, logits: jax.Array, uniform: jax.Array, temperature: jax.Arra
   return tokens, take(scaled, tokens) - peak[:, 0] - jnp.log(total)
 
 
-@flax.struct.dataclass
-class _DecodeState:
-  """The while-loop carry: fixed shapes, replaced (never mutated) each step."""
-  step: jax.Array  # [] int32: tokens generated so far (the next one goes to column `step`).
-  last: jax.Array  # [R] int32: the token generated at step - 1, fed next.
-  tokens: jax.Array  # [R, T] int32
-  logprobs: jax.Array  # [R, T] float32
-  done: jax.Array  # [R] bool: sampled a stop id.
-  lengths: jax.Array  # [R] int32
-  cache: kv_cache.KVCache  # [L, R, KV, S, H] or L x [R, ...]; end_index = P + step - 1.
-
-
 class Sampler:
   """Samples groups of K responses per prompt; build once, call every step with new params.
 
@@ -214,7 +206,9 @@ class Sampler:
   def __init__(self, graphdef: nnx.GraphDef, *, model_config: transformer.ModelConfig,
                pad_id: int, prompt_buckets: Sequence[int] = DEFAULT_BUCKETS,
                mesh: jax.sharding.Mesh | None = None,
-               rules: sharding_lib.Rules | None = None, cache_dtype: Any = None):
+               rules: sharding_lib.Rules | None = None, cache_dtype: Any = None,
+               rows: int = 0, decode_block: int = decode_attention.DEFAULT_BLOCK,
+               decode_impl: str = "jnp", prefill_chunk: int = 512):
     if not prompt_buckets or any(int(b) < 1 for b in prompt_buckets):
       raise ValueError(f"prompt_buckets={tuple(prompt_buckets)} must be positive lengths")
     if not 0 <= pad_id < model_config.vocab_size:
@@ -226,11 +220,30 @@ class Sampler:
     self.mesh = mesh
     self.rules = tuple(rules if rules is not None else sharding_lib.DEFAULT_RULES)
     self.cache_dtype = jnp.dtype(cache_dtype or model_config.dtype)
-    self.trace_count = 0  # Incremented each time `_generate` is traced (= compiled).
+    self.trace_count = 0  # Incremented each time `_start` (prefill) is traced (= compiled).
     self._param_shardings = None
     self.batch_shards = 1 if mesh is None else sharding_lib.batch_shards(mesh, self.rules)
+    if rows < 0:
+      raise ValueError(f"sampler.rows={rows} must be >= 0 (0: every sample of a round at once)")
+    if decode_block < 1 or prefill_chunk < 0:
+      raise ValueError(f"decode_block={decode_block} must be >= 1 and prefill_chunk="
+                       f"{prefill_chunk} >= 0")
+    if decode_impl not in DECODE_IMPLS:
+      raise ValueError(f"decode_impl={decode_impl!r}; allowed: {DECODE_IMPLS}")
+    self.rows = int(rows)
+    self.decode_block, self.decode_impl = int(decode_block), decode_impl
+    self.prefill_chunk = int(prefill_chunk)
+    self.segment_trace_count = 0  # Traces of the decode segments (one per row count and mode).
+    self._start_jit = jax.jit(
+        self._start, static_argnames=("num_samples", "max_new_tokens", "mode", "rows"))
+    self._segment_jit = jax.jit(self._segment, static_argnames=("exit_rows", "mode"),
+                                donate_argnums=0)
+    self._compact_jit = jax.jit(self._compact, static_argnames="rows")
+    self._finish_jit = jax.jit(self._finish, static_argnames="num_samples")
+    # A whole round in one program at one row count (no compaction): what `dypo_jax.tools.aot`
+    # compiles to size a round's memory (the first segment is the largest).
     self._generate_jit = jax.jit(
-        self._generate, static_argnames=("num_samples", "max_new_tokens", "mode"))
+        self._generate, static_argnames=("num_samples", "max_new_tokens", "mode", "rows"))
 
   # ---------------------------------------------------------------------------------- host side
 
@@ -329,14 +342,41 @@ class Sampler:
       lengths_dev = jax.device_put(prompt_lengths, batch(1))
     else:
       prompt_dev, lengths_dev = prompt_tokens, prompt_lengths
-    out = self._generate_jit(params, prompt_dev, lengths_dev, np.int32(b), rng, *scalars, stops,
-                             num_samples=num_samples, max_new_tokens=max_new_tokens, mode=mode)
+    rows = self.rows_in_flight(b_pad * num_samples)
+    state, rnd = self._start_jit(params, prompt_dev, lengths_dev, np.int32(b), rng, *scalars,
+                                 stops, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                                 mode=mode, rows=rows)
+    while True:  # Segments at fewer and fewer rows once no sample is pending.
+      exit_rows = self._smaller_rows(rows)
+      state = self._segment_jit(state, rnd, exit_rows=exit_rows, mode=mode)
+      if exit_rows == 0:
+        break
+      live = int(jax.device_get(jnp.sum(state.live)))
+      if live == 0:
+        break
+      # One rung down, never skipping one: the sizes a round visits (and compiles) then do not
+      # depend on its lengths, so warm rounds never compile (a segment whose rows already fit
+      # the next rung ends at its first check).
+      rows = exit_rows
+      state = self._compact_jit(state, rows=rows)
+    out = self._finish_jit(state, num_samples=num_samples)
     tokens, logprobs, out_lengths, done = jax.device_get(out)
     return SampleOutput(
         tokens=tokens[:b], logprobs=logprobs[:b], lengths=out_lengths[:b],
         stop_reason=np.where(done[:b], STOP_TOKEN, STOP_LENGTH).astype(np.int32),
         prompt_tokens=prompt_tokens[:b], prompt_lengths=lengths,
         num_compiles=self.trace_count)
+
+  def rows_in_flight(self, num_samples: int) -> int:
+    """R: the configured rows (0: all), at most the round's samples, a multiple of the shards."""
+    r = min(self.rows or num_samples, num_samples)
+    return -(-r // self.batch_shards) * self.batch_shards
+
+  def _smaller_rows(self, rows: int) -> int:
+    """The next row count of the compaction ladder below `rows` (half, rounded up to the shards,
+    at least MIN_ROWS), or 0 when `rows` is already the smallest."""
+    smaller = max(-(-(rows // 2) // self.batch_shards) * self.batch_shards, MIN_ROWS)
+    return smaller if smaller < rows else 0
 
   def _shardings_for(self, params: nnx.State):
     if self._param_shardings is None:
@@ -353,18 +393,49 @@ class Sampler:
   # -------------------------------------------------------------------------------- device side
 
   def _row_keys(self, rng: jax.Array, b: int, k: int) -> jax.Array:
-    """[R] keys: row b * K + k gets fold_in(fold_in(rng, b), k)."""
+    """[N] keys: sample b * K + k gets fold_in(fold_in(rng, b), k)."""
     per_prompt = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(b))  # [B]
     per_row = jax.vmap(jax.vmap(jax.random.fold_in, (None, 0)), (0, None))(
         per_prompt, jnp.arange(k))  # [B, K]
     return per_row.reshape(b * k)
 
-  def _generate(self, params, prompt_tokens, prompt_lengths, num_real, rng, temperature, top_p,
-                top_k, stop_ids, *, num_samples: int, max_new_tokens: int, mode: Mode):
-    """Prefill + decode loop.
+  def _prefill(self, model, prompt_tokens, prompt_lengths):
+    """The B prompts once -> (their cache of P slots, the next-token logits [B, V]).
 
-    prompt_tokens [B, P] left-padded; prompt_lengths [B]; rows >= num_real only pad the batch to
-    the shards (they start done, so they never keep the loop running).
+    A prompt bucket longer than `prefill_chunk` (and a multiple of it) runs in chunks of that
+    many tokens, each attending to the slots written before it: the attention logits are
+    [B, KV, G, chunk, P] at a time instead of [.., P, P].
+    """
+    b, p = prompt_tokens.shape
+    slots = jnp.arange(p, dtype=jnp.int32)
+    real = slots[None, :] >= (p - prompt_lengths)[:, None]  # [B, P]
+    positions = transformer.positions_from_mask(real)
+    cache = kv_cache.KVCache.zeros(self.config, b, p, self.cache_dtype)
+    c = self.prefill_chunk
+    if c and p > c and p % c == 0:
+      def chunk(cache, i):
+        take = lambda x: jax.lax.dynamic_slice_in_dim(x, i * c, c, axis=1)
+        queries = i * c + jnp.arange(c, dtype=jnp.int32)
+        mask = (slots[None, None, :] <= queries[None, :, None]) & real[:, None, :]  # [B, C, P]
+        hidden, cache = model.forward(take(prompt_tokens), positions=take(positions),
+                                      attention_mask=mask, cache=cache, return_hidden=True)
+        return cache, hidden[:, -1, :]
+      cache, last = jax.lax.scan(chunk, cache, jnp.arange(p // c))
+      last = last[-1][:, None, :]
+    else:
+      hidden, cache = model.forward(prompt_tokens, positions=positions,
+                                    attention_mask=transformer.causal_mask(real), cache=cache,
+                                    return_hidden=True)
+      last = hidden[:, -1:, :]
+    logits = model.logits_from_hidden(last)[:, 0, :]  # [B, V]
+    return cache, logits
+
+  def _start(self, params, prompt_tokens, prompt_lengths, num_real, rng, temperature, top_p,
+             top_k, stop_ids, *, num_samples: int, max_new_tokens: int, mode: Mode, rows: int):
+    """Prefill, the round's draws and the first decode state of `rows` free rows.
+
+    prompt_tokens [B, P] left-padded; prompt_lengths [B]; the samples of prompts >= num_real
+    (they only pad the batch to the shards) are never run.
     """
     self.trace_count += 1  # Python side effect: runs once per trace.
     # The weights in the compute dtype, cast once per call (a rollout round) and read by every
@@ -376,86 +447,61 @@ class Sampler:
     model = nnx.merge(self._graphdef, params)
     b, p = prompt_tokens.shape
     k, t = num_samples, max_new_tokens
-    r, s = b * k, p + t
-    layer_cache_axes = ("batch", "kv_heads", None, "head_dim")  # One layer's cache [R, KV, S, H].
-
-    # Prefill the B prompts once.
-    slots = jnp.arange(s, dtype=jnp.int32)  # [S]
-    pad_start = p - prompt_lengths  # [B]: first real slot of each row.
-    real = slots[None, :p] >= pad_start[:, None]  # [B, P]
-    positions = transformer.positions_from_mask(real)
-    prefill_mask = transformer.causal_mask(real)  # [B, P, P]
-    prefill_mask = jnp.pad(prefill_mask, ((0, 0), (0, 0), (0, t)))  # [B, P, S]
-    cache = kv_cache.KVCache.zeros(self.config, b, s, self.cache_dtype)
-    hidden, cache = model.forward(prompt_tokens, positions=positions,
-                                  attention_mask=prefill_mask, cache=cache, return_hidden=True)
-    logits = model.logits_from_hidden(hidden[:, -1:, :])[:, 0, :]  # [B, V]
-    # Sampling reduces over the vocabulary many times: gather it once (rows stay batch-sharded).
-    logits = self._constrain(logits, ("batch", None))
-
-    # Share each prompt's cache with its K samples: rows r = b * K + k.
-    cache = cache.repeat(k)
-    cache = cache.map_layers(lambda x: self._constrain(x, layer_cache_axes))
-    logits = jnp.repeat(logits, k, axis=0)  # [R, V]
-    row_pad_start = jnp.repeat(pad_start, k)  # [R]
-    row_lengths = jnp.repeat(prompt_lengths, k)  # [R]
+    prompt_cache, logits = self._prefill(model, prompt_tokens, prompt_lengths)
+    # Sampling reduces over the vocabulary many times: gather it once.
+    logits = self._constrain(logits, (None, None))
     if mode == "greedy":
-      uniforms = jnp.zeros((t, r), jnp.float32)
+      uniforms = jnp.zeros((b * k, t), jnp.float32)
     else:
-      # All the randomness up front ([T, R], one batch of threefry): row r at step i draws
-      # uniform(fold_in(row_key[r], i)). Nothing random is computed inside the loop.
-      row_keys = self._row_keys(rng, b, k)  # [R]
-      step_keys = jax.vmap(jax.vmap(jax.random.fold_in, (0, None)), (None, 0))(
-          row_keys, jnp.arange(t))  # [T, R]
-      uniforms = jax.vmap(jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32)))(
-          step_keys)  # [T, R]
-      uniforms = self._constrain(uniforms, (None, "batch"))
+      # All the randomness up front ([N, T], one batch of threefry): sample n's token i draws
+      # uniform(fold_in(key[n], i)), whichever row runs it and whenever.
+      keys = jax.vmap(jax.vmap(jax.random.fold_in, (None, 0)), (0, None))(
+          self._row_keys(rng, b, k), jnp.arange(t))  # [N, T]
+      uniforms = jax.vmap(jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32)))(keys)
+    block = self.decode_block
+    s = -(-(p + t) // block) * block  # Whole blocks (the Pallas kernel's loop needs them).
+    rows_cache = kv_cache.KVCache.zeros(self.config, rows, s, self.cache_dtype)
+    rows_cache = rows_cache.map_layers(lambda x: self._constrain(x, self._CACHE_AXES)).replace(
+        end_index=jnp.zeros((rows,), jnp.int32), starts=jnp.zeros((rows,), jnp.int32),
+        decode_block=block, decode_impl=self.decode_impl)
+    state = continuous_batching.init_state(rows_cache, num_samples=b * k, max_new_tokens=t,
+                                           pad_id=self.pad_id)
+    rnd = continuous_batching.Round(
+        params=params, prompt_cache=prompt_cache, logits=logits, prompt_lengths=prompt_lengths,
+        uniforms=uniforms, stop_ids=stop_ids, temperature=temperature, top_p=top_p, top_k=top_k,
+        num_samples=(num_real * k).astype(jnp.int32))
+    return state, rnd
 
-    def pick(logits, step):
-      uniform = jax.lax.dynamic_index_in_dim(uniforms, step, axis=0, keepdims=False)  # [R]
-      return sample_token(logits=logits, uniform=uniform, temperature=temperature, top_p=top_p,
-                          top_k=top_k, mode=mode)
+  _CACHE_AXES = ("batch", "kv_heads", None, "head_dim")  # One layer's cache [R, KV, S, H].
 
-    def record(state: _DecodeState, logits: jax.Array, cache) -> _DecodeState:
-      tok, lp = pick(logits, state.step)
-      live = ~state.done
-      col = lambda buf, x, fill: jax.lax.dynamic_update_slice(
-          buf, jnp.where(live, x, fill)[:, None], (0, state.step))
-      is_stop = jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
-      return _DecodeState(
-          step=state.step + 1, last=tok,
-          tokens=col(state.tokens, tok, self.pad_id),
-          logprobs=col(state.logprobs, lp, 0.0),
-          done=state.done | is_stop,
-          lengths=jnp.where(live, state.step + 1, state.lengths),
-          cache=cache)
+  def _segment(self, state, rnd, *, exit_rows: int, mode: Mode):
+    """continuous_batching.run_segment with this sampler's model and sampling rule."""
+    self.segment_trace_count += 1
+    model = nnx.merge(self._graphdef, rnd.params)
+    pick = lambda logits, uniform: sample_token(
+        logits=logits, uniform=uniform, temperature=rnd.temperature, top_p=rnd.top_p,
+        top_k=rnd.top_k, mode=mode)
+    return continuous_batching.run_segment(
+        state, rnd, exit_rows=exit_rows, model=model, pick=pick,
+        constrain_logits=lambda x: self._constrain(x, ("batch", None)))
 
-    def any_live(state: _DecodeState):
-      return (state.step < t) & ~jnp.all(state.done)
+  def _compact(self, state, *, rows: int):
+    state = continuous_batching.compact(state, rows)
+    return state.replace(cache=state.cache.map_layers(
+        lambda x: self._constrain(x, self._CACHE_AXES)))
 
-    def steps_until_check(state: _DecodeState) -> _DecodeState:
-      # The inner bound is a replicated scalar: no reduction over rows inside.
-      until = jnp.minimum(state.step + STEPS_PER_DONE_CHECK, t)
-      return jax.lax.while_loop(lambda st: st.step < until, body, state)
+  def _generate(self, *args, num_samples: int, max_new_tokens: int, mode: Mode, rows: int):
+    state, rnd = self._start(*args, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                             mode=mode, rows=rows)
+    state = self._segment(state, rnd, exit_rows=0, mode=mode)
+    return self._finish(state, num_samples=num_samples)
 
-    def body(state: _DecodeState) -> _DecodeState:
-      end = state.cache.end_index  # = P + step - 1, the slot of the token fed now.
-      mask = (slots[None, :] >= row_pad_start[:, None]) & (slots[None, :] <= end)  # [R, S]
-      positions = (row_lengths + state.step - 1)[:, None]  # [R, 1]
-      logits, cache = model.forward(state.last[:, None], positions=positions,
-                                    attention_mask=mask[:, None, :], cache=state.cache)
-      return record(state, self._constrain(logits[:, 0, :], ("batch", None)), cache)
-
-    init = _DecodeState(
-        step=jnp.zeros((), jnp.int32), last=jnp.zeros((r,), jnp.int32),
-        tokens=self._constrain(jnp.full((r, t), self.pad_id, jnp.int32), ("batch", None)),
-        logprobs=self._constrain(jnp.zeros((r, t), jnp.float32), ("batch", None)),
-        done=jnp.arange(r) >= num_real * k, lengths=jnp.zeros((r,), jnp.int32), cache=cache)
-    state = jax.lax.while_loop(any_live, steps_until_check, record(init, logits, cache))
-
+  def _finish(self, state, *, num_samples: int):
     # The results are small: replicate them, so that every process can fetch them (multi-host).
-    shape = lambda x: self._constrain(x.reshape(b, k, *x.shape[1:]), (None,) * (x.ndim + 1))
-    return (shape(state.tokens), shape(state.logprobs), shape(state.lengths), shape(state.done))
+    shape = lambda x: self._constrain(x.reshape(-1, num_samples, *x.shape[1:]),
+                                      (None,) * (x.ndim + 1))
+    return (shape(state.tokens), shape(state.logprobs), shape(state.lengths),
+            shape(state.stopped))
 
 
 @functools.lru_cache(maxsize=8)

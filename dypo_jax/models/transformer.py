@@ -14,6 +14,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from dypo_jax.models import decode_attention
 from dypo_jax.models.kv_cache import KVCache
 
 ARCHS = ("qwen2", "qwen3", "llama")
@@ -211,6 +212,8 @@ class Attention(nnx.Module):
     k = apply_rope(k, positions, c.rope_theta)
     k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, KV, T, H], the cache's layout.
 
+    if layer_cache is not None and len(layer_cache) > 3:
+      return self._decode_per_row(q, k, v, layer_cache, end_index)
     if layer_cache is not None:
       # Written into the cache (a loop carry: updated in place), then this layer's slots read
       # back whole.
@@ -238,6 +241,36 @@ class Attention(nnx.Module):
       out = _attention(q, k, v, attention_mask)
     out = out.reshape(b, t, c.num_heads, c.head_dim)
     return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj.value.astype(dt)), new_cache
+
+
+  def _decode_per_row(self, q, k, v, layer_cache, end_index):
+    """One decode token per row at per-row slots (KVCache.per_row): row b writes its key at slot
+    end_index[b] and attends [starts[b], end_index[b]], reading only the slots the furthest row
+    needs (decode_attention). q [B, 1, N, H]; k, v [B, KV, 1, H]."""
+    c = self.config
+    cache_k, cache_v, layer, (starts, block, impl) = layer_cache
+    b, t = q.shape[:2]
+    if t != 1:
+      raise ValueError(f"a per-row KVCache decodes one token per row, got {t}")
+    rows = jnp.arange(b)
+    def put(cache, x):  # A scatter of B slots (in place in the decode loop's carry).
+      at = cache.at[rows, :, end_index, :] if layer is None else cache.at[layer, rows, :, end_index]
+      return at.set(x[:, :, 0].astype(cache.dtype))
+    cache_k, cache_v = put(cache_k, k), put(cache_v, v)
+    groups = c.num_heads // c.num_kv_heads
+    q = q.reshape(b, c.num_kv_heads, groups, c.head_dim)
+    ends = end_index + 1
+    if impl == "pallas":
+      from dypo_jax.kernels import decode_attention as kernel  # pylint: disable=g-import-not-at-top
+      lk, lv = (cache_k, cache_v) if layer is None else (cache_k[layer], cache_v[layer])
+      out = kernel.decode_attention(q, lk.astype(q.dtype), lv.astype(q.dtype), starts, ends,
+                                    block=block)
+    else:
+      out = decode_attention.bounded_attention(q, cache_k, cache_v, starts, ends, layer=layer,
+                                               block=block)
+    out = out.reshape(b, t, c.num_heads, c.head_dim)
+    return (jnp.einsum("BTNH,NHD->BTD", out, self.o_proj.value.astype(q.dtype)),
+            (cache_k, cache_v))
 
 
 class MLP(nnx.Module):
@@ -373,6 +406,7 @@ class Transformer(nnx.Module):
       positions: [B, T] RoPE positions.
       attention_mask: [B, T, S] bool, True where query t may attend key s. S = T without a cache,
         S = cache.length with one (the new keys land in slots [end_index, end_index + T)).
+        None with a per-row cache (`KVCache.per_row`: T = 1, each row's span is in the cache).
       cache: a KVCache to read and extend, or None.
       return_hidden: return the final-norm hidden states [B, T, D] instead of logits, so a caller
         can apply the LM head in vocabulary chunks (`lm_head_kernel`).
@@ -393,11 +427,15 @@ class Transformer(nnx.Module):
           x, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec)))
       tokens = split(tokens, (rows, seq))
       positions = split(positions, (rows, seq))
-      attention_mask = split(attention_mask, (rows, seq, None))
+      if attention_mask is not None:  # None with a per-row cache (its rows say what they see).
+        attention_mask = split(attention_mask, (rows, seq, None))
     x = pin(self.embedding.value.astype(c.dtype)[tokens])  # [B, T, D]
     # The layers are one scanned program: compile time and program size do not grow with depth.
     graphdef, layers = nnx.split(self.blocks)
     end_index = cache.end_index if cache is not None else None
+    # With per-row positions every layer's cache tuple carries (starts, block, impl).
+    per_row = ((cache.starts, cache.decode_block, cache.decode_impl),) if (
+        cache is not None and cache.per_row) else ()
 
     def apply_layer(h, layer, layer_cache):
       return nnx.merge(graphdef, layer)(h, positions=positions, attention_mask=attention_mask,
@@ -425,7 +463,7 @@ class Transformer(nnx.Module):
     elif not c.scan_layers:
       new_k, new_v = [], []
       for layer, k, v in zip(per_layer, cache.k, cache.v):
-        x, (k, v) = apply_layer(x, layer, (k, v, None))
+        x, (k, v) = apply_layer(x, layer, (k, v, None) + per_row)
         x = pin(x)
         new_k.append(k)
         new_v.append(v)
@@ -435,7 +473,7 @@ class Transformer(nnx.Module):
       def cached_layer_step(carry, layer_and_index):
         h, k, v = carry
         layer, i = layer_and_index
-        h, (k, v) = apply_layer(h, layer, (k, v, i))
+        h, (k, v) = apply_layer(h, layer, (k, v, i) + per_row)
         return (pin(h), k, v), None
       (x, new_k, new_v), _ = jax.lax.scan(
           cached_layer_step, (x, cache.k, cache.v),

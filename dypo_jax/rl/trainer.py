@@ -71,7 +71,7 @@ class Trainer:
     # Rollouts run on the training mesh, or on their own data-parallel one (mesh.rollout_data).
     self.sampler = sampler_lib.Sampler(
         self.graphdef, model_config=model.config, pad_id=tokenizer.pad_id,
-        prompt_buckets=tuple(sp.prompt_buckets),
+        prompt_buckets=tuple(sp.prompt_buckets), rows=sp.rows,
         mesh=sharding.build_rollout_mesh(config.mesh) or mesh, rules=rules)
     room = min(sp.prompt_buckets[-1], model.config.max_seq_len - self.max_len)
     if self.pool.longest_prompt() > room:

@@ -254,9 +254,11 @@ def compile_generate(config, mesh, *, prompt_len: int | None = None,
   k, t = config.rl.num_samples, sp.max_new_tokens
   graphdef, params = abstract_params(mc, mesh, rules, activation_axes=activation_axes)
   sampler = sampler_lib.Sampler(graphdef, model_config=mc, pad_id=0,
-                                prompt_buckets=tuple(sp.prompt_buckets), mesh=mesh, rules=rules)
+                                prompt_buckets=tuple(sp.prompt_buckets), mesh=mesh, rules=rules,
+                                rows=sp.rows)
   b = -(-config.train.rollout_prompts // sampler.batch_shards) * sampler.batch_shards
-  shapes = f"B={b} K={k} S={p}+{t} rows={b * k}"
+  rows = sampler.rows_in_flight(b * k)
+  shapes = f"B={b} K={k} S={p}+{t} rows={rows}"
   replicated = _replicated(mesh)
   args = (params,
           _sds((b, p), jnp.int32, sharding.batch_sharding(mesh, rules, 2)),
@@ -268,7 +270,7 @@ def compile_generate(config, mesh, *, prompt_len: int | None = None,
   mode = sampler_lib.sampling_mode(temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
                                    vocab_size=mc.vocab_size)
   return _compile("generate", shapes, lambda: sampler._generate_jit.lower(  # pylint: disable=protected-access
-      *args, num_samples=k, max_new_tokens=t, mode=mode))
+      *args, num_samples=k, max_new_tokens=t, mode=mode, rows=rows))
 
 
 _COMPILERS = {"train": compile_train_step, "generate": compile_generate}
