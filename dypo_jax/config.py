@@ -142,6 +142,13 @@ def base_config() -> ml_collections.ConfigDict:
       offpolicy_shaping=0.1,
       format_penalty_coef=0.0,
       sft_then_rl_switch=0,  # For method="sft_then_rl": SFT steps before GRPO.
+      # One scale for SFT, GRPO and GAL (METHOD.md §2): "token" (verl: token means, GAL's loss
+      # over the batch's mean rollout length), "sequence" (the paper's per-trajectory sums over
+      # sampler.max_new_tokens; needs agg_mode="seq-mean-token-sum-norm"), "legacy" (GAL
+      # unnormalised, ~mean length x GRPO's scale: the figures made before this key).
+      loss_scale="token",
+      srft_sft_coef=0.5, srft_positive_coef=0.1,  # method="srft" (METHOD.md §5).
+      chord_mu_start=0.9, chord_mu_end=0.05, chord_mu_steps=100,  # method="chord": μ schedule.
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -248,6 +255,9 @@ _RULES: dict[str, _Rule] = {
     "rl.gal_length_norm": _choice(*losses.LENGTH_NORMS), "rl.switch_gate": _NON_NEGATIVE,
     "rl.offline_loss_type": _choice(*routing.OFFLINE_LOSS_TYPES), "rl.offpolicy_shaping": _POSITIVE,
     "rl.format_penalty_coef": _NON_NEGATIVE, "rl.sft_then_rl_switch": _NON_NEGATIVE,
+    "rl.loss_scale": _choice(*losses.LOSS_SCALES), "rl.srft_sft_coef": _NON_NEGATIVE,
+    "rl.srft_positive_coef": _NON_NEGATIVE, "rl.chord_mu_start": _range(0, 1),
+    "rl.chord_mu_end": _range(0, 1), "rl.chord_mu_steps": _range(1),
     "optim.learning_rate": _POSITIVE, "optim.schedule": _choice(*train_step.SCHEDULES),
     "optim.warmup_steps": _NON_NEGATIVE, "optim.min_lr_ratio": _range(0, 1),
     "optim.weight_decay": _NON_NEGATIVE, "optim.b1": _range(0, 1, hi_open=True),
@@ -382,6 +392,10 @@ def _validate_relations(c: ml_collections.ConfigDict) -> None:
                       "is read by a cached forward, which is not rematerialised); set one off")
   if c.rl.clip_low >= 1:
     raise ConfigError(f"rl.clip_low={c.rl.clip_low} must be < 1 (the ratio floor 1 - clip_low)")
+  if c.rl.loss_scale == "sequence" and c.rl.agg_mode != "seq-mean-token-sum-norm":
+    raise ConfigError(f"rl.loss_scale='sequence' sums each trajectory's tokens over "
+                      f"sampler.max_new_tokens, which is rl.agg_mode='seq-mean-token-sum-norm' "
+                      f"for GRPO; got rl.agg_mode={c.rl.agg_mode!r}: set both")
   # The reward registry is open (`rewards.register`): a reward registered by the experiment file
   # before validation is as good as a built-in one.
   if c.data.reward not in rewards.REWARDS:
@@ -417,6 +431,9 @@ def from_dict(saved: dict[str, Any]) -> ml_collections.ConfigDict:
   and JSON lists become tuples again."""
   tuples = lambda v: tuple(tuples(x) for x in v) if isinstance(v, list) else v
   config = base_config()
+  # A run saved before rl.loss_scale existed trained with what is now 'legacy': keep it so.
+  if isinstance(saved.get("rl"), dict) and "loss_scale" not in saved["rl"]:
+    config.rl.loss_scale = "legacy"
   for section, values in saved.items():
     if section not in config:
       continue

@@ -10,15 +10,19 @@ Variants (add ",quick" for the few-step CI size):
   luffy           LUFFY-style mixing: K-1 rollouts plus a teacher trace as an off-policy member;
   ladder_rl       Table 3 "+RL": SFT on every prompt's teacher trace and GRPO on every group;
   ladder_grading  Table 3 "+dynamic grading": Easy dropped, Hard -> SFT, Mid -> GRPO (alpha = 1);
-  dypo            Table 3 "+GAL" = DYPO (alpha = 0.5).
+  dypo            Table 3 "+GAL" = DYPO (alpha = 0.5);
+  srft            SRFT: entropy-weighted SFT on every prompt's teacher trace, GRPO on its group,
+                  and an NLL term on the group's correct rollouts, in one stage;
+  chord           CHORD: (1 - mu)·GRPO + mu·SFT (p(1-p)-weighted tokens), mu from 0.9 to 0.05
+                  over the run's updates.
 """
 import os
 
 from dypo_jax import config as config_lib
 
-VARIANTS = ("sft", "grpo", "sft_then_rl", "luffy", "ladder_rl", "ladder_grading", "dypo",
-            "sft,quick", "grpo,quick", "sft_then_rl,quick", "luffy,quick", "ladder_rl,quick",
-            "ladder_grading,quick", "dypo,quick")
+METHODS = ("sft", "grpo", "sft_then_rl", "luffy", "ladder_rl", "ladder_grading", "dypo", "srft",
+           "chord")
+VARIANTS = METHODS + tuple(f"{m},quick" for m in METHODS)
 
 
 def get_config(variant: str = "dypo"):
@@ -42,7 +46,12 @@ def get_config(variant: str = "dypo"):
     c.rl.alpha = 1.0
   elif method == "dypo":
     c.rl.method = "dypo"
+  elif method == "srft":
+    c.rl.method = "srft"
+  elif method == "chord":
+    c.rl.method = "chord"
+    c.rl.chord_mu_steps = c.train.num_steps  # mu reaches its end value at the last update.
   else:
     raise ValueError(f"unknown method {method!r} in variant {variant!r}; allowed: "
-                     "sft, grpo, sft_then_rl, luffy, ladder_rl, ladder_grading, dypo")
+                     f"{', '.join(METHODS)}")
   return c

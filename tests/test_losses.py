@@ -359,3 +359,129 @@ def test_gal_microbatch_exact(length_norm):
                         denom=denom)[0]
                for sl in (slice(0, 1), slice(1, 5)))
   np.testing.assert_allclose(summed, whole, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# One scale for the three terms (METHOD.md §2).
+
+
+def _scale_batch():
+  # Two prompts, K = 2, T = 4. Prompt 0: lengths 2 and 4, rewards 1/0 (one pair); prompt 1:
+  # lengths 3 and 3, rewards 1/1 (no pair). Rollout rows: 4, tokens 12, mean length 3.
+  lengths = np.array([[2, 4], [3, 3]])
+  roll = (np.arange(4) < lengths[..., None]).astype(np.float32)  # [2, 2, 4]
+  rewards = np.array([[1.0, 0.0], [1.0, 1.0]], np.float32)
+  sft = np.zeros((3, 4), np.float32)
+  sft[0, :1] = 1  # Two teacher traces of lengths 1 and 4, one padding row.
+  sft[1, :] = 1
+  return jnp.asarray(roll), jnp.asarray(rewards), jnp.asarray(sft)
+
+
+@pytest.mark.parametrize("loss_scale,agg_mode,want", [
+    # token: SFT 5 tokens, GRPO 12 tokens, GAL 1 prompt x mean rollout length 3.
+    ("token", "token-mean", dict(sft=5.0, grpo=12.0, gal=3.0)),
+    # sequence, L_max = 8: SFT 2 traces x 8, GRPO 4 rows x 8, GAL 1 prompt x 8.
+    ("sequence", "seq-mean-token-sum-norm", dict(sft=16.0, grpo=32.0, gal=8.0)),
+    # legacy: GAL by its prompt count alone.
+    ("legacy", "token-mean", dict(sft=5.0, grpo=12.0, gal=1.0)),
+])
+def test_term_denominators_by_hand(loss_scale, agg_mode, want):
+  roll, rewards, sft = _scale_batch()
+  got = losses.term_denominators(rl_mask=roll.reshape(4, 4), sft_mask=sft, rollout_mask=roll,
+                                 rewards=rewards, loss_scale=loss_scale, agg_mode=agg_mode,
+                                 max_len=8)
+  assert {k: float(v) for k, v in got.items()} == want
+
+
+def test_gal_length_scale_mean_delta_and_bad_values():
+  roll, _, _ = _scale_batch()
+  # Δ already over |τ| inside σ: no second length division, whatever the scale.
+  for scale in losses.LOSS_SCALES:
+    assert float(losses.gal_length_scale(mask=roll, loss_scale=scale, max_len=8,
+                                         length_norm="mean")) == 1.0
+  with pytest.raises(ValueError, match="loss_scale='tokens'"):
+    losses.gal_length_scale(mask=roll, loss_scale="tokens", max_len=8)
+  with pytest.raises(ValueError, match="seq-mean-token-sum-norm"):
+    losses.term_denominators(rl_mask=roll.reshape(4, 4), sft_mask=roll.reshape(4, 4),
+                             rollout_mask=roll, rewards=jnp.ones((2, 2)), loss_scale="sequence",
+                             agg_mode="token-mean", max_len=8)
+
+
+@pytest.mark.parametrize("loss_scale", ["token", "sequence"])
+def test_scaled_terms_microbatch_exact(loss_scale):
+  # The batch-wide denominators make two micro-batches of prompts sum to the whole batch.
+  rng = np.random.default_rng(3)
+  b, k, t = 4, 4, 6
+  logp = jnp.asarray(-rng.uniform(0.05, 2.0, (b, k, t)).astype(np.float32))
+  ref = jnp.asarray(-rng.uniform(0.05, 2.0, (b, k, t)).astype(np.float32))
+  mask = jnp.asarray((np.arange(t) < rng.integers(1, t + 1, (b, k))[..., None]).astype(
+      np.float32))
+  rewards = jnp.asarray(np.array([[1, 0, 1, 0], [0, 0, 1, 0], [1, 1, 1, 1], [1, 1, 0, 1]],
+                                 np.float32))
+  agg = "seq-mean-token-sum-norm" if loss_scale == "sequence" else "token-mean"
+  d = losses.term_denominators(rl_mask=mask.reshape(b * k, t), sft_mask=mask.reshape(b * k, t),
+                               rollout_mask=mask, rewards=rewards, loss_scale=loss_scale,
+                               agg_mode=agg, max_len=t)
+
+  def terms(sl, **denoms):
+    gal = losses.gal_loss(logp=logp[sl], ref_logp=ref[sl], rewards=rewards[sl], mask=mask[sl],
+                          beta=1.0, denom=denoms.get("gal"))[0]
+    sft = losses.sft_loss(logp=logp[sl].reshape(-1, t), mask=mask[sl].reshape(-1, t),
+                          denom=denoms.get("sft"))[0]
+    return np.array([gal, sft])
+
+  summed = terms(slice(0, 1), **d) + terms(slice(1, 4), **d)
+  # The whole batch by hand: GAL's mean over prompts with pairs, over its length scale.
+  whole_gal = losses.gal_loss(logp=logp, ref_logp=ref, rewards=rewards, mask=mask, beta=1.0)[0]
+  scale = float(jnp.sum(mask)) / (b * k) if loss_scale == "token" else t
+  np.testing.assert_allclose(summed[0], float(whole_gal) / scale, rtol=1e-6)
+  sft_denom = float(jnp.sum(mask)) if loss_scale == "token" else b * k * t
+  np.testing.assert_allclose(summed[1], float(jnp.sum(-logp * mask)) / sft_denom, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# SRFT and CHORD (METHOD.md §5).
+
+
+def test_srft_sft_loss_by_hand():
+  logp = jnp.array([[-1.0, -2.0], [-0.5, -9.0]])
+  entropy = jnp.array([[0.0, 1.0], [2.0, 5.0]])
+  mask = jnp.array([[1, 1], [1, 0]])
+  # exp(-H): 1, e^-1, e^-2 (masked 4th). Σ w·nll = 1 + 2/e + 0.5/e² = 1.803426; / 3 tokens.
+  want = (1.0 + 2.0 * math.exp(-1) + 0.5 * math.exp(-2)) / 3
+  loss, m = losses.srft_sft_loss(logp=logp, entropy=entropy, mask=mask)
+  np.testing.assert_allclose(loss, want, rtol=1e-6)
+  np.testing.assert_allclose(m["weight_mean"], (1 + math.exp(-1) + math.exp(-2)) / 3, rtol=1e-6)
+  # The weight is a constant: d loss / d logp = -exp(-H) / denom (denom 4 here).
+  g = jax.grad(lambda lp: losses.srft_sft_loss(logp=lp, entropy=entropy, mask=mask,
+                                               denom=4.0)[0])(logp)
+  np.testing.assert_allclose(g, -np.exp(-np.asarray(entropy)) * np.asarray(mask) / 4, rtol=1e-6)
+
+
+def test_srft_positive_loss_by_hand():
+  logp = jnp.array([[-1.0, -2.0], [-0.5, -0.25], [-3.0, -3.0]])
+  entropy = jnp.array([[0.0, 1.0], [2.0, 0.5], [1.0, 1.0]])
+  mask = jnp.array([[1, 0], [1, 1], [1, 1]])
+  rewards = jnp.array([1.0, 1.0, 0.0])  # Row 2 failed: not in the term.
+  # exp(H) weights on the correct rows' tokens: 1·1 + e²·0.5 + e^0.5·0.25, over denom 10.
+  want = (1.0 + math.exp(2.0) * 0.5 + math.exp(0.5) * 0.25) / 10
+  loss, m = losses.srft_positive_loss(logp=logp, entropy=entropy, rewards=rewards, mask=mask,
+                                      denom=10.0)
+  np.testing.assert_allclose(loss, want, rtol=1e-6)
+  assert float(m["num_tokens"]) == 3.0
+  with pytest.raises(ValueError, match="rewards shape"):
+    losses.srft_positive_loss(logp=logp, entropy=entropy, rewards=rewards[:2], mask=mask)
+
+
+def test_chord_sft_loss_by_hand():
+  p = np.array([[0.5, 0.9], [0.2, 0.7]])
+  logp = jnp.asarray(np.log(p))
+  mask = jnp.array([[1, 1], [1, 0]])
+  # φ = p(1-p): 0.25, 0.09, 0.16. Σ φ·(-log p) / 3 tokens.
+  want = (0.25 * -math.log(0.5) + 0.09 * -math.log(0.9) + 0.16 * -math.log(0.2)) / 3
+  loss, m = losses.chord_sft_loss(logp=logp, mask=mask)
+  np.testing.assert_allclose(loss, want, rtol=1e-6)
+  np.testing.assert_allclose(m["weight_mean"], 0.5 / 3, rtol=1e-6)
+  # φ is stop-gradient: d loss / d logp = -φ / 3 (not φ's own derivative too).
+  g = jax.grad(lambda lp: losses.chord_sft_loss(logp=lp, mask=mask)[0])(logp)
+  np.testing.assert_allclose(g, -(p * (1 - p)) * np.asarray(mask) / 3, rtol=1e-5)

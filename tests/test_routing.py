@@ -35,9 +35,10 @@ TABLE = {
     ("luffy", "sft", 0): {(g, t): (GROUP_WITH_TEACHER if t else
                                    Destination(mid=True, no_teacher=True))
                           for g in (E, M, H) for t in (True, False)},
-    ("sft_plus_rl", "sft", 0): {(g, t): (Destination(hard=True, mid=True) if t else
-                                         Destination(mid=True, no_teacher=True))
-                                for g in (E, M, H) for t in (True, False)},
+    **{(method, "sft", 0): {(g, t): (Destination(hard=True, mid=True) if t else
+                                     Destination(mid=True, no_teacher=True))
+                            for g in (E, M, H) for t in (True, False)}
+       for method in ("sft_plus_rl", "srft", "chord")},
 }
 
 
@@ -77,6 +78,7 @@ def test_phases():
   assert {p("grpo", s) for s in range(6)} == {routing.Phase.GRPO}
   assert {p("luffy", s) for s in range(6)} == {routing.Phase.LUFFY}
   assert {p("sft_plus_rl", s) for s in range(6)} == {routing.Phase.SFT_PLUS_RL}
+  assert {p(m, s) for m in ("srft", "chord") for s in range(6)} == {routing.Phase.SFT_PLUS_RL}
 
 
 def test_rollouts_per_group():
@@ -100,12 +102,19 @@ WEIGHTS = {
     ("sft_then_rl", 0.5, 1, 4, 0): (2.0, 0.0, 0.0),
     ("sft_then_rl", 0.5, 5, 0, 4): (0.0, 1.0, 0.0),
     ("sft_plus_rl", 0.5, 5, 3, 3): (0.5 * 2, 0.5, 0.0),  # No GAL outside DYPO, whatever α.
+    ("srft", 0.5, 5, 3, 3): (0.5 * 2, 1.0, 0.0),  # SRFT sums its terms: 0.5·γ, 1.
+    ("srft", 0.5, 5, 0, 3): (0.0, 1.0, 0.0),  # No teacher trace in the batch.
+    # CHORD, μ linear 0.9 -> 0.05 over 10 updates: μ(5) = 0.475, μ(20) = 0.05.
+    ("chord", 0.5, 5, 3, 3): (0.475 * 2, 0.525, 0.0),
+    ("chord", 0.5, 20, 3, 3): (0.05 * 2, 0.95, 0.0),
+    ("chord", 0.5, 0, 3, 0): (0.9 * 2, 0.0, 0.0),
 }
 
 
 @pytest.mark.parametrize("method,alpha,step,n_hard,n_mid", sorted(WEIGHTS))
 def test_loss_weights(method, alpha, step, n_hard, n_mid):
-  policy = routing.Policy(method=method, alpha=alpha, sft_loss_coef=2.0, **_GATE)
+  policy = routing.Policy(method=method, alpha=alpha, sft_loss_coef=2.0, chord_mu_steps=10,
+                          **_GATE)
   got = routing.loss_weights(policy, step, n_hard=n_hard, n_mid=n_mid)
   assert got == pytest.approx(WEIGHTS[(method, alpha, step, n_hard, n_mid)])
 
@@ -119,7 +128,16 @@ def test_uses_gal_only_for_dypo_below_alpha_one():
 # (method, offline_loss_type) -> the update paths (shared_prompt values) a run can take.
 PATHS = {("dypo", "sft"): [True, False], ("dypo", "rl"): [True], ("grpo", "sft"): [True],
          ("luffy", "sft"): [True], ("sft", "sft"): [False], ("sft_then_rl", "sft"): [True, False],
-         ("sft_plus_rl", "sft"): [True, False]}
+         ("sft_plus_rl", "sft"): [True, False], ("srft", "sft"): [True, False],
+         ("chord", "sft"): [True, False]}
+
+
+def test_step_settings_only_for_srft_and_chord():
+  for method in routing.METHODS:
+    policy = routing.Policy(method=method, srft_positive_coef=0.3)
+    want = {"srft": "exp_neg_entropy", "chord": "p_one_minus_p"}.get(method, "none")
+    assert routing.sft_token_weight(policy) == want, method
+    assert routing.positive_nll_coef(policy) == (0.3 if method == "srft" else 0.0), method
 
 
 @pytest.mark.parametrize("method,offline", sorted(PATHS))

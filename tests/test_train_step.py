@@ -402,3 +402,101 @@ def test_shared_prompt_logprobs_equal_row_logprobs_with_chunked_vocabulary():
   mask = batch["resp_mask"].reshape(_U * _K, _T) > 0
   for a, b in zip(out[True], out[False]):
     np.testing.assert_allclose(np.asarray(a)[mask], np.asarray(b)[mask], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# One scale for the three terms, and the logged metrics are the losses' own (METHOD.md §2, §6).
+
+_LONG_T = 24
+
+
+def _on_policy_groups(graphdef, params, cfg, rewards, seed=0):
+  """Mid groups of long responses (16-24 tokens) whose old_logp is the policy's own (ρ = 1)."""
+  rng = np.random.default_rng(seed)
+  u, k = rewards.shape
+  shapes = update_batch.spec_shapes(items=u, k=k, prompt_len=_P, max_len=_LONG_T)
+  b = {n: np.zeros(s, np.dtype(d)) for n, (s, d) in shapes.items()}
+  b["tokens"][:] = rng.integers(1, _MODEL.vocab_size, size=b["tokens"].shape)
+  b["teacher_id"][:] = -1
+  for i in range(u):
+    for j in range(k):
+      rlen = int(rng.integers(16, _LONG_T + 1))
+      b["input_mask"][i, j, :_P + rlen] = True
+      b["resp_mask"][i, j, :rlen] = 1.0
+  b["row_kind"][:] = update_batch.ROW_ROLLOUT
+  b["rewards"][:] = rewards
+  b["adv_rewards"][:] = rewards
+  temp = jnp.ones((u * k,), jnp.float32)
+  logp, _ = jax.jit(lambda p: step_lib._response_logprobs(  # pylint: disable=protected-access
+      graphdef, p, jnp.asarray(b["tokens"]), jnp.asarray(b["input_mask"]), temp, cfg))(params)
+  b["old_logp"][:] = np.asarray(logp).reshape(u, k, _LONG_T) * b["resp_mask"]
+  return b
+
+
+@pytest.mark.slow
+def test_default_scale_puts_gal_and_grpo_gradients_within_4x_and_legacy_does_not():
+  # Policy == reference (Δ = 0, σ = 1/2) and on-policy rows (ρ = 1): each term's gradient scale
+  # is its normalisation alone. GAL's per-token weight is β/2 over a group's successes; GRPO's
+  # Â over its token count; 'legacy' leaves GAL ~ the mean length (here ~20) times larger.
+  rewards = np.array([[1, 0, 1, 0], [1, 0, 0, 0], [1, 1, 1, 0], [0, 1, 0, 1]], np.float32)
+  graphdef, state, _, _, _ = make_state()
+  ratios = {}
+  for scale, agg in (("token", "token-mean"), ("sequence", "seq-mean-token-sum-norm"),
+                     ("legacy", "token-mean")):
+    cfg = step_config(loss_scale=scale, agg_mode=agg, max_len=_LONG_T, kl_coef=0.0)
+    batch = _on_policy_groups(graphdef, state.params, cfg, rewards)
+    _, grads = jax.jit(step_lib.build_term_gradients(graphdef, cfg))(state.params, state.params,
+                                                                     batch)
+    w_grpo, w_gal = 0.5, 0.5  # routing.loss_weights of an all-Mid batch at α = 0.5.
+    norm = lambda i: float(optax.global_norm(jax.tree.map(lambda g, i=i: g[i], grads)))
+    ratios[scale] = w_gal * norm(2) / (w_grpo * norm(1))
+  print("weighted grad/norm_gal / grad/norm_grpo:", ratios)
+  assert 0.25 < ratios["token"] < 4, ratios
+  assert 0.25 < ratios["sequence"] < 4, ratios
+  assert ratios["legacy"] > 4, ratios
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_scale,agg_mode", [("token", "token-mean"),
+                                                 ("sequence", "seq-mean-token-sum-norm")])
+def test_micro_batches_equal_big_batch_for_the_loss_scales(loss_scale, agg_mode):
+  batch = make_batch()
+  cfg = dict(loss_scale=loss_scale, agg_mode=agg_mode, per_term_grad_norms=False)
+  big_state, big = run_step(step_config(**cfg), batch)
+  small_state, small = run_step(step_config(micro_batches=4, **cfg), batch)
+  for name in ("loss/total", "loss/sft", "loss/grpo", "loss/gal", "grad/norm", "policy/kl",
+               "policy/clip_frac", "policy/ratio_mean", "gal/margin"):
+    np.testing.assert_allclose(small[name], big[name], rtol=2e-5, atol=1e-6, err_msg=name)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-6),
+               small_state.params, big_state.params)
+
+
+@pytest.mark.slow
+def test_logged_clip_frac_ratio_and_kl_follow_method_md():
+  # METHOD.md §6: policy/clip_frac is the share of rollout tokens where the clipped branch is
+  # the min (ρ > 1 + ε_high with Â > 0, or ρ < 1 - ε_low with Â < 0); ratio and KL are means
+  # over the same tokens. ρ = exp(offset) per token, offsets far from the clip edges.
+  rewards = np.array([[1, 0, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 1]], np.float32)
+  graphdef, state, ref, tx, sched = make_state()
+  cfg = step_config(max_len=_LONG_T, per_term_grad_norms=False, micro_batches=2)
+  batch = _on_policy_groups(graphdef, state.params, cfg, rewards, seed=1)
+  rng = np.random.default_rng(5)
+  offsets = rng.choice([-0.5, -0.1, 0.0, 0.1, 0.5], size=batch["old_logp"].shape)
+  mask = batch["resp_mask"] > 0
+  batch["old_logp"] = np.where(mask, batch["old_logp"] - offsets, 0.0).astype(np.float32)
+  ratio = np.exp(offsets)
+  adv_sign = np.sign(rewards - rewards.mean(-1, keepdims=True))[..., None]  # Group 2: Â = 0.
+  clipped = ((adv_sign > 0) & (ratio > 1.2)) | ((adv_sign < 0) & (ratio < 0.8))
+  want_clip = clipped[mask].mean()
+  assert 0.05 < want_clip < 0.5  # The batch exercises both outcomes.
+  _, m = jax.device_get(jax.jit(step_lib.build_train_step(graphdef, cfg, tx, sched))(
+      state, ref, batch, jax.random.key(0)))
+  np.testing.assert_allclose(m["policy/clip_frac"], want_clip, rtol=1e-6)
+  np.testing.assert_allclose(m["policy/ratio_mean"], ratio[mask].mean(), rtol=1e-5)
+  # KL (k3) to the reference over the rollout tokens, from the policy's log-probs.
+  temp = jnp.ones((batch["tokens"].shape[0] * batch["tokens"].shape[1],), jnp.float32)
+  lp = lambda p: np.asarray(step_lib._response_logprobs(  # pylint: disable=protected-access
+      graphdef, p, jnp.asarray(batch["tokens"]), jnp.asarray(batch["input_mask"]), temp,
+      cfg)[0]).reshape(mask.shape)
+  d = lp(state.params) - lp(ref)
+  np.testing.assert_allclose(m["policy/kl"], (np.exp(-d) + d - 1)[mask].mean(), rtol=1e-4)

@@ -1,4 +1,5 @@
-"""DYPO losses: SFT, GRPO, the Group Alignment Loss (GAL) and LUFFY-style off-policy.
+"""DYPO losses: SFT, GRPO, the Group Alignment Loss (GAL), LUFFY-style off-policy, and the
+token-weighted SFT terms of the SRFT and CHORD baselines.
 
 Legend: B prompts, K group size, N sequences, T response tokens.
 
@@ -23,6 +24,11 @@ AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 LENGTH_NORMS = ("sum", "mean")
+# The scale the three terms share (METHOD.md §2, "One scale"): "sequence" the paper's per-trajectory
+# sums over one constant, "token" verl's token means with GAL's loss over the mean rollout length,
+# "legacy" token-mean SFT and GRPO beside GAL's unnormalised per-prompt loss (the old figures).
+LOSS_SCALES = ("sequence", "token", "legacy")
+SFT_TOKEN_WEIGHTS = ("none", "exp_neg_entropy", "p_one_minus_p")  # plain, SRFT, CHORD-φ.
 
 _F32 = jnp.float32
 
@@ -374,3 +380,151 @@ def gal_loss(
       "margin_sum": margin_sum,
   }
   return loss, jax.lax.stop_gradient(metrics)
+
+
+# ---------------------------------------------------------------------------------------------
+# One scale for the three terms.
+
+
+def gal_length_scale(*, mask: jax.Array, loss_scale: str, max_len: int,
+                     length_norm: str = "sum") -> jax.Array:
+  """What GAL's per-prompt loss is divided by, beside its prompt count (float32 scalar).
+
+  "sequence": max_len, the constant every term's per-trajectory sum is divided by; "token": the
+  mean length of the non-empty responses in `mask` (the batch's rollouts, so GAL's per-token
+  gradient is on GRPO's token-mean scale; a constant of the batch, so no gradient flows through
+  it); "legacy": 1. Computed over the whole batch, like every denominator, for exact micro-batches.
+  With length_norm="mean" it is 1 whatever the scale: Δ is then already over |τ| inside σ, so
+  the gradient already carries a per-token 1/|τ| (and β means a per-token margin).
+  """
+  if loss_scale not in LOSS_SCALES:
+    raise ValueError(f"gal_length_scale: loss_scale={loss_scale!r} is not one of {LOSS_SCALES}")
+  if length_norm not in LENGTH_NORMS:
+    raise ValueError(f"gal_length_scale: length_norm={length_norm!r} is not one of "
+                     f"{LENGTH_NORMS}")
+  if loss_scale == "legacy" or length_norm == "mean":
+    return jnp.ones((), _F32)
+  if loss_scale == "sequence":
+    return jnp.asarray(float(max_len), _F32)
+  mask = mask.astype(bool)
+  rows = jnp.maximum(jnp.sum(jnp.any(mask, axis=-1)), 1).astype(_F32)
+  return jnp.maximum(jnp.sum(mask).astype(_F32) / rows, 1.0)
+
+
+def term_denominators(*, rl_mask: jax.Array, sft_mask: jax.Array, rollout_mask: jax.Array,
+                      rewards: jax.Array, loss_scale: str, agg_mode: AggMode,
+                      max_len: int, length_norm: str = "sum") -> dict[str, jax.Array]:
+  """The SFT, GRPO and GAL denominators of a whole update batch under `loss_scale`.
+
+  Args:
+    rl_mask: [N, T] tokens of the GRPO term (rollouts and off-policy teacher rows).
+    sft_mask: [N, T] SFT teacher tokens.
+    rollout_mask: [B, K, T] rollout tokens (GAL's members).
+    rewards: [B, K] binary rewards (GAL's pairs).
+    loss_scale: one of LOSS_SCALES.
+    agg_mode: GRPO's aggregation under "token" and "legacy"; "sequence" needs
+      "seq-mean-token-sum-norm" (each trajectory's sum over max_len).
+    max_len: L_max = sampler.max_new_tokens, the shared constant of "sequence".
+    length_norm: GAL's Δ ("sum" or "mean", see `gal_length_scale`).
+
+  Returns:
+    {"sft", "grpo", "gal"}: float32 scalars to pass as each loss's `denom`.
+  """
+  if loss_scale not in LOSS_SCALES:
+    raise ValueError(f"term_denominators: loss_scale={loss_scale!r} is not one of {LOSS_SCALES}")
+  if loss_scale == "sequence" and agg_mode != "seq-mean-token-sum-norm":
+    raise ValueError(f"term_denominators: loss_scale='sequence' sums each trajectory's tokens, "
+                     f"which is agg_mode='seq-mean-token-sum-norm', not {agg_mode!r}")
+  if loss_scale == "sequence":  # Σ over a trajectory's tokens / (trajectories · L_max).
+    sft = grpo_denominator(mask=sft_mask, agg_mode="seq-mean-token-sum-norm", max_len=max_len)
+  else:
+    sft = sft_denominator(mask=sft_mask)
+  gal = gal_denominator(rewards=rewards, mask=rollout_mask) * gal_length_scale(
+      mask=rollout_mask, loss_scale=loss_scale, max_len=max_len, length_norm=length_norm)
+  return dict(sft=sft, gal=gal,
+              grpo=grpo_denominator(mask=rl_mask, agg_mode=agg_mode, max_len=max_len))
+
+
+# ---------------------------------------------------------------------------------------------
+# Token-weighted NLL: SRFT's and CHORD's SFT terms and SRFT's term on correct rollouts.
+
+
+def _weighted_nll(logp, mask, weight, denom, where):
+  _check_same_shape(where, logp=logp, mask=mask, weight=weight)
+  mask = mask.astype(bool)
+  weight = jax.lax.stop_gradient(weight.astype(_F32))  # A weight, never a path for the gradient.
+  loss_sum = _masked_sum(-weight * logp.astype(_F32), mask)
+  denom = sft_denominator(mask=mask) if denom is None else jnp.asarray(denom, _F32)
+  metrics = {
+      "weighted_nll": loss_sum / denom,
+      "weight_sum": _masked_sum(weight, mask),
+      "weight_mean": _masked_mean(weight, mask),
+      "nll_sum": _masked_sum(-logp.astype(_F32), mask),
+      "num_tokens": jnp.sum(mask).astype(_F32),
+  }
+  return loss_sum / denom, jax.lax.stop_gradient(metrics)
+
+
+def srft_sft_loss(
+    *, logp: jax.Array, entropy: jax.Array, mask: jax.Array, denom: jax.Array | None = None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """SRFT's entropy-aware SFT on demonstrations: Σ exp(-H_t)·(-logp_t)·m / denom.
+
+  H_t is the policy's entropy at the token's position, stop-gradient: a token where the policy
+  is unsure (large H) is imitated less, the shift SFT would cause there being largest.
+
+  Args:
+    logp: [N, T] log-probs of the demonstration tokens.
+    entropy: [N, T] the policy's entropy at each position (nats).
+    mask: [N, T] demonstration tokens.
+    denom: the SFT denominator of the whole batch (`term_denominators`); None = token count.
+
+  Returns:
+    (loss, metrics) with weighted_nll, weight_sum, weight_mean, nll_sum, num_tokens.
+  """
+  return _weighted_nll(logp, mask, jnp.exp(-entropy.astype(_F32)), denom, "srft_sft_loss")
+
+
+def srft_positive_loss(
+    *, logp: jax.Array, entropy: jax.Array, rewards: jax.Array, mask: jax.Array,
+    denom: jax.Array | None = None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """SRFT's extra term on correct rollouts: Σ exp(H_t)·(-logp_t) over tokens of rollouts with
+  reward > 0.5, / denom (the GRPO term's, whose rows these are).
+
+  Args:
+    logp: [N, T] log-probs of the rollout tokens.
+    entropy: [N, T] the policy's entropy at each position (stop-gradient in the weight).
+    rewards: [N] binary rewards of the rows.
+    mask: [N, T] rollout tokens (rows of other kinds all zero).
+    denom: the GRPO denominator of the whole batch; None = the correct rows' token count.
+
+  Returns:
+    (loss, metrics) as `srft_sft_loss`, over the correct rows.
+  """
+  if rewards.shape != logp.shape[:1]:
+    raise ValueError(f"srft_positive_loss: rewards shape {rewards.shape} != [N] = "
+                     f"{logp.shape[:1]}")
+  positive = mask.astype(bool) & (rewards > 0.5)[:, None]
+  return _weighted_nll(logp, positive, jnp.exp(entropy.astype(_F32)), denom,
+                       "srft_positive_loss")
+
+
+def chord_sft_loss(
+    *, logp: jax.Array, mask: jax.Array, denom: jax.Array | None = None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """CHORD-φ's SFT: Σ φ_t·(-logp_t)·m / denom, φ_t = p_t(1 - p_t), p_t = π_θ(a_t) stop-gradient.
+
+  φ is largest at p = 1/2 and vanishes for tokens the policy already predicts (p → 1) and for
+  tokens far from it (p → 0), which SFT would otherwise pull hardest.
+
+  Args:
+    logp: [N, T] log-probs of the expert tokens.
+    mask: [N, T] expert tokens.
+    denom: the SFT denominator of the whole batch; None = token count.
+
+  Returns:
+    (loss, metrics) as `srft_sft_loss`.
+  """
+  p = jnp.exp(logp.astype(_F32))
+  return _weighted_nll(logp, mask, p * (1.0 - p), denom, "chord_sft_loss")

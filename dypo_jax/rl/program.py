@@ -20,6 +20,7 @@ def step_config(config: ml_collections.ConfigDict, *, prompt_len: int,
                 num_teachers: int) -> step_lib.StepConfig:
   """The plain values the update step needs, read from the config once."""
   rl, tr, sp, m = config.rl, config.train, config.sampler, config.model
+  policy = routing.Policy.from_config(rl)
   return step_lib.StepConfig(
       prompt_len=prompt_len, temperature=max(sp.temperature, 1e-6),
       clip_low=rl.clip_low, clip_high=rl.clip_high, kl_coef=rl.kl_coef,
@@ -28,8 +29,9 @@ def step_config(config: ml_collections.ConfigDict, *, prompt_len: int,
       gal_length_norm=rl.gal_length_norm, offpolicy_shaping=rl.offpolicy_shaping,
       micro_batches=tr.micro_batches, num_teachers=max(num_teachers, 1),
       logprob_impl=m.logprob_impl, vocab_chunk=m.vocab_chunk, pallas_interpret=m.pallas_interpret,
-      use_gal=routing.uses_gal(routing.Policy.from_config(rl)),
-      per_term_grad_norms=tr.per_term_grad_norms)
+      use_gal=routing.uses_gal(policy), per_term_grad_norms=tr.per_term_grad_norms,
+      loss_scale=rl.loss_scale, sft_token_weight=routing.sft_token_weight(policy),
+      positive_nll_coef=routing.positive_nll_coef(policy))
 
 
 def optimizer(config: ml_collections.ConfigDict):

@@ -13,7 +13,11 @@ Methods (`rl.method`):
   sft          no rollouts: every prompt -> teacher SFT;
   sft_then_rl  `sft` for `rl.sft_then_rl_switch` updates, then `grpo`;
   luffy        every group -> GRPO with K-1 rollouts and the teacher trace as an off-policy row;
-  sft_plus_rl  every prompt -> teacher SFT and its group -> GRPO (Table 3's "+RL" rung).
+  sft_plus_rl  every prompt -> teacher SFT and its group -> GRPO (Table 3's "+RL" rung);
+  srft         as sft_plus_rl, SFT weighted by exp(-H) per token, plus an NLL term on the
+               group's correct rollouts (SRFT, METHOD.md §5);
+  chord        as sft_plus_rl, weights (μ, 1-μ, 0) with μ scheduled over the updates and SFT
+               tokens weighted by p(1-p) (CHORD).
 """
 import dataclasses
 import enum
@@ -22,7 +26,7 @@ import ml_collections
 
 from dypo_jax.rl import grading
 
-METHODS = ("dypo", "grpo", "sft", "sft_then_rl", "luffy", "sft_plus_rl")
+METHODS = ("dypo", "grpo", "sft", "sft_then_rl", "luffy", "sft_plus_rl", "srft", "chord")
 OFFLINE_LOSS_TYPES = ("sft", "rl")
 
 
@@ -44,6 +48,11 @@ class Policy:
   switch_gate: int = 0  # dypo: the update step from which groups are graded.
   sft_then_rl_switch: int = 0  # sft_then_rl: SFT updates before GRPO.
   offline_loss_type: str = "sft"  # dypo: how a Hard prompt's teacher trace is trained.
+  srft_sft_coef: float = 0.5  # srft: the demonstration SFT's weight (times γ).
+  srft_positive_coef: float = 0.1  # srft: the weight of the NLL on correct rollouts.
+  chord_mu_start: float = 0.9  # chord: μ, SFT's share, at update 0 ...
+  chord_mu_end: float = 0.05  # ... falling linearly to this ...
+  chord_mu_steps: int = 100  # ... at this update, and held there.
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -56,7 +65,9 @@ class Policy:
   def from_config(cls, rl: ml_collections.ConfigDict) -> "Policy":
     return cls(method=rl.method, alpha=rl.alpha, sft_loss_coef=rl.sft_loss_coef,
                switch_gate=rl.switch_gate, sft_then_rl_switch=rl.sft_then_rl_switch,
-               offline_loss_type=rl.offline_loss_type)
+               offline_loss_type=rl.offline_loss_type, srft_sft_coef=rl.srft_sft_coef,
+               srft_positive_coef=rl.srft_positive_coef, chord_mu_start=rl.chord_mu_start,
+               chord_mu_end=rl.chord_mu_end, chord_mu_steps=rl.chord_mu_steps)
 
 
 def phase(policy: Policy, step: int) -> Phase:
@@ -68,7 +79,7 @@ def phase(policy: Policy, step: int) -> Phase:
     return Phase.ROUTED
   if m == "luffy":
     return Phase.LUFFY
-  if m == "sft_plus_rl":
+  if m in ("sft_plus_rl", "srft", "chord"):
     return Phase.SFT_PLUS_RL
   return Phase.GRPO  # grpo, sft_then_rl after its SFT, dypo before switch_gate.
 
@@ -130,17 +141,39 @@ def uses_gal(policy: Policy) -> bool:
   return policy.method == "dypo" and policy.alpha < 1.0
 
 
+def sft_token_weight(policy: Policy) -> str:
+  """The SFT term's per-token weight (`losses.SFT_TOKEN_WEIGHTS`): SRFT's exp(-H), CHORD's p(1-p)."""
+  return {"srft": "exp_neg_entropy", "chord": "p_one_minus_p"}.get(policy.method, "none")
+
+
+def positive_nll_coef(policy: Policy) -> float:
+  """The weight of SRFT's NLL on correct rollouts inside the RL term (0 for every other method)."""
+  return policy.srft_positive_coef if policy.method == "srft" else 0.0
+
+
+def chord_mu(policy: Policy, step: int) -> float:
+  """CHORD's μ at update `step`: linear from chord_mu_start to chord_mu_end over chord_mu_steps."""
+  frac = min(step / max(policy.chord_mu_steps, 1), 1.0)
+  return policy.chord_mu_start + frac * (policy.chord_mu_end - policy.chord_mu_start)
+
+
 def loss_weights(policy: Policy, step: int, *, n_hard: int,
                  n_mid: int) -> tuple[float, float, float]:
   """(w_sft, w_grpo, w_gal) of an update batch with n_hard Hard and n_mid Mid items.
 
   Routed and SFT+RL batches: (N_H / N)·γ, (N_M / N)·α, (N_M / N)·(1 - α), N = N_H + N_M (the
   per-prompt expectation of the paper's eq. 4; α = 1 where GAL is off). SFT rounds: (γ, 0, 0).
-  Plain GRPO and LUFFY (whose teacher rows are part of the group): (0, 1, 0).
+  Plain GRPO and LUFFY (whose teacher rows are part of the group): (0, 1, 0). SRFT sums its
+  terms, (srft_sft_coef·γ, 1, 0); CHORD mixes them, (μ·γ, 1 - μ, 0); a term with no items in
+  the batch is weighted 0.
   """
   p = phase(policy, step)
   if p is Phase.SFT:
     return (policy.sft_loss_coef, 0.0, 0.0)
+  if policy.method in ("srft", "chord"):
+    w_sft, w_rl = ((policy.srft_sft_coef, 1.0) if policy.method == "srft"
+                   else (chord_mu(policy, step), 1.0 - chord_mu(policy, step)))
+    return (w_sft * policy.sft_loss_coef if n_hard else 0.0, w_rl if n_mid else 0.0, 0.0)
   if p in (Phase.ROUTED, Phase.SFT_PLUS_RL):
     n = max(n_hard + n_mid, 1)
     alpha = policy.alpha if uses_gal(policy) else 1.0
@@ -151,7 +184,7 @@ def loss_weights(policy: Policy, step: int, *, n_hard: int,
 def queues_hard(policy: Policy) -> bool:
   """Whether some update of the run can hold Hard items (teacher traces packed K to a slot)."""
   m = policy.method
-  return m in ("sft", "sft_then_rl", "sft_plus_rl") or (
+  return m in ("sft", "sft_then_rl", "sft_plus_rl", "srft", "chord") or (
       m == "dypo" and policy.offline_loss_type == "sft")
 
 

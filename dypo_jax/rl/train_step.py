@@ -68,6 +68,12 @@ class StepConfig:
   # Static: every slot's K rows share their prompt (no packed Hard slot in the batch), so each
   # prompt runs once per slot and its K responses read its KV cache (`_shared_prompt_hidden`).
   shared_prompt: bool = False
+  # The scale the three terms share (`losses.LOSS_SCALES`, METHOD.md §2 "One scale").
+  loss_scale: str = "token"
+  # Static, from `routing`: the SFT term's token weight (`losses.SFT_TOKEN_WEIGHTS`: SRFT's
+  # exp(-H), CHORD's p(1-p)) and SRFT's coefficient of its NLL on correct rollouts (0: off).
+  sft_token_weight: str = "none"
+  positive_nll_coef: float = 0.0
 
 
 def make_optimizer(*, learning_rate: float, schedule: str, warmup_steps: int, total_steps: int,
@@ -157,12 +163,12 @@ def _denominators(batch, cfg: StepConfig) -> dict[str, jax.Array]:
   u, k, t = m_roll.shape
   rl_mask = (m_roll + m_off).reshape(u * k, t)
   return dict(
-      grpo=losses.grpo_denominator(mask=rl_mask, agg_mode=cfg.agg_mode, max_len=cfg.max_len),
-      gal=losses.gal_denominator(rewards=batch["rewards"], mask=m_roll),
-      sft=losses.sft_denominator(mask=m_sft.reshape(u * k, t)),
+      **losses.term_denominators(rl_mask=rl_mask, sft_mask=m_sft.reshape(u * k, t),
+                                 rollout_mask=m_roll, rewards=batch["rewards"],
+                                 loss_scale=cfg.loss_scale, agg_mode=cfg.agg_mode,
+                                 max_len=cfg.max_len, length_norm=cfg.gal_length_norm),
       tokens=jnp.maximum(batch["resp_mask"].sum(), 1.0),
-      rl_tokens=jnp.maximum(rl_mask.sum(), 1.0),
-      sft_items=jnp.maximum((batch["teacher_id"] >= 0).sum(), 1).astype(jnp.float32),
+      sft_tokens=jnp.maximum(m_sft.sum(), 1.0),
   )
 
 
@@ -187,7 +193,7 @@ def _loss_terms(params, ref_params, graphdef, mb, denoms, cfg: StepConfig):
   advantages = losses.grpo_advantages(mb["adv_rewards"], scale_by_std=cfg.scale_adv_by_std,
                                       eps=cfg.adv_eps).reshape(n)
   old_logp = mb["old_logp"].reshape(n, t)
-  grpo, _ = losses.grpo_loss(
+  grpo, grpo_m = losses.grpo_loss(
       logp=logp, old_logp=old_logp, ref_logp=ref_logp, advantages=advantages, mask=m_roll,
       clip_low=cfg.clip_low, clip_high=cfg.clip_high, kl_coef=cfg.kl_coef,
       kl_estimator=cfg.kl_estimator, agg_mode=cfg.agg_mode, max_len=cfg.max_len,
@@ -195,33 +201,48 @@ def _loss_terms(params, ref_params, graphdef, mb, denoms, cfg: StepConfig):
   off, _ = losses.offpolicy_loss(logp=logp, advantages=advantages, mask=m_off,
                                  agg_mode=cfg.agg_mode, shaping=cfg.offpolicy_shaping,
                                  max_len=cfg.max_len, denom=denoms["grpo"])
-  sft, _ = losses.sft_loss(logp=logp, mask=m_sft, denom=denoms["sft"])
   metrics = {}
+  if cfg.sft_token_weight == "exp_neg_entropy":
+    sft, sft_m = losses.srft_sft_loss(logp=logp, entropy=entropy, mask=m_sft, denom=denoms["sft"])
+    metrics["sft/token_weight_sum"] = sft_m["weight_sum"]
+  elif cfg.sft_token_weight == "p_one_minus_p":
+    sft, sft_m = losses.chord_sft_loss(logp=logp, mask=m_sft, denom=denoms["sft"])
+    metrics["sft/token_weight_sum"] = sft_m["weight_sum"]
+  elif cfg.sft_token_weight == "none":
+    sft, _ = losses.sft_loss(logp=logp, mask=m_sft, denom=denoms["sft"])
+  else:
+    raise ValueError(f"StepConfig.sft_token_weight={cfg.sft_token_weight!r} is not one of "
+                     f"{losses.SFT_TOKEN_WEIGHTS}")
+  rl_term = grpo + off
+  if cfg.positive_nll_coef:  # SRFT: inside the RL term, under its denominator, like off-policy.
+    pos, pos_m = losses.srft_positive_loss(logp=logp, entropy=entropy,
+                                           rewards=mb["rewards"].reshape(n), mask=m_roll,
+                                           denom=denoms["grpo"])
+    rl_term = rl_term + cfg.positive_nll_coef * pos
+    metrics.update({"srft/positive_tokens": pos_m["num_tokens"],
+                    "srft/positive_weight_sum": pos_m["weight_sum"]})
   if cfg.use_gal:
     gal, gal_m = losses.gal_loss(
         logp=logp.reshape(u, k, t), ref_logp=ref_logp.reshape(u, k, t), rewards=mb["rewards"],
         mask=m_roll.reshape(u, k, t), beta=cfg.beta_gal, length_norm=cfg.gal_length_norm,
         denom=denoms["gal"])
-    pairs = gal_m["gal_pairs"]
-    metrics.update({"gal/pairs": pairs, "gal/pair_acc_sum": gal_m["pair_accuracy"] * pairs,
-                    "gal/margin_sum": gal_m["margin"] * pairs})
+    metrics.update({"gal/pairs": gal_m["gal_pairs"], "gal/pair_acc_sum": gal_m["pair_correct"],
+                    "gal/margin_sum": gal_m["margin_sum"]})
   else:
     gal = jnp.zeros((), jnp.float32)
-  terms = jnp.stack([sft, grpo + off, gal])
+  terms = jnp.stack([sft, rl_term, gal])
 
-  # Metric sums (divided by global counts after the scan).
+  # Metric sums, divided by their global counts after the scan. Ratio, clip fraction and KL are
+  # the GRPO loss's own (over rollout tokens, METHOD.md §6), never recomputed here.
   resp = mb["resp_mask"].reshape(n, t)
-  rl = m_roll + m_off
-  ratio = jnp.exp(logp - old_logp)
-  clipped = ((ratio < 1 - cfg.clip_low) | (ratio > 1 + cfg.clip_high)).astype(jnp.float32)
   metrics.update({
       "policy/entropy_sum": (entropy * resp).sum(),
-      "policy/clip_frac_sum": (clipped * m_roll).sum(),
-      "policy/ratio_sum": (ratio * m_roll).sum(),
+      "policy/clip_frac_sum": grpo_m["clip_sum"],
+      "policy/ratio_sum": grpo_m["ratio_sum"],
+      "policy/rollout_tokens": grpo_m["num_tokens"],
   })
   if ref_logp is not None:
-    kl = losses.kl_penalty(logp=logp, ref_logp=ref_logp, estimator=cfg.kl_estimator)
-    metrics["policy/kl_sum"] = (kl * rl).sum()
+    metrics["policy/kl_sum"] = grpo_m["kl_sum"]
   # Per-teacher SFT: the sum over each trace's tokens of -logp, by teacher.
   row_nll = -(logp * m_sft).sum(-1)  # [n]
   onehot = jax.nn.one_hot(mb["teacher_id"].reshape(n), cfg.num_teachers,
@@ -325,8 +346,7 @@ def build_train_step(graphdef, cfg: StepConfig, tx: optax.GradientTransformation
         opt_state=keep(new_opt_state, state.opt_state),
         nonfinite_skipped=state.nonfinite_skipped + (~ok).astype(jnp.int32))
 
-    m_roll, _, _ = _masks(batch)
-    rollout_tokens = jnp.maximum(m_roll.sum(), 1.0)
+    rollout_tokens = jnp.maximum(sums["policy/rollout_tokens"], 1.0)
     metrics = {
         "loss/total": loss, "loss/sft": terms[0], "loss/grpo": terms[1], "loss/gal": terms[2],
         "grad/norm": grad_norm, "train/update_skipped": (~ok).astype(jnp.int32),
@@ -339,7 +359,13 @@ def build_train_step(graphdef, cfg: StepConfig, tx: optax.GradientTransformation
         "batch/tokens": batch["resp_mask"].sum(),
     }
     if "policy/kl_sum" in sums:
-      metrics["policy/kl"] = sums["policy/kl_sum"] / denoms["rl_tokens"]
+      metrics["policy/kl"] = sums["policy/kl_sum"] / rollout_tokens
+    if "sft/token_weight_sum" in sums:
+      metrics["sft/token_weight_mean"] = sums["sft/token_weight_sum"] / denoms["sft_tokens"]
+    if "srft/positive_tokens" in sums:
+      metrics["srft/positive_tokens"] = sums["srft/positive_tokens"]
+      metrics["srft/positive_weight_mean"] = (sums["srft/positive_weight_sum"]
+                                              / jnp.maximum(sums["srft/positive_tokens"], 1.0))
     if cfg.use_gal:
       pairs = sums["gal/pairs"]
       metrics["gal/pairs"] = pairs
