@@ -38,8 +38,8 @@ _REFERENCE = """
 
     t = tiny_runs.build_trainer(tiny_runs.tiny_config(**{"mesh.fsdp": -1, "train.num_steps": 4}),
                                 sys.argv[1])
-    t.stream = TwoShards(len(t.pools["train"]), seed=t.config.seed,
-                         shuffle=t.config.data.shuffle)
+    t.run_state.stream = TwoShards(len(t.pools["train"]), seed=t.config.seed,
+                                   shuffle=t.config.data.shuffle)
     t.run()
     """
 
