@@ -203,6 +203,7 @@ def main():
     print(f"warm-up step {i}: {s['step_s']:.2f}s (update {s['update_s']:.2f}s, sample "
           f"{s['sample_s']:.2f}s)", flush=True)
   compiles_after_warmup = (trainer.update_trace_count, trainer.sampler.trace_count)
+  segments_after_warmup = trainer.sampler.segment_trace_count
 
   timed = []
   for i in range(args.steps):
@@ -252,20 +253,23 @@ def main():
         f"of the update")
 
   # One program per update variant used (shared-prompt path for batches of groups, row path for
-  # a batch with a packed Hard slot), each compiled once; the sampler once.
+  # a batch with a packed Hard slot), each compiled once; the sampler's prefill once, and no
+  # decode segment (one per row count it shrinks through) traced after the warm-up.
   steps = trainer._updates  # pylint: disable=protected-access
   compiles = (trainer.update_trace_count, trainer.sampler.trace_count)
   caches = ([_cache_size(step) for step in steps.values()],
-            _cache_size(trainer.sampler._generate_jit))  # pylint: disable=protected-access
+            _cache_size(trainer.sampler._start_jit))  # pylint: disable=protected-access
+  new_segments = trainer.sampler.segment_trace_count - segments_after_warmup
   # A variant compiled ahead (at the batch shape's first update) but never called holds 0 entries.
   ok = (compiles == (len(steps), 1) and all(c in (None, 0, 1) for c in caches[0])
-        and caches[1] in (None, 1))
+        and caches[1] in (None, 1) and new_segments == 0)
   variants = ", ".join(f"{'shared-prompt' if shared else 'row'} path" + (" + term norms" if norms
                                                                          else "")
                        for shared, norms in steps)
   print(f"\nCompiles: step traced {compiles[0]}x for {len(steps)} variant(s) used ({variants}), "
         f"sampler traced {compiles[1]}x (after warm-up: {compiles_after_warmup}); jit cache "
-        f"entries per step variant {caches[0]}, sampler {caches[1]} -> "
+        f"entries per step variant {caches[0]}, sampler prefill {caches[1]}; "
+        f"{new_segments} decode segment(s) traced after warm-up -> "
         f"{'OK (1 per program)' if ok else 'RECOMPILED'}")
   print(f"Peak RSS MB = {w1_step.peak_rss_mb():.0f}")
   if args.thunks:

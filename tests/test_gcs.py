@@ -30,6 +30,23 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _plain_gcsfs(previous=None):
+  """Makes `gs://` use gcsfs' plain JSON-API client (or `previous`) and forgets cached clients.
+
+  `import gcsfs` picks its class once, from GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT at that moment: an
+  import before the fixture set it gives the "extended" class, whose bucket-type probe over gRPC
+  waits 60 s a call against the emulator. A cached client also keeps the endpoint it was made with.
+  Returns the class that was registered before."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  import gcsfs.core  # pylint: disable=g-import-not-at-top
+  before = fsspec.get_filesystem_class("gs")
+  for protocol in ("gs", "gcs"):
+    fsspec.register_implementation(protocol, previous or gcsfs.core.GCSFileSystem, clobber=True)
+  before.clear_instance_cache()
+  gcsfs.core.GCSFileSystem.clear_instance_cache()
+  return before
+
+
 @pytest.fixture(scope="module")
 def bucket():
   """gs://bucket served on 127.0.0.1; this process and its subprocesses pointed at it."""
@@ -44,6 +61,7 @@ def bucket():
   import fsspec  # pylint: disable=g-import-not-at-top
   saved_conf = copy.deepcopy(fsspec.config.conf)
   fsspec.config.set_conf_env(fsspec.config.conf)  # fsspec read FSSPEC_* at import, before us.
+  registered = _plain_gcsfs()
   try:
     yield "gs://bucket"
   finally:
@@ -54,6 +72,7 @@ def bucket():
         os.environ[key] = value
     fsspec.config.conf.clear()
     fsspec.config.conf.update(saved_conf)
+    _plain_gcsfs(registered)
     proc.kill()
     proc.wait()
 
@@ -104,6 +123,16 @@ def _complete_steps(workdir: str) -> list[int]:
     return []
   return sorted(int(n) for n in paths.listdir(root)
                 if n.isdigit() and paths.exists(f"{root}/{n}/commit_success.txt"))
+
+
+def _complete_steps_in(fs, workdir: str) -> list[int]:
+  """`_complete_steps` through a given gcsfs client (`workdir` without the gs:// prefix)."""
+  root = f"{workdir}/checkpoints"
+  if not fs.exists(root):
+    return []
+  names = [name.rstrip("/").rsplit("/", 1)[-1] for name in fs.ls(root, detail=False)]
+  return sorted(int(n) for n in names
+                if n.isdigit() and fs.exists(f"{root}/{n}/commit_success.txt"))
 
 
 @pytest.mark.slow
@@ -175,17 +204,15 @@ def test_storage_gone_mid_run_stops_with_its_own_status_in_one_sentence():
   run = _run_against(port, workdir, **{"train.num_steps": 40, "train.checkpoint_every": 1,
                                        "train.storage_retry_s": 2.0})
   try:
-    import gcs_emulator  # pylint: disable=g-import-not-at-top
-    saved = dict(os.environ)
-    os.environ.update(gcs_emulator.environment(port))
-    try:
-      deadline = time.monotonic() + 120
-      while len(_complete_steps(workdir)) < 2:
-        assert run.poll() is None and time.monotonic() < deadline, run.stderr.read()[-3000:]
-        time.sleep(0.2)
-    finally:
-      os.environ.clear()
-      os.environ.update(saved)
+    # A client of its own for this emulator: the process's environment and gcsfs' cached clients
+    # stay pointed at the module's bucket (a client keeps the endpoint it was made with).
+    import gcsfs.core  # pylint: disable=g-import-not-at-top  # Plain client: see _plain_gcsfs.
+    fs = gcsfs.core.GCSFileSystem(endpoint_url=f"http://127.0.0.1:{port}", token="anon",
+                             skip_instance_cache=True, use_listings_cache=False)
+    deadline = time.monotonic() + 120
+    while len(_complete_steps_in(fs, "bucket/gone")) < 2:
+      assert run.poll() is None and time.monotonic() < deadline, run.stderr.read()[-3000:]
+      time.sleep(0.2)
     emulator.kill()
     emulator.wait()
     out, err = run.communicate(timeout=90)  # Before: no exit after 240 s.
