@@ -159,7 +159,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       num_steps=100,  # Optimizer updates.
       rollout_prompts=8,  # Prompts sampled per rollout round.
-      update_prompts=8,  # Queued items (Hard or Mid prompts) per update batch.
+      update_prompts=8,  # Prompts per update batch: its queued items (twice that for SFT+RL
+      # methods, which queue a teacher trace and a group per prompt: routing.update_items).
       micro_batches=1,  # Gradient accumulation: update_prompts must divide by it.
       max_rollouts_per_update=8,  # Rollout rounds before an update fires with what is queued.
       # Updates in a row that find nothing queued (every prompt Easy, or Hard without a teacher

@@ -87,6 +87,19 @@ def test_rollouts_per_group():
     assert routing.rollouts_per_group(routing.Policy(method=method), 8) == want
 
 
+def test_an_update_takes_every_item_of_its_prompts():
+  """One round of U prompts feeds one update for every method: the most items a prompt can queue
+  (Destination.hard + .mid over the truth table) times U, in slots that hold them all."""
+  for method in routing.METHODS:
+    policy = routing.Policy(method=method)
+    most = max(int(d.hard) + int(d.mid) for (m, _, _), table in TABLE.items() if m == method
+               for d in table.values()) if method != "sft" else 1
+    assert routing.items_per_prompt(policy) == most, method
+    assert routing.update_items(policy, 16) == 16 * most
+    # U groups plus U teacher traces packed K = 8 to a slot; one slot per item otherwise.
+    assert routing.update_slots(policy, 16, 8) == (16 + 2 if most == 2 else 16)
+
+
 # (method, alpha, step, n_hard, n_mid) -> (w_sft, w_grpo, w_gal); γ = 2 throughout.
 WEIGHTS = {
     ("dypo", 0.5, 5, 2, 6): (2 / 8 * 2, 6 / 8 * 0.5, 6 / 8 * 0.5),

@@ -44,6 +44,14 @@ def test_every_method_runs_and_logs(method, tmp_path):
     assert rolled_out
   if method == "sft":
     assert all(r["batch/offline_ratio"] == 1.0 for r in records)
+  # Equal rollout budgets: where nothing is dropped (every group is queued), each update takes
+  # the rounds of exactly update_prompts fresh prompts, whether a prompt queues one item or two.
+  if method in ("grpo", "luffy", "ladder_rl"):
+    tr = config.train
+    assert [r["rollout/rounds"] for r in records] == [tr.update_prompts // tr.rollout_prompts] * 3
+    assert all(r["batch/mid_items"] == tr.update_prompts for r in records), records
+  if method == "ladder_rl":  # And each prompt's teacher trace beside its group.
+    assert all(r["batch/hard_items"] == config.train.update_prompts for r in records), records
   if method in ("grpo", "luffy"):
     assert all(r["batch/weight_sft"] == 0.0 for r in records)
   # One compiled update per slot bucket used (at most three) and per variant used: per-term

@@ -90,7 +90,8 @@ class UpdateProgram:
                                                        num_teachers=num_teachers),
                tx=tx, schedule=schedule, mesh=mesh, param_shardings=param_shardings,
                state_shardings=state_shardings, batch_shardings=batch_shardings,
-               slot_buckets=update_batch.slot_buckets(update_prompts=tr.update_prompts, **split),
+               slot_buckets=update_batch.slot_buckets(update_prompts=routing.update_slots(
+                   routing.Policy.from_config(config.rl), tr.update_prompts, k), **split),
                k=k)
 
   def init_state(self, params) -> step_lib.TrainState:

@@ -181,6 +181,26 @@ def loss_weights(policy: Policy, step: int, *, n_hard: int,
   return (0.0, 1.0, 0.0)
 
 
+def items_per_prompt(policy: Policy) -> int:
+  """Queued items a prompt of a round can give: SFT+RL methods queue its teacher trace and its
+  group (2), every other method one of them at most."""
+  return 2 if policy.method in ("sft_plus_rl", "srft", "chord") else 1
+
+
+def update_items(policy: Policy, update_prompts: int) -> int:
+  """Items an update takes: every prompt's items, so one rollout round of `update_prompts`
+  prompts feeds one update for every method (equal rollout budgets; METHOD.md §6)."""
+  return update_prompts * items_per_prompt(policy)
+
+
+def update_slots(policy: Policy, update_prompts: int, k: int) -> int:
+  """The slots the largest update batch needs: one per group, K Hard items per slot. SFT+RL
+  methods hold U groups and U teacher traces (U + ceil(U / K)); the others at most U."""
+  if items_per_prompt(policy) == 2:
+    return update_prompts + -(-update_prompts // k)
+  return update_prompts
+
+
 def queues_hard(policy: Policy) -> bool:
   """Whether some update of the run can hold Hard items (teacher traces packed K to a slot)."""
   m = policy.method

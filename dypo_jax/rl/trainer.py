@@ -112,11 +112,12 @@ class Trainer:
     tr, rs = self.config.train, self.run_state
     start = time.perf_counter()
     stats = rollout.RoundStats()
-    while not rs.queues.ready(tr.update_prompts) and stats.rounds < tr.max_rollouts_per_update:
+    items = routing.update_items(self.policy, tr.update_prompts)
+    while not rs.queues.ready(items) and stats.rounds < tr.max_rollouts_per_update:
       self.run_rollout_round(stats)
     rounds_done = time.perf_counter()
     if len(rs.queues):
-      hard, mid, _ = rs.queues.pop_batch(min(tr.update_prompts, len(rs.queues)))
+      hard, mid, _ = rs.queues.pop_batch(min(items, len(rs.queues)))
       batch, info = self.build_batch(hard, mid)
       update_start = time.perf_counter()
       metrics = self._host_metrics(jax.device_get(self.update(batch)))
