@@ -99,6 +99,18 @@ def test_pretrain_reuse_builds_the_model_of_the_first_run(tmp_path):
   assert os.path.isdir(pretrain.base_dir(workdir))
 
 
+def test_a_run_from_a_hugging_face_checkpoint_builds_with_the_runs_options(tmp_path):
+  config = tiny_runs.tiny_config(**{"model.scan_layers": False})
+  _, _, model = _run_parts(config)
+  models.save_pretrained(model, str(tmp_path / "hf"))
+  config = tiny_runs.tiny_config(**{"model.scan_layers": False, "model.init": "hf",
+                                    "model.hf_path": str(tmp_path / "hf")})
+  loaded = build.build_model(config, sharding.build_mesh(config.mesh))
+  assert_same_model(model, loaded)
+  np.testing.assert_array_equal(loaded.blocks.attn.o_proj.get_value(),
+                                model.blocks.attn.o_proj.get_value())
+
+
 @pytest.mark.slow
 def test_builds_agree_and_the_reused_base_keeps_the_pin_on_a_mesh():
   out = tiny_runs.run_python("""
