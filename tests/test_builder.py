@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dypo_jax import build
+from dypo_jax import errors
 from dypo_jax import models
 from dypo_jax.models import builder
 from dypo_jax.parallel import sharding
@@ -70,8 +71,8 @@ def test_load_pretrained_fills_the_options_model_and_refuses_another_architectur
                                 model.blocks.mlp.up_proj.get_value())
   other = dataclasses.replace(options, config=dataclasses.replace(options.config,
                                                                   rope_theta=5e5))
-  with pytest.raises(ValueError, match=r"config.json: rope_theta=10000.0, but the model to load "
-                                       r"it into has rope_theta=500000.0"):
+  with pytest.raises(errors.BadInput, match=r"config.json: rope_theta=10000.0, but the model to "
+                                            r"load it into has rope_theta=500000.0"):
     models.load_pretrained(str(tmp_path / "m"), other, mesh)
 
 

@@ -349,7 +349,7 @@ def load_pretrained(path: str, options: builder.ModelOptions,
                     mesh: jax.sharding.Mesh) -> Transformer:
   """Loads a Hugging Face checkpoint directory into exactly the model `options` describe (the
   run's: its scan_layers, remat, chunks, dtypes, shardings and residual-stream pin), after
-  checking that its config.json has the same architecture (ValueError naming the field)."""
+  checking that its config.json has the same architecture (BadInput naming the field)."""
   c = options.config
   found = _file_config(path, dtype=c.dtype, param_dtype=c.param_dtype, max_seq_len=c.max_seq_len)
   for name in hf_config.ARCH_FIELDS:
@@ -357,8 +357,8 @@ def load_pretrained(path: str, options: builder.ModelOptions,
     # A qwen2 model without biases is exported with zero ones (checked by _check_tensors).
     exported_zero_bias = name == "qkv_bias" and c.arch == "qwen2" and not ours
     if ours != theirs and not exported_zero_bias:
-      raise ValueError(f"{os.path.join(path, hf_config.CONFIG_FILE)}: {name}={theirs!r}, but the "
-                       f"model to load it into has {name}={ours!r}")
+      raise errors.BadInput(f"{os.path.join(path, hf_config.CONFIG_FILE)}: {name}={theirs!r}, "
+                            f"but the model to load it into has {name}={ours!r}")
   with contextlib.ExitStack() as stack:
     return _load(options, mesh, _FileSource(path, stack))
 
