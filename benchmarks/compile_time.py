@@ -49,9 +49,8 @@ def case_config(case: str):
 def measure(case: str) -> dict:
   """Compiles the case's programs in this process; returns seconds per program and peak RSS."""
   import jax  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
   from dypo_jax import build  # pylint: disable=g-import-not-at-top
-  from dypo_jax import models  # pylint: disable=g-import-not-at-top
+  from dypo_jax.models import builder  # pylint: disable=g-import-not-at-top
   from dypo_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
   from dypo_jax.rl import program as program_lib  # pylint: disable=g-import-not-at-top
   from dypo_jax.rl import routing  # pylint: disable=g-import-not-at-top
@@ -60,8 +59,8 @@ def measure(case: str) -> dict:
   jax.config.update("jax_enable_compilation_cache", False)  # Compiles, not cache reads.
   config = case_config(case)
   mesh = sharding.build_mesh(config.mesh)
-  rules = sharding.mesh_rules(config)
-  mc = build.model_config(config)
+  options = build.model_options(config)
+  rules, mc = options.rules, options.config
   seconds = {}
 
   def timed(name, compile_fn):
@@ -69,12 +68,10 @@ def measure(case: str) -> dict:
     compile_fn()
     seconds[name] = time.perf_counter() - start
 
-  make = lambda: models.Transformer(mc, rngs=nnx.Rngs(config.seed))
-  shardings = sharding.param_shardings(nnx.split(nnx.eval_shape(make))[1], mesh, rules)
-  init = jax.jit(lambda: nnx.split(make())[1], out_shardings=shardings)
+  init = builder.initializer(options, mesh, seed=config.seed)
   timed("init", lambda: init.lower().compile())
 
-  graphdef, params = aot.abstract_params(mc, mesh, rules)
+  graphdef, params = builder.abstract_params(options, mesh)
   prompt_len = aot.worst_prompt_len(config, mc)
   prog = program_lib.UpdateProgram.build(config, graphdef=graphdef, params=params, mesh=mesh,
                                          rules=rules, prompt_len=prompt_len,

@@ -30,6 +30,7 @@ import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dypo_jax.models import builder  # noqa: E402
 from dypo_jax.models import sampler as sampler_lib  # noqa: E402
 from dypo_jax.parallel import sharding  # noqa: E402
 import w1  # noqa: E402
@@ -58,7 +59,7 @@ def main():
   mesh = None
   if args.devices > 1:
     mesh = sharding.make_mesh({"data": args.devices})
-    model = sharding.create_sharded(lambda: w1.make_model(config), mesh, sharding.DEFAULT_RULES)
+    model = builder.build(builder.ModelOptions(config), mesh)
   else:
     model = w1.make_model(config)
   graphdef, params = nnx.split(model, nnx.Param)

@@ -4,7 +4,6 @@ import dataclasses
 import glob
 import os
 
-from flax import nnx
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
@@ -14,6 +13,7 @@ from dypo_jax import models
 from dypo_jax.data import record_files
 from dypo_jax.data import tokenizers
 from dypo_jax.io import paths
+from dypo_jax.models import builder
 from dypo_jax.models import hf_config
 from dypo_jax.parallel import sharding
 
@@ -93,12 +93,6 @@ def build_tokenizer(config: ml_collections.ConfigDict, workdir: str,
   return tok
 
 
-# Fields a Hugging Face config.json decides; the others come from the dypo_jax config.
-_ARCH_FIELDS = ("arch", "vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads",
-                "head_dim", "mlp_dim", "rope_theta", "rms_norm_eps", "tie_embeddings",
-                "qkv_bias", "qk_norm")
-
-
 def model_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
   """The ModelConfig a run builds: the config's fields, or with model.init="hf" the architecture
   of hf_path's config.json when that file is readable here (the schema-only fields, such as
@@ -110,32 +104,29 @@ def model_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
                                         param_dtype=m.param_dtype, max_seq_len=m.max_seq_len)
     mc = dataclasses.replace(from_file, **{f.name: getattr(mc, f.name)
                                            for f in dataclasses.fields(mc)
-                                           if f.name not in _ARCH_FIELDS})
+                                           if f.name not in hf_config.ARCH_FIELDS})
   return mc
+
+
+def model_options(config: ml_collections.ConfigDict) -> builder.ModelOptions:
+  """The options of the model a run builds (`models.builder`): `model_config`, the mesh rules,
+  and the residual stream pinned to the batch sharding, as `python -m dypo_jax.tools.aot`
+  compiles it."""
+  return builder.ModelOptions.for_run(model_config(config), sharding.mesh_rules(config))
 
 
 def build_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                 tokenizer: tokenizers.Tokenizer | None = None) -> models.Transformer:
-  """A sharded model: fresh weights, or a Hugging Face checkpoint.
+  """The run's sharded model (`model_options`): fresh weights, or a Hugging Face checkpoint.
 
   On a multi-device mesh the residual stream is pinned to the batch sharding
-  (`Transformer.activation_sharding`, `sharding.activation_sharding`), exactly as
-  `python -m dypo_jax.tools.aot` compiles it, so a run builds the program whose memory that check proved.
-  On one device nothing is pinned.
+  (`Transformer.activation_sharding`, `sharding.activation_sharding`); on one device nothing is.
   """
-  m = config.model
-  rules = sharding.mesh_rules(config)
-  if m.init == "hf":
-    model = models.from_pretrained(
-        m.hf_path, dtype=m.dtype, param_dtype=m.param_dtype, max_seq_len=m.max_seq_len,
-        mesh=mesh, rules=rules,
-        compute_options=dict(remat=m.remat, scan_layers=m.scan_layers,
-                             attention_chunk=m.attention_chunk, mlp_chunk=m.mlp_chunk))
+  options = model_options(config)
+  if config.model.init == "hf":
+    model = models.load_pretrained(config.model.hf_path, options, mesh)
   else:
-    mc = model_config(config)
-    model = sharding.create_sharded(lambda: models.Transformer(mc, rngs=nnx.Rngs(config.seed)),
-                                    mesh, rules)
-  model.activation_sharding = sharding.activation_sharding(mesh, sharding.activation_axes(rules))
+    model = builder.build(options, mesh, seed=config.seed)
   if tokenizer is not None:
     tokenizers.check_vocab_fits(tokenizer, model.config.vocab_size)
   return model

@@ -132,7 +132,7 @@ def _run_phases(config, workdir: str) -> None:
     # Phase: base model (teacher SFT to an accuracy gate, saved and reused).
     from dypo_jax.rl import pretrain  # pylint: disable=g-import-not-at-top
     model = pretrain.ensure_base(config, workdir=workdir, mesh=mesh, tokenizer=tokenizer,
-                                 model=model, pools=pools)
+                                 model=model, pools=pools, options=build.model_options(config))
   if jax.process_index() == 0:
     print(build.summary(config, mesh, tokenizer, model, pools), flush=True)
   if _MODE.value == "summary":

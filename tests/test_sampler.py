@@ -316,13 +316,14 @@ def test_sharded_matches_single_device(fake_devices):
   import jax, numpy as np
   from flax import nnx
   from dypo_jax.models import ModelConfig, Transformer
+  from dypo_jax.models import builder
   from dypo_jax.models import sampler as S
   from dypo_jax.parallel import sharding
   cfg = ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
                     head_dim=8, mlp_dim=64, max_seq_len=64)
   make = lambda: Transformer(cfg, rngs=nnx.Rngs(0))
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  sharded = sharding.create_sharded(make, mesh, sharding.DEFAULT_RULES)
+  sharded = builder.build(builder.ModelOptions(cfg), mesh)
   g8, p8 = nnx.split(sharded, nnx.Param)
   # The one-device reference holds the very same values (a jitted init may round differently).
   g1, p1 = nnx.split(make(), nnx.Param)
@@ -342,8 +343,7 @@ def test_sharded_matches_single_device(fake_devices):
   np.testing.assert_allclose(out.logprobs, one.logprobs, atol=1e-5)
   # The loop over layers (one cache array per layer, each pinned to the mesh) samples the same.
   loop_cfg = dataclasses.replace(cfg, scan_layers=False)
-  looped = sharding.create_sharded(lambda: Transformer(loop_cfg, rngs=nnx.Rngs(0)), mesh,
-                                   sharding.DEFAULT_RULES)
+  looped = builder.build(builder.ModelOptions(loop_cfg), mesh)
   gl, _ = nnx.split(looped, nnx.Param)
   out = S.Sampler(gl, model_config=loop_cfg, pad_id=0, prompt_buckets=(8, 16),
                   mesh=mesh).sample(p8, prompts, **kw)

@@ -32,13 +32,13 @@ def test_sharded_forward_equals_single_device_and_specs_follow_rules(fake_device
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     from dypo_jax import models
+    from dypo_jax.models import builder
     from dypo_jax.parallel import sharding
     config = models.ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4,
                                 num_kv_heads=2, head_dim=8, mlp_dim=64)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     rules = sharding.DEFAULT_RULES
-    model = sharding.create_sharded(lambda: models.Transformer(config, rngs=nnx.Rngs(0)),
-                                    mesh, rules)
+    model = builder.build(builder.ModelOptions(config, rules), mesh)
     single = models.Transformer(config, rngs=nnx.Rngs(0))
     q = model.blocks.attn.q_proj.value  # [L, D, N, H]: the layer axis is never split.
     assert tuple(q.sharding.spec) == (None, "fsdp", "tensor", None), q.sharding.spec
@@ -69,6 +69,7 @@ def test_build_model_sets_the_activation_sharding_aot_compiles(fake_devices):
   out = fake_devices("""
     from dypo_jax import build
     from dypo_jax import config as config_lib
+    from dypo_jax.models import builder
     from dypo_jax.parallel import sharding
     from dypo_jax.tools import aot
     c = config_lib.load_experiment("experiments/cpu_tiny.py", "quick")
@@ -76,7 +77,7 @@ def test_build_model_sets_the_activation_sharding_aot_compiles(fake_devices):
     mesh = sharding.build_mesh(c.mesh)
     model = build.build_model(c, mesh)
     rules = sharding.mesh_rules(c)
-    expected = aot.abstract_params(build.model_config(c), mesh, rules)[0]
+    expected = builder.abstract_params(aot.model_options(c), mesh)[0]
     assert model.activation_sharding is not None
     assert tuple(model.activation_sharding.spec) == (("data", "fsdp"), None, None)
     abstract = sharding.activation_sharding(mesh, sharding.activation_axes(rules))

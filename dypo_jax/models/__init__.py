@@ -1,5 +1,7 @@
-"""Models: the NNX transformer, Hugging Face import/export, LM-head log-probs, the sampler."""
+"""Models: the NNX transformer and its one builder, Hugging Face import/export, LM-head log-probs,
+the sampler."""
 from dypo_jax.models.hf import from_pretrained
+from dypo_jax.models.hf import load_pretrained
 from dypo_jax.models.hf_config import model_config_from_hf
 from dypo_jax.models.hf import save_pretrained
 from dypo_jax.models.kv_cache import KVCache

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Any
@@ -29,15 +30,18 @@ from safetensors import safe_open
 import safetensors.numpy
 
 from dypo_jax import errors
+from dypo_jax.models import builder
 from dypo_jax.models import hf_config
 from dypo_jax.models.transformer import ModelConfig
 from dypo_jax.models.transformer import Transformer
+from dypo_jax.parallel import sharding
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 # Tensors some exporters write that carry no parameters.
 _IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
+_QKV_BIAS = re.compile(r"model\.layers\.\d+\.self_attn\.[qkv]_proj\.bias")
 # safetensors dtype tags that hold floating-point parameters we can load.
 _FLOAT_TAGS = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 
@@ -209,18 +213,29 @@ class _FileSource:
 # Loading
 
 
-def _build(config: ModelConfig, source, *, shardings_for=None) -> Transformer:
-  """Validates every tensor of `source` (names, shapes, dtypes), then builds the model from it.
+def _zero_bias_names(config: ModelConfig, source, names: list[str]) -> list[str]:
+  """The q/k/v biases among `names` that a qwen2 model without biases may drop: `hf_state_dict`
+  writes zeros for them (Qwen2 always has them). A non-zero one is an error."""
+  if config.arch != "qwen2" or config.qkv_bias:
+    return []
+  biases = [n for n in names if _QKV_BIAS.fullmatch(n)]
+  for name in biases:
+    if np.any(source.read(name)):
+      raise ValueError(f"tensor {name!r}{source.where(name)} is not zero, but the model to load "
+                       "it into has qkv_bias=False")
+  return biases
 
-  shardings_for: optional callable abstract_state -> {path: Sharding} placing each parameter.
-  """
-  specs = _specs(config)
+
+def _check_tensors(config: ModelConfig, source, specs: list[_Spec]) -> None:
+  """Every tensor of `source` against `config`: names, shapes, dtypes (ValueError naming one)."""
   available = source.names()
   expected = {s.hf_name for s in specs}
   extra = sorted(n for n in available - expected if not n.endswith(_IGNORABLE_SUFFIXES))
   tied_copy = config.tie_embeddings and "lm_head.weight" in extra
   if tied_copy:  # Some tied checkpoints also store the head; accepted if it equals the embedding.
     extra.remove("lm_head.weight")
+  for name in _zero_bias_names(config, source, extra):
+    extra.remove(name)
   if extra:
     raise ValueError(
         f"unexpected tensor {extra[0]!r}{source.where(extra[0])} ({len(extra)} unexpected in "
@@ -244,91 +259,108 @@ def _build(config: ModelConfig, source, *, shardings_for=None) -> Transformer:
       raise ValueError(f"tensor 'lm_head.weight'{source.where('lm_head.weight')} differs from "
                        "model.embed_tokens.weight although tie_word_embeddings is true")
 
-  abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
-  graphdef, abstract_state = nnx.split(abstract)
+
+def _load(options: builder.ModelOptions, mesh: jax.sharding.Mesh, source) -> Transformer:
+  """Validates every tensor of `source`, then fills the model `options` describe on `mesh`
+  (`builder.build(..., abstract=True)`: its graph, shapes and shardings) with them. Each
+  parameter is read, stacked over the layers on the host and placed, one at a time; each device
+  receives only its shard."""
+  config = options.config
+  specs = _specs(config)
+  _check_tensors(config, source, specs)
+  graphdef, abstract_state = nnx.split(builder.build(options, mesh, abstract=True))
   leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_state, is_leaf=_is_variable)
   by_path = _specs_by_path(specs)
   paths = [_path_key(p) for p, _ in leaves]
   if set(paths) != set(by_path):  # The Transformer grew or lost a parameter: fix _specs.
     raise RuntimeError(f"hf.py has no mapping for parameters {sorted(set(paths) - set(by_path))} "
                        f"or maps absent ones {sorted(set(by_path) - set(paths))}")
-  shardings = shardings_for(abstract_state) if shardings_for is not None else {}
-  np_dtype = jnp.dtype(config.param_dtype)
   new_leaves = []
   for path, (_, var) in zip(paths, leaves):
-    group = by_path[path]
-    if var.get_value().shape != _stacked_shape(group):
-      raise RuntimeError(f"parameter {path} has shape {var.get_value().shape}; hf.py expects "
+    group, target = by_path[path], var.get_value()  # A ShapeDtypeStruct with its sharding.
+    if target.shape != _stacked_shape(group):
+      raise RuntimeError(f"parameter {path} has shape {target.shape}; hf.py expects "
                          f"{_stacked_shape(group)}")
-    # A layer parameter is every layer's tensor stacked on the host, one parameter at a time.
-    host = np.stack([spec.to_ours(source.read(spec.hf_name)).astype(np_dtype) for spec in group])
+    host = np.stack([spec.to_ours(source.read(spec.hf_name)).astype(target.dtype)
+                     for spec in group])
     if group[0].layer is None:
       host = host[0]
-    sharding = shardings.get(path)
-    if sharding is None:
-      value = jnp.asarray(host)
-    else:
-      value = jax.make_array_from_callback(host.shape, sharding, lambda idx, a=host: a[idx])
+    value = jax.make_array_from_callback(host.shape, target.sharding, lambda idx, a=host: a[idx])
     new_leaves.append(var.replace(value=value))
   return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, new_leaves))
 
 
 def load_state_dict(model_config: ModelConfig, tensors: Mapping[str, Any]) -> Transformer:
-  """A Transformer from HF-named tensors (`model.layers.0.self_attn.q_proj.weight`, ...).
+  """A Transformer on the default device from HF-named tensors
+  (`model.layers.0.self_attn.q_proj.weight`, ...).
 
   Raises ValueError naming a missing, unexpected, misshapen or non-float tensor.
   """
-  return _build(model_config, _DictSource(tensors))
+  return _load(builder.ModelOptions(model_config), builder.one_device_mesh(),
+               _DictSource(tensors))
 
 
-def _mesh_shardings(mesh, rules):
-  """abstract_state -> {path: NamedSharding} by the logical-axis rules."""
-  from dypo_jax.parallel import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  rules = sharding_lib.DEFAULT_RULES if rules is None else rules
-
-  def shardings_for(abstract_state):
-    tree = sharding_lib.param_shardings(abstract_state, mesh, rules)
-    flat = jax.tree_util.tree_flatten_with_path(
-        tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]
-    return {_path_key(p): s for p, s in flat}
-  return shardings_for
+def _file_config(path: str, **kwargs) -> ModelConfig:
+  """The ModelConfig of `path`'s config.json (errors name the file)."""
+  config_file = os.path.join(path, hf_config.CONFIG_FILE)
+  try:
+    return hf_config.model_config_from_hf(hf_config.read_hf_config(path), **kwargs)
+  except ValueError as e:
+    message = str(e).removeprefix("config.json ")
+    raise ValueError(message if config_file in message else f"{config_file}: {message}") from None
 
 
 def from_pretrained(path: str, *, dtype: str = "float32", param_dtype: str | None = None,
                     max_seq_len: int | None = None, mesh: jax.sharding.Mesh | None = None,
                     rules=None, compute_options: dict | None = None) -> Transformer:
-  """Loads a local Hugging Face checkpoint directory (config.json + safetensors).
+  """Loads a local Hugging Face checkpoint directory (config.json + safetensors) as the model its
+  config.json describes (a run loads into its own options instead: `load_pretrained`).
 
   Args:
     path: directory with config.json and model.safetensors or model.safetensors.index.json.
     dtype, param_dtype, max_seq_len: as in `hf_config.model_config_from_hf` (stored tensors are cast to
       param_dtype, which defaults to dtype).
-    mesh: place each parameter sharded over this mesh (each device receives only its shard).
+    mesh: place each parameter sharded over this mesh (each device receives only its shard);
+      default: the default device alone.
     rules: logical-axis rules for `mesh` (`dypo_jax.parallel.sharding`); default its DEFAULT_RULES.
     compute_options: ModelConfig fields that a checkpoint does not hold and the run chooses
       (`remat`, `scan_layers`, `attention_chunk`, `mlp_chunk`); anything else is an error.
 
   Returns:
-    The Transformer, never randomly initialised: shapes come from `nnx.eval_shape`.
+    The Transformer (residual stream not pinned), never randomly initialised: shapes come from
+    `nnx.eval_shape` (`builder.build(..., abstract=True)`).
   """
   if rules is not None and mesh is None:
     raise ValueError("from_pretrained: rules given without a mesh")
-  config_file = os.path.join(path, hf_config.CONFIG_FILE)
-  try:
-    config = hf_config.model_config_from_hf(hf_config.read_hf_config(path), dtype=dtype,
-                                            param_dtype=param_dtype, max_seq_len=max_seq_len)
-  except ValueError as e:
-    message = str(e).removeprefix("config.json ")
-    raise ValueError(message if config_file in message else f"{config_file}: {message}") from None
+  config = _file_config(path, dtype=dtype, param_dtype=param_dtype, max_seq_len=max_seq_len)
   options = dict(compute_options or {})
   unknown = set(options) - {"remat", "scan_layers", "attention_chunk", "mlp_chunk"}
   if unknown:
     raise ValueError(f"from_pretrained: compute_options {sorted(unknown)} are not run-time "
                      "choices (allowed: remat, scan_layers, attention_chunk, mlp_chunk)")
-  config = dataclasses.replace(config, **options)
-  shardings_for = _mesh_shardings(mesh, rules) if mesh is not None else None
+  model_options = builder.ModelOptions(dataclasses.replace(config, **options),
+                                       rules=sharding.DEFAULT_RULES if rules is None else rules)
   with contextlib.ExitStack() as stack:
-    return _build(config, _FileSource(path, stack), shardings_for=shardings_for)
+    return _load(model_options, mesh if mesh is not None else builder.one_device_mesh(),
+                 _FileSource(path, stack))
+
+
+def load_pretrained(path: str, options: builder.ModelOptions,
+                    mesh: jax.sharding.Mesh) -> Transformer:
+  """Loads a Hugging Face checkpoint directory into exactly the model `options` describe (the
+  run's: its scan_layers, remat, chunks, dtypes, shardings and residual-stream pin), after
+  checking that its config.json has the same architecture (BadInput naming the field)."""
+  c = options.config
+  found = _file_config(path, dtype=c.dtype, param_dtype=c.param_dtype, max_seq_len=c.max_seq_len)
+  for name in hf_config.ARCH_FIELDS:
+    ours, theirs = getattr(c, name), getattr(found, name)
+    # A qwen2 model without biases is exported with zero ones (checked by _check_tensors).
+    exported_zero_bias = name == "qkv_bias" and c.arch == "qwen2" and not ours
+    if ours != theirs and not exported_zero_bias:
+      raise errors.BadInput(f"{os.path.join(path, hf_config.CONFIG_FILE)}: {name}={theirs!r}, "
+                            f"but the model to load it into has {name}={ours!r}")
+  with contextlib.ExitStack() as stack:
+    return _load(options, mesh, _FileSource(path, stack))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,6 +12,11 @@ from dypo_jax.models.transformer import ARCHS
 from dypo_jax.models.transformer import ModelConfig
 
 CONFIG_FILE = "config.json"
+# The ModelConfig fields a config.json decides; the others (dtypes, remat, scan_layers, chunks,
+# max_seq_len, init_std) are the run's choices.
+ARCH_FIELDS = ("arch", "vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads",
+               "head_dim", "mlp_dim", "rope_theta", "rms_norm_eps", "tie_embeddings",
+               "qkv_bias", "qk_norm")
 _ARCHITECTURE = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                  "llama": "LlamaForCausalLM"}
 # Values transformers 5 assumes when config.json omits a key (so loading matches it).

@@ -379,10 +379,10 @@ class Transformer(nnx.Module):
     if not c.tie_embeddings:
       self.lm_head = _param(rngs, (c.embed_dim, c.vocab_size), ("embed", "vocab"),
                             c.param_dtype, c.init_std)
-    # Sharding of the residual stream [B, T, D] between blocks (None: XLA chooses). Whoever places
-    # the model on a mesh sets it (`build.build_model` and `dypo_jax.tools.aot`, both through
-    # `sharding.activation_sharding`); without it XLA may shard activations like the FSDP
-    # parameters (on D) and hold every row on every chip.
+    # Sharding of the residual stream [B, T, D] between blocks (None: XLA chooses). The builder
+    # that places the model on a mesh sets it (`models.builder.build`, from its options'
+    # activation axes); without it XLA may shard activations like the FSDP parameters (on D) and
+    # hold every row on every chip.
     self.activation_sharding = None
 
   def lm_head_kernel(self) -> jax.Array:

@@ -1,11 +1,10 @@
-"""Device mesh, logical-axis rules and sharded parameter creation.
+"""Device mesh, logical-axis rules and the shardings they give.
 
 Model code names logical axes only (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`,
 `layers`, and `batch` for activations); the rules in the config map each to a mesh axis (or a tuple of them, or
-None for replicated). Parameters are born sharded: abstract shapes first (`nnx.eval_shape`), then
-a jitted init with `out_shardings`.
+None for replicated). `models.builder` places a model's parameters by these rules.
 """
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 import math
 
 from flax import nnx
@@ -108,19 +107,9 @@ def param_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules: Rules):
                       is_leaf=lambda x: isinstance(x, P))
 
 
-def create_sharded(make_model: Callable[[], nnx.Module], mesh: jax.sharding.Mesh,
-                   rules: Rules) -> nnx.Module:
-  """Builds `make_model()` with every parameter created directly in its sharding."""
-  abstract = nnx.eval_shape(make_model)
-  graphdef, abstract_state = nnx.split(abstract)
-  shardings = param_shardings(abstract_state, mesh, rules)
-
-  @jax.jit
-  def init():
-    return nnx.split(make_model())[1]
-
-  state = jax.jit(init, out_shardings=shardings)()
-  return nnx.merge(graphdef, state)
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """Every device holds the whole array (scalars, counters, RNG keys, small tables)."""
+  return NamedSharding(mesh, P())
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules, ndim: int) -> NamedSharding:

@@ -17,7 +17,7 @@ import ml_collections
 from dypo_jax import models
 from dypo_jax.evaluation import evaluate as evaluate_lib
 from dypo_jax.io import paths
-from dypo_jax.parallel import sharding
+from dypo_jax.models import builder
 from dypo_jax.rl import trainer as trainer_lib
 
 BASE_DIR = "base_model"
@@ -58,18 +58,22 @@ def sft_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def load_base(path: str, options: builder.ModelOptions, mesh) -> models.Transformer:
+  """The saved base model of `path`, loaded into the model the run's `options` describe (its
+  scan_layers, remat, chunks, dtypes, shardings and residual-stream pin): the same model the run
+  that trained it returned."""
+  return models.load_pretrained(paths.local_copy(path), options, mesh)
+
+
 def ensure_base(config: ml_collections.ConfigDict, *, workdir: str, mesh, tokenizer,
-                model: models.Transformer, pools) -> models.Transformer:
-  """Returns the base model: read from `workdir/base_model` if there, else trained and saved."""
+                model: models.Transformer, pools,
+                options: builder.ModelOptions) -> models.Transformer:
+  """Returns the base model: read from `workdir/base_model` if there, else trained from `model`
+  and saved. `options`: the ones `model` was built with (`build.model_options`)."""
   path = base_dir(workdir)
-  rules = sharding.mesh_rules(config)
   if paths.exists(paths.join(path, "config.json")):  # Written last: the folder is complete.
     print(f"pretrain: reusing the base model in {path}", flush=True)
-    m = config.model
-    return models.from_pretrained(
-        paths.local_copy(path), dtype=m.dtype, param_dtype=m.param_dtype, max_seq_len=m.max_seq_len, mesh=mesh,
-        rules=rules, compute_options=dict(remat=m.remat, attention_chunk=m.attention_chunk,
-                                          mlp_chunk=m.mlp_chunk))
+    return load_base(path, options, mesh)
   p = config.pretrain
   c = sft_config(config)
   sft_workdir = paths.join(workdir, "pretrain")

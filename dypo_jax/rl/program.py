@@ -74,7 +74,7 @@ class UpdateProgram:
     if error:
       raise ValueError(error)
     tx, schedule = optimizer(config)
-    replicated = _replicated(mesh)
+    replicated = sharding.replicated(mesh)
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
     opt_shardings = optax.tree_utils.tree_map_params(
         tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_shardings,
@@ -115,7 +115,7 @@ class UpdateProgram:
 
   def abstract_key(self) -> jax.ShapeDtypeStruct:
     key = jax.eval_shape(lambda: jax.random.key(0))
-    return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=_replicated(self.mesh))
+    return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(self.mesh))
 
   def jit(self, *, shared_prompt: bool, term_norms: bool,
           on_trace: Callable[[], None] | None = None):
@@ -133,12 +133,8 @@ class UpdateProgram:
         on_trace()
       return step_fn(*args)
 
-    replicated = _replicated(self.mesh)
+    replicated = sharding.replicated(self.mesh)
     return jax.jit(traced_step, donate_argnums=(0,),
                    in_shardings=(self.state_shardings, self.param_shardings,
                                  self.batch_shardings, replicated),
                    out_shardings=(self.state_shardings, replicated))
-
-
-def _replicated(mesh) -> jax.sharding.NamedSharding:
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -273,18 +273,12 @@ def _model_config(extras: dict[str, Any], where: str):
 
 def _abstract_policy(model_config, config: dict[str, Any], mesh):
   """(graphdef, abstract params with this host's shardings) of the policy: nothing allocated.
-  The one place the tools build an abstract model (a shared builder may replace it)."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from dypo_jax import models  # pylint: disable=g-import-not-at-top
+  The run's rules place it; its residual stream is not pinned (a tool's batches are its own)."""
+  from dypo_jax.models import builder  # pylint: disable=g-import-not-at-top
   from dypo_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
-  rules = sharding.mesh_rules(config_lib.from_dict(config))
-  abstract = nnx.eval_shape(lambda: models.Transformer(model_config, rngs=nnx.Rngs(0)))
-  graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-  shardings = jax.tree.leaves(sharding.param_shardings(abstract_params, mesh, rules),
-                              is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-  leaves, treedef = jax.tree.flatten(abstract_params)  # Same key paths, same order.
-  return graphdef, treedef.unflatten([jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-                                      for a, s in zip(leaves, shardings, strict=True)])
+  options = builder.ModelOptions(model_config,
+                                 rules=sharding.mesh_rules(config_lib.from_dict(config)))
+  return builder.abstract_params(options, mesh)
 
 
 def _check_shapes(ckpt, step: int, target: Any, where: str) -> None:

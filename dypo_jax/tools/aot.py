@@ -5,8 +5,9 @@ r"""Ahead-of-time compilation for a TPU topology, on any machine: does a config 
 
 Needs `pip install -e ".[tpu]"` (libtpu; no TPU is needed: its compiler runs on the CPU). The
 topology's chips are compile-only devices (`jax.experimental.topologies`); a mesh over them and
-abstract inputs (`jax.ShapeDtypeStruct`s with `NamedSharding`s, parameters from `nnx.eval_shape`,
-no weights anywhere) go through the real TPU compiler, which reports per-device memory and flops.
+abstract inputs (`jax.ShapeDtypeStruct`s with `NamedSharding`s, parameters from the run's own
+builder, `models.builder.abstract_params`: no weights anywhere) go through the real TPU
+compiler, which reports per-device memory and flops.
 
 Programs (`--what`):
   train     the DYPO update exactly as the Trainer jits it: `train_step.build_train_step` with the
@@ -118,8 +119,8 @@ def usable_hbm_bytes(device) -> int:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   mesh = jax.sharding.Mesh([device], ("x",))
-  huge = jax.ShapeDtypeStruct((1 << 38,), jnp.float32,
-                              sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  from dypo_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+  huge = jax.ShapeDtypeStruct((1 << 38,), jnp.float32, sharding=sharding.replicated(mesh))
   try:
     jax.jit(lambda x: x * 2 + 1).lower(huge).compile()
   except Exception as e:  # pylint: disable=broad-except
@@ -134,44 +135,20 @@ def usable_hbm_bytes(device) -> int:
 
 # How the residual stream [B, T, D] is split between blocks (`Transformer.activation_sharding`):
 # (row axes, sequence axes), or None to leave activations to XLA. RUN_AXES: what
-# `build.build_model` sets, `sharding.activation_axes(rules)` (rows over the `batch` rule's mesh
+# `build.model_options` sets, `sharding.activation_axes(rules)` (rows over the `batch` rule's mesh
 # axes, the sequence whole). Splitting the sequence over `tensor` too ("data,fsdp/tensor") made
 # XLA's partitioner need more than this 23 GB host to compile the 7B step.
 RUN_AXES = "run"
 
 
-def _activation_axes(axes, rules):
-  from dypo_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
-  return sharding.activation_axes(rules) if axes == RUN_AXES else axes
-
-
-def abstract_params(mc, mesh, rules, *, activation_axes=RUN_AXES):
-  """(graphdef, Param state of ShapeDtypeStructs sharded by the rules): no weights materialise.
-
-  `activation_axes`: (row axes, sequence axes) of the residual stream [B, T, D] between blocks
-  (`Transformer.activation_sharding`); RUN_AXES: as `build.build_model` sets them; None leaves
-  activations to XLA.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from dypo_jax import models  # pylint: disable=g-import-not-at-top
-  from dypo_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
-  abstract = nnx.eval_shape(lambda: models.Transformer(mc, rngs=nnx.Rngs(0)))
-  abstract.activation_sharding = sharding.activation_sharding(
-      mesh, _activation_axes(activation_axes, rules))
-  graphdef, state = nnx.split(abstract, nnx.Param)
-  shardings = sharding.param_shardings(state, mesh, rules)
-  is_var = lambda x: isinstance(x, nnx.Variable)
-  params = jax.tree.map(
-      lambda var, s: var.replace(value=jax.ShapeDtypeStruct(var.value.shape, var.value.dtype,
-                                                            sharding=s)),
-      state, shardings, is_leaf=is_var)
-  return graphdef, params
-
-
-def _replicated(mesh):
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+def model_options(config, activation_axes=RUN_AXES):
+  """The run's model options (`build.model_options`), with the residual stream split over
+  `activation_axes` instead unless that is RUN_AXES (None: left to XLA)."""
+  from dypo_jax import build  # pylint: disable=g-import-not-at-top
+  options = build.model_options(config)
+  if activation_axes != RUN_AXES:
+    options = dataclasses.replace(options, activation_axes=activation_axes)
+  return options
 
 
 def _sds(shape, dtype, sharding):
@@ -181,8 +158,9 @@ def _sds(shape, dtype, sharding):
 
 def _key_sds(mesh):
   import jax  # pylint: disable=g-import-not-at-top
+  from dypo_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
   key = jax.eval_shape(lambda: jax.random.key(0))
-  return _sds(key.shape, key.dtype, _replicated(mesh))
+  return _sds(key.shape, key.dtype, sharding.replicated(mesh))
 
 
 def worst_prompt_len(config, mc) -> int:
@@ -217,17 +195,16 @@ def _compile(name: str, shapes: str, lower) -> Report:
 def compile_train_step(config, mesh, *, prompt_len: int | None = None,
                        activation_axes=RUN_AXES) -> Report:
   """AOT-compiles the DYPO update as the Trainer builds it (`rl.program.UpdateProgram`)."""
-  from dypo_jax import build  # pylint: disable=g-import-not-at-top
-  from dypo_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+  from dypo_jax.models import builder  # pylint: disable=g-import-not-at-top
   from dypo_jax.rl import program as program_lib  # pylint: disable=g-import-not-at-top
 
-  rules = sharding.mesh_rules(config)
-  mc = build.model_config(config)
+  options = model_options(config, activation_axes)
+  rules, mc = options.rules, options.config
   p = prompt_len or worst_prompt_len(config, mc)
   tr = config.train
   u, k, t = tr.update_prompts, config.rl.num_samples, config.sampler.max_new_tokens
   shapes = f"U={u} K={k} L={p}+{t} micro={tr.micro_batches}"
-  graphdef, params = abstract_params(mc, mesh, rules, activation_axes=activation_axes)
+  graphdef, params = builder.abstract_params(options, mesh)
   try:
     prog = program_lib.UpdateProgram.build(config, graphdef=graphdef, params=params, mesh=mesh,
                                            rules=rules, prompt_len=p, num_teachers=NUM_TEACHERS)
@@ -247,23 +224,23 @@ def compile_generate(config, mesh, *, prompt_len: int | None = None,
                      activation_axes=RUN_AXES) -> Report:
   """AOT-compiles the sampler's jitted generate (prefill + decode loop) for one rollout round."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from dypo_jax import build  # pylint: disable=g-import-not-at-top
+  from dypo_jax.models import builder  # pylint: disable=g-import-not-at-top
   from dypo_jax.models import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
   from dypo_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
 
-  rules = sharding.mesh_rules(config)
-  mc = build.model_config(config)
+  options = model_options(config, activation_axes)
+  rules, mc = options.rules, options.config
   sp = config.sampler
   p = prompt_len or worst_prompt_len(config, mc)
   k, t = config.rl.num_samples, sp.max_new_tokens
-  graphdef, params = abstract_params(mc, mesh, rules, activation_axes=activation_axes)
+  graphdef, params = builder.abstract_params(options, mesh)
   sampler = sampler_lib.Sampler(graphdef, model_config=mc, pad_id=0,
                                 prompt_buckets=tuple(sp.prompt_buckets), mesh=mesh, rules=rules,
                                 rows=sp.rows)
   b = -(-config.train.rollout_prompts // sampler.batch_shards) * sampler.batch_shards
   rows = sampler.rows_in_flight(b * k)
   shapes = f"B={b} K={k} S={p}+{t} rows={rows}"
-  replicated = _replicated(mesh)
+  replicated = sharding.replicated(mesh)
   args = (params,
           _sds((b, p), jnp.int32, sharding.batch_sharding(mesh, rules, 2)),
           _sds((b,), jnp.int32, sharding.batch_sharding(mesh, rules, 1)),
@@ -340,13 +317,12 @@ def main(argv):
     raise app.UsageError("--topology is required (the experiment file sets no TOPOLOGY)")
   chips_per_host = tuple(int(x) for x in _CHIPS_PER_HOST.value.split(","))
 
-  from dypo_jax import build  # pylint: disable=g-import-not-at-top
   from dypo_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
   devices = topology_devices(topology, chips_per_host)
   mesh = sharding.make_mesh({a: config.mesh[a] for a in sharding.MESH_AXES}, devices)
   hbm = usable_hbm_bytes(devices[0])
-  mc = build.model_config(config)
-  axes = _activation_axes(RUN_AXES, sharding.mesh_rules(config))
+  options = model_options(config)
+  mc, axes = options.config, options.activation_axes
   if _ACTIVATION_AXES.value == "none":
     axes = None
   elif _ACTIVATION_AXES.value:
