@@ -210,11 +210,11 @@ def compile_train_step(config, mesh, *, prompt_len: int | None = None,
                                            rules=rules, prompt_len=p, num_teachers=NUM_TEACHERS)
   except ValueError as e:  # A batch the mesh cannot split, refused as the Trainer refuses it.
     return Report(name="train", shapes=shapes, error=str(e))
-  # The row path, which any batch may take (batches of groups alone may take the shared one).
   # The largest batch the run can take: U slots, or more where a prompt queues two items.
   slots = prog.slot_buckets[-1]
   if slots != u:
     shapes = f"U={u} ({slots} slots) K={k} L={p}+{t} micro={tr.micro_batches}"
+  # The row path, which any batch may take (batches of groups alone may take the shared one).
   jitted = prog.jit(shared_prompt=False, term_norms=False)
   return _compile("train", shapes, lambda: jitted.lower(
       prog.abstract_state(params), params, prog.abstract_batch(slots), prog.abstract_key()))
