@@ -1,10 +1,13 @@
 """One run per workdir (dypo_jax.io.lock): a second run refuses naming the holder; a holder that is
-gone (dead pid on this host, or a stale heartbeat) is taken over, and said so."""
+gone (dead pid on this host, or a stale heartbeat) is taken over, and said so; of racing starters
+or takers exactly one wins; a holder whose lock was taken stops (LockLost, exit 7)."""
+import hashlib
 import json
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -94,3 +97,196 @@ def test_a_second_cli_run_on_a_live_workdir_exits_5(tmp_path):
   finally:
     first.send_signal(signal.SIGKILL)
     first.wait()
+
+
+# ------------------------------------------------------------------------------- races
+
+
+def _race(workdir: str, takers: int, **lock_kwargs) -> list:
+  """`takers` threads, each its own WorkdirLock, acquire at once; returns the winners' locks
+  (released after), and checks that every loser was refused with WorkdirLocked."""
+  barrier = threading.Barrier(takers)
+  won, errs = [], []
+
+  def take():
+    lock = lock_lib.WorkdirLock(workdir, heartbeat_s=60, settle_s=0, **lock_kwargs)
+    barrier.wait()
+    try:
+      won.append(lock.acquire())
+    except lock_lib.WorkdirLocked:
+      pass
+    except BaseException as e:  # pylint: disable=broad-except
+      errs.append(e)
+
+  threads = [threading.Thread(target=take) for _ in range(takers)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errs, errs
+  held = _holder(os.path.join(workdir, lock_lib.LOCK_FILENAME)) if won else None
+  for lock in won:
+    lock.release()
+  if len(won) == 1:
+    assert held["token"] == won[0].holder["token"]  # The file names the one winner.
+  return won
+
+
+def test_of_fresh_starts_at_the_same_moment_exactly_one_wins(tmp_path, capsys):
+  for trial in range(40):
+    (tmp_path / str(trial)).mkdir()
+    won = _race(str(tmp_path / str(trial)), 4)
+    assert len(won) == 1, f"trial {trial}: {len(won)} winners"
+  assert "taking over" not in capsys.readouterr().out  # No starter read another's file as junk.
+
+
+@pytest.mark.parametrize("stale", ["dead_pid", "old_heartbeat", "unreadable"])
+def test_of_takeovers_of_one_stale_lock_at_the_same_moment_exactly_one_wins(tmp_path, stale):
+  content = {
+      "dead_pid": json.dumps({"host": socket.gethostname(), "pid": _dead_pid(),
+                              "start": time.time(), "heartbeat": time.time()}),
+      "old_heartbeat": json.dumps({"host": "pod-worker-7", "pid": 1, "start": 0.0,
+                                   "heartbeat": time.time() - 3600}),
+      "unreadable": "garbage{"}[stale]
+  for trial in range(40):
+    workdir = tmp_path / str(trial)
+    workdir.mkdir()
+    (workdir / lock_lib.LOCK_FILENAME).write_text(content)
+    won = _race(str(workdir), 4, stale_after_s=60)
+    assert len(won) == 1, f"trial {trial}: {len(won)} winners"
+    assert [p.name for p in workdir.iterdir()] == []  # Released; no claim file left.
+
+
+def test_a_claim_left_by_a_taker_that_died_is_removed(tmp_path, capsys):
+  path = tmp_path / lock_lib.LOCK_FILENAME
+  path.write_text("garbage{")
+  digest = hashlib.sha256(b"garbage{").hexdigest()[:16]
+  claim = tmp_path / f"{lock_lib.LOCK_FILENAME}.takeover-{digest}"
+  claim.write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "start": 0.0,
+                               "heartbeat": time.time()}))
+  with lock_lib.WorkdirLock(str(tmp_path), settle_s=0):
+    assert not claim.exists()
+  assert f"removing {claim}" in capsys.readouterr().out
+
+
+def test_an_empty_lock_file_is_waited_on_then_taken(tmp_path, monkeypatch):
+  monkeypatch.setattr(lock_lib, "EMPTY_GRACE_S", 0.3)
+  path = tmp_path / lock_lib.LOCK_FILENAME
+  path.write_bytes(b"")  # A starter between its O_EXCL create and its write...
+  fill = threading.Timer(0.1, lambda: path.write_text(json.dumps(
+      {"host": "pod-worker-7", "pid": 1, "start": 0.0, "heartbeat": time.time()})))
+  fill.start()
+  with pytest.raises(lock_lib.WorkdirLocked, match="'pod-worker-7'"):  # ... that then wrote.
+    lock_lib.WorkdirLock(str(tmp_path), settle_s=0).acquire()
+  fill.join()
+  path.write_bytes(b"")  # Empty for longer than the grace: a creator that died.
+  with lock_lib.WorkdirLock(str(tmp_path), settle_s=0) as lock:
+    assert _holder(path)["token"] == lock.holder["token"]
+
+
+# ---------------------------------------------------------------------------- fencing
+
+
+def test_a_holder_whose_lock_was_taken_over_stops_and_never_overwrites_it(tmp_path):
+  path = tmp_path / lock_lib.LOCK_FILENAME
+  lock = lock_lib.WorkdirLock(str(tmp_path), heartbeat_s=0.02, settle_s=0).acquire()
+  try:
+    lock.check_held()
+    other = json.dumps({"host": "pod-worker-7", "pid": 1, "start": 0.0, "token": "other",
+                        "heartbeat": time.time()})
+    path.write_text(other)  # Another run took it over while this one was frozen.
+    time.sleep(0.2)  # Ten heartbeats.
+    assert path.read_text() == other
+    with pytest.raises(errors.LockLost, match=r"now held by process 1 on host 'pod-worker-7'"):
+      lock.check_held()
+  finally:
+    lock.release()
+  assert path.read_text() == other  # Not released: it is not this run's.
+
+
+def test_a_removed_lock_is_lost(tmp_path):
+  lock = lock_lib.WorkdirLock(str(tmp_path), heartbeat_s=60, settle_s=0).acquire()
+  os.remove(tmp_path / lock_lib.LOCK_FILENAME)
+  with pytest.raises(errors.LockLost, match="was removed while this run held it"):
+    lock.check_held()
+  lock.release()
+
+
+def test_a_heartbeat_that_keeps_failing_past_the_stale_time_stops_the_run(tmp_path, monkeypatch):
+  lock = lock_lib.WorkdirLock(str(tmp_path), stale_after_s=0.2, heartbeat_s=0.02,
+                              settle_s=0).acquire()
+  try:
+    def fail(path, data):
+      raise OSError(5, "Input/output error", str(path))
+    monkeypatch.setattr(lock_lib.paths, "write_bytes", fail)
+    time.sleep(0.1)
+    lock.check_held()  # Failing for less than the stale time: still held.
+    time.sleep(0.3)
+    with pytest.raises(errors.LockLost, match=r"heartbeat of .* has failed for .*Input/output"):
+      lock.check_held()
+  finally:
+    monkeypatch.undo()
+    lock.release()
+
+
+def test_a_save_checks_the_fence_before_it_writes(tmp_path):
+  from dypo_jax.rl import run_checkpoint  # pylint: disable=g-import-not-at-top
+
+  class Untouchable:
+    def __getattr__(self, name):
+      raise AssertionError(f"{name} used after the lock was lost")
+
+  def fence():
+    raise errors.LockLost("taken")
+
+  with pytest.raises(errors.LockLost):
+    run_checkpoint.save(Untouchable(), Untouchable(), config=None, model_config=None,
+                        writer=Untouchable(), fence=fence)
+
+
+# ---------------------------------------------------------- clock skew, a directory, resume
+
+
+def test_a_heartbeat_from_the_future_is_taken_once_it_stops_changing(tmp_path, capsys):
+  path = tmp_path / lock_lib.LOCK_FILENAME
+  future = {"host": "pod-worker-7", "pid": 1, "start": 0.0, "heartbeat": time.time() + 3600}
+  path.write_text(json.dumps(future))  # Written by a host whose clock ran an hour ahead.
+  with lock_lib.WorkdirLock(str(tmp_path), stale_after_s=0.3, settle_s=0):
+    assert _holder(path)["host"] == socket.gethostname()
+  assert "ahead of this host's clock and did not change for" in capsys.readouterr().out
+
+
+def test_a_live_holder_with_a_clock_ahead_is_not_taken(tmp_path):
+  path = tmp_path / lock_lib.LOCK_FILENAME
+  stop = threading.Event()
+
+  def beat():  # A live holder an hour ahead, renewing its heartbeat.
+    while not stop.wait(0.02):
+      lock_lib.paths.write_bytes(str(path), json.dumps(
+          {"host": "pod-worker-7", "pid": 1, "start": 0.0,
+           "heartbeat": time.time() + 3600}).encode())
+
+  lock_lib.paths.write_bytes(str(path), b'{"host": "x", "pid": 1, "heartbeat": 1e12}')
+  holder = threading.Thread(target=beat)
+  holder.start()
+  try:
+    with pytest.raises(lock_lib.WorkdirLocked, match="ahead of this host's clock"):
+      lock_lib.WorkdirLock(str(tmp_path), stale_after_s=5, settle_s=0).acquire()
+  finally:
+    stop.set()
+    holder.join()
+
+
+def test_a_lock_path_that_is_a_directory_is_bad_input_naming_it(tmp_path):
+  (tmp_path / lock_lib.LOCK_FILENAME).mkdir()
+  with pytest.raises(errors.BadInput, match=rf"lock {tmp_path / lock_lib.LOCK_FILENAME} is a "
+                                            "directory"):
+    lock_lib.WorkdirLock(str(tmp_path)).acquire()
+
+
+def test_the_stale_time_may_change_on_resume():
+  from dypo_jax.rl import run_checkpoint  # pylint: disable=g-import-not-at-top
+  saved = tiny_runs.tiny_config()
+  config = tiny_runs.tiny_config(**{"train.workdir_lock_stale_s": 30.0})
+  lines = run_checkpoint.check_config(json.loads(saved.to_json()), config, where="step 2")
+  assert lines == ["  train.workdir_lock_stale_s: 600.0 -> 30.0"]

@@ -59,8 +59,9 @@ def sft_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def ensure_base(config: ml_collections.ConfigDict, *, workdir: str, mesh, tokenizer,
-                model: models.Transformer, pools) -> models.Transformer:
-  """Returns the base model: read from `workdir/base_model` if there, else trained and saved."""
+                model: models.Transformer, pools, lock=None) -> models.Transformer:
+  """Returns the base model: read from `workdir/base_model` if there, else trained and saved
+  (checking the workdir's `lock`, as the run's own trainer does)."""
   path = base_dir(workdir)
   rules = sharding.mesh_rules(config)
   if paths.exists(paths.join(path, "config.json")):  # Written last: the folder is complete.
@@ -75,7 +76,7 @@ def ensure_base(config: ml_collections.ConfigDict, *, workdir: str, mesh, tokeni
   sft_workdir = paths.join(workdir, "pretrain")
   paths.makedirs(sft_workdir)
   trainer = trainer_lib.Trainer(c, workdir=sft_workdir, mesh=mesh, tokenizer=tokenizer,
-                                model=model, pools=pools)
+                                model=model, pools=pools, lock=lock)
   gate_records = list(pools["eval_id"])[:p.eval_prompts]
   start = time.perf_counter()
   history = []
@@ -100,6 +101,7 @@ def ensure_base(config: ml_collections.ConfigDict, *, workdir: str, mesh, tokeni
 
   trainer.run(should_stop=gate)
   base = nnx.merge(trainer.graphdef, trainer.run_state.train.params)
+  trainer.check_lock()
   if jax.process_index() == 0:
     paths.write_text(paths.join(sft_workdir, "gate.json"), json.dumps(history, indent=1))
   if paths.is_remote(path):  # Written locally, then uploaded with config.json last.
