@@ -290,3 +290,84 @@ def test_the_stale_time_may_change_on_resume():
   config = tiny_runs.tiny_config(**{"train.workdir_lock_stale_s": 30.0})
   lines = run_checkpoint.check_config(json.loads(saved.to_json()), config, where="step 2")
   assert lines == ["  train.workdir_lock_stale_s: 600.0 -> 30.0"]
+
+
+# --------------------------------------------------------------- the frozen holder, end to end
+
+
+def _checkpoint_entries(workdir: str) -> list[str]:
+  try:
+    return os.listdir(os.path.join(workdir, "checkpoints"))
+  except FileNotFoundError:
+    return []
+
+
+def _wait_for(what: str, ready, proc: subprocess.Popen, timeout_s: float = 240) -> None:
+  deadline = time.monotonic() + timeout_s
+  while not ready():
+    assert proc.poll() is None, f"the run ended (rc={proc.returncode}) before {what}"
+    assert time.monotonic() < deadline, f"no {what} after {timeout_s} s"
+    time.sleep(0.005)
+
+
+@pytest.mark.slow
+def test_a_frozen_holder_taken_over_exits_7_before_its_next_write(tmp_path, reference_run):
+  workdir = str(tmp_path / "frozen")
+  stale_s = 3.0
+  run = {"train.num_steps": tiny_runs.REFERENCE_RUN["train.num_steps"],
+         "train.checkpoint_every": 1, "train.workdir_lock_stale_s": stale_s}
+  logs = {name: open(tmp_path / name, "w+", encoding="utf-8")  # pylint: disable=consider-using-with
+          for name in ("first.out", "first.err", "second.out", "second.err")}
+
+  def start(name):
+    return subprocess.Popen(tiny_runs.main_command(workdir, **run), stdout=logs[f"{name}.out"],
+                            stderr=logs[f"{name}.err"], env=tiny_runs.subprocess_env(),
+                            cwd=tiny_runs.REPO)
+
+  def frozen_between_saves() -> bool:
+    """SIGSTOP once step 2 is saved and no save is in flight (else go on and try again)."""
+    entries = _checkpoint_entries(workdir)
+    if not any(n.isdigit() and int(n) >= 2 for n in entries) or len(entries) != len(
+        [n for n in entries if n.isdigit()]):
+      return False
+    first.send_signal(signal.SIGSTOP)
+    if all(n.isdigit() for n in _checkpoint_entries(workdir)):
+      return True
+    first.send_signal(signal.SIGCONT)
+    return False
+
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  first = start("first")
+  second = None
+  try:
+    _wait_for("a moment between two saves after step 2", frozen_between_saves, first)
+    offset = os.path.getsize(metrics_path)
+    time.sleep(stale_s + 0.5)  # Frozen past the stale time: its heartbeat is old.
+    second = start("second")
+    _wait_for("the second run's takeover", lambda: "lock: taking over" in open(
+        tmp_path / "second.out", encoding="utf-8").read(), second)
+    first.send_signal(signal.SIGCONT)  # Wakes mid-step, holding a lock that is not its own.
+    first_rc = first.wait(timeout=120)
+    second_rc = second.wait(timeout=300)
+  finally:
+    for proc in (first, second):
+      if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+  out = {name: (tmp_path / name).read_text() for name in logs}
+  assert first_rc == errors.EXIT_LOCK_LOST, out["first.err"][-3000:]
+  assert f"workdir: lock lost: {workdir}/run.lock is now held by process {second.pid}" in (
+      out["first.err"])
+  assert "Traceback" not in out["first.err"], out["first.err"][-3000:]
+  assert second_rc == 0, out["second.err"][-3000:]
+  assert f"from process {first.pid} on host" in out["second.out"]
+  # After the freeze only the second run logged: its steps once each, in order, to the end.
+  with open(metrics_path, "rb") as f:
+    f.seek(offset)
+    steps = [json.loads(line)["step"] for line in f.read().splitlines() if line.strip()]
+  assert steps == list(range(steps[0], run["train.num_steps"] + 1)), steps
+  assert f"resumed at step {steps[0] - 1}" in out["second.out"]
+  # And nothing the first run wrote after it woke changed what the second computed.
+  tiny_runs.assert_same_metrics(tiny_runs.comparable_metrics(workdir),
+                                tiny_runs.comparable_metrics(reference_run))
