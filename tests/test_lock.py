@@ -371,3 +371,16 @@ def test_a_frozen_holder_taken_over_exits_7_before_its_next_write(tmp_path, refe
   # And nothing the first run wrote after it woke changed what the second computed.
   tiny_runs.assert_same_metrics(tiny_runs.comparable_metrics(workdir),
                                 tiny_runs.comparable_metrics(reference_run))
+
+
+@pytest.mark.slow
+def test_a_cli_run_whose_lock_path_is_a_directory_exits_2_naming_it(tmp_path):
+  workdir = tmp_path / "run"
+  (workdir / lock_lib.LOCK_FILENAME).mkdir(parents=True)
+  proc = subprocess.run(tiny_runs.main_command(str(workdir)) + ["--mode=summary"],
+                        capture_output=True, text=True, env=tiny_runs.subprocess_env(),
+                        cwd=tiny_runs.REPO, timeout=120)
+  assert proc.returncode == errors.EXIT_BAD_INPUT, proc.stderr[-2000:]
+  assert (f"input error: the workdir lock {workdir / lock_lib.LOCK_FILENAME} is a directory"
+          in proc.stderr)
+  assert "Traceback" not in proc.stderr

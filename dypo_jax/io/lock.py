@@ -108,8 +108,6 @@ class WorkdirLock:
     try:
       return paths.read_bytes(path)
     except FileNotFoundError:
-      if path == self.path and paths.isdir(path):  # A bucket "folder": a name prefix.
-        raise self._is_a_directory() from None
       return None
     except IsADirectoryError:
       raise self._is_a_directory() from None
@@ -156,6 +154,8 @@ class WorkdirLock:
     for _ in range(5):  # Each pass sees a newer content; a few suffice even against a crowd.
       if paths.create_exclusive(self.path, self._content()):
         return self._verify_and_start()
+      if paths.isdir(self.path):  # In a bucket a "folder" reads as an empty object.
+        raise self._is_a_directory()
       raw = self._read_raw()
       if raw is None:  # Released meanwhile.
         continue
@@ -223,7 +223,9 @@ class WorkdirLock:
     if self._lost is None:
       try:
         raw = self._read_raw()
-      except OSError:
+      except errors.BadInput:
+        raise
+      except Exception:  # pylint: disable=broad-except  # The store's own error types too.
         return None
       self._note(self._not_ours(raw))
     return self._lost
