@@ -21,11 +21,10 @@ saved); 4 too many non-finite updates (`train.max_nonfinite_updates`; the last g
 kept); 5 another live run holds the workdir (`workdir/run.lock` names it); 6 the workdir has
 checkpoints and none reads back (nothing was moved aside; the run did not start over); 7 the
 workdir's lock was taken over by another run (this one was frozen past
-`train.workdir_lock_stale_s`, or its heartbeat kept failing that long): it stopped before its next
-write; 69 the
-storage kept failing for `train.storage_retry_s` (the path is named; rerun once it is back); 74
-no space left where the run writes (the failing save is named; the last complete checkpoint
-is kept; free space and run the command again); 75 preempted (SIGTERM or SIGINT: a checkpoint was
+`train.workdir_lock_stale_s`, or its heartbeat kept failing that long): it stopped before its
+next write; 69 the storage kept failing for `train.storage_retry_s` (the path is named; rerun
+once it is back); 74 no space left where the run writes (the failing save is named; the last
+complete checkpoint is kept; free space and run the command again); 75 preempted (SIGTERM or SIGINT: a checkpoint was
 saved at a step boundary, no final table; run the command again).
 """
 import os

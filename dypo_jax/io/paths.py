@@ -120,9 +120,10 @@ def move_tree(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 def create_exclusive(path: str | os.PathLike, data: bytes) -> bool:
   """Creates `path` holding `data` only if it does not exist; False if it did.
 
-  Locally a hard link of a complete temporary file (atomic, fails if `path` exists); in a bucket, the store's "create only if absent" precondition (fsspec's
-  exclusive mode "xb": GCS's ifGenerationMatch=0), so that of two simultaneous creators exactly
-  one wins. The existence check first serves stores that ignore the precondition (emulators).
+  Locally a hard link of a complete temporary file (atomic, fails if `path` exists); in a
+  bucket, the store's "create only if absent" precondition (fsspec's exclusive mode "xb": GCS's
+  ifGenerationMatch=0), one upload of the whole content. Either way of two simultaneous
+  creators exactly one wins, and a reader never sees the file partly written. The existence check first serves stores that ignore the precondition (emulators).
   """
   if not is_remote(path):
     # Written whole beside it, then hard-linked into place (fails if the name exists): a reader
