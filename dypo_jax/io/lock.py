@@ -184,7 +184,7 @@ class WorkdirLock:
     claim = f"{self.path}.takeover-{hashlib.sha256(raw).hexdigest()[:16]}"
     if not paths.create_exclusive(claim, self._content()):
       claimed = self._read_raw(claim)
-      if claimed is None or self._why_stale(claimed) is None:
+      if claimed is None or not self._claim_left(claimed):
         raise WorkdirLocked(f"{self.path} is being taken over by another run at the same moment "
                             f"({_describe(_parse(claimed or b''))}, {claim})")
       print(f"lock: removing {claim}, left by a takeover that did not finish", flush=True)
@@ -202,6 +202,17 @@ class WorkdirLock:
       # lock changed and backs off.
       paths.remove(claim)
     return True
+
+  def _claim_left(self, raw: bytes) -> bool:
+    """Whether a takeover claim was left by a taker that died: its process on this host is gone,
+    or it is older than `stale_after_s` (a live taker removes its claim within a moment; a claim
+    is never renewed, so a time that far ahead of our clock is as old)."""
+    held = _parse(raw)
+    if not held:
+      return True
+    if held["host"] == self.holder["host"] and not _pid_alive(int(held["pid"])):
+      return True
+    return abs(time.time() - float(held["heartbeat"])) > self.stale_after_s
 
   def _verify_and_start(self) -> "WorkdirLock":
     if self.settle_s:
