@@ -132,6 +132,12 @@ def test_the_workdir_lock_on_a_bucket(bucket):
   finally:
     first.release()
   assert not paths.exists(path)
+  # A run that lost the lock closes its logs without uploading them over the new holder's.
+  paths.write_text(f"{workdir}/metrics.jsonl", '{"step": 7}\n')
+  writer = metrics_lib.MetricsWriter(workdir)
+  writer.write(8, {"loss": 1.0})
+  writer.close(sync=False)
+  assert paths.read_text(f"{workdir}/metrics.jsonl") == '{"step": 7}\n'
   paths.write_text(f"{path}/inside", "x")  # run.lock as a "folder" (a name prefix).
   with pytest.raises(errors.BadInput, match="is a directory"):
     lock_lib.WorkdirLock(workdir, settle_s=0).acquire()

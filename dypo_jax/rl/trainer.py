@@ -17,6 +17,7 @@ global arrays. Each reads its own shard of the training pool and scores its own 
 (`rollout`); the graded items, and so the queues and metrics, are the same on every process, and
 process 0 logs them. A checkpoint holds the queues once and every process's data position.
 """
+import functools
 import json
 import signal
 import sys
@@ -345,7 +346,9 @@ class Trainer:
       raise lost from e
     finally:
       # ckpt.close waits for a pending save; a failing store must not hide what stopped the run.
-      storage.close_after(sys.exc_info()[1], ckpt.close, writer and writer.close)
+      failing = sys.exc_info()[1]
+      storage.close_after(failing, ckpt.close, writer and functools.partial(
+          writer.close, sync=not isinstance(failing, errors.LockLost)))
       if self.reward_pool is not None:
         self.reward_pool.close()
       for sig, handler in previous_handlers.items():
