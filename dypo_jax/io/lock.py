@@ -16,9 +16,10 @@ an exclusive create ("only if absent") and a whole-file replace.
   this host's monotonic time (a live holder rewrites it every `heartbeat_s`).
 * Takeover: of all the runs that judge one stale content gone, only the one that creates
   `run.lock.takeover-<hash of that content>` exclusively may replace the lock; it checks that the
-  lock still holds that content, writes its own, and after `settle_s` checks that the file names
-  its token. The others raise WorkdirLocked. A claim left by a taker that died mid-takeover is
-  removed once it is itself stale.
+  lock still holds that content, writes its own, removes the claim (a late taker that claims
+  the same hash then finds the lock changed and backs off) and after `settle_s` checks that the
+  file names its token. The others raise WorkdirLocked. A claim left by a taker that died
+  mid-takeover is removed once its process on this host is gone or it is `stale_after_s` old.
 * Fencing: every holder carries a random token. `check_held()` (before every log line and
   checkpoint save) raises `errors.LockLost` once the file names another token or is gone; the
   heartbeat thread re-reads the file before each write and never overwrites another run's lock,
@@ -89,7 +90,7 @@ class WorkdirLock:
     self.path = paths.join(workdir, LOCK_FILENAME)
     self.stale_after_s = float(stale_after_s)
     self.heartbeat_s = heartbeat_s if heartbeat_s is not None else max(self.stale_after_s / 10, 1)
-    # Longer than a store's write latency: a holder's heartbeat begun before the takeover lands.
+    # Longer than a store's write latency.
     self.settle_s = settle_s if settle_s is not None else min(0.5, self.stale_after_s / 10)
     self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "start": time.time(),
                    "token": uuid.uuid4().hex, "heartbeat_s": self.heartbeat_s}
@@ -153,7 +154,7 @@ class WorkdirLock:
     path is a directory)."""
     for _ in range(5):  # Each pass sees a newer content; a few suffice even against a crowd.
       if paths.create_exclusive(self.path, self._content()):
-        return self._verify_and_start()
+        return self._verify_and_start(settle=False)
       if paths.isdir(self.path):  # In a bucket a "folder" reads as an empty object.
         raise self._is_a_directory()
       raw = self._read_raw()
@@ -214,8 +215,10 @@ class WorkdirLock:
       return True
     return abs(time.time() - float(held["heartbeat"])) > self.stale_after_s
 
-  def _verify_and_start(self) -> "WorkdirLock":
-    if self.settle_s:
+  def _verify_and_start(self, settle: bool = True) -> "WorkdirLock":
+    """Starts the heartbeat once the file names this run (after `settle_s` past a takeover: a
+    heartbeat the old holder began before it lands by then)."""
+    if settle and self.settle_s:
       time.sleep(self.settle_s)
     held = _parse(self._read_raw() or b"")
     if not self._ours(held):
