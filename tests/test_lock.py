@@ -169,6 +169,20 @@ def test_a_claim_left_by_a_taker_that_died_is_removed(tmp_path, capsys):
   assert f"removing {claim}" in capsys.readouterr().out
 
 
+def test_a_live_takers_claim_is_respected_an_old_one_from_another_host_is_not(tmp_path):
+  path = tmp_path / lock_lib.LOCK_FILENAME
+  path.write_text("garbage{")
+  digest = hashlib.sha256(b"garbage{").hexdigest()[:16]
+  claim = tmp_path / f"{lock_lib.LOCK_FILENAME}.takeover-{digest}"
+  taker = {"host": "pod-worker-7", "pid": 1, "start": 0.0, "heartbeat": time.time()}
+  claim.write_text(json.dumps(taker))  # Another host is taking it over right now.
+  with pytest.raises(lock_lib.WorkdirLocked, match="being taken over by another run"):
+    lock_lib.WorkdirLock(str(tmp_path), stale_after_s=60, settle_s=0).acquire()
+  claim.write_text(json.dumps({**taker, "heartbeat": time.time() + 3600}))  # Left, clock ahead.
+  with lock_lib.WorkdirLock(str(tmp_path), stale_after_s=60, settle_s=0) as lock:
+    assert _holder(path)["token"] == lock.holder["token"] and not claim.exists()
+
+
 def test_an_empty_lock_file_is_waited_on_then_taken(tmp_path, monkeypatch):
   monkeypatch.setattr(lock_lib, "EMPTY_GRACE_S", 0.3)
   path = tmp_path / lock_lib.LOCK_FILENAME
@@ -385,16 +399,3 @@ def test_a_cli_run_whose_lock_path_is_a_directory_exits_2_naming_it(tmp_path):
           in proc.stderr)
   assert "Traceback" not in proc.stderr
 
-
-def test_a_live_takers_claim_is_respected_an_old_one_from_another_host_is_not(tmp_path):
-  path = tmp_path / lock_lib.LOCK_FILENAME
-  path.write_text("garbage{")
-  digest = hashlib.sha256(b"garbage{").hexdigest()[:16]
-  claim = tmp_path / f"{lock_lib.LOCK_FILENAME}.takeover-{digest}"
-  taker = {"host": "pod-worker-7", "pid": 1, "start": 0.0, "heartbeat": time.time()}
-  claim.write_text(json.dumps(taker))  # Another host is taking it over right now.
-  with pytest.raises(lock_lib.WorkdirLocked, match="being taken over by another run"):
-    lock_lib.WorkdirLock(str(tmp_path), stale_after_s=60, settle_s=0).acquire()
-  claim.write_text(json.dumps({**taker, "heartbeat": time.time() + 3600}))  # Left, clock ahead.
-  with lock_lib.WorkdirLock(str(tmp_path), stale_after_s=60, settle_s=0) as lock:
-    assert _holder(path)["token"] == lock.holder["token"] and not claim.exists()
