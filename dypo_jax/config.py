@@ -167,7 +167,9 @@ def base_config() -> ml_collections.ConfigDict:
       # trace) before the run stops: nothing is left to learn at this difficulty (exit status 3).
       max_empty_updates=5,
       # A workdir's lock (workdir/run.lock) whose holder has not renewed it for this long, or whose
-      # process on this host is gone, is taken over; a live one makes a second run refuse.
+      # process on this host is gone, is taken over; a live one makes a second run refuse. A
+      # heartbeat ahead of this host's clock counts as gone once unchanged for this long; a run
+      # whose own heartbeat failed this long stops (exit status 7). May change on resume.
       workdir_lock_stale_s=600.0,
       # How long a failing store (I/O, permission, network errors; not damaged bytes) is retried
       # in all before the run stops with exit status 69, naming the path.

@@ -15,6 +15,7 @@ EXIT_NOTHING_TO_LEARN = 3  # train.max_empty_updates empty updates in a row; che
 EXIT_NONFINITE = 4  # More than train.max_nonfinite_updates non-finite updates.
 EXIT_WORKDIR_LOCKED = 5  # Another live run holds the workdir (workdir/run.lock).
 EXIT_CHECKPOINTS_UNREADABLE = 6  # The workdir has checkpoints and none reads: nothing was moved.
+EXIT_LOCK_LOST = 7  # Another run took the workdir's lock over (or its heartbeat kept failing).
 EXIT_STORAGE_UNAVAILABLE = 69  # Storage kept failing for train.storage_retry_s (EX_UNAVAILABLE).
 EXIT_DISK_FULL = 74  # No space left where the run writes (EX_IOERR); free some and rerun.
 EXIT_PREEMPTED = 75  # SIGTERM / SIGINT: saved; "temporary failure, resume me" (EX_TEMPFAIL).
@@ -34,6 +35,11 @@ class BadInput(ValueError):
 
 class NothingToLearn(RuntimeError):
   """`train.max_empty_updates` updates in a row found nothing queued."""
+
+
+class LockLost(RuntimeError):
+  """This run's workdir lock now names another run, or its heartbeat failed for longer than the
+  stale time: the run stops before its next write (`io.lock.WorkdirLock.check_held`)."""
 
 
 class StorageError(OSError):

@@ -19,10 +19,12 @@ or checkpoint file: one paragraph names it; `--verbose` or DYPO_JAX_TRACEBACK=1 
 traceback); 3 nothing left to learn (`train.max_empty_updates` empty updates in a row, checkpoint
 saved); 4 too many non-finite updates (`train.max_nonfinite_updates`; the last good checkpoint is
 kept); 5 another live run holds the workdir (`workdir/run.lock` names it); 6 the workdir has
-checkpoints and none reads back (nothing was moved aside; the run did not start over); 69 the
-storage kept failing for `train.storage_retry_s` (the path is named; rerun once it is back); 74
-no space left where the run writes (the failing save is named; the last complete checkpoint
-is kept; free space and run the command again); 75 preempted (SIGTERM or SIGINT: a checkpoint was
+checkpoints and none reads back (nothing was moved aside; the run did not start over); 7 the
+workdir's lock was taken over by another run (this one was frozen past
+`train.workdir_lock_stale_s`, or its heartbeat kept failing that long): it stopped before its
+next write; 69 the storage kept failing for `train.storage_retry_s` (the path is named; rerun
+once it is back); 74 no space left where the run writes (the failing save is named; the last
+complete checkpoint is kept; free space and run the command again); 75 preempted (SIGTERM or SIGINT: a checkpoint was
 saved at a step boundary, no final table; run the command again).
 """
 import os
@@ -102,7 +104,7 @@ def main(argv):
   lock = (workdir_lock.WorkdirLock(workdir, stale_after_s=config.train.workdir_lock_stale_s)
           .acquire() if jax.process_index() == 0 else None)
   try:
-    _run_phases(config, workdir)
+    _run_phases(config, workdir, lock)
   except BaseException:
     if lock is not None:
       try:
@@ -114,8 +116,8 @@ def main(argv):
     lock.release()
 
 
-def _run_phases(config, workdir: str) -> None:
-  """The phases that follow the lock."""
+def _run_phases(config, workdir: str, lock) -> None:
+  """The phases that follow the lock (`lock`: process 0's, checked before every write)."""
   import jax  # pylint: disable=g-import-not-at-top
   from dypo_jax import build  # pylint: disable=g-import-not-at-top
   from dypo_jax.parallel import host  # pylint: disable=g-import-not-at-top
@@ -132,7 +134,8 @@ def _run_phases(config, workdir: str) -> None:
     # Phase: base model (teacher SFT to an accuracy gate, saved and reused).
     from dypo_jax.rl import pretrain  # pylint: disable=g-import-not-at-top
     model = pretrain.ensure_base(config, workdir=workdir, mesh=mesh, tokenizer=tokenizer,
-                                 model=model, pools=pools, options=build.model_options(config))
+                                 model=model, pools=pools, options=build.model_options(config),
+                                 lock=lock)
   if jax.process_index() == 0:
     print(build.summary(config, mesh, tokenizer, model, pools), flush=True)
   if _MODE.value == "summary":
@@ -140,8 +143,11 @@ def _run_phases(config, workdir: str) -> None:
   # Phase: train.
   from dypo_jax.rl import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   trainer_lib.Trainer(config, workdir=workdir, mesh=mesh, tokenizer=tokenizer, model=model,
-                      pools=pools, allow_config_change=_ALLOW_CONFIG_CHANGE.value).run()
+                      pools=pools, allow_config_change=_ALLOW_CONFIG_CHANGE.value,
+                      lock=lock).run()
   if jax.process_index() == 0:
+    if lock is not None:
+      lock.check_held()
     # Phase: report (plots and the final table of base vs trained accuracy).
     from dypo_jax.io import report  # pylint: disable=g-import-not-at-top
     print(report.write_report(workdir), flush=True)
@@ -175,6 +181,8 @@ def run():
   except workdir_lock.WorkdirLocked as e:
     print(f"workdir: {e}", file=sys.stderr)
     sys.exit(errors.EXIT_WORKDIR_LOCKED)
+  except errors.LockLost as e:  # Another run holds the workdir now: this one wrote nothing more.
+    errors.exit_with("workdir: lock lost", e, errors.EXIT_LOCK_LOST, verbose=verbose, now=True)
   except errors.Preempted as e:  # Saved: a scheduler or wrapper should run the command again.
     print(f"train: {e}", file=sys.stderr)
     sys.exit(errors.EXIT_PREEMPTED)

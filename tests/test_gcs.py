@@ -109,6 +109,40 @@ def test_the_path_layer_on_a_bucket(bucket, tmp_path):
   assert paths.listdir(f"{root}/run/tb")
 
 
+@pytest.mark.slow
+def test_the_workdir_lock_on_a_bucket(bucket):
+  from dypo_jax.io import lock as lock_lib  # pylint: disable=g-import-not-at-top
+  workdir = f"{bucket}/locked"
+  path = f"{workdir}/{lock_lib.LOCK_FILENAME}"
+  first = lock_lib.WorkdirLock(workdir, heartbeat_s=0.05, settle_s=0).acquire()
+  try:
+    with pytest.raises(lock_lib.WorkdirLocked, match="in use by another run"):
+      lock_lib.WorkdirLock(workdir, settle_s=0).acquire()
+    first.check_held()
+    # A stale lock is taken over through a claim object, which goes once the lock is replaced.
+    stale = {"host": "pod-worker-7", "pid": 1, "start": 0.0, "heartbeat": time.time() - 3600}
+    paths.write_text(path, json.dumps(stale))
+    with lock_lib.WorkdirLock(workdir, stale_after_s=60, settle_s=0) as second:
+      assert json.loads(paths.read_text(path))["token"] == second.holder["token"]
+      assert paths.listdir(workdir) == [lock_lib.LOCK_FILENAME]
+      time.sleep(0.3)  # The first run's heartbeats find another token: they never overwrite it.
+      assert json.loads(paths.read_text(path))["token"] == second.holder["token"]
+      with pytest.raises(errors.LockLost, match="now held by process"):
+        first.check_held()
+  finally:
+    first.release()
+  assert not paths.exists(path)
+  # A run that lost the lock closes its logs without uploading them over the new holder's.
+  paths.write_text(f"{workdir}/metrics.jsonl", '{"step": 7}\n')
+  writer = metrics_lib.MetricsWriter(workdir)
+  writer.write(8, {"loss": 1.0})
+  writer.close(sync=False)
+  assert paths.read_text(f"{workdir}/metrics.jsonl") == '{"step": 7}\n'
+  paths.write_text(f"{path}/inside", "x")  # run.lock as a "folder" (a name prefix).
+  with pytest.raises(errors.BadInput, match="is a directory"):
+    lock_lib.WorkdirLock(workdir, settle_s=0).acquire()
+
+
 def _start(workdir: str, **overrides) -> subprocess.Popen:
   return subprocess.Popen(tiny_runs.main_command(workdir, **overrides), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, env=tiny_runs.subprocess_env(),

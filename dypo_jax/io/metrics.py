@@ -150,8 +150,11 @@ class MetricsWriter:
     if self._remote and time.monotonic() - self._synced >= self._sync_every_s:
       self.sync()
 
-  def close(self) -> None:
-    self.sync()
+  def close(self, *, sync: bool = True) -> None:
+    """`sync=False`: leaves a remote workdir's copy as it is (a run that lost the workdir's lock
+    must not replace the new holder's logs with its own)."""
+    if sync:
+      self.sync()
     if self._file is not None:
       self._file.close()
       self._file = None

@@ -7,6 +7,7 @@ exclusive create is the store's "only if absent" precondition, append-only logs 
 local staging folder and uploaded whole (`staging_dir`), and files that a library must open from
 disk (a SentencePiece model) are read through a local copy.
 """
+import errno
 import hashlib
 import os
 import posixpath
@@ -119,19 +120,34 @@ def move_tree(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 def create_exclusive(path: str | os.PathLike, data: bytes) -> bool:
   """Creates `path` holding `data` only if it does not exist; False if it did.
 
-  Locally O_EXCL; in a bucket, the store's "create only if absent" precondition (fsspec's
-  exclusive mode "xb": GCS's ifGenerationMatch=0), so that of two simultaneous creators exactly
-  one wins. The existence check first serves stores that ignore the precondition (emulators).
+  Locally a hard link of a complete temporary file (atomic, fails if `path` exists); in a
+  bucket, the store's "create only if absent" precondition (fsspec's exclusive mode "xb": GCS's
+  ifGenerationMatch=0), one upload of the whole content. Either way of two simultaneous
+  creators exactly one wins, and a reader never sees the file partly written. The existence check first serves stores that ignore the precondition (emulators).
   """
   if not is_remote(path):
+    # Written whole beside it, then hard-linked into place (fails if the name exists): a reader
+    # sees no file or all of `data`, never the empty file an O_EXCL create shows until written.
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
+                               suffix=".new")
     try:
-      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-      return False
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
+      with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+      os.chmod(tmp, 0o644)
+      try:
+        os.link(tmp, path)
+      except FileExistsError:
+        return False
+      except OSError as e:  # A file system without hard links: O_EXCL, then write.
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+          raise
+        return _create_exclusive_unlinked(path, data)
+    finally:
+      os.remove(tmp)
+    fileio.fsync_dir(folder)
     return True
   import fsspec  # pylint: disable=g-import-not-at-top
   fs, fs_path = fsspec.core.url_to_fs(os.fspath(path))
@@ -146,6 +162,20 @@ def create_exclusive(path: str | os.PathLike, data: bytes) -> bool:
     if "412" in str(e) or "recondition" in str(e):
       return False
     raise
+  return True
+
+
+def _create_exclusive_unlinked(path: str, data: bytes) -> bool:
+  """O_EXCL create, then write: a reader may see the file empty for a moment (`io.lock` waits
+  for an empty lock file to fill)."""
+  try:
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+  except FileExistsError:
+    return False
+  with os.fdopen(fd, "wb") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
   return True
 
 

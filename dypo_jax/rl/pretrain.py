@@ -66,10 +66,11 @@ def load_base(path: str, options: builder.ModelOptions, mesh) -> models.Transfor
 
 
 def ensure_base(config: ml_collections.ConfigDict, *, workdir: str, mesh, tokenizer,
-                model: models.Transformer, pools,
-                options: builder.ModelOptions) -> models.Transformer:
+                model: models.Transformer, pools, options: builder.ModelOptions,
+                lock=None) -> models.Transformer:
   """Returns the base model: read from `workdir/base_model` if there, else trained from `model`
-  and saved. `options`: the ones `model` was built with (`build.model_options`)."""
+  and saved (checking the workdir's `lock`, as the run's own trainer does). `options`: the ones
+  `model` was built with (`build.model_options`)."""
   path = base_dir(workdir)
   if paths.exists(paths.join(path, "config.json")):  # Written last: the folder is complete.
     print(f"pretrain: reusing the base model in {path}", flush=True)
@@ -79,7 +80,7 @@ def ensure_base(config: ml_collections.ConfigDict, *, workdir: str, mesh, tokeni
   sft_workdir = paths.join(workdir, "pretrain")
   paths.makedirs(sft_workdir)
   trainer = trainer_lib.Trainer(c, workdir=sft_workdir, mesh=mesh, tokenizer=tokenizer,
-                                model=model, pools=pools)
+                                model=model, pools=pools, lock=lock)
   gate_records = list(pools["eval_id"])[:p.eval_prompts]
   start = time.perf_counter()
   history = []
@@ -104,6 +105,7 @@ def ensure_base(config: ml_collections.ConfigDict, *, workdir: str, mesh, tokeni
 
   trainer.run(should_stop=gate)
   base = nnx.merge(trainer.graphdef, trainer.run_state.train.params)
+  trainer.check_lock()
   if jax.process_index() == 0:
     paths.write_text(paths.join(sft_workdir, "gate.json"), json.dumps(history, indent=1))
   if paths.is_remote(path):  # Written locally, then uploaded with config.json last.

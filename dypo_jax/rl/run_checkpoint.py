@@ -47,10 +47,10 @@ TOOL_STORAGE_RETRY_S = 60.0
 FREE_ON_RESUME = ("workdir", "train.num_steps", "train.log_every", "train.checkpoint_every",
                   "train.keep_checkpoints", "train.eval_every", "train.max_nonfinite_updates",
                   "train.max_empty_updates", "train.micro_batches", "train.per_term_grad_norms",
-                  "train.storage_retry_s", "model.remat", "model.scan_layers",
-                  "model.attention_chunk", "model.mlp_chunk", "model.logprob_impl",
-                  "model.vocab_chunk", "model.pallas_interpret", "eval.", "mesh.",
-                  "distributed.", "verifier.", "pretrain.", "compile_cache.")
+                  "train.storage_retry_s", "train.workdir_lock_stale_s", "model.remat",
+                  "model.scan_layers", "model.attention_chunk", "model.mlp_chunk",
+                  "model.logprob_impl", "model.vocab_chunk", "model.pallas_interpret", "eval.",
+                  "mesh.", "distributed.", "verifier.", "pretrain.", "compile_cache.")
 
 
 class CheckpointReadError(errors.BadInput):
@@ -150,12 +150,16 @@ def _warn(line: str, exc: BaseException | None = None) -> None:
 
 def save(ckpt: checkpoint_lib.Checkpointer, run: run_state_lib.RunState, *,
          config: ml_collections.ConfigDict, model_config: Any,
-         writer: metrics_lib.MetricsWriter) -> bool:
+         writer: metrics_lib.MetricsWriter, fence=None) -> bool:
   """Saves `run` at its step (collective; asynchronous; never rewrites one).
 
-  A bucket workdir's logs are uploaded first (`writer.sync()`): a save that commits before a
-  later upload, then a kill -9, would leave the checkpoint without its steps' log lines.
+  `fence()` first (the trainer's workdir-lock check: `errors.LockLost` once another run holds
+  the workdir, so a run that lost it writes nothing more). A bucket workdir's logs are uploaded
+  next (`writer.sync()`): a save that commits before a later upload, then a kill -9, would leave
+  the checkpoint without its steps' log lines.
   """
+  if fence is not None:
+    fence()
   try:
     writer.sync()
   except Exception as e:  # pylint: disable=broad-except

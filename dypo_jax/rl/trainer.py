@@ -17,6 +17,7 @@ global arrays. Each reads its own shard of the training pool and scores its own 
 (`rollout`); the graded items, and so the queues and metrics, are the same on every process, and
 process 0 logs them. A checkpoint holds the queues once and every process's data position.
 """
+import functools
 import json
 import signal
 import sys
@@ -50,9 +51,10 @@ class Trainer:
   """Holds what the loop needs between updates."""
 
   def __init__(self, config: ml_collections.ConfigDict, *, workdir: str, mesh, tokenizer, model,
-               pools: dict[str, list], allow_config_change: tuple[str, ...] = ()):
+               pools: dict[str, list], allow_config_change: tuple[str, ...] = (), lock=None):
     self.config, self.workdir, self.mesh, self.tok, self.pools = (config, workdir, mesh,
                                                                   tokenizer, pools)
+    self.lock = lock  # The workdir's `io.lock.WorkdirLock` (process 0's), checked before writes.
     self.allow_config_change = tuple(allow_config_change)  # Keys a resume may change.
     rl, tr, sp = config.rl, config.train, config.sampler
     self.policy = routing.Policy.from_config(rl)
@@ -288,13 +290,15 @@ class Trainer:
         self._log_eval(writer, self.evaluate())
       metrics, stopped = {}, False
       save = lambda: run_checkpoint.save(ckpt, rs, config=self.config,
-                                         model_config=self.sampler.config, writer=writer)
+                                         model_config=self.sampler.config, writer=writer,
+                                         fence=self.check_lock)
       while rs.step < tr.num_steps:
         if multihost.any_process(bool(stop_requested)):  # Every process stops at one step.
           stopped = True
           break
         metrics = self.step()
         ckpt.wait_saved()  # The save started after the last step failed? Said now, naming it.
+        self.check_lock()  # Before this step's first write.
         step = rs.step
         too_many_nonfinite = metrics.get("train/nonfinite_skipped", 0) > tr.max_nonfinite_updates
         if step % tr.log_every == 0 or step == tr.num_steps or too_many_nonfinite:
@@ -336,13 +340,27 @@ class Trainer:
                                f"{ckpt.step_dir(rs.step)}; rerun the same command to "
                                f"resume")
       return metrics
+    except Exception as e:  # A run that lost its lock: that is why, whatever failed after.
+      lost = self.lock.lost() if self.lock is not None else None
+      if lost is None or isinstance(e, errors.LockLost):
+        raise
+      raise lost from e
     finally:
       # ckpt.close waits for a pending save; a failing store must not hide what stopped the run.
-      storage.close_after(sys.exc_info()[1], ckpt.close, writer and writer.close)
+      failing = sys.exc_info()[1]
+      storage.close_after(failing, ckpt.close, writer and functools.partial(
+          writer.close, sync=not isinstance(failing, errors.LockLost)))
       if self.reward_pool is not None:
         self.reward_pool.close()
       for sig, handler in previous_handlers.items():
         signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+  def check_lock(self) -> None:
+    """errors.LockLost on every process once process 0's workdir lock names another run."""
+    lost = self.lock.lost() if self.lock is not None else None
+    if multihost.any_process(lost is not None):
+      raise lost or errors.LockLost("process 0 lost the workdir lock to another run; stopped "
+                                    "before the next write")
 
   def _log_eval(self, writer, result: dict[str, Any]) -> None:
     writer.write(result["step"], {f"eval/{k}": v for k, v in result.items() if k != "step"})
