@@ -13,8 +13,10 @@ import dataclasses
 import importlib.util
 import math
 import os
+import re
 from typing import Any
 
+from absl import flags
 import ml_collections
 
 from dypo_jax import errors
@@ -478,3 +480,36 @@ def check_override_keys(argv: list[str]) -> None:
         known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
         raise ConfigError(f"unknown config key {key!r} in {arg!r}; keys of {where!r}: {known}")
       node = node[part]
+
+
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+  """absl's flag parse (an `app.run` flags_parser), with a flag it cannot read as a ConfigError
+  that names it in one sentence: a `--config.<key>=` value of the wrong type names the key and
+  its type, and an experiment file's own refusal (an unknown variant) is said as it said it.
+  absl would print "FATAL Flags parsing error" (with the experiment file's traceback) and exit 1.
+  """
+  try:
+    return flag_values(argv)
+  except flags.Error as e:
+    raise ConfigError(_flag_error(e)) from e
+
+
+def _flag_error(e: flags.Error) -> str:
+  text = str(e)
+  named = re.match(r"flag (\S+): ", text)
+  if not named:
+    return text
+  arg = named.group(1)
+  if arg.startswith("--config.") and "=" in arg:
+    key, value = arg[len("--config."):].split("=", 1)
+    default = _flatten(base_config()).get(key)
+    if default is not None:
+      kind = type(default).__name__
+      return (f"{arg}: config key {key!r} takes {'an' if kind[0] in 'aeiou' else 'a'} {kind} "
+              f"(the schema's default is {default!r}), not {value!r}")
+  cause = e  # The innermost error: what the experiment file (or the flag's parser) raised.
+  while cause.__cause__ or cause.__context__:
+    cause = cause.__cause__ or cause.__context__
+  reason = text[named.end():] if cause is e else str(cause)
+  return f"{arg}: {reason.strip().splitlines()[-1] if reason.strip() else text}"
+
