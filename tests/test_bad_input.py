@@ -109,6 +109,19 @@ def test_a_truncated_safetensors_file_is_named(tmp_path):
     models.from_pretrained(str(tmp_path))
 
 
+def test_update_prompts_the_mesh_cannot_split_is_bad_input():
+  """Refused by the update program (trainer and aot) as bad input, which main exits 2 on."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from dypo_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+  from dypo_jax.rl import program  # pylint: disable=g-import-not-at-top
+  config = tiny_runs.tiny_config(**{"train.update_prompts": 3, "train.micro_batches": 1})
+  mesh = jax.sharding.AbstractMesh((2, 1, 1), sharding.MESH_AXES)  # data=2: two batch shards.
+  with pytest.raises(errors.BadInput, match=r"train.update_prompts=3 must be a multiple of the 2 "
+                     r"batch shards of the mesh"):
+    program.UpdateProgram.build(config, graphdef=None, params=None, mesh=mesh,
+                                rules=sharding.mesh_rules(config), prompt_len=8, num_teachers=1)
+
+
 def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
   return subprocess.run(cmd, capture_output=True, text=True, env=tiny_runs.subprocess_env(),
                         cwd=tiny_runs.REPO, timeout=timeout)
@@ -135,6 +148,20 @@ def test_cli_bad_input_is_one_paragraph_and_status_2(tmp_path):
   assert "Traceback" not in proc.stderr
   proc = _run(cmd + ["--verbose"])
   assert proc.returncode == errors.EXIT_BAD_INPUT and "Traceback" in proc.stderr
+
+
+@pytest.mark.slow
+def test_cli_update_prompts_on_a_2_device_mesh_is_one_sentence_and_status_2(tmp_path):
+  cmd = tiny_runs.main_command(str(tmp_path / "run"), **{
+      "train.update_prompts": 3, "train.micro_batches": 1, "mesh.data": 2, "mesh.fsdp": 1,
+      "pretrain.enabled": False, "train.num_steps": 1})
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=tiny_runs.subprocess_env(2),
+                        cwd=tiny_runs.REPO, timeout=300)
+  assert proc.returncode == errors.EXIT_BAD_INPUT, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "input error: train.update_prompts=3 must be a multiple of the 2 batch shards of the mesh "
+      "(the update batch's items are split over them)"), proc.stderr[-2000:]
 
 
 def _mount_tmpfs(path, size: str) -> bool:

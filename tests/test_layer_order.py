@@ -159,7 +159,8 @@ _NOTES = """
 
 _TREE = {
     "dypo_jax/__init__.py": "", "dypo_jax/errors.py": "", "dypo_jax/config.py": "",
-    "dypo_jax/io/__init__.py": "", "dypo_jax/io/paths.py": "def f():\n  from dypo_jax import config\n",
+    "dypo_jax/io/__init__.py": "",
+    "dypo_jax/io/paths.py": "def f():\n  from dypo_jax import config\n",
     "dypo_jax/models/__init__.py": "from dypo_jax.models.hf import load\n",
     "dypo_jax/models/hf.py": "from dypo_jax.io import paths\nfrom .. import errors\n",
     "dypo_jax/rl/__init__.py": "", "dypo_jax/rl/losses.py": "from . import trainer\n",
