@@ -109,6 +109,26 @@ def test_a_truncated_safetensors_file_is_named(tmp_path):
     models.from_pretrained(str(tmp_path))
 
 
+@pytest.mark.parametrize("key", ["rope_theta", "rope_parameters"])
+def test_a_rope_theta_that_is_not_a_number_names_the_file_and_key(tmp_path, key):
+  from dypo_jax.models import hf_config  # pylint: disable=g-import-not-at-top
+  hf = hf_config.hf_config_from_model_config(tiny_runs.model_config(), dtype="float32")
+  hf.pop("rope_theta", None)
+  hf["rope_parameters"] = {"rope_type": "default"}
+  if key == "rope_theta":
+    hf["rope_theta"] = "abc"
+  else:
+    hf["rope_parameters"]["rope_theta"] = "abc"
+  (tmp_path / "config.json").write_text(json.dumps(hf))
+  said = (f"{tmp_path / 'config.json'}: {'rope_parameters.' if key != 'rope_theta' else ''}"
+          "rope_theta='abc' must be a positive number")
+  with pytest.raises(errors.BadInput, match=said):
+    models.from_pretrained(str(tmp_path))
+  config = tiny_runs.tiny_config(**{"model.init": "hf", "model.hf_path": str(tmp_path)})
+  with pytest.raises(errors.BadInput, match=said):
+    build.model_config(config)
+
+
 def test_update_prompts_the_mesh_cannot_split_is_bad_input():
   """Refused by the update program (trainer and aot) as bad input, which main exits 2 on."""
   import jax  # pylint: disable=g-import-not-at-top

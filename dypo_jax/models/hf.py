@@ -319,7 +319,8 @@ def from_pretrained(path: str, *, dtype: str = "float32", param_dtype: str | Non
                                             param_dtype=param_dtype, max_seq_len=max_seq_len)
   except ValueError as e:
     message = str(e).removeprefix("config.json ")
-    raise ValueError(message if config_file in message else f"{config_file}: {message}") from None
+    raise errors.BadInput(
+        message if config_file in message else f"{config_file}: {message}") from None
   options = dict(compute_options or {})
   unknown = set(options) - {"remat", "scan_layers", "attention_chunk", "mlp_chunk"}
   if unknown:
