@@ -29,6 +29,7 @@ from safetensors import safe_open
 import safetensors.numpy
 
 from dypo_jax import errors
+from dypo_jax.io import fileio
 from dypo_jax.models import hf_config
 from dypo_jax.models.transformer import ModelConfig
 from dypo_jax.models.transformer import Transformer
@@ -431,6 +432,7 @@ def save_pretrained(model: Transformer, path: str, *, dtype: str | None = None,
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
   try:
+    os.chmod(tmp, fileio.created_mode(directory=True))  # mkdtemp's 0700 would stay owner-only.
     names = []
     if len(shards) == 1:
       names.append(SINGLE_FILE)
@@ -443,6 +445,7 @@ def save_pretrained(model: Transformer, path: str, *, dtype: str | None = None,
       safetensors.numpy.save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
     _write_json(os.path.join(tmp, hf_config.CONFIG_FILE), config_json)
     for name in os.listdir(tmp):
+      os.chmod(os.path.join(tmp, name), fileio.created_mode())  # safetensors writes 0600.
       _fsync(os.path.join(tmp, name))
     if os.path.isdir(path):
       for name in os.listdir(path):
