@@ -72,6 +72,24 @@ def test_named_sets_keep_files_of_one_name_apart_and_refuse_empty_ones(tmp_path)
     record_files.read_named_sets([str(tmp_path / "nope.jsonl")])
 
 
+@pytest.mark.parametrize("field,text,at", [("prompt", "1 + \ud83d =", 4),
+                                           ("teachers[0].response", "Answer: \udc00 3", 8)])
+def test_a_lone_surrogate_names_the_file_line_record_and_field(tmp_path, field, text, at):
+  bad = _row("b")
+  if field == "prompt":
+    bad["prompt"] = text
+  else:
+    bad["teachers"][0]["response"] = text
+  train = _write_jsonl(tmp_path / "train.jsonl", [_row("a"), bad])  # JSON: a "\\ud83d" escape.
+  config = config_lib.base_config()
+  config.data.source, config.data.train_path = "files", train
+  with pytest.raises(records_lib.RecordError) as info:
+    build.build_data(config, str(tmp_path))
+  assert str(info.value) == (
+      f"{train} line 2: field {field!r}: record 'b': character {at} is a lone surrogate "
+      f"{text[at]!r}, which is not valid Unicode (a \\u escape of half a pair?)")
+
+
 def test_where_is_names_the_line_or_row(tmp_path):
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
