@@ -56,11 +56,6 @@ def _masked_attention(q, k, v, starts, ends):
   return jnp.einsum("BKGS,BKSH->BKGH", probs, v)
 
 
-def reference_attention(q, k, v, starts, ends):
-  """All S slots, masked: q [B, KV, G, H], k/v [B, KV, S, H], starts/ends [B] -> [B, KV, G, H]."""
-  return _masked_attention(q, k.astype(q.dtype), v.astype(q.dtype), starts, ends)
-
-
 def bounded_attention(q, k, v, starts, ends, *, layer=None, block: int = DEFAULT_BLOCK):
   """Attention of one decode token per row over the first bucket_length(max(ends)) slots.
 
