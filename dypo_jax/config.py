@@ -491,22 +491,25 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
   try:
     return flag_values(argv)
   except flags.Error as e:
-    raise ConfigError(_flag_error(e)) from e
+    raise ConfigError(_flag_error(e, flag_values)) from e
 
 
-def _flag_error(e: flags.Error) -> str:
+def _flag_error(e: flags.Error, flag_values: flags.FlagValues) -> str:
   text = str(e)
   named = re.match(r"flag (\S+): ", text)
   if not named:
     return text
   arg = named.group(1)
-  if arg.startswith("--config.") and "=" in arg:
-    key, value = arg[len("--config."):].split("=", 1)
+  an = lambda kind: f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+  name, _, value = arg[2:].partition("=")
+  if name.startswith("config.") and value:
+    key = name[len("config."):]
     default = _flatten(base_config()).get(key)
     if default is not None:
-      kind = type(default).__name__
-      return (f"{arg}: config key {key!r} takes {'an' if kind[0] in 'aeiou' else 'a'} {kind} "
-              f"(the schema's default is {default!r}), not {value!r}")
+      return (f"{arg}: config key {key!r} takes {an(type(default).__name__)} (the schema's "
+              f"default is {default!r}), not {value!r}")
+  elif name in flag_values and flag_values[name].flag_type() in ("int", "float"):
+    return f"{arg}: --{name} takes {an(flag_values[name].flag_type())}, not {value!r}"
   cause = e  # The innermost error: what the experiment file (or the flag's parser) raised.
   while cause.__cause__ or cause.__context__:
     cause = cause.__cause__ or cause.__context__

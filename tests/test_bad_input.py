@@ -172,7 +172,8 @@ def test_cli_bad_input_is_one_paragraph_and_status_2(tmp_path):
   empty = tmp_path / "empty.jsonl"
   empty.write_text("")
   for flags, said in (([f"--data={empty}"], f"{empty}: --data: the file holds no records"),
-                      (["--pass_ks=1,x"], "--pass_ks=1,x: expected whole numbers")):
+                      (["--pass_ks=1,x"], "--pass_ks=1,x: expected whole numbers"),
+                      (["--step=abc"], "--step=abc: --step takes an int, not 'abc'")):
     proc = _run(tool + flags)
     assert proc.returncode == errors.EXIT_BAD_INPUT, proc.stderr[-2000:]
     assert said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -186,6 +186,7 @@ def _parse(argv: list[str]) -> ml_collections.ConfigDict:
   flag_values = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, flag_values=flag_values, lock_config=True,
                                   sys_argv=argv)
+  flags.DEFINE_integer("step", None, "A tool's flag.", flag_values=flag_values)
   config_lib.parse_flags(argv, flag_values)
   return flag_values.config
 
@@ -197,6 +198,8 @@ def test_an_override_of_the_wrong_type_names_the_key_and_its_type():
     _parse([f"--config={_REPO}/experiments/cpu_tiny.py:quick", "--config.train.num_steps=abc"])
   assert str(e.value) == ("--config.train.num_steps=abc: config key 'train.num_steps' takes an "
                           "int (the schema's default is 100), not 'abc'")
+  with pytest.raises(config_lib.ConfigError, match=r"^--step=x: --step takes an int, not 'x'$"):
+    _parse(["--step=x"])
 
 
 @pytest.mark.parametrize("experiment,said", [
