@@ -494,25 +494,27 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
     raise ConfigError(_flag_error(e, flag_values)) from e
 
 
+def _a(kind: str) -> str:
+  return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
 def _flag_error(e: flags.Error, flag_values: flags.FlagValues) -> str:
   text = str(e)
   named = re.match(r"flag (\S+): ", text)
   if not named:
     return text
   arg = named.group(1)
-  an = lambda kind: f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
   name, _, value = arg[2:].partition("=")
   if name.startswith("config.") and value:
     key = name[len("config."):]
     default = _flatten(base_config()).get(key)
     if default is not None:
-      return (f"{arg}: config key {key!r} takes {an(type(default).__name__)} (the schema's "
+      return (f"{arg}: config key {key!r} takes {_a(type(default).__name__)} (the schema's "
               f"default is {default!r}), not {value!r}")
   elif name in flag_values and flag_values[name].flag_type() in ("int", "float"):
-    return f"{arg}: --{name} takes {an(flag_values[name].flag_type())}, not {value!r}"
+    return f"{arg}: --{name} takes {_a(flag_values[name].flag_type())}, not {value!r}"
   cause = e  # The innermost error: what the experiment file (or the flag's parser) raised.
   while cause.__cause__ or cause.__context__:
     cause = cause.__cause__ or cause.__context__
   reason = text[named.end():] if cause is e else str(cause)
   return f"{arg}: {reason.strip().splitlines()[-1] if reason.strip() else text}"
-
