@@ -44,8 +44,8 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
   folder = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
   try:
-    os.fchmod(fd, created_mode())
     with os.fdopen(fd, "wb") as f:
+      os.fchmod(f.fileno(), created_mode())
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
