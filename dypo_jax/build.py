@@ -100,8 +100,9 @@ def model_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
   mc = models.model_config_from_dict(config.model.to_dict())
   m = config.model
   if m.init == "hf" and os.path.exists(os.path.join(m.hf_path, hf_config.CONFIG_FILE)):
-    from_file = hf_config.model_config_from_hf(hf_config.read_hf_config(m.hf_path), dtype=m.dtype,
-                                        param_dtype=m.param_dtype, max_seq_len=m.max_seq_len)
+    from_file = hf_config.model_config_from_dir(m.hf_path, dtype=m.dtype,
+                                                param_dtype=m.param_dtype,
+                                                max_seq_len=m.max_seq_len)
     mc = dataclasses.replace(from_file, **{f.name: getattr(mc, f.name)
                                            for f in dataclasses.fields(mc)
                                            if f.name not in hf_config.ARCH_FIELDS})

@@ -13,8 +13,10 @@ import dataclasses
 import importlib.util
 import math
 import os
+import re
 from typing import Any
 
+from absl import flags
 import ml_collections
 
 from dypo_jax import errors
@@ -481,3 +483,41 @@ def check_override_keys(argv: list[str]) -> None:
         known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
         raise ConfigError(f"unknown config key {key!r} in {arg!r}; keys of {where!r}: {known}")
       node = node[part]
+
+
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+  """absl's flag parse (an `app.run` flags_parser), with a flag it cannot read as a ConfigError
+  that names it in one sentence: a `--config.<key>=` value of the wrong type names the key and
+  its type, and an experiment file's own refusal (an unknown variant) is said as it said it.
+  absl would print "FATAL Flags parsing error" (with the experiment file's traceback) and exit 1.
+  """
+  try:
+    return flag_values(argv)
+  except flags.Error as e:
+    raise ConfigError(_flag_error(e, flag_values)) from e
+
+
+def _a(kind: str) -> str:
+  return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
+def _flag_error(e: flags.Error, flag_values: flags.FlagValues) -> str:
+  text = str(e)
+  named = re.match(r"flag (\S+): ", text)
+  if not named:
+    return text
+  arg = named.group(1)
+  name, _, value = arg[2:].partition("=")
+  if name.startswith("config.") and value:
+    key = name[len("config."):]
+    default = _flatten(base_config()).get(key)
+    if default is not None:
+      return (f"{arg}: config key {key!r} takes {_a(type(default).__name__)} (the schema's "
+              f"default is {default!r}), not {value!r}")
+  elif name in flag_values and flag_values[name].flag_type() in ("int", "float"):
+    return f"{arg}: --{name} takes {_a(flag_values[name].flag_type())}, not {value!r}"
+  cause = e  # The innermost error: what the experiment file (or the flag's parser) raised.
+  while cause.__cause__ or cause.__context__:
+    cause = cause.__cause__ or cause.__context__
+  reason = text[named.end():] if cause is e else str(cause)
+  return f"{arg}: {reason.strip().splitlines()[-1] if reason.strip() else text}"

@@ -173,7 +173,7 @@ def run():
   except config_lib.ConfigError as e:
     errors.exit_with("config error", e, errors.EXIT_BAD_INPUT, verbose=verbose)
   try:
-    app.run(main)
+    app.run(main, flags_parser=config_lib.parse_flags)
   except config_lib.ConfigError as e:
     errors.exit_with("config error", e, errors.EXIT_BAD_INPUT, verbose=verbose)
   except errors.BadInput as e:

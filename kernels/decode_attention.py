@@ -16,8 +16,8 @@ through Triton on GPU and Mosaic on TPU; with `interpret=True` it runs anywhere 
 Pallas interpreter, exact but slow. `interpret=None` picks True on CPU. It was tested here only
 in interpret mode (no accelerator was at hand): the compiled lowerings are unverified.
 
-`dypo_jax.models.decode_attention.reference_attention` has the same signature and computes the
-same with a full masked softmax over S (the test oracle).
+`tests/test_kernels_decode_attention.py` checks it against a full masked softmax over S (in
+float64), and against `dypo_jax.models.decode_attention.bounded_attention`.
 """
 import functools
 

@@ -72,6 +72,24 @@ def test_named_sets_keep_files_of_one_name_apart_and_refuse_empty_ones(tmp_path)
     record_files.read_named_sets([str(tmp_path / "nope.jsonl")])
 
 
+@pytest.mark.parametrize("field,text,at", [("prompt", "1 + \ud83d =", 4),
+                                           ("teachers[0].response", "Answer: \udc00 3", 8)])
+def test_a_lone_surrogate_names_the_file_line_record_and_field(tmp_path, field, text, at):
+  bad = _row("b")
+  if field == "prompt":
+    bad["prompt"] = text
+  else:
+    bad["teachers"][0]["response"] = text
+  train = _write_jsonl(tmp_path / "train.jsonl", [_row("a"), bad])  # JSON: a "\\ud83d" escape.
+  config = config_lib.base_config()
+  config.data.source, config.data.train_path = "files", train
+  with pytest.raises(records_lib.RecordError) as info:
+    build.build_data(config, str(tmp_path))
+  assert str(info.value) == (
+      f"{train} line 2: field {field!r}: record 'b': character {at} is a lone surrogate "
+      f"{text[at]!r}, which is not valid Unicode (a \\u escape of half a pair?)")
+
+
 def test_where_is_names_the_line_or_row(tmp_path):
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
@@ -109,6 +127,39 @@ def test_a_truncated_safetensors_file_is_named(tmp_path):
     models.from_pretrained(str(tmp_path))
 
 
+@pytest.mark.parametrize("key", ["rope_theta", "rope_parameters"])
+def test_a_rope_theta_that_is_not_a_number_names_the_file_and_key(tmp_path, key):
+  from dypo_jax.models import hf_config  # pylint: disable=g-import-not-at-top
+  hf = hf_config.hf_config_from_model_config(tiny_runs.model_config(), dtype="float32")
+  hf.pop("rope_theta", None)
+  hf["rope_parameters"] = {"rope_type": "default"}
+  if key == "rope_theta":
+    hf["rope_theta"] = "abc"
+  else:
+    hf["rope_parameters"]["rope_theta"] = "abc"
+  (tmp_path / "config.json").write_text(json.dumps(hf))
+  said = (f"{tmp_path / 'config.json'}: {'rope_parameters.' if key != 'rope_theta' else ''}"
+          "rope_theta='abc' must be a positive number")
+  with pytest.raises(errors.BadInput, match=said):
+    models.from_pretrained(str(tmp_path))
+  config = tiny_runs.tiny_config(**{"model.init": "hf", "model.hf_path": str(tmp_path)})
+  with pytest.raises(errors.BadInput, match=said):
+    build.model_config(config)
+
+
+def test_update_prompts_the_mesh_cannot_split_is_bad_input():
+  """Refused by the update program (trainer and aot) as bad input, which main exits 2 on."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from dypo_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+  from dypo_jax.rl import program  # pylint: disable=g-import-not-at-top
+  config = tiny_runs.tiny_config(**{"train.update_prompts": 3, "train.micro_batches": 1})
+  mesh = jax.sharding.AbstractMesh((2, 1, 1), sharding.MESH_AXES)  # data=2: two batch shards.
+  with pytest.raises(errors.BadInput, match=r"train.update_prompts=3 must be a multiple of the 2 "
+                     r"batch shards of the mesh"):
+    program.UpdateProgram.build(config, graphdef=None, params=None, mesh=mesh,
+                                rules=sharding.mesh_rules(config), prompt_len=8, num_teachers=1)
+
+
 def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
   return subprocess.run(cmd, capture_output=True, text=True, env=tiny_runs.subprocess_env(),
                         cwd=tiny_runs.REPO, timeout=timeout)
@@ -121,7 +172,8 @@ def test_cli_bad_input_is_one_paragraph_and_status_2(tmp_path):
   empty = tmp_path / "empty.jsonl"
   empty.write_text("")
   for flags, said in (([f"--data={empty}"], f"{empty}: --data: the file holds no records"),
-                      (["--pass_ks=1,x"], "--pass_ks=1,x: expected whole numbers")):
+                      (["--pass_ks=1,x"], "--pass_ks=1,x: expected whole numbers"),
+                      (["--step=abc"], "--step=abc: --step takes an int, not 'abc'")):
     proc = _run(tool + flags)
     assert proc.returncode == errors.EXIT_BAD_INPUT, proc.stderr[-2000:]
     assert said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -135,6 +187,20 @@ def test_cli_bad_input_is_one_paragraph_and_status_2(tmp_path):
   assert "Traceback" not in proc.stderr
   proc = _run(cmd + ["--verbose"])
   assert proc.returncode == errors.EXIT_BAD_INPUT and "Traceback" in proc.stderr
+
+
+@pytest.mark.slow
+def test_cli_update_prompts_on_a_2_device_mesh_is_one_sentence_and_status_2(tmp_path):
+  cmd = tiny_runs.main_command(str(tmp_path / "run"), **{
+      "train.update_prompts": 3, "train.micro_batches": 1, "mesh.data": 2, "mesh.fsdp": 1,
+      "pretrain.enabled": False, "train.num_steps": 1})
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=tiny_runs.subprocess_env(2),
+                        cwd=tiny_runs.REPO, timeout=300)
+  assert proc.returncode == errors.EXIT_BAD_INPUT, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "input error: train.update_prompts=3 must be a multiple of the 2 batch shards of the mesh "
+      "(the update batch's items are split over them)"), proc.stderr[-2000:]
 
 
 def _mount_tmpfs(path, size: str) -> bool:

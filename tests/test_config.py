@@ -176,3 +176,51 @@ def test_cli_non_finite_value_is_refused_with_exit_2():
                    "--mode=summary")
   assert proc.returncode == 2, proc.stderr
   assert "'optim.learning_rate' = nan is not finite" in proc.stderr
+
+
+def _parse(argv: list[str]) -> ml_collections.ConfigDict:
+  """main's flag parse of `--config=...` flags, on flags of its own (in-process, no app.run)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  argv = ["main"] + argv
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, flag_values=flag_values, lock_config=True,
+                                  sys_argv=argv)
+  flags.DEFINE_integer("step", None, "A tool's flag.", flag_values=flag_values)
+  config_lib.parse_flags(argv, flag_values)
+  return flag_values.config
+
+
+def test_an_override_of_the_wrong_type_names_the_key_and_its_type():
+  assert _parse([f"--config={_REPO}/experiments/cpu_tiny.py:quick",
+                 "--config.train.num_steps=7"]).train.num_steps == 7
+  with pytest.raises(config_lib.ConfigError) as e:
+    _parse([f"--config={_REPO}/experiments/cpu_tiny.py:quick", "--config.train.num_steps=abc"])
+  assert str(e.value) == ("--config.train.num_steps=abc: config key 'train.num_steps' takes an "
+                          "int (the schema's default is 100), not 'abc'")
+  with pytest.raises(config_lib.ConfigError, match=r"^--step=x: --step takes an int, not 'x'$"):
+    _parse(["--step=x"])
+
+
+@pytest.mark.parametrize("experiment,said", [
+    ("baselines.py:nosuch", "unknown method 'nosuch' in variant 'nosuch'; allowed: sft, grpo"),
+    ("cpu_tiny.py:nosuch", "unknown variant 'nosuch' of experiments/cpu_tiny.py; allowed: "
+                           "('', 'quick')")])
+def test_an_unknown_variant_is_the_experiment_files_sentence(experiment, said):
+  flag = f"--config={_REPO}/experiments/{experiment}"
+  with pytest.raises(config_lib.ConfigError) as e:
+    _parse([flag])
+  assert str(e.value).startswith(f"{flag}: {said}") and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.slow
+def test_cli_flag_errors_exit_2_with_one_line():
+  for args, said in ((["--config=experiments/cpu_tiny.py:quick", "--config.train.num_steps=abc"],
+                      "config error: --config.train.num_steps=abc: config key 'train.num_steps' "
+                      "takes an int"),
+                     (["--config=experiments/baselines.py:nosuch"],
+                      "config error: --config=experiments/baselines.py:nosuch: unknown method "
+                      "'nosuch'")):
+    proc = _run_main(*args, "--mode=summary")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(said) and proc.stderr.count("\n") == 1, proc.stderr

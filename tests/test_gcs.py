@@ -82,7 +82,7 @@ def test_the_path_layer_on_a_bucket(bucket, tmp_path):
   root = f"{bucket}/layer"
   paths.makedirs(root)
   paths.write_text(paths.join(root, "a.txt"), "one")
-  assert paths.read_text(paths.join(root, "a.txt")) == "one"
+  assert paths.read_bytes(paths.join(root, "a.txt")).decode() == "one"
   assert paths.isfile(paths.join(root, "a.txt")) and paths.isdir(root)
   # Exclusive create: the second creator loses.
   assert paths.create_exclusive(paths.join(root, "lock"), b"first")
@@ -207,7 +207,7 @@ def test_a_gs_workdir_survives_kill_9_and_refuses_a_second_run(bucket, reference
   assert f"resumed at step {killed_at}" in out, out[-3000:]
   tiny_runs.assert_same_metrics(tiny_runs.comparable_metrics(workdir),
                                 tiny_runs.comparable_metrics(reference))
-  table = json.loads(paths.read_text(f"{workdir}/final_table.json"))
+  table = json.loads(paths.read_bytes(f"{workdir}/final_table.json").decode())
   assert table == json.loads(open(os.path.join(reference, "final_table.json")).read())
   assert "reward.png" in paths.listdir(f"{workdir}/plots")
 

@@ -1,5 +1,5 @@
 """Decode attention bounded by position: the Pallas kernel (interpret mode) and the jnp length
-ladder against the full masked softmax (`decode_attention.reference_attention`).
+ladder against the full masked softmax over all S slots (`_reference`, in numpy float64).
 
 Rows start and end at different slots (left padding, responses of different lengths), one row
 sees a single slot, and S = 96 with blocks of 32 so a row's range crosses block edges.
@@ -15,6 +15,18 @@ from dypo_jax.models import decode_attention
 B, KV, G, H, S, L = 5, 2, 3, 16, 96, 3
 STARTS = np.array([0, 7, 31, 40, 95], np.int32)
 ENDS = np.array([96, 20, 33, 90, 96], np.int32)  # Row 4 sees slot 95 only.
+
+
+def _reference(q, k, v, starts, ends):
+  """All S slots, masked, in float64: q [B, KV, G, H], k/v [B, KV, S, H] -> [B, KV, G, H]."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  logits = np.einsum("bkgh,bksh->bkgs", q, k) / np.sqrt(q.shape[-1])
+  slots = np.arange(k.shape[2])
+  visible = (slots[None, :] >= np.asarray(starts)[:, None]) & (
+      slots[None, :] < np.asarray(ends)[:, None])  # [B, S]
+  logits = np.where(visible[:, None, None, :], logits, -np.inf)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  return np.einsum("bkgs,bksh->bkgh", probs / probs.sum(-1, keepdims=True), v)
 
 
 def _inputs(dtype=jnp.float32):
@@ -41,7 +53,7 @@ def test_bounded_matches_reference_per_layer_and_stacked(bound):
   q, k, v = _inputs()
   ends = ENDS if bound is None else np.minimum(ENDS, bound)
   starts = np.minimum(STARTS, ends - 1)
-  want = decode_attention.reference_attention(q, k[1], v[1], starts, ends)
+  want = _reference(q, k[1], v[1], starts, ends)
   got = jax.jit(lambda *a: decode_attention.bounded_attention(*a, block=32))(
       q, k[1], v[1], starts, ends)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
@@ -58,7 +70,7 @@ def test_bounded_reads_nothing_past_the_bound():
   poison = lambda x: x[1].at[:, :, 64:].set(jnp.nan)
   got = decode_attention.bounded_attention(q, poison(k), poison(v), starts, ends, block=32)
   assert np.isfinite(np.asarray(got)).all()
-  want = decode_attention.reference_attention(q, k[1], v[1], starts, ends)
+  want = _reference(q, k[1], v[1], starts, ends)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -67,7 +79,7 @@ def test_bounded_reads_nothing_past_the_bound():
 def test_pallas_kernel_matches_reference(dtype, tol):
   q, k, v = _inputs(dtype)
   got = kernel.decode_attention(q, k[0], v[0], STARTS, ENDS, block=32, interpret=True)
-  want = decode_attention.reference_attention(
+  want = _reference(
       q.astype(jnp.float32), k[0].astype(jnp.float32), v[0].astype(jnp.float32), STARTS, ENDS)
   assert got.dtype == dtype and got.shape == (B, KV, G, H)
   np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=tol, rtol=tol)

@@ -183,3 +183,17 @@ def test_a_fresh_process_logs_tensorboard_without_loading_torch_and_can_load_it_
       """, str(tmp_path))
   assert "torch loaded by the writer: False" in out
   assert "torch after: 2.0" in out and "events: 1" in out
+
+
+def test_a_log_deleted_mid_run_is_recreated_with_one_warning(tmp_path, capsys):
+  writer = metrics.MetricsWriter(str(tmp_path))
+  writer.write(1, {"loss": 1.0})
+  path = tmp_path / metrics.METRICS_FILENAME
+  os.remove(path)
+  writer.write(2, {"loss": 2.0})
+  writer.write(3, {"loss": 3.0})
+  writer.close()
+  assert [r["step"] for r in metrics.read_jsonl(str(path))] == [2, 3]
+  warnings = [line for line in capsys.readouterr().err.splitlines() if "WARNING" in line]
+  assert warnings == [f"metrics: WARNING {path} was deleted or replaced during the run; it is "
+                      "written again from step 2 on (the lines before are not in it)"]

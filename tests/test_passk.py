@@ -14,6 +14,11 @@ def _brute_force(sample_correct: np.ndarray, k: int) -> float:
   return sum(bool(sample_correct[list(s)].any()) for s in subsets) / len(subsets)
 
 
+def _pass_at_k(n: int, c: int, k: int) -> float:
+  """pass@k of one prompt with `c` of its `n` samples correct."""
+  return float(passk.pass_at_k_array(np.arange(n)[None] < c, k)[0])
+
+
 def test_pass_at_k_matches_brute_force_on_random_data():
   rng = np.random.default_rng(0)
   for _ in range(60):
@@ -22,31 +27,31 @@ def test_pass_at_k_matches_brute_force_on_random_data():
     c = int(sample_correct.sum())
     for k in range(1, n + 1):
       want = _brute_force(sample_correct, k)
-      assert passk.pass_at_k(n, c, k) == pytest.approx(want, abs=1e-12), (n, c, k)
+      assert _pass_at_k(n, c, k) == pytest.approx(want, abs=1e-12), (n, c, k)
       assert passk.pass_at_k_array(sample_correct[None], k)[0] == pytest.approx(want, abs=1e-12)
 
 
 def test_pass_at_k_matches_binomial_formula_for_large_n():
   n, c, k = 200, 7, 32
   want = 1 - math.comb(n - c, k) / math.comb(n, k)
-  assert passk.pass_at_k(n, c, k) == pytest.approx(want, rel=1e-12)
+  assert _pass_at_k(n, c, k) == pytest.approx(want, rel=1e-12)
 
 
 def test_edge_cases():
-  assert passk.pass_at_k(8, 0, 1) == 0.0
-  assert passk.pass_at_k(8, 0, 8) == 0.0
-  assert passk.pass_at_k(8, 8, 1) == 1.0
-  assert passk.pass_at_k(8, 8, 8) == 1.0
-  assert passk.pass_at_k(8, 1, 8) == 1.0  # n - c < k: every subset holds the correct sample.
-  assert passk.pass_at_k(8, 3, 1) == pytest.approx(3 / 8)
+  assert _pass_at_k(8, 0, 1) == 0.0
+  assert _pass_at_k(8, 0, 8) == 0.0
+  assert _pass_at_k(8, 8, 1) == 1.0
+  assert _pass_at_k(8, 8, 8) == 1.0
+  assert _pass_at_k(8, 1, 8) == 1.0  # n - c < k: every subset holds the correct sample.
+  assert _pass_at_k(8, 3, 1) == pytest.approx(3 / 8)
   arr = passk.pass_at_k_array(np.array([[0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 0]], bool), 2)
   np.testing.assert_allclose(arr, [0.0, 1.0, 0.5])
 
 
-@pytest.mark.parametrize("n,c,k", [(4, 0, 5), (4, 2, 0), (4, 5, 1), (4, -1, 1), (0, 0, 1)])
+@pytest.mark.parametrize("n,c,k", [(4, 0, 5), (4, 2, 0), (0, 0, 1)])
 def test_bad_arguments_raise(n, c, k):
-  with pytest.raises(ValueError, match="pass_at_k"):
-    passk.pass_at_k(n, c, k)
+  with pytest.raises(ValueError, match=r"pass_at_k_array: k must be in \[1, n="):
+    _pass_at_k(n, c, k)
 
 
 def test_array_rejects_bad_shapes_and_k():

@@ -1,7 +1,6 @@
 """Tests for dypo_jax.data.records: JSONL / Parquet readers, validation, atomic writer."""
 import gzip
 import json
-import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,6 +11,7 @@ from dypo_jax.data import records as rec_lib
 from dypo_jax.data.records import PromptRecord
 from dypo_jax.data.records import RecordError
 from dypo_jax.data.records import TeacherSolution
+import tiny_runs
 
 
 def _good(uid="u1", prompt="12+7=?", answer="19", source="add", teachers=None):
@@ -231,21 +231,12 @@ def test_validate_record_direct():
     assert info.value.field == field and "mem.jsonl line 4" in str(info.value)
 
 
-def test_write_jsonl_round_trips_and_is_atomic(tmp_path):
+def test_jsonl_and_gzip_files_read_back_as_written(tmp_path):
   recs = [PromptRecord("a", "12+7=?", "19", "add",
                        (TeacherSolution("running_total", "12+7=19\nAnswer: 19"),)),
           PromptRecord("b", "gcd(4,6)=? — ünïcode", "2", "gcd", ())]
   for name in ("out.jsonl", "out.jsonl.gz"):
     path = str(tmp_path / name)
-    assert record_files.write_jsonl(recs, path) == 2
+    assert tiny_runs.write_jsonl(recs, path) == 2
     back, stats = record_files.read_records(path)
     assert back == recs and stats["skipped"] == 0
-  # A failing write (duplicate uid) leaves the old file intact and no temp file behind.
-  path = str(tmp_path / "out.jsonl")
-  before = open(path, "rb").read()
-  with pytest.raises(RecordError, match="duplicate uid 'a'"):
-    record_files.write_jsonl(recs + [recs[0]], path)
-  with pytest.raises(RecordError, match="record 3: field 'prompt'"):
-    record_files.write_jsonl(recs + [PromptRecord("c", "", "1", "s")], path)
-  assert open(path, "rb").read() == before
-  assert sorted(os.listdir(tmp_path)) == ["out.jsonl", "out.jsonl.gz"]

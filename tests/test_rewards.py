@@ -8,6 +8,7 @@ import pytest
 
 from dypo_jax.data.records import PromptRecord
 from dypo_jax.evaluation import answers, rewards, verifier
+from verifier_faults import fault_injection_score
 
 
 def _always_crash(gold: str, pred: str) -> float:
@@ -110,7 +111,7 @@ def test_pool_rejects_unpicklable_score_fn():
 
 @pytest.fixture(scope="module")
 def fault_pool():
-  with verifier.MathVerifyPool(2, timeout=10.0, score_fn=verifier.fault_injection_score) as pool:
+  with verifier.MathVerifyPool(2, timeout=10.0, score_fn=fault_injection_score) as pool:
     yield pool
 
 
@@ -142,7 +143,7 @@ def test_pool_hanging_item_is_killed_and_replaced(fault_pool):
 
 @pytest.mark.slow
 def test_pool_hang_does_not_delay_other_items():
-  with verifier.MathVerifyPool(2, timeout=10.0, score_fn=verifier.fault_injection_score) as pool:
+  with verifier.MathVerifyPool(2, timeout=10.0, score_fn=fault_injection_score) as pool:
     pool.score_batch(["1", "1"], ["1", "1"])  # Both workers warm.
     start = time.monotonic()
     scores, faults = _within(30.0, pool.score_batch, ["0"] + [str(i) for i in range(1, 9)],
@@ -188,7 +189,7 @@ def test_pool_bounds_a_whole_batch(fault_pool):
 
 
 def test_pool_workers_cut_long_log_lines(capfd):
-  with verifier.MathVerifyPool(1, score_fn=verifier.fault_injection_score) as pool:  # Under capfd.
+  with verifier.MathVerifyPool(1, score_fn=fault_injection_score) as pool:  # Under capfd.
     pool.score_batch(["1"], ["LOG"], timeout=30.0)
   err = capfd.readouterr().err
   assert "Timeout during parsing" in err and "more characters]" in err

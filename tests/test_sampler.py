@@ -27,6 +27,11 @@ PROMPTS = [[5, 9, 11], [7, 3, 22, 40, 41, 42, 43, 44, 45, 46, 47], [63]]  # 3, 1
 _sample_token = jax.jit(sampler_lib.sample_token, static_argnames="mode")
 
 
+def _response_mask(out: sampler_lib.SampleOutput) -> np.ndarray:
+  """[B, K, T] bool: True on the tokens that count (up to and including the stop token)."""
+  return np.arange(out.tokens.shape[-1])[None, None, :] < out.lengths[..., None]
+
+
 def _model(scale_head: float = 30.0) -> Transformer:
   """The tiny model, with a scaled LM head so that next-token distributions are far from flat."""
   model = Transformer(CONFIG, rngs=nnx.Rngs(0))
@@ -53,7 +58,7 @@ def _teacher_forced(model, out: sampler_lib.SampleOutput) -> np.ndarray:
   tokens = np.concatenate([np.broadcast_to(out.prompt_tokens[:, None], (b, k, p)), out.tokens], -1)
   prompt_mask = np.broadcast_to(
       (np.arange(p)[None, :] >= p - out.prompt_lengths[:, None])[:, None], (b, k, p))
-  response_mask = out.response_mask()
+  response_mask = _response_mask(out)
   input_mask = np.concatenate([prompt_mask, response_mask], -1)
   logits = model(jnp.asarray(tokens.reshape(b * k, n)),
                  input_mask=jnp.asarray(input_mask.reshape(b * k, n)))
@@ -216,7 +221,7 @@ def test_logprobs_match_teacher_forced(setup, top_p, top_k):
                        temperature=temperature, top_p=top_p, top_k=top_k,
                        rng=jax.random.key(42))
   logits = _teacher_forced(model, out)
-  mask = out.response_mask()
+  mask = _response_mask(out)
   want = _take(_log_softmax(logits / temperature), out.tokens)
   assert np.max(np.abs(np.where(mask, out.logprobs - want, 0.0))) < 1e-4
   for b in range(3):  # The k samples of one prompt differ.
@@ -401,7 +406,7 @@ def test_tokens_depend_on_the_sample_not_on_the_rows_in_flight(scan_layers):
     np.testing.assert_array_equal(out.lengths, ref.lengths)
     np.testing.assert_array_equal(out.stop_reason, ref.stop_reason)
   # Up to its stop, every sample is the free run's (the same keys): nothing after counts.
-  mask = ref.response_mask()
+  mask = _response_mask(ref)
   np.testing.assert_array_equal(np.where(mask, ref.tokens, PAD), np.where(mask, free.tokens, PAD))
   assert np.all(ref.tokens[~mask] == PAD) and np.all(ref.logprobs[~mask] == 0)
 

@@ -9,11 +9,11 @@ import grain
 import pytest
 
 from dypo_jax.data import pipeline
-from dypo_jax.data import record_files
 from dypo_jax.data import records
 from dypo_jax.data import tasks
 from dypo_jax.data import tfds_builder as tb
 from dypo_jax.data.records import RecordError
+import tiny_runs
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +32,7 @@ def built(tmp_path_factory):
   files = {}
   for split, recs in splits.items():
     files[split] = str(folder / f"{split}.jsonl")
-    record_files.write_jsonl(recs, files[split])
+    tiny_runs.write_jsonl(recs, files[split])
   data_dir = str(folder / "data")
   path = tb.build_dataset("arith", data_dir=data_dir, train_path=files["train"],
                           eval_id_path=files["eval_id"], eval_ood_path=files["eval_ood"])

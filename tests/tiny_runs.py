@@ -4,6 +4,8 @@ The same overrides serve in-process trainers (`tiny_config`) and `python -m dypo
 command lines (`main_command`), so both compile the same programs; subprocesses inherit the test
 run's persistent compilation cache (conftest.py).
 """
+import gzip
+import json
 import math
 import os
 import subprocess
@@ -11,6 +13,7 @@ import sys
 import textwrap
 
 from dypo_jax import config as config_lib
+from dypo_jax.data import records as records_lib
 from dypo_jax.io import metrics as metrics_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,3 +146,13 @@ def assert_same_metrics(got: dict[int, dict], want: dict[int, dict], *,
                         and isinstance(b, float) and math.isclose(a, b, rel_tol=rtol,
                                                                   abs_tol=atol))
       assert same, f"step {step} {key}: {a!r} != {b!r}"
+
+
+def write_jsonl(records, path: str) -> int:
+  """Writes records as a JSONL file (gzip when the name ends in .gz) for a test to read back;
+  returns how many."""
+  lines = "".join(json.dumps(records_lib.record_to_dict(r), ensure_ascii=False) + "\n"
+                  for r in records).encode("utf-8")
+  with open(path, "wb") as f:
+    f.write(gzip.compress(lines, mtime=0) if path.endswith(".gz") else lines)
+  return len(records)

@@ -1,5 +1,5 @@
 """Record files: JSONL (gzip too) and Parquet in either layout of `records`, read with every bad
-line or row named (or skipped and counted), and written atomically."""
+line or row named (or skipped and counted)."""
 import gzip
 import json
 import os
@@ -8,11 +8,8 @@ from typing import Any, Iterable, Literal, Mapping
 from dypo_jax.data.records import PromptRecord
 from dypo_jax.data.records import record_from_dict
 from dypo_jax.data.records import record_from_verl
-from dypo_jax.data.records import record_to_dict
 from dypo_jax.data.records import RecordError
-from dypo_jax.data.records import validate_record
 from dypo_jax.data.records import Where
-from dypo_jax.io import fileio
 
 OnError = Literal["raise", "skip"]
 Layout = Literal["auto", "dypo", "verl"]
@@ -215,34 +212,3 @@ def where_is(path: str | os.PathLike, uid: str) -> str:
   read_records(path, on_error="skip", positions=positions)
   unit = "row" if os.fspath(path).lower().endswith(_PARQUET_SUFFIXES) else "line"
   return str(Where(os.fspath(path), positions.get(uid), unit))
-
-
-def write_jsonl(records: Iterable[PromptRecord], path: str | os.PathLike) -> int:
-  """Validates and writes records as JSONL (gzip when the name ends in .gz), atomically.
-
-  The data goes to a temporary file in the same folder, is flushed to disk, and only then renamed
-  over `path`, so a crash never leaves a partial file. Nothing is written when a record is invalid
-  or two records share a uid.
-
-  Returns:
-    The number of records written.
-
-  Raises:
-    RecordError: naming `path`, the (1-based) record number and the field at fault.
-  """
-  path = os.fspath(path)
-  lines = []
-  first_seen: dict[str, int] = {}
-  for i, rec in enumerate(records, start=1):
-    where = Where(path, i, "record")
-    validate_record(rec, where=where)
-    if rec.uid in first_seen:
-      raise RecordError(where, "uid", f"duplicate uid {rec.uid!r}: first as record "
-                        f"{first_seen[rec.uid]}, again as record {i}")
-    first_seen[rec.uid] = i
-    lines.append(json.dumps(record_to_dict(rec), ensure_ascii=False) + "\n")
-  payload = "".join(lines).encode("utf-8")
-  if path.endswith(".gz"):
-    payload = gzip.compress(payload, mtime=0)
-  fileio.atomic_write_bytes(path, payload)
-  return len(lines)

@@ -128,7 +128,24 @@ def validate_record(rec: PromptRecord, *, where: Where | str) -> PromptRecord:
     if not sol.response.strip():
       raise RecordError(where, field + ".response",
                         f"{tag}: teacher {i} ({sol.teacher!r}) trace is empty")
+  texts = [("uid", rec.uid), ("prompt", rec.prompt), ("answer", rec.answer),
+           ("source", rec.source)]
+  for i, sol in enumerate(rec.teachers):
+    texts += [(f"teachers[{i}].teacher", sol.teacher), (f"teachers[{i}].response", sol.response)]
+  for field, text in texts:
+    _check_unicode(text, where=where, field=field, tag=tag)
   return rec
+
+
+def _check_unicode(text: str, *, where: Where | str, field: str, tag: str) -> None:
+  """A lone surrogate (a JSON "\\ud83d" escape without its pair, a file decoded with
+  surrogateescape) is no character: the tokenizer would fail on it with no file or record named."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise RecordError(where, field, f"{tag}: character {e.start} is a lone surrogate "
+                      f"{text[e.start]!r}, which is not valid Unicode (a \\u escape of half a "
+                      "pair?)") from None
 
 
 def _answer_text(value: Any) -> Any:

@@ -438,17 +438,6 @@ DEFAULT_ERROR_RATES: dict[str, dict[str, float]] = {
 }
 
 
-def solve(family: str, teacher: str, problem: Problem, *, rng: random.Random,
-          error_rate: float = 0.0) -> str:
-  """The trace of teacher `teacher` of `family` for `problem` (see `Teacher.__call__`)."""
-  if family not in TEACHERS:
-    raise ValueError(f"solve: unknown family {family!r}; known: {', '.join(FAMILIES)}")
-  if teacher not in TEACHERS[family]:
-    raise ValueError(f"solve: family {family!r} has no teacher {teacher!r}; it has "
-                     f"{', '.join(TEACHERS[family])}")
-  return TEACHERS[family][teacher](problem, rng, error_rate=error_rate)
-
-
 def error_rate_of(error_rates: Mapping[str, Mapping[str, float]], family: str,
                   teacher: str) -> float:
   """The rate for (family, teacher) in a {family: {teacher: rate}} table; absent means 0."""

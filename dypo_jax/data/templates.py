@@ -11,18 +11,11 @@ Templates (`TEMPLATES`):
   leaves the system turn out. The prompt ends at "<|im_start|>assistant\\n": the model opens its
   own "<think>" block.
 
-`messages_to_prompt` reads the chat-message lists of verl / LUFFY parquet files into the
-(system, user) pair that `apply_template` takes.
+(verl / LUFFY chat-message rows are read by `records.record_from_verl`.)
 """
-from collections.abc import Mapping, Sequence
-from typing import Any
-
 TEMPLATES = ("plain", "qwen_chat", "qwen3_chat")
 
 QWEN_MATH_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
-
-_CHATML_STOPS = ("<|im_end|>", "<|endoftext|>")
-
 
 def _check_name(name: str) -> None:
   if name not in TEMPLATES:
@@ -46,41 +39,3 @@ def apply_template(name: str, prompt_text: str, *, system: str | None = None) ->
   if name == "qwen_chat":
     return _chatml(QWEN_MATH_SYSTEM if system is None else system, prompt_text)
   return _chatml(system, prompt_text)  # qwen3_chat
-
-
-def stop_strings(name: str) -> tuple[str, ...]:
-  """Strings that end a completion under template `name` (besides the tokenizer's eos)."""
-  _check_name(name)
-  return () if name == "plain" else _CHATML_STOPS
-
-
-def messages_to_prompt(messages: Sequence[Mapping[str, Any]]) -> tuple[str | None, str]:
-  """Reads a chat-message list into `(system, user)` for `apply_template`.
-
-  Accepts an optional system message first and then exactly one user message, each a mapping
-  with string "role" and "content" (a list, tuple or numpy object array, as pyarrow returns).
-  Anything else (no user message, a second user turn, an assistant turn, a missing or non-string
-  field) raises a ValueError naming the offending message index.
-  """
-  if isinstance(messages, (str, bytes, Mapping)) or not hasattr(messages, "__len__"):
-    raise ValueError(
-        f"messages must be a list of role/content dicts, got {type(messages).__name__}")
-  system, user = None, None
-  for i, message in enumerate(messages):
-    if not isinstance(message, Mapping):
-      raise ValueError(f"message {i} is a {type(message).__name__}, not a role/content mapping")
-    for key in ("role", "content"):
-      if not isinstance(message.get(key), str):
-        raise ValueError(f"message {i} has no string {key!r} (got {message.get(key)!r:.80}); "
-                         f"keys: {sorted(message)}")
-    role = message["role"]
-    if role == "system" and i == 0:
-      system = message["content"]
-    elif role == "user" and user is None:
-      user = message["content"]
-    else:
-      raise ValueError(f"message {i} has role {role!r} where only a leading 'system' and one "
-                       f"'user' message are supported")
-  if user is None:
-    raise ValueError(f"messages hold no 'user' message ({len(messages)} messages)")
-  return system, user

@@ -12,20 +12,6 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def pass_at_k(n: int, c: int, k: int) -> float:
-  """Unbiased pass@k for one prompt: `n` samples, `c` correct; 0 <= c <= n and 1 <= k <= n."""
-  if n < 1:
-    raise ValueError(f"pass_at_k: n must be >= 1, got n={n}")
-  if not 0 <= c <= n:
-    raise ValueError(f"pass_at_k: c must be in [0, n={n}], got c={c}")
-  if not 1 <= k <= n:
-    raise ValueError(f"pass_at_k: k must be in [1, n={n}], got k={k}")
-  if n - c < k:
-    return 1.0  # Every k-subset contains a correct sample.
-  i = np.arange(n - c + 1, n + 1, dtype=np.float64)
-  return float(1.0 - np.prod(1.0 - k / i))
-
-
 def pass_at_k_array(correct: np.ndarray, k: int) -> np.ndarray:
   """pass@k per prompt: `correct` [P, n] bool (sample j of prompt p correct) -> [P] float64."""
   correct = np.asarray(correct)

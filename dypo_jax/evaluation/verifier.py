@@ -82,26 +82,6 @@ def math_verify_score(gold: str, pred: str) -> float:
     raise VerifierTimeout(f"math-verify timed out on {_short(pred)!r}") from e
 
 
-def fault_injection_score(gold: str, pred: str) -> float:
-  """`math_verify_score`, except pred "HANG" sleeps forever, "CRASH" kills the process with
-  os._exit(13), "RAISE" raises, "GIVE_UP" raises VerifierTimeout and "LOG" logs a 30k-character
-  warning. For testing `MathVerifyPool`'s fault handling only."""
-  if pred == "LOG":
-    logging.getLogger("math_verify").warning("Timeout during parsing: %s", "x" * 30_000)
-    return 0.0
-  if pred == "GIVE_UP":
-    raise VerifierTimeout("injected timeout")
-  if pred == "HANG":
-    while True:
-      time.sleep(3600)
-  if pred == "CRASH":
-    os._exit(13)  # pylint: disable=protected-access
-  if pred == "RAISE":
-    raise RuntimeError("injected failure")
-  return math_verify_score(gold, pred)
-
-
-
 # What became of a pool item that has no score.
 _OK, _TIMEOUT, _ERROR = "ok", "timeout", "error"
 

@@ -141,6 +141,7 @@ class MetricsWriter:
       if not isinstance(key, str) or key == "step":
         raise ValueError(f"metric key {key!r}: keys must be strings other than 'step'")
       record[key] = _json_number(key, value)
+    self._reopen_if_gone(record["step"])
     self._file.write(json.dumps(record, allow_nan=False) + "\n")
     self._file.flush()
     for key, value in record.items():
@@ -149,6 +150,21 @@ class MetricsWriter:
     self._tb.flush()
     if self._remote and time.monotonic() - self._synced >= self._sync_every_s:
       self.sync()
+
+  def _reopen_if_gone(self, step: int) -> None:
+    """A log file deleted (or replaced) under the run is recreated, and said once, instead of
+    taking every later line into the deleted file's inode."""
+    try:
+      same = os.path.samestat(os.fstat(self._file.fileno()), os.stat(self._local))
+    except FileNotFoundError:
+      same = False
+    if same:
+      return
+    self._file.close()
+    self._file = open(self._local, "a", encoding="utf-8")
+    print(f"metrics: WARNING {self._local} was deleted or replaced during the run; it is "
+          f"written again from step {step} on (the lines before are not in it)",
+          file=sys.stderr, flush=True)
 
   def close(self, *, sync: bool = True) -> None:
     """`sync=False`: leaves a remote workdir's copy as it is (a run that lost the workdir's lock

@@ -80,10 +80,6 @@ def read_bytes(path: str | os.PathLike) -> bytes:
   return _epath(path).read_bytes()
 
 
-def read_text(path: str | os.PathLike) -> str:
-  return read_bytes(path).decode("utf-8")
-
-
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
   """Replaces `path` whole: a reader sees the old content or the new, never part of either."""
   if is_remote(path):

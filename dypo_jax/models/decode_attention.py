@@ -15,9 +15,8 @@ plain attention over a static slice keeps the decode-form products BUILD_NOTES d
 
 The row bound is the maximum over the rows in flight (finished rows are given ends = 1 by the
 sampler); rows with fewer slots are masked within the visited length. The Pallas kernel
-(`dypo_jax.kernels.decode_attention`) bounds each row by its own end instead.
-
-`reference_attention` is the same over all S slots (the test oracle).
+(`dypo_jax.kernels.decode_attention`) bounds each row by its own end instead. Both are tested
+against a full masked softmax over all S slots (tests/test_kernels_decode_attention.py).
 """
 import jax
 import jax.numpy as jnp
@@ -54,11 +53,6 @@ def _masked_attention(q, k, v, starts, ends):
   logits = jnp.where(visible[:, None, None, :], logits, MASK_VALUE)
   probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
   return jnp.einsum("BKGS,BKSH->BKGH", probs, v)
-
-
-def reference_attention(q, k, v, starts, ends):
-  """All S slots, masked: q [B, KV, G, H], k/v [B, KV, S, H], starts/ends [B] -> [B, KV, G, H]."""
-  return _masked_attention(q, k.astype(q.dtype), v.astype(q.dtype), starts, ends)
 
 
 def bounded_attention(q, k, v, starts, ends, *, layer=None, block: int = DEFAULT_BLOCK):

@@ -30,6 +30,7 @@ from safetensors import safe_open
 import safetensors.numpy
 
 from dypo_jax import errors
+from dypo_jax.io import fileio
 from dypo_jax.models import builder
 from dypo_jax.models import hf_config
 from dypo_jax.models.transformer import ModelConfig
@@ -300,16 +301,6 @@ def load_state_dict(model_config: ModelConfig, tensors: Mapping[str, Any]) -> Tr
                _DictSource(tensors))
 
 
-def _file_config(path: str, **kwargs) -> ModelConfig:
-  """The ModelConfig of `path`'s config.json (errors name the file)."""
-  config_file = os.path.join(path, hf_config.CONFIG_FILE)
-  try:
-    return hf_config.model_config_from_hf(hf_config.read_hf_config(path), **kwargs)
-  except ValueError as e:
-    message = str(e).removeprefix("config.json ")
-    raise ValueError(message if config_file in message else f"{config_file}: {message}") from None
-
-
 def from_pretrained(path: str, *, dtype: str = "float32", param_dtype: str | None = None,
                     max_seq_len: int | None = None, mesh: jax.sharding.Mesh | None = None,
                     rules=None, compute_options: dict | None = None) -> Transformer:
@@ -332,7 +323,7 @@ def from_pretrained(path: str, *, dtype: str = "float32", param_dtype: str | Non
   """
   if rules is not None and mesh is None:
     raise ValueError("from_pretrained: rules given without a mesh")
-  config = _file_config(path, dtype=dtype, param_dtype=param_dtype, max_seq_len=max_seq_len)
+  config = hf_config.model_config_from_dir(path, dtype=dtype, param_dtype=param_dtype, max_seq_len=max_seq_len)
   options = dict(compute_options or {})
   unknown = set(options) - {"remat", "scan_layers", "attention_chunk", "mlp_chunk"}
   if unknown:
@@ -351,7 +342,7 @@ def load_pretrained(path: str, options: builder.ModelOptions,
   run's: its scan_layers, remat, chunks, dtypes, shardings and residual-stream pin), after
   checking that its config.json has the same architecture (BadInput naming the field)."""
   c = options.config
-  found = _file_config(path, dtype=c.dtype, param_dtype=c.param_dtype, max_seq_len=c.max_seq_len)
+  found = hf_config.model_config_from_dir(path, dtype=c.dtype, param_dtype=c.param_dtype, max_seq_len=c.max_seq_len)
   for name in hf_config.ARCH_FIELDS:
     ours, theirs = getattr(c, name), getattr(found, name)
     # A qwen2 model without biases is exported with zero ones (checked by _check_tensors).
@@ -462,6 +453,7 @@ def save_pretrained(model: Transformer, path: str, *, dtype: str | None = None,
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
   try:
+    os.chmod(tmp, fileio.created_mode(directory=True))  # mkdtemp's 0700 would stay owner-only.
     names = []
     if len(shards) == 1:
       names.append(SINGLE_FILE)
@@ -474,6 +466,7 @@ def save_pretrained(model: Transformer, path: str, *, dtype: str | None = None,
       safetensors.numpy.save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
     _write_json(os.path.join(tmp, hf_config.CONFIG_FILE), config_json)
     for name in os.listdir(tmp):
+      os.chmod(os.path.join(tmp, name), fileio.created_mode())  # safetensors writes 0600.
       _fsync(os.path.join(tmp, name))
     if os.path.isdir(path):
       for name in os.listdir(path):

@@ -5,9 +5,11 @@ there; a config whose family cannot express it is refused on export, naming the 
 """
 from collections.abc import Mapping
 import json
+import math
 import os
 from typing import Any
 
+from dypo_jax import errors
 from dypo_jax.models.transformer import ARCHS
 from dypo_jax.models.transformer import ModelConfig
 
@@ -34,7 +36,7 @@ def read_hf_config(path: str) -> dict[str, Any]:
     try:
       return json.load(fh)
     except json.JSONDecodeError as e:
-      raise ValueError(f"{file}: not valid JSON ({e})") from e
+      raise errors.BadInput(f"{file}: not valid JSON ({e})") from e
 
 
 def _positive(hf_config: Mapping[str, Any], key: str, kind: type) -> int | float:
@@ -42,16 +44,16 @@ def _positive(hf_config: Mapping[str, Any], key: str, kind: type) -> int | float
   value = _require(hf_config, key)
   ok = (isinstance(value, int) if kind is int else isinstance(value, (int, float)))
   if not ok or isinstance(value, bool) or not value > 0 or value != value:  # value != value: NaN.
-    raise ValueError(f"config.json {key}={value!r} must be a positive "
-                     f"{'integer' if kind is int else 'number'} (model_type="
-                     f"{hf_config.get('model_type')!r})")
+    raise errors.BadInput(f"config.json {key}={value!r} must be a positive "
+                          f"{'integer' if kind is int else 'number'} (model_type="
+                          f"{hf_config.get('model_type')!r})")
   return kind(value)
 
 
 def _require(hf_config: Mapping[str, Any], key: str) -> Any:
   if hf_config.get(key) is None:
-    raise ValueError(f"config.json lacks required key {key!r} (model_type="
-                     f"{hf_config.get('model_type')!r})")
+    raise errors.BadInput(f"config.json lacks required key {key!r} (model_type="
+                          f"{hf_config.get('model_type')!r})")
   return hf_config[key]
 
 
@@ -62,19 +64,41 @@ def _rope_theta(hf_config: Mapping[str, Any], arch: str) -> float:
     if params is None:
       continue
     if not isinstance(params, Mapping):
-      raise ValueError(f"config.json {key}={params!r} is unsupported: expected a dict")
+      raise errors.BadInput(f"config.json {key}={params!r} is unsupported: expected a dict")
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in (None, "default"):
-      raise ValueError(
+      raise errors.BadInput(
           f"config.json {key}.rope_type={rope_type!r} is unsupported (model_type={arch!r}): "
           f"only default RoPE is implemented ({key}={dict(params)!r})")
-  top = hf_config.get("rope_theta")
-  nested = (hf_config.get("rope_parameters") or {}).get("rope_theta")
-  if top is not None and nested is not None and float(top) != float(nested):
-    raise ValueError(f"config.json rope_theta={top!r} disagrees with "
-                     f"rope_parameters.rope_theta={nested!r}")
+  top = _theta(hf_config.get("rope_theta"), "rope_theta", arch)
+  nested = _theta((hf_config.get("rope_parameters") or {}).get("rope_theta"),
+                  "rope_parameters.rope_theta", arch)
+  if top is not None and nested is not None and top != nested:
+    raise errors.BadInput(f"config.json rope_theta={top!r} disagrees with "
+                          f"rope_parameters.rope_theta={nested!r}")
   theta = top if top is not None else nested
-  return float(theta) if theta is not None else _DEFAULT_ROPE_THETA
+  return theta if theta is not None else _DEFAULT_ROPE_THETA
+
+
+def _theta(value: Any, key: str, arch: str) -> float | None:
+  """A RoPE base as a float (None when absent); a string, bool or non-positive value is named."""
+  if value is None:
+    return None
+  if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+      or value <= 0):
+    raise errors.BadInput(f"config.json {key}={value!r} must be a positive number "
+                          f"(model_type={arch!r})")
+  return float(value)
+
+
+def model_config_from_dir(path: str, **kwargs) -> ModelConfig:
+  """`model_config_from_hf` of the config.json in `path` (kwargs as there); errors name the file."""
+  file = os.path.join(path, CONFIG_FILE)
+  try:
+    return model_config_from_hf(read_hf_config(path), **kwargs)
+  except errors.BadInput as e:
+    message = str(e).removeprefix("config.json ")
+    raise errors.BadInput(message if file in message else f"{file}: {message}") from None
 
 
 def model_config_from_hf(hf_config: Mapping[str, Any], *, dtype: str = "float32",
@@ -98,15 +122,15 @@ def model_config_from_hf(hf_config: Mapping[str, Any], *, dtype: str = "float32"
     or MLP bias (`attention_bias` on llama/qwen3, `mlp_bias`), quantised weights.
   """
   if not isinstance(hf_config, Mapping):
-    raise ValueError(f"config.json must hold a JSON object of settings, got a "
-                     f"{type(hf_config).__name__}")
+    raise errors.BadInput(f"config.json must hold a JSON object of settings, got a "
+                          f"{type(hf_config).__name__}")
   arch = hf_config.get("model_type")
   if arch not in ARCHS:
-    raise ValueError(f"config.json model_type={arch!r} is unsupported; supported: {ARCHS}")
+    raise errors.BadInput(f"config.json model_type={arch!r} is unsupported; supported: {ARCHS}")
   archs = hf_config.get("architectures")
   if archs is not None and list(archs) != [_ARCHITECTURE[arch]]:
-    raise ValueError(f"config.json architectures={archs!r} is unsupported for model_type="
-                     f"{arch!r}; expected [{_ARCHITECTURE[arch]!r}]")
+    raise errors.BadInput(f"config.json architectures={archs!r} is unsupported for model_type="
+                          f"{arch!r}; expected [{_ARCHITECTURE[arch]!r}]")
   unsupported = [
       ("hidden_act", hf_config.get("hidden_act", "silu") != "silu"),
       ("use_sliding_window", bool(hf_config.get("use_sliding_window", False))),
@@ -118,8 +142,8 @@ def model_config_from_hf(hf_config: Mapping[str, Any], *, dtype: str = "float32"
   for key, bad in unsupported:
     if bad:
       why = " (it adds an o_proj bias, which Transformer lacks)" if key == "attention_bias" else ""
-      raise ValueError(f"config.json {key}={hf_config[key]!r} is unsupported "
-                       f"(model_type={arch!r}){why}")
+      raise errors.BadInput(f"config.json {key}={hf_config[key]!r} is unsupported "
+                            f"(model_type={arch!r}){why}")
   theta = _rope_theta(hf_config, arch)
   hidden = _positive(hf_config, "hidden_size", int)
   heads = _positive(hf_config, "num_attention_heads", int)
@@ -127,8 +151,8 @@ def model_config_from_hf(hf_config: Mapping[str, Any], *, dtype: str = "float32"
               else _DEFAULT_HEAD_DIM.get(arch))
   if head_dim is None:
     if hidden % heads:
-      raise ValueError(f"config.json hidden_size={hidden} is not a multiple of "
-                       f"num_attention_heads={heads}, and head_dim is not given")
+      raise errors.BadInput(f"config.json hidden_size={hidden} is not a multiple of "
+                            f"num_attention_heads={heads}, and head_dim is not given")
     head_dim = hidden // heads
   if max_seq_len is None:
     max_seq_len = (_positive(hf_config, "max_position_embeddings", int)

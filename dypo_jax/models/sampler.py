@@ -80,11 +80,6 @@ class SampleOutput:
   prompt_lengths: np.ndarray  # [B] int32.
   num_compiles: int  # The sampler's trace count after this call.
 
-  def response_mask(self) -> np.ndarray:
-    """[B, K, T] bool: True on the tokens that count (up to and including the stop token)."""
-    t = self.tokens.shape[-1]
-    return np.arange(t)[None, None, :] < self.lengths[..., None]
-
 
 
 def sampling_mode(*, temperature: float, top_p: float, top_k: int, vocab_size: int) -> Mode:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from dypo_jax import errors
 from dypo_jax.parallel import sharding
 from dypo_jax.rl import routing
 from dypo_jax.rl import train_step as step_lib
@@ -72,7 +73,7 @@ class UpdateProgram:
                  batch_shards=sharding.batch_shards(mesh, rules))
     error = update_batch.micro_batch_error(items=tr.update_prompts, **split)
     if error:
-      raise ValueError(error)
+      raise errors.BadInput(error)  # The config asks for a split the mesh cannot make.
     tx, schedule = optimizer(config)
     replicated = sharding.replicated(mesh)
     param_shardings = jax.tree.map(lambda x: x.sharding, params)

@@ -61,11 +61,11 @@ class Trainer:
     self.k, self.max_len = rl.num_samples, sp.max_new_tokens
     self.is_main = jax.process_index() == 0
     if tr.rollout_prompts % jax.process_count():
-      raise ValueError(f"train.rollout_prompts={tr.rollout_prompts} must be a multiple of the "
-                       f"{jax.process_count()} processes (each samples an equal share of the "
-                       f"prompts from its own data shard)")
+      raise errors.BadInput(f"train.rollout_prompts={tr.rollout_prompts} must be a multiple of the "
+                           f"{jax.process_count()} processes (each samples an equal share of "
+                           f"the prompts from its own data shard)")
     if tokenizer.pad_id is None:
-      raise ValueError("the tokenizer has neither a pad nor an eos token; dypo_jax needs one")
+      raise errors.BadInput("the tokenizer has neither a pad nor an eos token; dypo_jax needs one")
     self.pool = rollout.TrainingPool(pools["train"], tokenizer, template=config.tokenizer.template,
                                      max_len=self.max_len)
     rules = sharding.mesh_rules(config)

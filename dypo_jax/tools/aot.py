@@ -350,7 +350,7 @@ def run():
   except config_lib.ConfigError as e:
     sys.exit(f"config error: {e}")
   try:
-    app.run(main)
+    app.run(main, flags_parser=config_lib.parse_flags)
   except (config_lib.ConfigError, ValueError) as e:
     sys.exit(f"error: {e}")
 

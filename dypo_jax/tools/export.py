@@ -86,4 +86,8 @@ def main(argv):
 
 if __name__ == "__main__":
   logging.set_verbosity(logging.ERROR)  # Orbax logs every restore step (INFO, WARNING).
-  app.run(main)
+  from dypo_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  try:
+    app.run(main, flags_parser=config_lib.parse_flags)
+  except config_lib.ConfigError as e:  # A flag that does not parse: one sentence, exit 2.
+    errors.exit_with("export error", e, errors.EXIT_BAD_INPUT)
