@@ -323,7 +323,8 @@ def from_pretrained(path: str, *, dtype: str = "float32", param_dtype: str | Non
   """
   if rules is not None and mesh is None:
     raise ValueError("from_pretrained: rules given without a mesh")
-  config = hf_config.model_config_from_dir(path, dtype=dtype, param_dtype=param_dtype, max_seq_len=max_seq_len)
+  config = hf_config.model_config_from_dir(path, dtype=dtype, param_dtype=param_dtype,
+                                           max_seq_len=max_seq_len)
   options = dict(compute_options or {})
   unknown = set(options) - {"remat", "scan_layers", "attention_chunk", "mlp_chunk"}
   if unknown:
@@ -342,7 +343,8 @@ def load_pretrained(path: str, options: builder.ModelOptions,
   run's: its scan_layers, remat, chunks, dtypes, shardings and residual-stream pin), after
   checking that its config.json has the same architecture (BadInput naming the field)."""
   c = options.config
-  found = hf_config.model_config_from_dir(path, dtype=c.dtype, param_dtype=c.param_dtype, max_seq_len=c.max_seq_len)
+  found = hf_config.model_config_from_dir(path, dtype=c.dtype, param_dtype=c.param_dtype,
+                                          max_seq_len=c.max_seq_len)
   for name in hf_config.ARCH_FIELDS:
     ours, theirs = getattr(c, name), getattr(found, name)
     # A qwen2 model without biases is exported with zero ones (checked by _check_tensors).
