@@ -11,12 +11,22 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 study_lib = config_lib.load_module(os.path.join(_REPO, "experiments", "study.py"))
 
 
-def _write_cell(study, cell, evals, wall_s=60.0):
+def _write_cell(study, cell, evals, wall_s=60.0, *, rounds=1, groups=16, tokens=900,
+                commit="abc123", dirty=False, steps=4):
+  """A done cell as Study.run leaves it: eval.jsonl, metrics.jsonl (one record an update) and
+  cell.json; `rounds` rollout rounds an update of `groups` groups, `tokens` update tokens."""
   os.makedirs(study.dir(cell), exist_ok=True)
   with open(os.path.join(study.dir(cell), "eval.jsonl"), "w") as f:
     f.writelines(json.dumps(e) + "\n" for e in evals)
+  with open(os.path.join(study.dir(cell), "metrics.jsonl"), "w") as f:
+    for step in range(1, steps + 1):
+      f.write(json.dumps({"step": step, "rollout/rounds": rounds, "rollout/groups": groups * rounds,
+                          "rollout/tokens": 10 * groups * rounds, "batch/tokens": tokens,
+                          "grad/norm": 0.5}) + "\n")
   with open(os.path.join(study.dir(cell), "cell.json"), "w") as f:
-    json.dump({"cell": cell.name, "wall_s": wall_s, "command": []}, f)
+    json.dump({"cell": cell.name, "wall_s": wall_s, "command": [], "commit": commit,
+               "dirty": dirty, "size": "", "steps": steps,
+               "config": {"rl": {"num_samples": 8}, "train": {"num_steps": steps}}}, f)
 
 
 def _eval(step, id_acc, ood_acc):
@@ -39,37 +49,134 @@ def test_cells_share_a_base_and_the_default_grid_cell_is_the_compare_cell():
 
 def test_a_cell_starts_from_its_seeds_base_with_the_same_rollout_budget(tmp_path):
   study = study_lib.Study(str(tmp_path), size="", steps=100)
-  o = study.overrides(study_lib.Cell("sft_then_rl", 3, (("rl.alpha", 0.2),)))
+  cell = study_lib.Cell("sft_then_rl", 3, (("rl.alpha", 0.2),))
+  o = study.overrides(cell)
   assert o["model.hf_path"] == os.path.join(str(tmp_path), "seed3", "base", "base_model")
   assert o["train.max_rollouts_per_update"] == 1 and o["train.num_steps"] == 100
+  assert o["train.log_every"] == 1  # Every update logged: the report sums the budget.
   assert o["rl.sft_then_rl_switch"] == 50 and o["rl.alpha"] == 0.2 and o["seed"] == 3
   cmd = study.command(study_lib.Cell("base", 3))
   assert "--config=experiments/cpu_tiny.py" in cmd and "--config.train.num_steps=0" in cmd
+  assert f"--config.data.ood_tasks={study_lib.OOD_SETS!r}" in cmd
   # Every override is a key of the config schema (checked as main checks them).
   config_lib.check_override_keys([a for a in study.command(study_lib.Cell("dypo", 0))
                                   if a.startswith("--config.")])
+  # The resolved config that cell.json records: the file's, then the overrides.
+  c = study.config(cell)
+  assert c["rl"]["method"] == "sft_then_rl" and c["rl"]["alpha"] == 0.2 and c["seed"] == 3
+  assert c["rl"]["sft_then_rl_switch"] == 50 and c["model"]["scan_layers"] is True
+  assert tuple(c["data"]["ood_tasks"]) == study_lib.OOD_SETS
 
 
-def test_report_gives_intervals_and_paired_differences(tmp_path):
-  """GRPO beats DYPO by exactly 5 points on every seed while seeds differ by ~10: the paired
-  difference is resolved (*), with an interval at 5.0."""
-  study = study_lib.Study(str(tmp_path), size="", steps=100)
+def _synthetic_study(tmp_path, seeds=(0, 1, 2, 3, 4)):
+  """GRPO beats DYPO by exactly 5 points on every seed while seeds differ by ~10; SFT is DYPO
+  plus noise; ladder_rl runs half the rollout rounds."""
+  study = study_lib.Study(str(tmp_path), size="", steps=4)
   rng = np.random.default_rng(0)
-  seeds = [0, 1, 2, 3, 4]
   for s in seeds:
     level = 0.4 + rng.normal(0, 0.1)
-    _write_cell(study, study_lib.Cell("base", s), [_eval(0, level - 0.2, 0.1)])
+    _write_cell(study, study_lib.Cell("base", s), [_eval(0, level - 0.2, 0.1)], rounds=0, steps=0)
     _write_cell(study, study_lib.Cell("dypo", s), [_eval(0, level - 0.2, 0.1),
-                                                   _eval(100, level, 0.2)])
+                                                   _eval(4, level, 0.2)])
     _write_cell(study, study_lib.Cell("grpo", s), [_eval(0, level - 0.2, 0.1),
-                                                   _eval(100, level + 0.05, 0.3)])
-  text = study_lib.report(study, seeds, ["dypo", "grpo"])
-  grpo_row = next(line for line in text.splitlines() if line.startswith("| RL (GRPO)"))
-  assert "5.0 [5.0, 5.0] *" in grpo_row
-  assert "30.0 [30.0, 30.0]" in grpo_row  # Pooled near OOD (every set at 0.3).
-  assert "Cost on this machine: 15 cells done, 15.0 min in all" in text
-  study_lib.curves_plot(study, seeds, ["dypo", "grpo"], str(tmp_path / "curves.png"))
+                                                   _eval(4, level + 0.05, 0.3)])
+    _write_cell(study, study_lib.Cell("sft", s), [_eval(4, level + rng.normal(0, 0.05), 0.2)],
+                rounds=0)
+    _write_cell(study, study_lib.Cell("ladder_rl", s), [_eval(4, level, 0.2)], rounds=1,
+                steps=2)
+  return study
+
+
+def _row(text, start):
+  return next(line for line in text.splitlines() if line.startswith(start))
+
+
+def test_report_calls_differences_by_t_intervals_with_verdicts(tmp_path):
+  study = _synthetic_study(tmp_path)
+  seeds = [0, 1, 2, 3, 4]
+  results = study_lib.collect(study, seeds, study_lib.METHODS)
+  text = study_lib.report(results, seeds, ["dypo", "grpo", "sft", "ladder_rl"])
+  # GRPO − DYPO = +5 on all 5 seeds: decided against the paper's claim; the sign test cannot
+  # go below 2/32 with 5 seeds.
+  grpo = _row(text, "| RL (GRPO) − DYPO")
+  assert "| 5 | +5.0 [+5.0, +5.0] | 5.0 [5.0, 5.0] | 0.0625 (5 of 5 higher) |" in grpo
+  assert grpo.endswith("| reversed (+) |")
+  # SFT is DYPO plus noise of sd 5 points: not decided, and the detectable difference is the
+  # noncentral-t figure at n = 5 (1.68 sds of the paired differences).
+  sft = _row(text, "| SFT − DYPO")
+  d = [results[f"seed{s}/sft"]["final"]["id/pass@1"] - results[f"seed{s}/dypo"]["final"][
+      "id/pass@1"] for s in seeds]
+  assert f"±{100 * 1.682 * np.std(d, ddof=1):.1f}" in sft and "| not decided (detectable ±" in sft
+  assert _row(text, "| base − DYPO").endswith("| decided (−) |")  # DYPO above its base.
+  means = _row(text, "| RL (GRPO) | 5 |")
+  assert "30.0 [30.0, 30.0]" in means  # Pooled near OOD (every set at 0.3).
+  assert "Commits: abc123 (clean): 25 cells." in text
+  assert "Cost on the machines that ran the cells: 25 cells done, 25.0 min in all" in text
+  # Budget: 4 updates of one round of 16 groups x k = 8 each; ladder_rl logged 2 of its updates.
+  assert _row(text, "| grpo | 5 |") == "| grpo | 5 | 4/4 | 4 | 512 | 640 | 3,600 |"
+  assert _row(text, "| ladder_rl | 5 |").startswith("| ladder_rl | 5 | 2/2 | 2 | 256 |")
+  assert _row(text, "| sft | 5 |").startswith("| sft | 5 | 4/4 | 0 | 0 |")
+  per_seed = _row(text.split("Per-seed ID pass@1")[1], "| grpo | ")
+  want = [100 * results[f"seed{s}/grpo"]["final"]["id/pass@1"] for s in seeds]
+  assert per_seed == "| grpo | " + " | ".join(f"{v:.1f}" for v in want) + " |"
+
+
+def test_results_file_regenerates_the_report_and_the_document(tmp_path):
+  study = _synthetic_study(tmp_path / "work", seeds=(0, 1, 2))
+  results = study_lib.collect(study, [0, 1, 2], study_lib.METHODS)
+  path = str(tmp_path / "study.json")
+  study_lib.save_results(path, results, "python experiments/study.py --report")
+  again = study_lib.load_results(path)
+  assert again == json.loads(json.dumps(results))
+  assert again["seed1/grpo"]["commit"] == "abc123" and again["seed1/grpo"]["dirty"] is False
+  assert again["seed1/grpo"]["config"]["rl"]["num_samples"] == 8
+  assert study_lib.report(again) == study_lib.report(results, [0, 1, 2])
+  doc = tmp_path / "STUDY.md"
+  doc.write_text(f"# Study\n\nProse before.\n\n{study_lib.DOC_BEGIN}\nold tables\n"
+                 f"{study_lib.DOC_END}\n\nProse after.\n")
+  study_lib.write_doc(str(doc), study_lib.report(again))
+  text = doc.read_text()
+  assert text.startswith("# Study\n\nProse before.") and text.endswith("Prose after.\n")
+  assert "old tables" not in text and "| RL (GRPO) − DYPO | 3 | +5.0 [+5.0, +5.0]" in text
+  study_lib.write_doc(str(doc), study_lib.report(again))
+  assert doc.read_text() == text  # Regenerating is idempotent.
+  (tmp_path / "bad.json").write_text(json.dumps({"cells": {}}))
+  with pytest.raises(SystemExit, match="format None"):
+    study_lib.load_results(str(tmp_path / "bad.json"))
+  (tmp_path / "plain.md").write_text("no markers\n")
+  with pytest.raises(SystemExit, match="markers"):
+    study_lib.write_doc(str(tmp_path / "plain.md"), "x")
+  study_lib.curves_plot(again, [0, 1, 2], ["dypo", "grpo"], str(tmp_path / "curves.png"))
   assert os.path.getsize(tmp_path / "curves.png") > 0
+
+
+def test_a_dirty_or_mixed_tree_is_flagged(tmp_path):
+  study = study_lib.Study(str(tmp_path), size="", steps=4)
+  _write_cell(study, study_lib.Cell("dypo", 0), [_eval(4, 0.5, 0.2)], commit="aaa")
+  _write_cell(study, study_lib.Cell("dypo", 1), [_eval(4, 0.5, 0.2)], commit="bbb", dirty=True)
+  text = study_lib.report(study_lib.collect(study, [0, 1], ["dypo"]))
+  assert "aaa (clean): 1 cells; bbb (dirty tree): 1 cells" in text
+  assert "Not one clean commit" in text
+  assert study.seeds_found() == [0, 1]
+
+
+def test_verify_compares_pass_rates_within_tolerance_and_budgets_exactly():
+  recorded = {"final": {"id/pass@1": 0.500, "ood/add_zero/pass@1": 0.2},
+              "budget": {"rounds": 4, "rollouts": 512, "update_tokens": 3600}}
+  same = json.loads(json.dumps(recorded))
+  assert study_lib.verify_differences(recorded, same, 0.005) == []
+  near = json.loads(json.dumps(recorded))
+  near["final"]["id/pass@1"] = 0.504
+  assert study_lib.verify_differences(recorded, near, 0.005) == []
+  far = json.loads(json.dumps(recorded))
+  far["final"]["id/pass@1"], far["budget"]["rounds"] = 0.51, 2
+  bad = study_lib.verify_differences(recorded, far, 0.005)
+  assert len(bad) == 2 and bad[0].startswith("id/pass@1: recorded 0.5000, rerun 0.5100")
+  assert bad[1] == "budget rounds: recorded 4, rerun 2"
+  cheapest = study_lib.cheapest_cell({"seed0/base": {"method": "base", "wall_s": 1.0},
+                                      "seed0/dypo": {"method": "dypo", "wall_s": 90.0},
+                                      "seed0/sft": {"method": "sft", "wall_s": 40.0}})
+  assert cheapest == "seed0/sft"
 
 
 def test_unfinished_cells_are_not_reported(tmp_path):
@@ -78,6 +185,7 @@ def test_unfinished_cells_are_not_reported(tmp_path):
   _write_cell(study, cell, [_eval(0, 0.3, 0.1)])
   os.remove(os.path.join(study.dir(cell), "cell.json"))  # Interrupted: no cell.json yet.
   assert study.final(cell) is None and not study.done(cell)
+  assert study_lib.collect(study, [0], ["dypo"]) == {}
 
 
 @pytest.mark.slow
