@@ -381,7 +381,7 @@ def comparison_row(label: str, c: Comparison) -> str:
   if c.t is None:
     cells = [label, str(c.n), "—", "—", "—", "—", "not decided (< 2 seeds)"]
   else:
-    cells = [label, str(c.n), _signed(c.t), c.bootstrap.format(100),
+    cells = [label, str(c.n), _signed(c.t), _signed(c.bootstrap),
              f"{c.sign_p:.3g} ({c.wins} of {c.n} higher)", f"±{100 * c.detectable:.1f}",
              c.verdict.format(100)]
   return "| " + " | ".join(cells) + " |"
@@ -605,10 +605,14 @@ def report(results: dict, seeds=None, methods=METHODS) -> str:
       ood_table(results, compare_seeds, [m for _, m in TABLE1]),
       "", "Per-seed ID pass@1 (the values every interval above is computed from)", "",
       per_seed_table(results, compare_seeds, [m for m in METHODS if m in methods], "id/pass@1"),
-      "", f"Sensitivity grid (paper Table 5), ID pass@1, seeds {grid_seeds}", "",
-      grid_table(results, grid_seeds, "id/pass@1"),
-      "", f"Sensitivity grid, near-OOD pass@1, seeds {grid_seeds}", "",
-      grid_table(results, grid_seeds, "ood_near/pass@1"),
+  ]
+  if grid_seeds:
+    text += [
+        "", f"Sensitivity grid (paper Table 5), ID pass@1, seeds {grid_seeds}", "",
+        grid_table(results, grid_seeds, "id/pass@1"),
+        "", f"Sensitivity grid, near-OOD pass@1, seeds {grid_seeds}", "",
+        grid_table(results, grid_seeds, "ood_near/pass@1")]
+  text += [
       "", f"Cost on the machines that ran the cells: {cost}.",
   ]
   return "\n".join(text) + "\n"

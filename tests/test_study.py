@@ -12,18 +12,20 @@ study_lib = config_lib.load_module(os.path.join(_REPO, "experiments", "study.py"
 
 
 def _write_cell(study, cell, evals, wall_s=60.0, *, rounds=1, groups=16, tokens=900,
-                commit="abc123", dirty=False, steps=4):
-  """A done cell as Study.run leaves it: eval.jsonl, metrics.jsonl (one record an update) and
-  cell.json; `rounds` rollout rounds an update of `groups` groups, `tokens` update tokens."""
-  os.makedirs(study.dir(cell), exist_ok=True)
-  with open(os.path.join(study.dir(cell), "eval.jsonl"), "w") as f:
+                commit="abc123", dirty=False, steps=4, out=None):
+  """A done cell as Study.run leaves it in `out` (default its directory): eval.jsonl,
+  metrics.jsonl (one record an update) and cell.json; `rounds` rollout rounds an update of
+  `groups` groups, `tokens` update tokens."""
+  out = out or study.dir(cell)
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "eval.jsonl"), "w") as f:
     f.writelines(json.dumps(e) + "\n" for e in evals)
-  with open(os.path.join(study.dir(cell), "metrics.jsonl"), "w") as f:
+  with open(os.path.join(out, "metrics.jsonl"), "w") as f:
     for step in range(1, steps + 1):
       f.write(json.dumps({"step": step, "rollout/rounds": rounds, "rollout/groups": groups * rounds,
                           "rollout/tokens": 10 * groups * rounds, "batch/tokens": tokens,
                           "grad/norm": 0.5}) + "\n")
-  with open(os.path.join(study.dir(cell), "cell.json"), "w") as f:
+  with open(os.path.join(out, "cell.json"), "w") as f:
     json.dump({"cell": cell.name, "wall_s": wall_s, "command": [], "commit": commit,
                "dirty": dirty, "size": "", "steps": steps,
                "config": {"rl": {"num_samples": 8}, "train": {"num_steps": steps}}}, f)
@@ -99,7 +101,7 @@ def test_report_calls_differences_by_t_intervals_with_verdicts(tmp_path):
   # GRPO − DYPO = +5 on all 5 seeds: decided against the paper's claim; the sign test cannot
   # go below 2/32 with 5 seeds.
   grpo = _row(text, "| RL (GRPO) − DYPO")
-  assert "| 5 | +5.0 [+5.0, +5.0] | 5.0 [5.0, 5.0] | 0.0625 (5 of 5 higher) |" in grpo
+  assert "| 5 | +5.0 [+5.0, +5.0] | +5.0 [+5.0, +5.0] | 0.0625 (5 of 5 higher) |" in grpo
   assert grpo.endswith("| reversed (+) |")
   # SFT is DYPO plus noise of sd 5 points: not decided, and the detectable difference is the
   # noncentral-t figure at n = 5 (1.68 sds of the paired differences).
@@ -150,6 +152,25 @@ def test_results_file_regenerates_the_report_and_the_document(tmp_path):
   assert os.path.getsize(tmp_path / "curves.png") > 0
 
 
+def test_grid_compares_each_setting_with_the_default_without_a_claimed_direction(tmp_path):
+  """β = 0.1 adds exactly 3 points at α = 0.2 on every seed: decided (+), not reversed, since
+  the paper claims no direction for the grid; every other setting equals the default."""
+  study = study_lib.Study(str(tmp_path), size="", steps=4)
+  seeds = [0, 1, 2]
+  for s in seeds:
+    for cell in study_lib.cells_of("grid", [s], []):
+      lift = 0.03 if cell.setting == study_lib.grid_setting(0.2, 0.1) else 0.0
+      _write_cell(study, cell, [_eval(4, 0.4 + 0.05 * s + lift, 0.2)])
+  text = study_lib.report(study_lib.collect(study, seeds, []), seeds, [])
+  grid = text.split("Sensitivity grid (paper Table 5), ID pass@1, seeds [0, 1, 2]")[1]
+  assert _row(grid, "| 0.2 |").startswith("| 0.2 | 48.0 [")
+  assert _row(grid, "| α = 0.2, β = 0.1 − default | 3 | +3.0 [+3.0, +3.0]").endswith(
+      "| decided (+) |")
+  assert _row(grid, "| α = 0.8, β = 2.0 − default | 3 | +0.0 [+0.0, +0.0]").endswith(
+      "| not decided (detectable ±0.0) |")
+  assert "| Δ length-averaged − Δ summed (default α, β) | 3 |" in grid
+
+
 def test_a_dirty_or_mixed_tree_is_flagged(tmp_path):
   study = study_lib.Study(str(tmp_path), size="", steps=4)
   _write_cell(study, study_lib.Cell("dypo", 0), [_eval(4, 0.5, 0.2)], commit="aaa")
@@ -177,6 +198,38 @@ def test_verify_compares_pass_rates_within_tolerance_and_budgets_exactly():
                                       "seed0/dypo": {"method": "dypo", "wall_s": 90.0},
                                       "seed0/sft": {"method": "sft", "wall_s": 40.0}})
   assert cheapest == "seed0/sft"
+
+
+def test_verify_reruns_the_cheapest_cell_from_its_base_and_reports(tmp_path, monkeypatch, capsys):
+  """--verify's plumbing in process: the rerun (here a stand-in for main that logs chosen
+  figures) goes to <workdir>/verify/<cell>, from the recorded cell's steps and size, and its
+  figures are compared with the record."""
+  study = _synthetic_study(tmp_path, seeds=(0,))
+  results = study_lib.collect(study, [0], study_lib.METHODS)
+  results["seed0/sft"]["wall_s"] = 10.0  # The cheapest method cell.
+  rerun_id = {"value": results["seed0/sft"]["final"]["id/pass@1"]}
+  runs = []
+
+  def fake_run(self, cell, workdir=None):
+    runs.append((cell, workdir, self.steps, self.size))
+    assert "--config.train.num_steps=4" in self.command(cell, workdir)
+    _write_cell(self, cell, [_eval(4, rerun_id["value"], 0.2)], rounds=0, out=workdir)
+    return 1.0
+
+  monkeypatch.setattr(study_lib.Study, "run", fake_run)
+  monkeypatch.setattr(study_lib, "git_state", lambda: {"commit": "def456", "dirty": False})
+  name = study_lib.cheapest_cell(results)
+  assert name == "seed0/sft"
+  assert study_lib.verify(study, results, name, 0.005) == 0
+  assert runs[0][1] == os.path.join(str(tmp_path), "verify", "seed0", "sft")
+  assert "verify: seed0/sft reproduces" in capsys.readouterr().out
+  rerun_id["value"] += 0.02
+  assert study_lib.verify(study, results, name, 0.005) == 1
+  assert "does NOT reproduce" in capsys.readouterr().out
+  with pytest.raises(SystemExit, match="a base is not a cheap cell"):
+    study_lib.verify(study, results, "seed0/base", 0.005)
+  with pytest.raises(SystemExit, match="no such recorded cell"):
+    study_lib.verify(study, results, "seed9/dypo", 0.005)
 
 
 def test_unfinished_cells_are_not_reported(tmp_path):
