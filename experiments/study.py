@@ -42,7 +42,7 @@ one recorded cell (default: the cheapest method cell) from its seed's base into
 `<workdir>/verify/` and compares its final pass@1 figures with the recorded ones within
 --verify_tol (default 0.005, half a point: the same code on the same kind of machine reproduces
 a cell exactly, while a run that samples differently moves pass@1 on 500 x 8 samples by about a
-point) and its budget exactly.
+point), its budget exactly, and its training loss at every logged update to a relative 1e-3.
 """
 import argparse
 import dataclasses
@@ -276,6 +276,7 @@ class Study:
         "config": config, "final": evals[-1] if evals else None, "evals": evals,
         "budget": budget_of(list(by_step.values()), config),
         "grad_norm": [[r["step"], r["grad/norm"]] for r in by_step.values() if "grad/norm" in r],
+        "loss": [[r["step"], r["loss/total"]] for r in by_step.values() if "loss/total" in r],
     }
 
 
@@ -650,8 +651,8 @@ def cheapest_cell(results: dict) -> str:
 
 
 def verify_differences(recorded: dict, rerun: dict, tol: float) -> list[str]:
-  """What of `rerun` is outside `tol` of `recorded` (final pass@1 figures) or differs from its
-  budget at all; empty when it reproduces."""
+  """What of `rerun` is outside `tol` of `recorded` (final pass@1 figures), differs from its
+  budget at all, or logged another training loss; empty when it reproduces."""
   bad = []
   want, got = recorded.get("final") or {}, rerun.get("final") or {}
   for key in PASS_KEYS:
@@ -666,6 +667,15 @@ def verify_differences(recorded: dict, rerun: dict, tol: float) -> list[str]:
     a, b = (recorded.get("budget") or {}).get(key), (rerun.get("budget") or {}).get(key)
     if a is not None and a != b:
       bad.append(f"budget {key}: recorded {a}, rerun {b}")
+  # The training loss of every logged update: a cell whose pass@1 is 0 everywhere still shows
+  # whether the rerun computed the same updates (relative 1e-3: rounding, not another run).
+  got_loss = dict((step, v) for step, v in rerun.get("loss") or [])
+  for step, want_v in recorded.get("loss") or []:
+    if step not in got_loss or not math.isclose(got_loss[step], want_v, rel_tol=1e-3,
+                                                 abs_tol=1e-6):
+      bad.append(f"loss/total at update {step}: recorded {want_v:.6g}, rerun "
+                 f"{got_loss.get(step, math.nan):.6g}")
+      break  # The first update that differs; the later ones follow from it.
   return bad
 
 

@@ -12,7 +12,7 @@ study_lib = config_lib.load_module(os.path.join(_REPO, "experiments", "study.py"
 
 
 def _write_cell(study, cell, evals, wall_s=60.0, *, rounds=1, groups=16, tokens=900,
-                commit="abc123", dirty=False, steps=4, out=None):
+                commit="abc123", dirty=False, steps=4, out=None, loss=1.0):
   """A done cell as Study.run leaves it in `out` (default its directory): eval.jsonl,
   metrics.jsonl (one record an update) and cell.json; `rounds` rollout rounds an update of
   `groups` groups, `tokens` update tokens."""
@@ -24,7 +24,7 @@ def _write_cell(study, cell, evals, wall_s=60.0, *, rounds=1, groups=16, tokens=
     for step in range(1, steps + 1):
       f.write(json.dumps({"step": step, "rollout/rounds": rounds, "rollout/groups": groups * rounds,
                           "rollout/tokens": 10 * groups * rounds, "batch/tokens": tokens,
-                          "grad/norm": 0.5}) + "\n")
+                          "grad/norm": 0.5, "loss/total": loss + 0.1 * step}) + "\n")
   with open(os.path.join(out, "cell.json"), "w") as f:
     json.dump({"cell": cell.name, "wall_s": wall_s, "command": [], "commit": commit,
                "dirty": dirty, "size": "", "steps": steps,
@@ -194,6 +194,12 @@ def test_verify_compares_pass_rates_within_tolerance_and_budgets_exactly():
   bad = study_lib.verify_differences(recorded, far, 0.005)
   assert len(bad) == 2 and bad[0].startswith("id/pass@1: recorded 0.5000, rerun 0.5100")
   assert bad[1] == "budget rounds: recorded 4, rerun 2"
+  recorded["loss"] = [[1, 2.0], [2, 1.5], [3, 1.2]]
+  same["loss"] = [[1, 2.0], [2, 1.5000001], [3, 1.2]]
+  assert study_lib.verify_differences(recorded, same, 0.005) == []
+  near["loss"] = [[1, 2.0], [2, 1.51], [3, 1.3]]  # Only the first update that differs.
+  assert study_lib.verify_differences(recorded, near, 0.005) == [
+      "loss/total at update 2: recorded 1.5, rerun 1.51"]
   cheapest = study_lib.cheapest_cell({"seed0/base": {"method": "base", "wall_s": 1.0},
                                       "seed0/dypo": {"method": "dypo", "wall_s": 90.0},
                                       "seed0/sft": {"method": "sft", "wall_s": 40.0}})
@@ -207,13 +213,14 @@ def test_verify_reruns_the_cheapest_cell_from_its_base_and_reports(tmp_path, mon
   study = _synthetic_study(tmp_path, seeds=(0,))
   results = study_lib.collect(study, [0], study_lib.METHODS)
   results["seed0/sft"]["wall_s"] = 10.0  # The cheapest method cell.
-  rerun_id = {"value": results["seed0/sft"]["final"]["id/pass@1"]}
+  rerun_id = {"value": results["seed0/sft"]["final"]["id/pass@1"], "loss": 1.0}
   runs = []
 
   def fake_run(self, cell, workdir=None):
     runs.append((cell, workdir, self.steps, self.size))
     assert "--config.train.num_steps=4" in self.command(cell, workdir)
-    _write_cell(self, cell, [_eval(4, rerun_id["value"], 0.2)], rounds=0, out=workdir)
+    _write_cell(self, cell, [_eval(4, rerun_id["value"], 0.2)], rounds=0, out=workdir,
+                loss=rerun_id["loss"])
     return 1.0
 
   monkeypatch.setattr(study_lib.Study, "run", fake_run)
@@ -226,6 +233,9 @@ def test_verify_reruns_the_cheapest_cell_from_its_base_and_reports(tmp_path, mon
   rerun_id["value"] += 0.02
   assert study_lib.verify(study, results, name, 0.005) == 1
   assert "does NOT reproduce" in capsys.readouterr().out
+  rerun_id["value"], rerun_id["loss"] = results["seed0/sft"]["final"]["id/pass@1"], 1.01
+  assert study_lib.verify(study, results, name, 0.005) == 1
+  assert "loss/total at update 1: recorded 1.1, rerun 1.11" in capsys.readouterr().out
   with pytest.raises(SystemExit, match="a base is not a cheap cell"):
     study_lib.verify(study, results, "seed0/base", 0.005)
   with pytest.raises(SystemExit, match="no such recorded cell"):
@@ -252,9 +262,25 @@ def test_study_and_variance_run_end_to_end(tmp_path):
           "--part=compare", "--methods=dypo")
   assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
   assert "seed0/dypo: " in p.stdout and "Table 1 (in small)" in p.stdout
+  doc = str(tmp_path / "STUDY.md")
   again = run("experiments/study.py", f"--workdir={work}", "--size=quick", "--seeds=0",
-              "--steps=1", "--part=compare", "--methods=dypo")
+              "--steps=1", "--part=compare", "--methods=dypo", f"--doc={doc}")
   assert "seed0/dypo: done, skipped" in again.stdout  # A done cell is not run again.
+  with open(os.path.join(work, "study.json")) as f:
+    dypo = json.load(f)["cells"]["seed0/dypo"]
+  assert len(dypo["commit"]) == 40 and isinstance(dypo["dirty"], bool)
+  assert dypo["config"]["rl"]["method"] == "dypo" and dypo["config"]["train"]["num_steps"] == 1
+  assert dypo["budget"]["updates"] == 1 and dypo["budget"]["rounds"] == 1  # One round an update.
+  c = dypo["config"]
+  assert dypo["budget"]["rollouts"] == c["train"]["rollout_prompts"] * c["rl"]["num_samples"]
+  assert dypo["final"]["step"] == 1 and "id/pass@1" in dypo["final"]
+  # The results file alone regenerates the document's tables (no workdir).
+  with open(doc) as f:
+    tables = f.read()
+  from_file = run("experiments/study.py", f"--results={work}/study.json", f"--doc={doc}")
+  assert from_file.returncode == 0, from_file.stdout[-3000:] + from_file.stderr[-3000:]
+  with open(doc) as f:
+    assert f.read() == tables and study_lib.DOC_BEGIN in tables
   v = run("experiments/variance.py", f"--study={work}", "--size=quick", "--repeats=2",
           "--prompts=2", "--betas=1")  # One β: two compiled programs a point, not six.
   assert v.returncode == 0, v.stdout[-3000:] + v.stderr[-3000:]
