@@ -262,11 +262,14 @@ class Study:
       info = json.load(f)
     evals = self.evals(cell, out)
     metrics_path = os.path.join(out, "metrics.jsonl")
-    by_step = {}  # A resumed run logs again from its checkpoint's step: the last line wins.
+    # One record a step: an evaluation logs its figures at the step of the update before it,
+    # and a resumed run logs again from its checkpoint's step (the later value of a key wins).
+    by_step = {}
     for rec in _read_jsonl(metrics_path) if os.path.exists(metrics_path) else []:
       if "step" in rec:
-        by_step[rec["step"]] = rec
-    config = info.get("config")
+        by_step.setdefault(rec["step"], {}).update(rec)
+    updates = [r for _, r in sorted(by_step.items()) if "rollout/rounds" in r]  # Every update
+    config = info.get("config")  # logs its rounds, an empty one too.
     return {
         "cell": cell.name, "method": cell.method, "seed": cell.seed,
         "setting": [list(kv) for kv in cell.setting],
@@ -274,9 +277,9 @@ class Study:
         "wall_s": info.get("wall_s"), "size": info.get("size"), "steps": info.get("steps"),
         "config_file": info.get("config_file"), "overrides": info.get("overrides"),
         "config": config, "final": evals[-1] if evals else None, "evals": evals,
-        "budget": budget_of(list(by_step.values()), config),
-        "grad_norm": [[r["step"], r["grad/norm"]] for r in by_step.values() if "grad/norm" in r],
-        "loss": [[r["step"], r["loss/total"]] for r in by_step.values() if "loss/total" in r],
+        "budget": budget_of(updates, config),
+        "grad_norm": [[r["step"], r["grad/norm"]] for r in updates if "grad/norm" in r],
+        "loss": [[r["step"], r["loss/total"]] for r in updates if "loss/total" in r],
     }
 
 
@@ -688,7 +691,9 @@ def verify(study: Study, results: dict, name: str, tol: float) -> int:
   cell = Cell(rec["method"], rec["seed"], tuple(tuple(kv) for kv in rec["setting"]))
   if cell.method == "base":
     raise SystemExit(f"--verify={name}: a base is not a cheap cell; name a method cell")
-  rerun = Study(study.workdir, size=rec.get("size") or "", steps=rec["steps"])
+  # A cell recorded before cell.json named its size and steps: this command's --size, --steps.
+  rerun = Study(study.workdir, size=study.size if rec.get("size") is None else rec["size"],
+                steps=study.steps if rec.get("steps") is None else rec["steps"])
   if not rerun.done(Cell("base", cell.seed)):
     raise SystemExit(f"--verify={name}: no base model of seed {cell.seed} in {study.workdir}; "
                      "run the seed's base there first")
