@@ -61,9 +61,10 @@ _REPO = os.path.dirname(_HERE)
 sys.path.insert(0, _REPO)
 from dypo_jax.evaluation import statistics  # noqa: E402  pylint: disable=g-import-not-at-top
 
-METHODS = ("sft", "grpo", "sft_then_rl", "luffy", "ladder_rl", "ladder_grading", "dypo")
+METHODS = ("sft", "grpo", "sft_then_rl", "luffy", "srft", "chord", "ladder_rl", "ladder_grading",
+           "dypo")
 TABLE1 = (("SFT", "sft"), ("RL (GRPO)", "grpo"), ("SFT → RL", "sft_then_rl"),
-          ("LUFFY-style", "luffy"), ("DYPO", "dypo"))
+          ("LUFFY-style", "luffy"), ("SRFT", "srft"), ("CHORD", "chord"), ("DYPO", "dypo"))
 TABLE3 = (("multi-teacher SFT", "sft"), ("+ RL", "ladder_rl"),
           ("+ dynamic grading", "ladder_grading"), ("+ GAL (= DYPO)", "dypo"))
 ALPHAS, BETAS = (0.2, 0.5, 0.8), (0.1, 1.0, 2.0)
@@ -183,6 +184,8 @@ class Study:
               "train.eval_every": max(self.steps // 2, 1)})
     if cell.method == "sft_then_rl":  # The switch at half the budget, as in baselines.py.
       o["rl.sft_then_rl_switch"] = self.steps // 2
+    if cell.method == "chord":  # μ reaches its end value at the last update, as in baselines.py.
+      o["rl.chord_mu_steps"] = self.steps
     o.update(dict(cell.setting))
     return o
 
@@ -625,10 +628,10 @@ def report(results: dict, seeds=None, methods=METHODS) -> str:
 def write_doc(path: str, tables: str) -> None:
   """Puts `tables` between the DOC_BEGIN and DOC_END markers of `path` (the prose around them
   stays), or writes a new document of the tables alone."""
-  block = f"{DOC_BEGIN}\n{tables}{DOC_END}\n"
+  block = f"{DOC_BEGIN}\n{tables}{DOC_END}"
   if not os.path.exists(path):
     with open(path, "w") as f:
-      f.write(block)
+      f.write(block + "\n")
     return
   with open(path) as f:
     text = f.read()
@@ -637,7 +640,7 @@ def write_doc(path: str, tables: str) -> None:
     raise SystemExit(f"--doc={path}: no '{DOC_BEGIN}' ... '{DOC_END}' markers; add them where "
                      "the tables go, or name a new file")
   with open(path, "w") as f:
-    f.write(text[:begin] + block + text[end + len(DOC_END):].lstrip("\n"))
+    f.write(text[:begin] + block + text[end + len(DOC_END):])
 
 
 # ------------------------------------------------------------------------------------ verify

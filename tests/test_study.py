@@ -62,9 +62,11 @@ def test_a_cell_starts_from_its_seeds_base_with_the_same_rollout_budget(tmp_path
   cmd = study.command(study_lib.Cell("base", 3))
   assert "--config=experiments/cpu_tiny.py" in cmd and "--config.train.num_steps=0" in cmd
   assert f"--config.data.ood_tasks={study_lib.OOD_SETS!r}" in cmd
+  assert study.overrides(study_lib.Cell("chord", 0))["rl.chord_mu_steps"] == 100
   # Every override is a key of the config schema (checked as main checks them).
-  config_lib.check_override_keys([a for a in study.command(study_lib.Cell("dypo", 0))
-                                  if a.startswith("--config.")])
+  for method in ("dypo", "chord", "sft_then_rl"):
+    config_lib.check_override_keys([a for a in study.command(study_lib.Cell(method, 0))
+                                    if a.startswith("--config.")])
   # The resolved config that cell.json records: the file's, then the overrides.
   c = study.config(cell)
   assert c["rl"]["method"] == "sft_then_rl" and c["rl"]["alpha"] == 0.2 and c["seed"] == 3
@@ -140,7 +142,8 @@ def test_results_file_regenerates_the_report_and_the_document(tmp_path):
                  f"{study_lib.DOC_END}\n\nProse after.\n")
   study_lib.write_doc(str(doc), study_lib.report(again))
   text = doc.read_text()
-  assert text.startswith("# Study\n\nProse before.") and text.endswith("Prose after.\n")
+  assert text.startswith("# Study\n\nProse before.\n\n" + study_lib.DOC_BEGIN + "\nCommits:")
+  assert text.endswith(study_lib.DOC_END + "\n\nProse after.\n")
   assert "old tables" not in text and "| RL (GRPO) − DYPO | 3 | +5.0 [+5.0, +5.0]" in text
   study_lib.write_doc(str(doc), study_lib.report(again))
   assert doc.read_text() == text  # Regenerating is idempotent.
