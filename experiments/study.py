@@ -47,11 +47,11 @@ point), its budget exactly, and its training loss at every logged update to a re
 import argparse
 import dataclasses
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
-import math
-import shutil
 import time
 
 import numpy as np

@@ -176,6 +176,27 @@ def test_grid_compares_each_setting_with_the_default_without_a_claimed_direction
   assert "| Δ length-averaged − Δ summed (default α, β) | 3 |" in grid
 
 
+def test_the_report_command_from_a_results_file_alone(tmp_path, monkeypatch, capsys):
+  """`study.py --results=FILE --doc=DOC` (main, in process): the tables from the file, no
+  workdir; bad combinations are refused in one sentence."""
+  study = _synthetic_study(tmp_path / "work", seeds=(0, 1))
+  results = study_lib.collect(study, [0, 1], study_lib.METHODS)
+  path, doc = str(tmp_path / "study.json"), str(tmp_path / "STUDY.md")
+  study_lib.save_results(path, results, "test")
+  monkeypatch.setattr("sys.argv", ["study.py", f"--results={path}", f"--doc={doc}"])
+  study_lib.main()
+  assert study_lib.report(results) in capsys.readouterr().out
+  with open(doc) as f:
+    assert f.read() == f"{study_lib.DOC_BEGIN}\n{study_lib.report(results)}{study_lib.DOC_END}\n"
+  for argv, error in (([f"--results={path}", "--part=compare", "--workdir=/tmp/x"],
+                       "running cells"),
+                      (["--report"], "--workdir is required"),
+                      (["--results=/nonexistent/study.json"], "cannot read")):
+    monkeypatch.setattr("sys.argv", ["study.py"] + argv)
+    with pytest.raises(SystemExit, match=error):
+      study_lib.main()
+
+
 def test_a_dirty_or_mixed_tree_is_flagged(tmp_path):
   study = study_lib.Study(str(tmp_path), size="", steps=4)
   _write_cell(study, study_lib.Cell("dypo", 0), [_eval(4, 0.5, 0.2)], commit="aaa")

@@ -349,7 +349,8 @@ def detectable_difference(values, baseline=None, *, alpha: float = 0.05,
   taking the observed sd of the differences as the true one (exact noncentral-t power).
 
   A comparison that is not decided says how large an effect it could have missed: at the default
-  levels about 3.26 sds of the paired differences at n = 3, 1.68 at n = 5, 1.16 at n = 8. NaN with fewer than 2 pairs.
+  levels 3.26 sds of the paired differences at n = 3, 1.68 at n = 5, 1.16 at n = 8. NaN with
+  fewer than 2 pairs.
   """
   d = _as_units(values, "detectable_difference") if baseline is None else _pairs(
       values, baseline, "detectable_difference")
