@@ -268,6 +268,26 @@ def test_verify_reruns_the_cheapest_cell_from_its_base_and_reports(tmp_path, mon
     study_lib.verify(study, results, "seed9/dypo", 0.005)
 
 
+def test_done_cells_are_skipped_and_the_report_rewritten(tmp_path, monkeypatch, capsys):
+  """`--part` over cells that are done runs none of them (main, in process) and writes the
+  results file, the report and the plots."""
+  study = _synthetic_study(tmp_path, seeds=(0,))
+
+  def refuse(self, cell, workdir=None):
+    raise AssertionError(f"{cell.name} is done and was run again")
+
+  monkeypatch.setattr(study_lib.Study, "run", refuse)
+  monkeypatch.setattr("sys.argv", ["study.py", f"--workdir={tmp_path}", "--seeds=0", "--steps=4",
+                                   "--part=compare", "--methods=dypo,grpo"])
+  study_lib.main()
+  out = capsys.readouterr().out
+  assert "[2/3] seed0/dypo: done, skipped" in out and "[3/3] seed0/grpo: done, skipped" in out
+  for name in ("study.json", "study.md", "curves.png", "grad_norm.png"):
+    assert os.path.exists(tmp_path / name)
+  assert set(study_lib.load_results(str(tmp_path / "study.json"))) == {
+      "seed0/base", "seed0/dypo", "seed0/grpo"}
+
+
 def test_unfinished_cells_are_not_reported(tmp_path):
   study = study_lib.Study(str(tmp_path), size="", steps=100)
   cell = study_lib.Cell("dypo", 0)
@@ -284,14 +304,11 @@ def test_study_and_variance_run_end_to_end(tmp_path):
   work = str(tmp_path / "study")
   run = lambda *a: subprocess.run([sys.executable, *a], cwd=_REPO, capture_output=True,
                                   text=True, timeout=600)
+  doc = str(tmp_path / "STUDY.md")
   p = run("experiments/study.py", f"--workdir={work}", "--size=quick", "--seeds=0", "--steps=1",
-          "--part=compare", "--methods=dypo")
+          "--part=compare", "--methods=dypo", f"--doc={doc}")
   assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
   assert "seed0/dypo: " in p.stdout and "Table 1 (in small)" in p.stdout
-  doc = str(tmp_path / "STUDY.md")
-  again = run("experiments/study.py", f"--workdir={work}", "--size=quick", "--seeds=0",
-              "--steps=1", "--part=compare", "--methods=dypo", f"--doc={doc}")
-  assert "seed0/dypo: done, skipped" in again.stdout  # A done cell is not run again.
   with open(os.path.join(work, "study.json")) as f:
     dypo = json.load(f)["cells"]["seed0/dypo"]
   assert len(dypo["commit"]) == 40 and isinstance(dypo["dirty"], bool)
