@@ -163,6 +163,14 @@ def _check_config_file(argv: list[str]) -> None:
                                      f"{os.getcwd()}); e.g. --config=experiments/cpu_tiny.py")
 
 
+def _workdir_flag() -> str:
+  """--workdir as given (the parsed flag, or the raw argument if parsing never happened)."""
+  try:
+    return _WORKDIR.value or "(config.workdir)"
+  except flags.UnparsedFlagAccessError:
+    return next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--workdir=")), "?")
+
+
 def run():
   verbose = "--verbose" in sys.argv[1:]
   errors.set_verbose(verbose)
@@ -200,9 +208,9 @@ def run():
   except Exception as e:  # pylint: disable=broad-except
     from dypo_jax.io import storage  # pylint: disable=g-import-not-at-top
     if not errors.disk_full(e) and storage.store_failed(e):
-      errors.exit_with("storage unavailable: the storage kept failing (retried for "
-                       "train.storage_retry_s); rerun the same command once it is back. The "
-                       "failed operation", e, errors.EXIT_STORAGE_UNAVAILABLE, verbose=verbose,
+      errors.exit_with(f"storage unavailable: --workdir={_workdir_flag()}: the storage kept "
+                       "failing (retried for train.storage_retry_s); rerun the same command once "
+                       "it is back. The failed operation", e, errors.EXIT_STORAGE_UNAVAILABLE, verbose=verbose,
                        now=True)
     if not errors.disk_full(e):
       raise
