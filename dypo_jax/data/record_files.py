@@ -26,7 +26,7 @@ def _check_on_error(on_error: str) -> None:
     raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
 
 
-class _Collector:
+class Collector:
   """Gathers records of one file: duplicate uids, skip-or-raise, stats."""
 
   def __init__(self, path: str, on_error: str, unit: str):
@@ -97,7 +97,7 @@ def read_jsonl(path: str | os.PathLike, *, layout: Layout = "auto", on_error: On
   """
   _check_layout(layout)
   path = os.fspath(path)
-  col = _Collector(path, on_error, "line")
+  col = Collector(path, on_error, "line")
   opener = gzip.open if path.endswith(".gz") else open
   with opener(path, "rb") as f:
     try:
@@ -147,7 +147,7 @@ def read_parquet(path: str | os.PathLike, *, layout: Layout = "auto", on_error: 
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   _check_layout(layout)
   path = os.fspath(path)
-  col = _Collector(path, on_error, "row")
+  col = Collector(path, on_error, "row")
   try:
     pf = pq.ParquetFile(path)
   except Exception as e:  # pylint: disable=broad-except; pyarrow raises several types.

@@ -7,18 +7,23 @@ No TensorFlow is involved: the builder writes ArrayRecord files, and reading goe
                                 features.json, metadata.json ({"read_stats": {split: stats}})
 
 Splits: "train" (required), "eval_id", "eval_ood" (optional), each from one file read by
-`record_files.read_records`. Examples keep the order of their file (TFDS shuffling is disabled).
+`record_files.read_records`, or generated from the procedural tasks (`--procedural`). Examples keep the order of their file (TFDS shuffling is disabled).
 Features: uid, prompt, answer, source (text) and teachers, a sequence of {teacher, response}
 (text). TFDS gives text back as bytes; `example_to_record` decodes it.
 
 The dataset name is chosen per call: one builder class per name is made on the fly and kept out
 of TFDS's global registry, so any number of datasets can be built in one process. Reading needs
-no builder class at all (TFDS reads dataset_info.json from `data_dir`).
+no builder class at all (TFDS reads dataset_info.json from `data_dir`). A run reads a built
+dataset with `data.source="tfds"` (`read_split`: through grain, each example validated as a
+record file's line is).
 
 CLI:
     python -m dypo_jax.data.tfds_builder --name=arith --data_dir=/data/tfds \\
         --train=train.jsonl [--eval_id=eval_id.jsonl] [--eval_ood=eval_ood.jsonl] \\
         [--on_error=skip] [--overwrite]
+    python -m dypo_jax.data.tfds_builder --name=arith --data_dir=/data/tfds --procedural \\
+        [--id_tasks=add,mul] [--ood_tasks=add_long] [--num_train=2000] [--num_eval_id=200] \\
+        [--num_eval_ood=200] [--seed=0]
 """
 import argparse
 import json
@@ -34,10 +39,13 @@ import tensorflow_datasets as tfds
 
 from dypo_jax.data import record_files
 from dypo_jax.data import records as records_lib
+from dypo_jax.data import tasks
+from dypo_jax.io import paths
 
 __all__ = [
-    "SPLITS", "VERSION", "build_dataset", "data_source", "dataset_dir", "example_to_record",
-    "load_split", "main", "read_build_stats", "record_to_example", "records_dataset",
+    "SPLITS", "VERSION", "build_dataset", "build_from_records", "data_source", "dataset_dir",
+    "example_to_record", "load_split", "main", "read_build_stats", "read_split",
+    "record_to_example", "records_dataset", "split_names",
 ]
 
 SPLITS = ("train", "eval_id", "eval_ood")
@@ -177,12 +185,12 @@ def build_dataset(name: str, *, data_dir: str | os.PathLike, train_path: str | o
     ValueError: on a bad name, or an existing build without `overwrite`.
   """
   out = dataset_dir(name, data_dir=data_dir)
-  if os.path.exists(os.path.join(out, "dataset_info.json")) and not overwrite:
+  if paths.exists(paths.join(out, "dataset_info.json")) and not overwrite:  # Before any read.
     raise ValueError(f"dataset {name!r} already exists at {out}; pass overwrite=True "
                      "(CLI: --overwrite) to rebuild it")
-  paths = {"train": train_path, "eval_id": eval_id_path, "eval_ood": eval_ood_path}
+  files = {"train": train_path, "eval_id": eval_id_path, "eval_ood": eval_ood_path}
   splits, stats = {}, {}
-  for split, path in paths.items():
+  for split, path in files.items():
     if path is None:
       continue
     path = os.fspath(path)
@@ -191,10 +199,41 @@ def build_dataset(name: str, *, data_dir: str | os.PathLike, train_path: str | o
       raise records_lib.RecordError(path, None, f"holds no usable record for split {split!r} "
                                     f"({st['skipped']} skipped)")
     splits[split], stats[split] = recs, {"path": path, **st}
+  return build_from_records(name, data_dir=data_dir, splits=splits, read_stats=stats,
+                            overwrite=overwrite)
+
+
+def build_from_records(name: str, *, data_dir: str | os.PathLike,
+                       splits: Mapping[str, Sequence[records_lib.PromptRecord]],
+                       read_stats: Mapping[str, Any] | None = None,
+                       overwrite: bool = False) -> str:
+  """Writes in-memory records, {split: records} ("train" required), as the TFDS dataset `name`.
+
+  `read_stats` ({split: stats}) goes to metadata.json; by default each split's count, with no
+  source file. Returns the dataset folder; raises ValueError as `build_dataset` does, and on a
+  split outside SPLITS, a missing or empty "train", or a duplicate uid within a split.
+  """
+  out = dataset_dir(name, data_dir=data_dir)
+  if paths.exists(paths.join(out, "dataset_info.json")) and not overwrite:
+    raise ValueError(f"dataset {name!r} already exists at {out}; pass overwrite=True "
+                     "(CLI: --overwrite) to rebuild it")
+  unknown = sorted(set(splits) - set(SPLITS))
+  if unknown or not splits.get("train"):
+    raise ValueError(f"splits {sorted(splits)}: need a non-empty 'train', and only {SPLITS}")
+  for split, recs in splits.items():  # A reader would refuse the duplicate: refuse it now.
+    seen = set()
+    for i, rec in enumerate(recs):
+      if rec.uid in seen:
+        raise records_lib.RecordError(f"split {split!r} record {i}", "uid",
+                                      f"duplicate uid {rec.uid!r}")
+      seen.add(rec.uid)
+  if read_stats is None:
+    read_stats = {s: {"path": None, "read": len(r), "skipped": 0, "errors": []}
+                  for s, r in splits.items()}
   mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-  builder = _builder_class(name)(splits=splits, read_stats=stats, data_dir=os.fspath(data_dir),
-                                 file_format="array_record")
+  builder = _builder_class(name)(splits=splits, read_stats=read_stats,
+                                 data_dir=os.fspath(data_dir), file_format="array_record")
   # Nothing is downloaded; keep TFDS's download folder out of data_dir.
   with tempfile.TemporaryDirectory(prefix="dypo_tfds_dl_") as download_dir:
     builder.download_and_prepare(
@@ -205,10 +244,9 @@ def build_dataset(name: str, *, data_dir: str | os.PathLike, train_path: str | o
 
 def read_build_stats(name: str, *, data_dir: str | os.PathLike) -> dict[str, Any]:
   """{split: {"path", "read", "skipped", "errors"}} recorded by `build_dataset`."""
-  path = os.path.join(dataset_dir(name, data_dir=data_dir), "metadata.json")
+  path = paths.join(dataset_dir(name, data_dir=data_dir), "metadata.json")
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)["read_stats"]
+    return json.loads(paths.read_bytes(path))["read_stats"]
   except (OSError, ValueError, KeyError) as e:
     raise ValueError(f"{path}: no build stats ({e!r}); was the dataset built by "
                      "dypo_jax.data.tfds_builder?") from e
@@ -222,15 +260,52 @@ def data_source(name: str, split: str, data_dir: str | os.PathLike):
   """
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-  folder = dataset_dir(name, data_dir=data_dir)
-  if not os.path.exists(os.path.join(folder, "dataset_info.json")):
-    raise ValueError(f"no dataset {name!r} in {os.fspath(data_dir)} (looked for {folder}); "
-                     "build it with dypo_jax.data.tfds_builder")
-  builder = tfds.builder_from_directory(folder)
+  builder = _open(name, data_dir)
   if split not in builder.info.splits:
-    raise ValueError(f"dataset {name!r} at {folder} has no split {split!r} "
+    raise ValueError(f"dataset {name!r} at {builder.data_dir} has no split {split!r} "
                      f"(splits: {sorted(builder.info.splits)})")
   return builder.as_data_source(split=split)
+
+
+def _open(name: str, data_dir: str | os.PathLike):
+  folder = dataset_dir(name, data_dir=data_dir)
+  if not paths.exists(paths.join(folder, "dataset_info.json")):
+    raise ValueError(f"no dataset {name!r} in {os.fspath(data_dir)} (looked for {folder}); "
+                     "build it with python -m dypo_jax.data.tfds_builder")
+  return tfds.builder_from_directory(folder)
+
+
+def split_names(name: str, *, data_dir: str | os.PathLike) -> list[str]:
+  """The splits the built dataset `name` holds; ValueError naming the folder when it is absent."""
+  return sorted(_open(name, data_dir).info.splits)
+
+
+def read_split(name: str, split: str, *, data_dir: str | os.PathLike,
+               on_error: record_files.OnError = "raise"
+               ) -> tuple[list[records_lib.PromptRecord], dict[str, Any]]:
+  """The split's records read through grain, checked as `record_files.read_records` checks a file.
+
+  Every example is decoded and validated (`example_to_record`), and uids must be unique; a bad
+  one is named by dataset folder, split and 0-based example index.
+
+  Returns:
+    (records, stats), stats = {"read", "skipped", "errors"} as for a record file.
+
+  Raises:
+    RecordError: (on_error="raise") at the first bad example.
+    ValueError: when the dataset or the split is absent (see `data_source`).
+  """
+  where = f"{dataset_dir(name, data_dir=data_dir)} split {split!r}"
+  examples = grain.MapDataset.source(data_source(name, split, data_dir))
+  col = record_files.Collector(where, on_error, "example")
+  for i in range(len(examples)):
+    try:
+      rec = example_to_record(examples[i], where=f"{where} example {i}")
+    except records_lib.RecordError as e:
+      col.fail(e)
+      continue
+    col.add(rec, i)
+  return col.finish(None)
 
 
 def records_dataset(name: str, split: str, *, data_dir: str | os.PathLike) -> grain.MapDataset:
@@ -247,10 +322,27 @@ def load_split(name: str, split: str, *,
   Raises:
     RecordError: naming the dataset folder, split and example of an undecodable example.
   """
-  src = data_source(name, split, data_dir)
-  folder = dataset_dir(name, data_dir=data_dir)
-  return [example_to_record(src[i], where=f"{folder} split {split!r} example {i}")
-          for i in range(len(src))]
+  return read_split(name, split, data_dir=data_dir)[0]
+
+
+def _task_names(text: str, known: Mapping[str, Any], flag: str) -> list[str]:
+  names = [n for n in text.split(",") if n]
+  unknown = [n for n in names if n not in known]
+  if not names or unknown:
+    raise ValueError(f"{flag}={text!r}: expected comma-separated task names from "
+                     f"{sorted(known)}")
+  return names
+
+
+def _procedural_splits(args) -> dict[str, list[records_lib.PromptRecord]]:
+  """The procedural tasks' records (what data.source="procedural" generates for the same seed)."""
+  id_names = _task_names(args.id_tasks, tasks.ID_TASKS, "--id_tasks")
+  ood_names = _task_names(args.ood_tasks, tasks.OOD_TASKS, "--ood_tasks")
+  gen = lambda names, num, split: tasks.generate(names, num=num, seed=args.seed, split=split)
+  splits = {"train": gen(id_names, args.num_train, "train"),
+            "eval_id": gen(id_names, args.num_eval_id, "eval"),
+            "eval_ood": gen(ood_names, args.num_eval_ood, "eval")}
+  return {split: recs for split, recs in splits.items() if recs}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -259,23 +351,39 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    description=__doc__.split("\n")[0])
   parser.add_argument("--name", required=True, help="dataset name, snake_case")
   parser.add_argument("--data_dir", required=True, help="TFDS data folder")
-  parser.add_argument("--train", required=True, help="train split file (.jsonl / .parquet)")
+  parser.add_argument("--train", default=None, help="train split file (.jsonl / .parquet)")
   parser.add_argument("--eval_id", default=None, help="in-distribution eval split file")
   parser.add_argument("--eval_ood", default=None, help="out-of-distribution eval split file")
   parser.add_argument("--on_error", choices=("raise", "skip"), default="raise")
   parser.add_argument("--layout", choices=("auto", "dypo", "verl"), default="auto")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing build")
+  parser.add_argument("--procedural", action="store_true",
+                      help="generate the splits from dypo_jax.data.tasks instead of files")
+  parser.add_argument("--id_tasks", default="add", help="--procedural: train / eval_id tasks")
+  parser.add_argument("--ood_tasks", default="add_long", help="--procedural: eval_ood tasks")
+  parser.add_argument("--num_train", type=int, default=2000)
+  parser.add_argument("--num_eval_id", type=int, default=200)
+  parser.add_argument("--num_eval_ood", type=int, default=200)
+  parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
+  if args.procedural == (args.train is not None) or (
+      args.procedural and (args.eval_id or args.eval_ood)):
+    parser.error("give either --train (and optional --eval_id / --eval_ood) or --procedural")
   try:
-    path = build_dataset(args.name, data_dir=args.data_dir, train_path=args.train,
-                         eval_id_path=args.eval_id, eval_ood_path=args.eval_ood,
-                         on_error=args.on_error, layout=args.layout, overwrite=args.overwrite)
+    if args.procedural:
+      path = build_from_records(args.name, data_dir=args.data_dir,
+                                splits=_procedural_splits(args), overwrite=args.overwrite)
+    else:
+      path = build_dataset(args.name, data_dir=args.data_dir, train_path=args.train,
+                           eval_id_path=args.eval_id, eval_ood_path=args.eval_ood,
+                           on_error=args.on_error, layout=args.layout, overwrite=args.overwrite)
   except ValueError as e:  # RecordError included: its message names file, line and field.
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(path)
   for split, st in read_build_stats(args.name, data_dir=args.data_dir).items():
-    print(f"{split}: {st['read']} records, {st['skipped']} skipped ({st['path']})")
+    origin = f" ({st['path']})" if st["path"] else ""
+    print(f"{split}: {st['read']} records, {st['skipped']} skipped{origin}")
     for msg in st["errors"]:
       print(f"  skipped: {msg}")
   return 0
