@@ -33,6 +33,8 @@ def build_data(config: ml_collections.ConfigDict, workdir: str) -> dict[str, lis
             "eval_id": gen(d.id_tasks, d.num_eval_id, "eval"),
             "eval_ood": gen(d.ood_tasks, d.num_eval_ood, "eval")}
   del workdir
+  if d.source == "tfds":
+    return _tfds_pools(d)
   pools = {}
   for name, files in (("train", (d.train_path,)), ("eval_id", tuple(d.eval_id_paths)),
                       ("eval_ood", tuple(d.eval_ood_paths))):
@@ -47,6 +49,41 @@ def build_data(config: ml_collections.ConfigDict, workdir: str) -> dict[str, lis
         skipped = f" ({stats['skipped']} malformed, skipped)" if stats.get("skipped") else ""
         raise errors.BadInput(f"{key}: {path} holds no records{skipped}")
       recs.extend(loaded)
+    pools[name] = recs
+  return pools
+
+
+_TFDS_SPLIT_KEYS = (("train", "tfds_train_split"), ("eval_id", "tfds_eval_id_split"),
+                   ("eval_ood", "tfds_eval_ood_split"))
+
+
+def _tfds_pools(d: ml_collections.ConfigDict) -> dict[str, list]:
+  """The pools read from a built TFDS dataset; its folder and every split checked before reading."""
+  from dypo_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top  # Loads TFDS.
+  try:
+    held = tfds_builder.split_names(d.tfds_name, data_dir=d.tfds_data_dir)
+  except ValueError as e:
+    raise errors.BadInput(f"data.tfds_data_dir={d.tfds_data_dir!r}, data.tfds_name="
+                          f"{d.tfds_name!r}: {e}") from None
+  folder = tfds_builder.dataset_dir(d.tfds_name, data_dir=d.tfds_data_dir)
+  for _, key in _TFDS_SPLIT_KEYS:
+    if d[key] and d[key] not in held:
+      empty = "" if key == "tfds_train_split" else f", or --config.data.{key}= for no such pool"
+      raise errors.BadInput(f"data.{key}={d[key]!r}: the dataset at {folder} has no such split "
+                            f"(it holds {held}){empty}")
+  pools = {}
+  for name, key in _TFDS_SPLIT_KEYS:
+    if not d[key]:
+      pools[name] = []
+      continue
+    recs, stats = tfds_builder.read_split(d.tfds_name, d[key], data_dir=d.tfds_data_dir,
+                                          on_error=d.on_error)
+    if stats["skipped"]:
+      print(f"data: {folder} split {d[key]!r}: skipped {stats['skipped']} malformed records "
+            f"(first: {stats['errors'][:1]})", flush=True)
+    if not recs:
+      raise errors.BadInput(f"data.{key}={d[key]!r}: {folder} holds no usable records in it "
+                            f"({stats['skipped']} malformed, skipped)")
     pools[name] = recs
   return pools
 

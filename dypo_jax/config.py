@@ -103,8 +103,12 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.data = ml_collections.ConfigDict(dict(
-      source="procedural",  # or "files".
+      source="procedural",  # or "files", or "tfds".
       train_path="", eval_id_paths=(), eval_ood_paths=(),  # For source="files".
+      # For source="tfds": a dataset built by dypo_jax.data.tfds_builder, read through grain; an
+      # empty eval split means no such pool.
+      tfds_data_dir="", tfds_name="", tfds_train_split="train", tfds_eval_id_split="eval_id",
+      tfds_eval_ood_split="eval_ood",
       on_error="raise",  # A malformed record stops the run ("skip": skipped and counted).
       num_train=2000, num_eval_id=200, num_eval_ood=200,  # For source="procedural".
       # Names in dypo_jax.data.tasks.ID_TASKS / OOD_TASKS; teachers keep their built-in quirks.
@@ -244,7 +248,7 @@ _RULES: dict[str, _Rule] = {
     "distributed.initialize": _choice("auto", "always", "never"),
     "tokenizer.kind": _choice("sentencepiece", "hf"),
     "tokenizer.train_vocab_size": _range(16),
-    "data.source": _choice("procedural", "files"),
+    "data.source": _choice("procedural", "files", "tfds"),
     "data.on_error": _choice("raise", "skip"),
     "data.num_train": _POSITIVE, "data.num_eval_id": _NON_NEGATIVE,
     "data.num_eval_ood": _NON_NEGATIVE,
@@ -413,6 +417,15 @@ def _validate_relations(c: ml_collections.ConfigDict) -> None:
   if c.data.source != "files" and file_keys:  # Would be silently ignored.
     raise ConfigError(f"data.{file_keys[0]} is set but data.source={c.data.source!r} does not read "
                       "files; add --config.data.source=files")
+  tfds_keys = [k for k in ("tfds_data_dir", "tfds_name") if c.data[k]]
+  if c.data.source == "tfds":
+    missing = [k for k in ("tfds_data_dir", "tfds_name", "tfds_train_split") if not c.data[k]]
+    if missing:
+      raise ConfigError(f"data.source='tfds' needs data.{missing[0]} (build a dataset with "
+                        "python -m dypo_jax.data.tfds_builder)")
+  elif tfds_keys:  # Would be silently ignored.
+    raise ConfigError(f"data.{tfds_keys[0]} is set but data.source={c.data.source!r} does not "
+                      "read TFDS; add --config.data.source=tfds")
   buckets = tuple(c.sampler.prompt_buckets)
   if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
     raise ConfigError(f"sampler.prompt_buckets={buckets}: a non-empty increasing tuple of "

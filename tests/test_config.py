@@ -86,6 +86,18 @@ def test_relations_are_checked():
   config_lib.validate(c)
 
 
+def test_tfds_source_needs_its_dataset_and_its_keys_need_the_source():
+  c = config_lib.base_config()
+  c.data.update(dict(source="tfds", tfds_data_dir="/data/tfds"))
+  with pytest.raises(config_lib.ConfigError, match="data.source='tfds' needs data.tfds_name"):
+    config_lib.validate(c)
+  c.data.tfds_name = "arith"
+  config_lib.validate(c)
+  c.data.source = "procedural"  # The TFDS keys would be silently ignored.
+  with pytest.raises(config_lib.ConfigError, match="data.tfds_data_dir is set but data.source="):
+    config_lib.validate(c)
+
+
 def test_reward_must_be_registered_and_a_registered_one_is_accepted():
   from dypo_jax.evaluation import rewards  # pylint: disable=g-import-not-at-top
   c = config_lib.base_config()

@@ -181,3 +181,67 @@ def test_cli_builds_and_reports_errors(built, tmp_path, capsys):
   bad = _with_bad_line(tmp_path, splits["train"][:4])
   assert tb.main(["--name=other", f"--data_dir={data_dir}", f"--train={bad}"]) == 1
   assert "mixed.jsonl line 3: field 'answer'" in capsys.readouterr().err
+
+
+def _tfds_config(data_dir: str, **data):
+  return tiny_runs.tiny_config(**{"data.source": "tfds", "data.tfds_data_dir": data_dir,
+                                  "data.tfds_name": "arith",
+                                  **{f"data.{k}": v for k, v in data.items()}})
+
+
+def test_a_run_reads_the_pools_built_from_records(tmp_path):
+  from dypo_jax import build  # pylint: disable=g-import-not-at-top
+  splits = {"train": tasks.generate(["add", "mul"], num=12, seed=3, split="train"),
+            "eval_ood": tasks.generate(["add_long"], num=3, seed=3, split="eval")}
+  data_dir = str(tmp_path)
+  tb.build_from_records("arith", data_dir=data_dir, splits=splits)
+  assert tb.split_names("arith", data_dir=data_dir) == ["eval_ood", "train"]
+  recs, stats = tb.read_split("arith", "train", data_dir=data_dir)
+  assert recs == splits["train"] and stats == {"read": 12, "skipped": 0, "errors": []}
+  pools = build.build_data(_tfds_config(data_dir, tfds_eval_id_split=""), str(tmp_path / "w"))
+  assert pools == {"train": splits["train"], "eval_id": [], "eval_ood": splits["eval_ood"]}
+
+
+def test_a_run_names_the_key_of_a_missing_dataset_or_split(tmp_path):
+  from dypo_jax import build  # pylint: disable=g-import-not-at-top
+  from dypo_jax import errors  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path / "d")
+  with pytest.raises(errors.BadInput, match=r"data.tfds_data_dir='.*/d', data.tfds_name='arith'"
+                     r": no dataset 'arith'"):
+    build.build_data(_tfds_config(data_dir), str(tmp_path))
+  tb.build_from_records(
+      "arith", data_dir=data_dir,
+      splits={"train": tasks.generate(["add"], num=4, seed=0, split="train")})
+  with pytest.raises(errors.BadInput, match=r"data.tfds_eval_id_split='eval_id': the dataset at "
+                     r".*arith/1.0.0 has no such split \(it holds \['train'\]\)"):
+    build.build_data(_tfds_config(data_dir), str(tmp_path))
+
+
+def test_bad_examples_are_named_and_skipped_as_in_record_files(tmp_path):
+  good = tasks.generate(["add"], num=5, seed=0, split="train")
+  bad = [*good[:2], dataclasses.replace(good[2], answer=""), *good[3:]]
+  data_dir = str(tmp_path)
+  tb.build_from_records("arith", data_dir=data_dir, splits={"train": bad})
+  where = f"{tb.dataset_dir('arith', data_dir=data_dir)} split 'train' example 2"
+  with pytest.raises(RecordError, match=rf"{where}: field 'answer'") as e:
+    tb.read_split("arith", "train", data_dir=data_dir)
+  assert e.value.where == where
+  recs, stats = tb.read_split("arith", "train", data_dir=data_dir, on_error="skip")
+  assert recs == good[:2] + good[3:] and stats["skipped"] == 1
+  assert stats["errors"][0].startswith(f"{where}: field 'answer'")
+  with pytest.raises(RecordError, match="duplicate uid"):  # A reader would refuse it.
+    tb.build_from_records("dup", data_dir=data_dir, splits={"train": [good[0], good[0]]})
+
+
+@pytest.mark.slow
+def test_main_trains_on_a_tfds_dataset(tmp_path):
+  data_dir = str(tmp_path / "tfds")
+  assert tb.main(["--name=arith", f"--data_dir={data_dir}", "--procedural", "--num_train=64",
+                  "--num_eval_id=4", "--num_eval_ood=4"]) == 0
+  workdir = str(tmp_path / "run")
+  cmd = tiny_runs.main_command(workdir, **{
+      "data.source": "tfds", "data.tfds_data_dir": data_dir, "data.tfds_name": "arith",
+      "train.num_steps": 2, "train.checkpoint_every": 2})
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=_REPO, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert sorted(tiny_runs.comparable_metrics(workdir)) == [1, 2]

@@ -100,8 +100,9 @@ def load_sets(config, workdir: str | None,
     sets[name] = (recs, _REWARD.value or config.data.reward)
   if sets:
     return sets
-  if config.data.source != "procedural" and not (config.data.eval_id_paths or
-                                                 config.data.eval_ood_paths):
+  d = config.data
+  if ((d.source == "files" and not (d.eval_id_paths or d.eval_ood_paths)) or
+      (d.source == "tfds" and not (d.tfds_eval_id_split or d.tfds_eval_ood_split))):
     raise EvalCheckpointError("no evaluation set: pass --benchmarks or --data (the run has no "
                               "eval pools)")
   pools = build.build_data(config, workdir or "")
