@@ -1,4 +1,4 @@
-"""Packages a prepared prompt dataset (JSONL / Parquet of PromptRecords) as a TFDS dataset.
+"""Packages prompt records (JSONL / Parquet files, or the procedural tasks) as a TFDS dataset.
 
 No TensorFlow is involved: the builder writes ArrayRecord files, and reading goes through
 `tfds.data_source` (random access, for grain). Layout under `data_dir`:
@@ -7,7 +7,8 @@ No TensorFlow is involved: the builder writes ArrayRecord files, and reading goe
                                 features.json, metadata.json ({"read_stats": {split: stats}})
 
 Splits: "train" (required), "eval_id", "eval_ood" (optional), each from one file read by
-`record_files.read_records`, or generated from the procedural tasks (`--procedural`). Examples keep the order of their file (TFDS shuffling is disabled).
+`record_files.read_records`, or generated from the procedural tasks (`--procedural`). Examples
+keep the order of their file (TFDS shuffling is disabled).
 Features: uid, prompt, answer, source (text) and teachers, a sequence of {teacher, response}
 (text). TFDS gives text back as bytes; `example_to_record` decodes it.
 
