@@ -227,7 +227,7 @@ def _loss_terms(params, ref_params, graphdef, mb, denoms, cfg: StepConfig):
         mask=m_roll.reshape(u, k, t), beta=cfg.beta_gal, length_norm=cfg.gal_length_norm,
         denom=denoms["gal"])
     metrics.update({"gal/pairs": gal_m["gal_pairs"], "gal/pair_acc_sum": gal_m["pair_correct"],
-                    "gal/margin_sum": gal_m["margin_sum"]})
+                    "gal/margin_sum": gal_m["margin_sum"], "gal/eta_sum": gal_m["eta_sum"]})
   else:
     gal = jnp.zeros((), jnp.float32)
   terms = jnp.stack([sft, rl_term, gal])
@@ -278,6 +278,20 @@ def build_term_gradients(graphdef, cfg: StepConfig):
     return terms, _per_term_grads(vjp_fn, terms.dtype)
 
   return term_gradients
+
+
+def build_term_metrics(graphdef, cfg: StepConfig):
+  """Returns the pure `(params, ref_params, batch) -> metric sums` of a whole update batch (one
+  micro-batch; a forward pass, no gradient): the per-batch sums the step divides by their counts,
+  e.g. `gal/pairs`, `gal/pair_acc_sum`, `gal/eta_sum` (experiments/variance.py reads GAL's pair
+  statistics at each parameter point)."""
+
+  def term_metrics(params, ref_params, batch):
+    denoms = _denominators(batch, cfg)
+    mb = {k: v for k, v in batch.items() if k != "weights"}
+    return _loss_terms(params, ref_params, graphdef, mb, denoms, cfg)[1]
+
+  return term_metrics
 
 
 def build_train_step(graphdef, cfg: StepConfig, tx: optax.GradientTransformation,
@@ -371,6 +385,7 @@ def build_train_step(graphdef, cfg: StepConfig, tx: optax.GradientTransformation
       metrics["gal/pairs"] = pairs
       metrics["gal/pair_acc"] = sums["gal/pair_acc_sum"] / jnp.maximum(pairs, 1.0)
       metrics["gal/margin"] = sums["gal/margin_sum"] / jnp.maximum(pairs, 1.0)
+      metrics["gal/eta"] = sums["gal/eta_sum"] / jnp.maximum(pairs, 1.0)
     if term_grads is not None:
       for i, name in enumerate(TERMS):
         metrics[f"grad/norm_{name}"] = optax.global_norm(jax.tree.map(lambda g: g[i], term_grads))
