@@ -361,6 +361,29 @@ def test_unfinished_cells_are_not_reported(tmp_path):
   assert study_lib.collect(study, [0], ["dypo"]) == {}
 
 
+def test_variance_points_after_25_50_100_updates_and_gal_pair_statistics():
+  variance = config_lib.load_module(os.path.join(_REPO, "experiments", "variance.py"))
+  assert variance.AFTER == (25, 50, 100)
+  assert variance.points_after([25, 50, 75, 100], (25, 50, 100)) == [25, 50, 100]
+  assert variance.points_after([50, 100], (25, 50, 100)) == [50, 100]
+  assert variance.points_after([1], (25, 50, 100)) == [1]  # A smoke cell: its newest.
+  assert variance.points_after([], (25,)) == []
+  # Pooled over rounds: Σ over pairs / pairs; a round without a pair counts in neither.
+  rounds = [{"pairs": 4, "eta_sum": 1.0, "correct_sum": 0.0},
+            {"pairs": 0, "eta_sum": 0.0, "correct_sum": 0.0},
+            {"pairs": 2, "eta_sum": 0.2, "correct_sum": 2.0}]
+  g = variance.gal_pair_stats(rounds)
+  assert g["pairs"] == 6 and g["rounds_with_pairs"] == 2
+  assert g["eta"] == pytest.approx(1.2 / 6) and g["pair_accuracy"] == pytest.approx(2 / 6)
+  assert g["eta_sd"] == pytest.approx(np.std([0.25, 0.1], ddof=1))
+  assert g["pair_accuracy_sd"] == pytest.approx(np.std([0.0, 1.0], ddof=1))
+  note = variance.gal_note(g)
+  assert "6 pairs in 2 rounds" in note and "= 0.2000" in note and "(d > 0) = 0.333" in note
+  none = variance.gal_pair_stats(rounds[1:2])
+  assert none["eta"] is None and variance.gal_note(none).endswith("no (success, failure) pair "
+                                                                  "in any round")
+
+
 @pytest.mark.slow
 def test_study_and_variance_run_end_to_end(tmp_path):
   import subprocess
@@ -392,5 +415,10 @@ def test_study_and_variance_run_end_to_end(tmp_path):
           "--prompts=2", "--betas=1")  # One β: two compiled programs a point, not six.
   assert v.returncode == 0, v.stdout[-3000:] + v.stderr[-3000:]
   assert "| GRPO |" in v.stdout and "After 1 DYPO updates" in v.stdout
+  assert "no checkpoint after [25, 50, 100] updates (it holds [1]); measuring after [1]" in v.stdout
+  with open(os.path.join(work, "variance", "variance.json")) as f:
+    points = json.load(f)
+  assert set(points) == {"base", "DYPO_1"}
+  assert all("eta" in by_seed["0"]["gal"] for by_seed in points.values())
   for name in ("variance.md", "variance.json", "variance.png"):
     assert os.path.exists(os.path.join(work, "variance", name))

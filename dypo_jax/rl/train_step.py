@@ -264,34 +264,23 @@ def _per_term_grads(vjp_fn, dtype):
   return jax.tree.map(lambda *g: jnp.stack(g), *per_term)
 
 
-def build_term_gradients(graphdef, cfg: StepConfig):
+def build_term_gradients(graphdef, cfg: StepConfig, *, with_metrics: bool = False):
   """Returns the pure `(params, ref_params, batch) -> (terms [3], grads)`: each normalised loss
   term of a whole update batch (one micro-batch) and its gradient, stacked [3, ...] per parameter
   in `TERMS` order. The update descends `weights @ grads`; studies of the gradient estimator
-  (experiments/variance.py) read the terms apart."""
+  (experiments/variance.py) read the terms apart. With `with_metrics`, `(terms, grads,
+  metric sums)`: the per-batch sums the step divides by their counts (e.g. `gal/pairs`,
+  `gal/pair_acc_sum`, `gal/eta_sum`), from the same forward pass."""
 
   def term_gradients(params, ref_params, batch):
     denoms = _denominators(batch, cfg)
     mb = {k: v for k, v in batch.items() if k != "weights"}
-    terms, vjp_fn, _ = jax.vjp(
+    terms, vjp_fn, metrics = jax.vjp(
         lambda p: _loss_terms(p, ref_params, graphdef, mb, denoms, cfg), params, has_aux=True)
-    return terms, _per_term_grads(vjp_fn, terms.dtype)
+    grads = _per_term_grads(vjp_fn, terms.dtype)
+    return (terms, grads, metrics) if with_metrics else (terms, grads)
 
   return term_gradients
-
-
-def build_term_metrics(graphdef, cfg: StepConfig):
-  """Returns the pure `(params, ref_params, batch) -> metric sums` of a whole update batch (one
-  micro-batch; a forward pass, no gradient): the per-batch sums the step divides by their counts,
-  e.g. `gal/pairs`, `gal/pair_acc_sum`, `gal/eta_sum` (experiments/variance.py reads GAL's pair
-  statistics at each parameter point)."""
-
-  def term_metrics(params, ref_params, batch):
-    denoms = _denominators(batch, cfg)
-    mb = {k: v for k, v in batch.items() if k != "weights"}
-    return _loss_terms(params, ref_params, graphdef, mb, denoms, cfg)[1]
-
-  return term_metrics
 
 
 def build_train_step(graphdef, cfg: StepConfig, tx: optax.GradientTransformation,
