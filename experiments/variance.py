@@ -364,6 +364,11 @@ def main() -> None:
   if args.repeats < 2:
     raise SystemExit(f"--repeats={args.repeats}: a spread needs at least 2 rounds")
   seeds = [int(s) for s in args.seeds.split(",") if s]
+  from dypo_jax.parallel import host  # pylint: disable=g-import-not-at-top
+  # Before any JAX call (listing a cell's checkpoints starts the backend): the host's dispatch
+  # mode is read once, when the backend starts.
+  host.configure_host(config_lib.load_experiment(os.path.join(_HERE, "cpu_tiny.py"),
+                                                 args.size).mesh)
   out_dir = os.path.join(args.study, "variance")
   os.makedirs(out_dir, exist_ok=True)
   points: dict[str, dict[int, dict]] = {}
