@@ -72,7 +72,7 @@ METHODS = ("sft", "grpo", "sft_then_rl", "luffy", "srft", "chord", "ladder_rl", 
 # (the mean Mid response length) times what the default "token" scale gives it: the default
 # divides GAL's loss by exactly that L̄ (losses.gal_length_scale). In token-mean units the old
 # update weighted (SFT, GRPO, GAL) as (γ·N_H, α·N_M, (1 − α)·L̄·N_M)/N, so SFT's weight relative
-# to the RL terms together was γ/(α + (1 − α)·L̄) per Hard-to-Mid item. The control,
+# to the RL terms together was γ/(α + (1 − α)·L̄) (times N_H/N_M). The control,
 # `ladder_grading` (α = 1: GRPO alone on Mid, (γ'·N_H, N_M, 0)/N, the same under every scale),
 # matches it with γ' = γ/(α + (1 − α)·L̄). Issue 26 measured SFT at ~6% of GAL's weight under the
 # old mix, γ/((1 − α)·L̄) = 0.06, so (1 − α)·L̄ = γ/0.06 and at the defaults α = 0.5, γ = 1:

@@ -4,6 +4,7 @@ The paper's central mechanism is that GAL lowers the variance of the RL gradient
 directly, at fixed parameters, whatever the accuracies say:
 
   python experiments/variance.py --study=/tmp/study --seeds=0,1,2      # after the compare part
+  python experiments/variance.py --study=/tmp/study --seeds=0 --after=50   # one moved point
   python experiments/variance.py --study=/tmp/sq --size=quick --repeats=4 --prompts=4   # smoke
 
 Parameter points: the seed's gated base (`<study>/seed<s>/base`), and the checkpoints of the seed's
