@@ -22,9 +22,12 @@ cell's rollout rounds, rollouts and update tokens from `metrics.jsonl` rather th
 base; copy the cell directories into one workdir to report.
 
 Parts:
-  compare  the methods of experiments/baselines.py (Table 1 and the Table 3 ladder);
+  compare  the methods of experiments/baselines.py (Table 1 and the Table 3 ladder), DYPO at the
+           old scale (`dypo_ls_legacy`: rl.loss_scale="legacy") and the ladder's control
+           (`ladder_grading_g0.0583`: γ cut to the old DYPO's SFT share, CONTROL_GAMMA);
   grid     DYPO over α in {0.2, 0.5, 0.8} x β_GAL in {0.1, 1, 2} (the paper's Table 5), and GAL
-           with Δ length-averaged at the default (α = 0.5, β = 1; DYPO.md §2 chose the sum).
+           with Δ length-averaged at the default (α = 0.5, β = 1; DYPO.md §2 chose the sum),
+           every grid cell at the default rl.loss_scale (one scale for the three terms).
 Evaluation: 500 held-out ID prompts x 8 samples, and 100 prompts x 8 of each OOD set (near, mid
 and far from training: data/tasks.py), every 50 updates.
 
@@ -63,10 +66,47 @@ from dypo_jax.evaluation import statistics  # noqa: E402  pylint: disable=g-impo
 
 METHODS = ("sft", "grpo", "sft_then_rl", "luffy", "srft", "chord", "ladder_rl", "ladder_grading",
            "dypo")
+
+# The ladder's control cuts γ to the SFT share of the old DYPO. Under rl.loss_scale="legacy" SFT
+# and GRPO are token means while GAL's loss is per prompt, so GAL's weight on each token is L̄
+# (the mean Mid response length) times what the default "token" scale gives it: the default
+# divides GAL's loss by exactly that L̄ (losses.gal_length_scale). In token-mean units the old
+# update weighted (SFT, GRPO, GAL) as (γ·N_H, α·N_M, (1 − α)·L̄·N_M)/N, so SFT's weight relative
+# to the RL terms together was γ/(α + (1 − α)·L̄) (times N_H/N_M). The control,
+# `ladder_grading` (α = 1: GRPO alone on Mid, (γ'·N_H, N_M, 0)/N, the same under every scale),
+# matches it with γ' = γ/(α + (1 − α)·L̄). Issue 26 measured SFT at ~6% of GAL's weight under the
+# old mix, γ/((1 − α)·L̄) = 0.06, so (1 − α)·L̄ = γ/0.06 and at the defaults α = 0.5, γ = 1:
+# γ' = 1/(0.5 + 16.67) = 0.0583.
+OLD_SFT_SHARE_OF_GAL = 0.06
+
+
+def control_sft_coef(alpha: float = 0.5, gamma: float = 1.0,
+                     sft_share_of_gal: float = OLD_SFT_SHARE_OF_GAL) -> float:
+  """γ' for `ladder_grading` (α = 1) that gives SFT the share of the RL terms' weight it had in
+  the old-scale DYPO at (α, γ), where SFT's weight was `sft_share_of_gal` of GAL's (3 digits)."""
+  if not (0 < sft_share_of_gal and 0 <= alpha < 1 and gamma > 0):
+    raise ValueError(f"control_sft_coef: want 0 <= alpha < 1, gamma > 0, share > 0; got "
+                     f"alpha={alpha}, gamma={gamma}, sft_share_of_gal={sft_share_of_gal}")
+  gal_over_token = gamma / sft_share_of_gal  # (1 − α)·L̄, GAL's old weight in token units.
+  return float(f"{gamma / (alpha + gal_over_token):.3g}")
+
+
+CONTROL_GAMMA = control_sft_coef()
+LEGACY_SCALE = (("rl.loss_scale", "legacy"),)
+# Cells of the compare part beyond one per method: {key (the cell name's tail): (method, setting)}.
+VARIANTS = {
+    "dypo_ls_legacy": ("dypo", LEGACY_SCALE),  # The old scale, to set the old figures beside.
+    f"ladder_grading_g{CONTROL_GAMMA}": ("ladder_grading", (("rl.sft_loss_coef", CONTROL_GAMMA),)),
+}
+COMPARE = METHODS + tuple(VARIANTS)
+LEGACY_DYPO, CONTROL = tuple(VARIANTS)
 TABLE1 = (("SFT", "sft"), ("RL (GRPO)", "grpo"), ("SFT → RL", "sft_then_rl"),
-          ("LUFFY-style", "luffy"), ("SRFT", "srft"), ("CHORD", "chord"), ("DYPO", "dypo"))
+          ("LUFFY-style", "luffy"), ("SRFT", "srft"), ("CHORD", "chord"), ("DYPO", "dypo"),
+          ("DYPO, old scale (loss_scale=legacy)", LEGACY_DYPO))
 TABLE3 = (("multi-teacher SFT", "sft"), ("+ RL", "ladder_rl"),
           ("+ dynamic grading", "ladder_grading"), ("+ GAL (= DYPO)", "dypo"))
+TABLE3_CONTROL = ((f"+ dynamic grading, γ = {CONTROL_GAMMA} (old DYPO's SFT share)", CONTROL),
+                  ("+ GAL at the old scale (old DYPO)", LEGACY_DYPO))
 ALPHAS, BETAS = (0.2, 0.5, 0.8), (0.1, 1.0, 2.0)
 DEFAULT_ALPHA, DEFAULT_BETA = 0.5, 1.0
 # OOD sets by distance from training (data/tasks.py); the study's bases (5 seeds) solve the near
@@ -80,6 +120,10 @@ RESULTS_FORMAT = "dypo-study/1"
 DOC_BEGIN, DOC_END = "<!-- study.py tables: begin -->", "<!-- study.py tables: end -->"
 # The paper's claim for (row - DYPO): DYPO beats every baseline and every rung below it.
 CLAIM_BELOW_DYPO = -1
+# Rows of Table 1 the paper makes no claim about, set against DYPO without a direction: the old
+# scale is not the paper's method (eqs. 3, 5, 15 put the terms on one scale), so a decided
+# difference either way says how much the scale alone moved the old figures.
+CLAIMS_VS_DYPO = {LEGACY_DYPO: 0}
 
 # What every cell of the study shares beyond experiments/cpu_tiny.py (its base included).
 STUDY_OVERRIDES = {
@@ -89,6 +133,9 @@ STUDY_OVERRIDES = {
     "train.max_rollouts_per_update": 1,  # The same rollout budget for every method.
     "train.max_empty_updates": UPDATES,  # A round that queues nothing is one empty update.
     "train.log_every": 1,  # Every update's rollout rounds, rollouts and tokens, for the budget.
+    # Checkpoints after 25, 50, 75 and 100 updates, all kept: experiments/variance.py measures
+    # the DYPO cell's policy after 25, 50 and 100 updates (where it has moved from the reference).
+    "train.checkpoint_every": 25, "train.keep_checkpoints": 4,
     # The README's tables ran with the scanned stack; experiments/cpu_tiny.py now loops over its
     # 2 layers (faster on a CPU, the same maths, other rounding), so the study pins the scan to
     # reproduce them.
@@ -107,7 +154,8 @@ class Cell:
 
   @property
   def name(self) -> str:
-    short = {"rl.alpha": "a", "rl.beta_gal": "b", "rl.gal_length_norm": "gal_"}
+    short = {"rl.alpha": "a", "rl.beta_gal": "b", "rl.gal_length_norm": "gal_",
+             "rl.loss_scale": "ls_", "rl.sft_loss_coef": "g"}
     tags = "".join(f"_{short[k]}{v}" for k, v in self.setting)
     return f"seed{self.seed}/{self.method}{tags}"
 
@@ -120,12 +168,21 @@ def grid_setting(alpha: float, beta: float, norm: str = "sum") -> tuple:
   return setting + ((("rl.gal_length_norm", norm),) if norm != "sum" else ())
 
 
+def cell_of(key: str, seed: int) -> Cell:
+  """The cell of a compare key (a method, "base", or a key of VARIANTS) at `seed`."""
+  if key in VARIANTS:
+    method, setting = VARIANTS[key]
+    return Cell(method, seed, setting)
+  return Cell(key, seed)
+
+
 def cells_of(part: str, seeds, methods) -> list[Cell]:
+  """The cells of `part` at `seeds`; `methods`: the compare keys (COMPARE) to run."""
   out = []
   for seed in seeds:
     out.append(Cell("base", seed))
     if part == "compare":
-      out += [Cell(m, seed) for m in methods]
+      out += [cell_of(m, seed) for m in methods]
     elif part == "grid":
       out += [Cell("dypo", seed, grid_setting(a, b)) for a in ALPHAS for b in BETAS]
       out.append(Cell("dypo", seed, grid_setting(DEFAULT_ALPHA, DEFAULT_BETA, "mean")))
@@ -402,7 +459,7 @@ def method_table(results: dict, seeds, rows, keys) -> str:
   """Rows of (label, method): the mean [95% t interval] over seeds of each pass@1 key."""
   out = []
   for label, method in (("base", "base"),) + tuple(rows):
-    cells = [Cell(method, s) for s in seeds]
+    cells = [cell_of(method, s) for s in seeds]
     means = [_mean(_values(results, cells, f"{k}/pass@1")) for k in keys]
     n = len(_values(results, cells, f"{keys[0]}/pass@1"))
     if n:
@@ -422,15 +479,26 @@ def comparison_table(results: dict, seeds, pairs, key: str) -> str:
 
 
 def vs_dypo(rows) -> list[tuple]:
-  """Each row against DYPO, with the paper's claim that DYPO is higher."""
-  return [(f"{label} − DYPO", lambda s, m=m: Cell(m, s), lambda s: Cell("dypo", s),
-           CLAIM_BELOW_DYPO) for label, m in (("base", "base"),) + tuple(rows) if m != "dypo"]
+  """Each row against DYPO, with the paper's claim that DYPO is higher (CLAIMS_VS_DYPO: rows
+  the paper says nothing about)."""
+  return [(f"{label} − DYPO", lambda s, m=m: cell_of(m, s), lambda s: Cell("dypo", s),
+           CLAIMS_VS_DYPO.get(m, CLAIM_BELOW_DYPO))
+          for label, m in (("base", "base"),) + tuple(rows) if m != "dypo"]
 
 
 def ladder_steps() -> list[tuple]:
-  """Each rung of Table 3 against the rung below, with the paper's claim that it adds."""
-  return [(f"{label} − {prev_label}", lambda s, m=m: Cell(m, s), lambda s, p=p: Cell(p, s), 1)
-          for (prev_label, p), (label, m) in zip(TABLE3, TABLE3[1:])]
+  """Each rung of Table 3 against the rung below, with the paper's claim that it adds; then the
+  control: cutting γ alone (no direction claimed), and GAL at the old scale against the control,
+  the old "+ GAL" step at an equal SFT share (the paper's claim: GAL adds)."""
+  steps = [(f"{label} − {prev_label}", lambda s, m=m: cell_of(m, s),
+            lambda s, p=p: cell_of(p, s), 1)
+           for (prev_label, p), (label, m) in zip(TABLE3, TABLE3[1:])]
+  grading, control, legacy = "ladder_grading", CONTROL, LEGACY_DYPO
+  return steps + [
+      (f"γ = {CONTROL_GAMMA} − γ = 1 (+ dynamic grading)", lambda s: cell_of(control, s),
+       lambda s: cell_of(grading, s), 0),
+      ("+ GAL at the old scale − the γ control", lambda s: cell_of(legacy, s),
+       lambda s: cell_of(control, s), 1)]
 
 
 def budget_table(results: dict, seeds, methods) -> str:
@@ -439,7 +507,7 @@ def budget_table(results: dict, seeds, methods) -> str:
   keys = ("rounds", "rollouts", "rollout_tokens", "update_tokens")
   out = []
   for method in methods:
-    budgets = [results[c.name]["budget"] for c in (Cell(method, s) for s in seeds)
+    budgets = [results[c.name]["budget"] for c in (cell_of(method, s) for s in seeds)
                if c.name in results and results[c.name].get("budget")]
     if not budgets:
       continue
@@ -459,7 +527,7 @@ def budget_table(results: dict, seeds, methods) -> str:
 def per_seed_table(results: dict, seeds, methods, key: str) -> str:
   out = []
   for method in ("base",) + tuple(methods):
-    values = _values(results, [Cell(method, s) for s in seeds], key)
+    values = _values(results, [cell_of(method, s) for s in seeds], key)
     if values:
       out.append("| " + " | ".join([method] + [f"{100 * values[s]:.1f}" if s in values else "—"
                                                for s in seeds]) + " |")
@@ -472,7 +540,7 @@ def ood_table(results: dict, seeds, methods) -> str:
               **{s: "far" for s in FAR_OOD}}
   out = []
   for method in ("base",) + tuple(methods):
-    cells = [Cell(method, s) for s in seeds]
+    cells = [cell_of(method, s) for s in seeds]
     row = [_mean(_values(results, cells, f"ood/{s}/pass@1")) for s in OOD_SETS]
     if any(v != "—" for v in row):
       out.append("| " + " | ".join([method] + row) + " |")
@@ -498,7 +566,7 @@ def grid_table(results: dict, seeds, key: str) -> str:
 
 
 def _evals_by_method(results: dict, seeds, method: str) -> list[list[dict]]:
-  runs = [(results.get(Cell(method, s).name) or {}).get("evals") for s in seeds]
+  runs = [(results.get(cell_of(method, s).name) or {}).get("evals") for s in seeds]
   return [r for r in runs if r]
 
 
@@ -564,7 +632,7 @@ def _seeds_of(results: dict) -> list[int]:
   return sorted({rec["seed"] for rec in results.values()})
 
 
-def report(results: dict, seeds=None, methods=METHODS) -> str:
+def report(results: dict, seeds=None, methods=COMPARE) -> str:
   """The study's tables (markdown) from cell records: {cell name: record}."""
   seeds = _seeds_of(results) if seeds is None else list(seeds)
   ood = ("ood_near", "ood_mid", "ood_far")
@@ -600,18 +668,20 @@ def report(results: dict, seeds=None, methods=METHODS) -> str:
       "", "Table 1 claims, near-OOD pass@1", "",
       comparison_table(results, compare_seeds, vs_dypo(TABLE1), "ood_near/pass@1"),
       "", f"Table 3 ladder (in small), seeds {compare_seeds}", "",
-      method_table(results, compare_seeds, TABLE3, ("id",) + ood),
-      "", "Table 3 claims, ID pass@1 (the paper: each rung adds to the one below)", "",
+      method_table(results, compare_seeds, TABLE3 + TABLE3_CONTROL, ("id",) + ood),
+      "", "Table 3 claims, ID pass@1 (the paper: each rung adds to the one below; the control "
+      f"is `ladder_grading` with γ = {CONTROL_GAMMA}, the SFT share of the RL terms' weight "
+      "in the old-scale DYPO)", "",
       comparison_table(results, compare_seeds, ladder_steps(), "id/pass@1"),
       "", "Table 3 claims, near-OOD pass@1", "",
       comparison_table(results, compare_seeds, ladder_steps(), "ood_near/pass@1"),
       "", "Budget per cell: rollout rounds, rollouts (groups x k), sampled tokens and update "
       "tokens, summed over the logged updates (from each cell's metrics.jsonl)", "",
-      budget_table(results, compare_seeds, METHODS),
+      budget_table(results, compare_seeds, COMPARE),
       "", f"OOD sets, one by one, seeds {compare_seeds}", "",
       ood_table(results, compare_seeds, [m for _, m in TABLE1]),
       "", "Per-seed ID pass@1 (the values every interval above is computed from)", "",
-      per_seed_table(results, compare_seeds, [m for m in METHODS if m in methods], "id/pass@1"),
+      per_seed_table(results, compare_seeds, [m for m in COMPARE if m in methods], "id/pass@1"),
   ]
   if grid_seeds:
     text += [
@@ -733,7 +803,9 @@ def main() -> None:
   ap.add_argument("--seeds", default=None,
                   help=f"comma-separated (default {DEFAULT_SEEDS} to run; to report, every seed "
                   "found)")
-  ap.add_argument("--methods", default=",".join(METHODS), help="for --part=compare")
+  ap.add_argument("--methods", default=",".join(COMPARE),
+                  help="for --part=compare: methods and VARIANTS keys (the old-scale DYPO, the "
+                  "ladder's γ control)")
   ap.add_argument("--size", default="", choices=("", "quick"))
   ap.add_argument("--steps", type=int, default=UPDATES, help="updates per cell")
   ap.add_argument("--shard", default="0/1", help="i/n: this machine runs seed positions i mod n")
@@ -751,8 +823,8 @@ def main() -> None:
   seeds = None if args.seeds is None else [int(s) for s in args.seeds.split(",") if s]
   methods = [m for m in args.methods.split(",") if m]
   for m in methods:
-    if m not in METHODS:
-      raise SystemExit(f"--methods: unknown method {m!r}; allowed: {METHODS}")
+    if m not in COMPARE:
+      raise SystemExit(f"--methods: unknown method {m!r}; allowed: {COMPARE}")
   if args.results and not (args.verify is not None or args.report or args.doc):
     args.report = True
   if args.workdir is None and (args.results is None or args.verify is not None or args.part):
@@ -803,7 +875,7 @@ def main() -> None:
     f.write(f"Command: {command}\n\n" + text)
   if args.doc:
     write_doc(args.doc, text)
-  curves_plot(results, seeds, [m for m in METHODS if m in methods],
+  curves_plot(results, seeds, [m for m in COMPARE if m in methods],
               os.path.join(args.workdir, "curves.png"))
   grad_norm_plot(results, seeds, os.path.join(args.workdir, "grad_norm.png"))
   print(text)

@@ -4,10 +4,19 @@ The paper's central mechanism is that GAL lowers the variance of the RL gradient
 directly, at fixed parameters, whatever the accuracies say:
 
   python experiments/variance.py --study=/tmp/study --seeds=0,1,2      # after the compare part
+  python experiments/variance.py --study=/tmp/study --seeds=0 --after=50   # one moved point
   python experiments/variance.py --study=/tmp/sq --size=quick --repeats=4 --prompts=4   # smoke
 
-Parameter points: the seed's gated base (`<study>/seed<s>/base`), and the final checkpoint of the
-seed's DYPO cell (`<study>/seed<s>/dypo`, N updates; its reference is the base), when it is done.
+Parameter points: the seed's gated base (`<study>/seed<s>/base`), and the checkpoints of the seed's
+DYPO cell (`<study>/seed<s>/dypo`; its reference is the base) after --after updates (default 25,
+50 and 100; the study keeps a checkpoint every 25), when the cell is done: the ones it holds, or
+its newest when it holds none of them (a short smoke cell). At the base, policy == reference, so
+every Δ is 0 and GAL's gradient is exactly parallel to GRPO's within a group (a reweighting of
+the group); GAL's pair weight σ(−βd) only acts once the policy has moved, so the later points
+measure its mechanism. At every point GAL's pair statistics over the rounds are logged: η, the
+mean over (success, failure) pairs of (1 − σ(βd))² (the squared pair weight, 1/4 at the base),
+and pair accuracy, the fraction of pairs with margin d = Δ_s − Δ_f > 0 (0 at the base: no pair
+is ranked yet), at the default Δ sum, β = 1.
 At each point, for the first --prompts prompts of the seed's training pool, R = --repeats
 independent rollout rounds are drawn (one group of k per prompt, graded and routed exactly as in
 training: Easy dropped, Hard to one uniformly drawn teacher trace, Mid groups kept), and each
@@ -45,6 +54,7 @@ from dypo_jax.evaluation import statistics  # noqa: E402
 
 BETAS = (0.1, 1.0, 2.0)
 NORMS = ("sum", "mean")
+AFTER = (25, 50, 100)  # Updates of the DYPO cell at which its policy is measured.
 
 
 def trainer_at_base(study_dir: str, seed: int, *, size: str, prompts: int, workdir: str):
@@ -72,15 +82,36 @@ def trainer_at_base(study_dir: str, seed: int, *, size: str, prompts: int, workd
                              pools=pools)
 
 
+def _step_cfg(trainer, norm: str = "sum", beta: float = 1.0):
+  return dataclasses.replace(trainer.program.step_cfg, shared_prompt=False, micro_batches=1,
+                             use_gal=True, beta_gal=beta, gal_length_norm=norm)
+
+
 def term_gradient_fns(trainer, betas=BETAS) -> dict[tuple[str, float], object]:
-  """{(Δ norm, β): jitted (params, ref, batch) -> (terms [3], grads [3, ...])}."""
+  """{(Δ norm, β): jitted (params, ref, batch) -> (terms [3], grads [3, ...], metric sums)}."""
   import jax  # pylint: disable=g-import-not-at-top
   from dypo_jax.rl import train_step  # pylint: disable=g-import-not-at-top
-  base_cfg = dataclasses.replace(trainer.program.step_cfg, shared_prompt=False, micro_batches=1,
-                                 use_gal=True)
   return {(norm, beta): jax.jit(train_step.build_term_gradients(
-      trainer.graphdef, dataclasses.replace(base_cfg, beta_gal=beta, gal_length_norm=norm)))
+      trainer.graphdef, _step_cfg(trainer, norm, beta), with_metrics=True))
           for norm in NORMS for beta in betas}
+
+
+def gal_pair_stats(rounds: list[dict]) -> dict:
+  """GAL's pair statistics pooled over a point's rounds (each {"pairs", "eta_sum",
+  "correct_sum"}, the step's metric sums): pairs, η = Σ (1 − σ(βd))² / pairs, pair accuracy =
+  pairs with d > 0 / pairs (None without a pair), and the rounds' spread of each (sd over the
+  rounds that had a pair)."""
+  pairs = float(sum(r["pairs"] for r in rounds))
+  with_pairs = [r for r in rounds if r["pairs"] > 0]
+  per_round = lambda key: [r[key] / r["pairs"] for r in with_pairs]
+  sd = lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else None
+  if not pairs:
+    return {"pairs": 0.0, "rounds_with_pairs": 0, "eta": None, "pair_accuracy": None,
+            "eta_sd": None, "pair_accuracy_sd": None}
+  return {"pairs": pairs, "rounds_with_pairs": len(with_pairs),
+          "eta": sum(r["eta_sum"] for r in rounds) / pairs,
+          "pair_accuracy": sum(r["correct_sum"] for r in rounds) / pairs,
+          "eta_sd": sd(per_round("eta_sum")), "pair_accuracy_sd": sd(per_round("correct_sum"))}
 
 
 def measure_point(trainer, params, *, prompts: int, repeats: int, seed: int,
@@ -92,6 +123,7 @@ def measure_point(trainer, params, *, prompts: int, repeats: int, seed: int,
   from dypo_jax.rl import rollout  # pylint: disable=g-import-not-at-top
   alpha = trainer.config.rl.alpha
   fns = term_gradient_fns(trainer, betas)
+  gal_rounds = []
   idx = list(range(prompts))
   rng = jax.random.key(10_000 + seed)  # Not the run's stream: fresh draws at every point.
   estimates: dict[str, list[np.ndarray]] = {}
@@ -117,11 +149,14 @@ def measure_point(trainer, params, *, prompts: int, repeats: int, seed: int,
     device_batch = jax.device_put(batch)
     row: dict[str, np.ndarray] = {}
     for (norm, beta), fn in fns.items():
-      _, grads = fn(params, trainer.run_state.ref_params, device_batch)
+      _, grads, m = fn(params, trainer.run_state.ref_params, device_batch)
       sft, grpo, gal = (flat(jax.tree.map(lambda g, i=i: g[i], grads)) for i in range(3))
       row[f"GAL Δ {norm}, β={beta:g}"] = gal
       row[f"α-mix Δ {norm}, β={beta:g}"] = alpha * grpo + (1 - alpha) * gal
-      if (norm, beta) == ("sum", 1.0):
+      if (norm, beta) == ("sum", 1.0):  # GAL's pair statistics at the default, this round.
+        m = jax.device_get(m)
+        gal_rounds.append({"pairs": float(m["gal/pairs"]), "eta_sum": float(m["gal/eta_sum"]),
+                           "correct_sum": float(m["gal/pair_acc_sum"])})
         row["GRPO"], row["SFT (Hard)"] = grpo, sft
         row["DYPO update (Δ sum, β=1)"] = weights[0] * sft + weights[1] * grpo + weights[2] * gal
     for name, g in row.items():
@@ -129,7 +164,8 @@ def measure_point(trainer, params, *, prompts: int, repeats: int, seed: int,
       nonzero[name] = nonzero.get(name, 0) + bool(np.any(g))
   out = {"repeats": repeats, "prompts": prompts,
          "mean_hard_items": float(np.mean(counts["hard"])),
-         "mean_mid_items": float(np.mean(counts["mid"])), "terms": {}}
+         "mean_mid_items": float(np.mean(counts["mid"])),
+         "gal": {**gal_pair_stats(gal_rounds), "rounds": gal_rounds}, "terms": {}}
   for name, gs in estimates.items():
     g = np.stack(gs).astype(np.float64)
     gram = g @ g.T  # Every figure, and its bootstrap over rounds, is a function of this.
@@ -187,8 +223,18 @@ def table(label: str, by_seed: dict[int, dict]) -> str:
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   notes = [f"seed {s}: {v['repeats']} rounds of {v['prompts']} prompts x k; per round "
            f"{v['mean_mid_items']:.1f} Mid and {v['mean_hard_items']:.1f} Hard items on average; "
-           f"{v['wall_s']:.0f} s" for s, v in sorted(by_seed.items())]
+           f"{gal_note(v.get('gal'))}; {v['wall_s']:.0f} s" for s, v in sorted(by_seed.items())]
   return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+
+
+def gal_note(gal: dict | None) -> str:
+  """GAL's pair statistics of a point, in words (Δ sum, β = 1)."""
+  if not gal or not gal["pairs"]:
+    return "GAL: no (success, failure) pair in any round"
+  sd = lambda v: "" if v is None else f" (sd over rounds {v:.3f})"
+  return (f"GAL over {gal['pairs']:.0f} pairs in {gal['rounds_with_pairs']} rounds: η = E[(1 − "
+          f"σ(βd))²] = {gal['eta']:.4f}{sd(gal['eta_sd'])}, pair accuracy (d > 0) = "
+          f"{gal['pair_accuracy']:.3f}{sd(gal['pair_accuracy_sd'])}")
 
 
 def plot(points: dict[str, dict[int, dict]], out: str) -> None:
@@ -228,6 +274,23 @@ def _point_path(out_dir: str, label: str, seed: int) -> str:
   return os.path.join(out_dir, f"point_{label.replace(' ', '_')}_seed{seed}.json")
 
 
+def points_after(available: list[int], after) -> list[int]:
+  """The checkpoint steps to measure: those of `after` the cell holds, or its newest when it
+  holds none of them; none without a checkpoint."""
+  steps = [s for s in after if s in available]
+  return steps or available[-1:]
+
+
+def _checkpoint_steps(workdir: str) -> list[int]:
+  from dypo_jax.io import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from dypo_jax.rl import run_checkpoint  # pylint: disable=g-import-not-at-top
+  directory = run_checkpoint.checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    return []
+  with checkpoint_lib.Checkpointer(directory, keep=None, read_only=True) as ckpt:
+    return ckpt.all_steps()
+
+
 def measure_seed(args, seed: int, out_dir: str) -> dict[str, dict]:
   """Measures (or reads) the seed's parameter points: {label: figures}."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -238,7 +301,15 @@ def measure_seed(args, seed: int, out_dir: str) -> dict[str, dict]:
   if not study.done(base_cell):
     raise SystemExit(f"no base model for seed {seed} in {study.dir(base_cell)}: run "
                      f"experiments/study.py --workdir={args.study} --seeds={seed} first")
-  labels = ["base"] + (["DYPO"] if study.done(dypo_cell) else [])
+  steps = []
+  if study.done(dypo_cell):
+    available = _checkpoint_steps(study.dir(dypo_cell))
+    steps = points_after(available, args.after)
+    missing = [s for s in args.after if s not in available]
+    if missing:
+      print(f"seed {seed}: the DYPO cell holds no checkpoint after {missing} updates "
+            f"(it holds {available}); measuring after {steps}", flush=True)
+  labels = ["base"] + [f"DYPO_{s}" for s in steps]
   results = {}
   for label in labels:
     path = _point_path(out_dir, label, seed)
@@ -254,8 +325,8 @@ def measure_seed(args, seed: int, out_dir: str) -> dict[str, dict]:
     if label in results:
       continue
     params = trainer.run_state.train.params
-    if label == "DYPO":
-      policy = run_checkpoint.read_policy(study.dir(dypo_cell))
+    if label != "base":
+      policy = run_checkpoint.read_policy(study.dir(dypo_cell), step=int(label.split("_")[1]))
       new = nnx.split(policy.model, nnx.Param)[1]
       params = jax.tree.map(lambda n, o: jax.device_put(n, o.sharding), new, params)
     start = time.perf_counter()
@@ -277,6 +348,8 @@ def main() -> None:
   ap.add_argument("--repeats", type=int, default=32, help="R, independent rollout rounds")
   ap.add_argument("--prompts", type=int, default=16, help="fixed training prompts per round")
   ap.add_argument("--size", default="", choices=("", "quick"))
+  ap.add_argument("--after", default=",".join(map(str, AFTER)),
+                  help="the DYPO cell's updates at which to measure its policy (comma-separated)")
   ap.add_argument("--betas", default=",".join(f"{b:g}" for b in BETAS),
                   help="β_GAL values of the GAL terms (each one compiled program per Δ norm); "
                   "β = 1, where GRPO and the DYPO update are read, is always included")
@@ -285,9 +358,18 @@ def main() -> None:
     args.betas = tuple(sorted({1.0, *(float(b) for b in args.betas.split(",") if b)}))
   except ValueError:
     raise SystemExit(f"--betas={args.betas!r}: comma-separated numbers") from None
+  try:
+    args.after = tuple(int(s) for s in args.after.split(",") if s)
+  except ValueError:
+    raise SystemExit(f"--after={args.after!r}: comma-separated update counts") from None
   if args.repeats < 2:
     raise SystemExit(f"--repeats={args.repeats}: a spread needs at least 2 rounds")
   seeds = [int(s) for s in args.seeds.split(",") if s]
+  from dypo_jax.parallel import host  # pylint: disable=g-import-not-at-top
+  # Before any JAX call (listing a cell's checkpoints starts the backend): the host's dispatch
+  # mode is read once, when the backend starts.
+  host.configure_host(config_lib.load_experiment(os.path.join(_HERE, "cpu_tiny.py"),
+                                                 args.size).mesh)
   out_dir = os.path.join(args.study, "variance")
   os.makedirs(out_dir, exist_ok=True)
   points: dict[str, dict[int, dict]] = {}
@@ -299,7 +381,10 @@ def main() -> None:
             for label, p in points.items()}
   text = ("Command: python experiments/variance.py " + " ".join(sys.argv[1:]) + "\n\n"
           "Relative variance tr(Cov g)/‖E g‖² [95% interval from resampling the rounds]; ÷ GRPO: "
-          "the ratio to GRPO's relative variance on the same rounds (paired).\n\n"
+          "the ratio to GRPO's relative variance on the same rounds (paired). η = E[(1 − σ(βd))²] "
+          "over GAL's (success, failure) pairs (its squared pair weight: 1/4 while the policy is "
+          "the reference), pair accuracy = the fraction of pairs with d = Δ_s − Δ_f > 0; both at "
+          "Δ sum, β = 1, pooled over the point's rounds.\n\n"
           + "\n\n".join(table(titles[label], by_seed)
                         for label, by_seed in points.items()) + "\n")
   with open(os.path.join(out_dir, "variance.md"), "w") as f:
@@ -308,6 +393,10 @@ def main() -> None:
       k: (dataclasses.asdict(x) if isinstance(x, statistics.Interval) else x)
       for k, x in v.items()}) for n, v in summarize(p).items()} for seed, p in by_seed.items()}
              for label, by_seed in points.items()}
+  for label, by_seed in points.items():  # GAL's pair statistics (η, pair accuracy) per point.
+    for seed, p in by_seed.items():
+      summary[label][seed]["gal"] = {k: v for k, v in (p.get("gal") or {}).items()
+                                     if k != "rounds"}
   with open(os.path.join(out_dir, "variance.json"), "w") as f:
     json.dump(summary, f, indent=1)
   plot({titles[k]: v for k, v in points.items()}, os.path.join(out_dir, "variance.png"))

@@ -203,6 +203,27 @@ def test_gal_loss_golden_sum():
   np.testing.assert_allclose(m["delta_failure_mean"], -2.75, rtol=1e-6)
 
 
+def test_gal_eta_is_the_mean_squared_pair_weight():
+  logp, ref, rewards, mask = _gal_batch()
+  # The pairs' d of test_gal_loss_golden_sum: -0.5, 2.0, 2.8. β = 2: pair weight 1 - σ(2d).
+  _, m = losses.gal_loss(logp=jnp.asarray(logp), ref_logp=jnp.asarray(ref),
+                         rewards=jnp.asarray(rewards), mask=jnp.asarray(mask), beta=2.0,
+                         length_norm="sum")
+  weights = [1.0 - _sigmoid(2.0 * d) for d in (-0.5, 2.0, 2.8)]
+  np.testing.assert_allclose(m["eta"], np.mean(np.square(weights)), rtol=1e-6)
+  np.testing.assert_allclose(m["eta_sum"], np.sum(np.square(weights)), rtol=1e-6)
+  # At policy == reference every d is 0: η = σ(0)² = 1/4 and no pair is ranked (d > 0).
+  _, m0 = losses.gal_loss(logp=jnp.asarray(ref), ref_logp=jnp.asarray(ref),
+                          rewards=jnp.asarray(rewards), mask=jnp.asarray(mask), beta=2.0)
+  np.testing.assert_allclose(m0["eta"], 0.25, rtol=1e-6)
+  assert float(m0["pair_accuracy"]) == 0.0
+  # No pair: η is 0 (its sum over no pairs), never a division by zero.
+  none = np.ones_like(rewards)
+  _, m1 = losses.gal_loss(logp=jnp.asarray(logp), ref_logp=jnp.asarray(ref),
+                          rewards=jnp.asarray(none), mask=jnp.asarray(mask), beta=1.0)
+  assert float(m1["eta"]) == 0.0 and float(m1["eta_sum"]) == 0.0
+
+
 def test_gal_loss_golden_mean_and_beta():
   logp, ref, rewards, mask = _gal_batch()
   ref = ref + 0.25 * mask  # Δ_i = Σ (logp - 0.25)·m; the mean norm divides by the length.

@@ -74,6 +74,70 @@ def test_a_cell_starts_from_its_seeds_base_with_the_same_rollout_budget(tmp_path
   assert tuple(c["data"]["ood_tasks"]) == study_lib.OOD_SETS
 
 
+def test_the_old_scale_dypo_and_the_gamma_control_are_compare_cells(tmp_path):
+  names = [c.name for c in study_lib.cells_of("compare", [0], study_lib.COMPARE)]
+  assert names[-2:] == ["seed0/dypo_ls_legacy", "seed0/ladder_grading_g0.0583"]
+  assert len(set(names)) == len(names) == 1 + len(study_lib.METHODS) + 2
+  study = study_lib.Study(str(tmp_path), size="", steps=100)
+  legacy = study.config(study_lib.cell_of(study_lib.LEGACY_DYPO, 0))
+  assert legacy["rl"]["method"] == "dypo" and legacy["rl"]["loss_scale"] == "legacy"
+  control = study.config(study_lib.cell_of(study_lib.CONTROL, 0))
+  assert control["rl"]["alpha"] == 1.0 and control["rl"]["sft_loss_coef"] == 0.0583
+  # Every grid cell, and the compare part's DYPO, runs at the default scale, never the old one.
+  default_scale = config_lib.base_config().rl.loss_scale
+  assert default_scale != "legacy"
+  for cell in study_lib.cells_of("grid", [0], [])[1:] + [study_lib.Cell("dypo", 0)]:
+    assert study.config(cell)["rl"]["loss_scale"] == default_scale, cell.name
+  # Checkpoints after 25, 50, 75 and 100 updates, all kept, for experiments/variance.py.
+  o = study.overrides(study_lib.Cell("dypo", 0))
+  assert o["train.checkpoint_every"] == 25 and o["train.keep_checkpoints"] == 100 // 25
+  for key in (study_lib.LEGACY_DYPO, study_lib.CONTROL):
+    config_lib.check_override_keys([a for a in study.command(study_lib.cell_of(key, 0))
+                                    if a.startswith("--config.")])
+
+
+def test_the_control_gamma_gives_sft_the_old_dypos_share_of_the_rl_weight():
+  # SFT at 6% of GAL's weight with α = 0.5, γ = 1: (1 − α)·L̄ = 1/0.06, L̄ = 33.3 tokens; the RL
+  # terms then weighed α + (1 − α)·L̄ = 17.17 token means, so γ' = 1/17.17 = 0.0583.
+  assert study_lib.CONTROL_GAMMA == study_lib.control_sft_coef() == 0.0583
+  for alpha, gamma, share in ((0.5, 1.0, 0.06), (0.2, 1.0, 0.06), (0.5, 0.5, 0.1)):
+    mean_len = gamma / (share * (1 - alpha))  # GAL's old per-token weight over the default's.
+    old_sft_share_of_rl = gamma / (alpha + (1 - alpha) * mean_len)
+    new = study_lib.control_sft_coef(alpha, gamma, share)
+    assert new / 1.0 == pytest.approx(old_sft_share_of_rl, rel=2e-3)  # α = 1: RL weight 1.
+  with pytest.raises(ValueError, match="alpha=1"):
+    study_lib.control_sft_coef(alpha=1.0)
+  with pytest.raises(ValueError, match="sft_share_of_gal=0"):
+    study_lib.control_sft_coef(sft_share_of_gal=0)
+
+
+def test_report_sets_the_old_scale_and_the_control_against_their_rows(tmp_path):
+  """The old-scale DYPO 3 points below DYPO on every seed: decided (−), not reversed (no claim);
+  the γ control 2 points above `ladder_grading`, and the old-scale DYPO 1 point above it."""
+  study = study_lib.Study(str(tmp_path), size="", steps=4)
+  seeds = [0, 1, 2]
+  for s in seeds:
+    level = 0.4 + 0.05 * s
+    _write_cell(study, study_lib.Cell("base", s), [_eval(0, level - 0.2, 0.1)], rounds=0, steps=0)
+    for key, lift in (("dypo", 0.0), (study_lib.LEGACY_DYPO, -0.03), ("ladder_grading", -0.06),
+                      (study_lib.CONTROL, -0.04)):
+      _write_cell(study, study_lib.cell_of(key, s), [_eval(4, level + lift, 0.2)])
+  results = study_lib.collect(study, seeds, study_lib.COMPARE)
+  assert set(results) >= {"seed0/dypo_ls_legacy", "seed2/ladder_grading_g0.0583"}
+  text = study_lib.report(results, seeds)
+  assert _row(text, "| DYPO, old scale (loss_scale=legacy) − DYPO | 3 | −3.0 [−3.0, −3.0]"
+              ).endswith("| decided (−) |")
+  assert _row(text, "| γ = 0.0583 − γ = 1 (+ dynamic grading) | 3 | +2.0 [+2.0, +2.0]"
+              ).endswith("| decided (+) |")
+  assert _row(text, "| + GAL at the old scale − the γ control | 3 | +1.0 [+1.0, +1.0]"
+              ).endswith("| decided (+) |")
+  table3 = text.split("Table 3 ladder (in small)")[1]
+  assert _row(table3, "| + dynamic grading, γ = 0.0583 (old DYPO's SFT share) | 3 | 41.0 [")
+  assert _row(text, "| ladder_grading_g0.0583 | 3 | 4/4 | 4 | 512 |")  # Its budget row.
+  per_seed = text.split("Per-seed ID pass@1")[1]
+  assert _row(per_seed, "| dypo_ls_legacy | ") == "| dypo_ls_legacy | 37.0 | 42.0 | 47.0 |"
+
+
 def _synthetic_study(tmp_path, seeds=(0, 1, 2, 3, 4)):
   """GRPO beats DYPO by exactly 5 points on every seed while seeds differ by ~10; SFT is DYPO
   plus noise; ladder_rl runs half the rollout rounds."""
@@ -297,6 +361,29 @@ def test_unfinished_cells_are_not_reported(tmp_path):
   assert study_lib.collect(study, [0], ["dypo"]) == {}
 
 
+def test_variance_points_after_25_50_100_updates_and_gal_pair_statistics():
+  variance = config_lib.load_module(os.path.join(_REPO, "experiments", "variance.py"))
+  assert variance.AFTER == (25, 50, 100)
+  assert variance.points_after([25, 50, 75, 100], (25, 50, 100)) == [25, 50, 100]
+  assert variance.points_after([50, 100], (25, 50, 100)) == [50, 100]
+  assert variance.points_after([1], (25, 50, 100)) == [1]  # A smoke cell: its newest.
+  assert variance.points_after([], (25,)) == []
+  # Pooled over rounds: Σ over pairs / pairs; a round without a pair counts in neither.
+  rounds = [{"pairs": 4, "eta_sum": 1.0, "correct_sum": 0.0},
+            {"pairs": 0, "eta_sum": 0.0, "correct_sum": 0.0},
+            {"pairs": 2, "eta_sum": 0.2, "correct_sum": 2.0}]
+  g = variance.gal_pair_stats(rounds)
+  assert g["pairs"] == 6 and g["rounds_with_pairs"] == 2
+  assert g["eta"] == pytest.approx(1.2 / 6) and g["pair_accuracy"] == pytest.approx(2 / 6)
+  assert g["eta_sd"] == pytest.approx(np.std([0.25, 0.1], ddof=1))
+  assert g["pair_accuracy_sd"] == pytest.approx(np.std([0.0, 1.0], ddof=1))
+  note = variance.gal_note(g)
+  assert "6 pairs in 2 rounds" in note and "= 0.2000" in note and "(d > 0) = 0.333" in note
+  none = variance.gal_pair_stats(rounds[1:2])
+  assert none["eta"] is None and variance.gal_note(none).endswith("no (success, failure) pair "
+                                                                  "in any round")
+
+
 @pytest.mark.slow
 def test_study_and_variance_run_end_to_end(tmp_path):
   import subprocess
@@ -328,5 +415,10 @@ def test_study_and_variance_run_end_to_end(tmp_path):
           "--prompts=2", "--betas=1")  # One β: two compiled programs a point, not six.
   assert v.returncode == 0, v.stdout[-3000:] + v.stderr[-3000:]
   assert "| GRPO |" in v.stdout and "After 1 DYPO updates" in v.stdout
+  assert "no checkpoint after [25, 50, 100] updates (it holds [1]); measuring after [1]" in v.stdout
+  with open(os.path.join(work, "variance", "variance.json")) as f:
+    points = json.load(f)
+  assert set(points) == {"base", "DYPO_1"}
+  assert all("eta" in by_seed["0"]["gal"] for by_seed in points.values())
   for name in ("variance.md", "variance.json", "variance.png"):
     assert os.path.exists(os.path.join(work, "variance", name))

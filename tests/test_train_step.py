@@ -291,14 +291,21 @@ def test_term_gradients_are_each_terms_gradient():
   batch = make_batch()
   cfg = step_config()
   graphdef, state, ref, _, _ = make_state()
-  terms, grads = jax.jit(step_lib.build_term_gradients(graphdef, cfg))(state.params, ref, batch)
+  terms, grads, metrics = jax.jit(step_lib.build_term_gradients(graphdef, cfg, with_metrics=True))(
+      state.params, ref, batch)
   denoms = step_lib._denominators(batch, cfg)  # pylint: disable=protected-access
   mb = {k: jnp.asarray(v) for k, v in batch.items() if k != "weights"}
   loss_terms = lambda p: step_lib._loss_terms(p, ref, graphdef, mb, denoms, cfg)[0]  # pylint: disable=protected-access
+  # The metric sums of the same forward pass (GAL's pairs and η = mean (1 − σ(βd))² in (0, 1)).
+  want_terms, want_m = step_lib._loss_terms(state.params, ref, graphdef, mb, denoms, cfg)  # pylint: disable=protected-access
+  for key in ("gal/pairs", "gal/pair_acc_sum", "gal/eta_sum"):
+    np.testing.assert_allclose(metrics[key], want_m[key], rtol=1e-5, err_msg=key)
+  assert float(metrics["gal/pairs"]) > 0 and 0 < float(metrics["gal/eta_sum"]) < float(
+      metrics["gal/pairs"])
   # Every term's own gradient in one program (one compile).
   want = jax.jit(lambda p: [jax.grad(lambda q, i=i: loss_terms(q)[i])(p)
                             for i in range(len(update_batch.TERMS))])(state.params)
-  np.testing.assert_allclose(terms, loss_terms(state.params), rtol=1e-5)
+  np.testing.assert_allclose(terms, want_terms, rtol=1e-5)
   for i, name in enumerate(update_batch.TERMS):
     jax.tree.map(lambda g, w, i=i: np.testing.assert_allclose(g[i], w, rtol=1e-4, atol=1e-6,
                                                               err_msg=name), grads, want[i])

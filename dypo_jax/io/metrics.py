@@ -34,7 +34,7 @@ METRIC_KEYS = (
     "policy/entropy", "policy/kl", "policy/clip_frac",
     "response/len_mean", "response/len_max", "response/truncated_frac",
     "grad/norm", "grad/norm_sft", "grad/norm_grpo", "grad/norm_gal",
-    "gal/pairs", "gal/pair_acc", "gal/margin",
+    "gal/pairs", "gal/pair_acc", "gal/margin", "gal/eta",
     "sft/loss", "sft/no_teacher_skipped",  # Plus sft/teacher_<name>_count, sft/teacher_<name>_loss.
     "loss/total", "loss/grpo", "loss/gal", "loss/sft",
     "perf/rollout_tok_s", "perf/update_tok_s",

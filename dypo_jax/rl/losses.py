@@ -339,9 +339,10 @@ def gal_loss(
 
   Returns:
     (loss, metrics) with gal_loss, gal_pairs, gal_prompts, pair_accuracy (fraction of pairs with
-    σ(βd) > 0.5), margin (mean d = Δ_s - Δ_f over pairs), delta_success_mean and
-    delta_failure_mean (over samples of prompts with a pair), and the sums pair_correct,
-    margin_sum.
+    σ(βd) > 0.5), margin (mean d = Δ_s - Δ_f over pairs), eta (mean over pairs of (1 - σ(βd))²,
+    the squared pair weight of GAL's gradient: 1/4 at d = 0, falling as the pairs are ranked),
+    delta_success_mean and delta_failure_mean (over samples of prompts with a pair), and the sums
+    pair_correct, margin_sum, eta_sum.
   """
   if length_norm not in LENGTH_NORMS:
     raise ValueError(f"gal_loss: length_norm={length_norm!r} is not one of {LENGTH_NORMS}")
@@ -367,6 +368,9 @@ def gal_loss(
   num_pairs = jnp.sum(pairs_per_prompt).astype(_F32)
   pair_correct = _masked_sum((beta * d > 0).astype(_F32), pair)
   margin_sum = _masked_sum(d, pair)
+  # A pair's gradient is β(1 - σ(βd)) times its members' score difference; η is the mean square
+  # of that weight over pairs (the factor the paper's variance bound, eq. 19, carries).
+  eta_sum = _masked_sum(jax.nn.sigmoid(-beta * d) ** 2, pair)
   in_pair_prompt = has_pair[:, None]
   metrics = {
       "gal_loss": loss,
@@ -374,10 +378,12 @@ def gal_loss(
       "gal_prompts": jnp.sum(has_pair).astype(_F32),
       "pair_accuracy": pair_correct / jnp.maximum(num_pairs, 1.0),
       "margin": margin_sum / jnp.maximum(num_pairs, 1.0),
+      "eta": eta_sum / jnp.maximum(num_pairs, 1.0),
       "delta_success_mean": _masked_mean(delta, success & in_pair_prompt),
       "delta_failure_mean": _masked_mean(delta, failure & in_pair_prompt),
       "pair_correct": pair_correct,
       "margin_sum": margin_sum,
+      "eta_sum": eta_sum,
   }
   return loss, jax.lax.stop_gradient(metrics)
 

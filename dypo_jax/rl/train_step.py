@@ -227,7 +227,7 @@ def _loss_terms(params, ref_params, graphdef, mb, denoms, cfg: StepConfig):
         mask=m_roll.reshape(u, k, t), beta=cfg.beta_gal, length_norm=cfg.gal_length_norm,
         denom=denoms["gal"])
     metrics.update({"gal/pairs": gal_m["gal_pairs"], "gal/pair_acc_sum": gal_m["pair_correct"],
-                    "gal/margin_sum": gal_m["margin_sum"]})
+                    "gal/margin_sum": gal_m["margin_sum"], "gal/eta_sum": gal_m["eta_sum"]})
   else:
     gal = jnp.zeros((), jnp.float32)
   terms = jnp.stack([sft, rl_term, gal])
@@ -264,18 +264,21 @@ def _per_term_grads(vjp_fn, dtype):
   return jax.tree.map(lambda *g: jnp.stack(g), *per_term)
 
 
-def build_term_gradients(graphdef, cfg: StepConfig):
+def build_term_gradients(graphdef, cfg: StepConfig, *, with_metrics: bool = False):
   """Returns the pure `(params, ref_params, batch) -> (terms [3], grads)`: each normalised loss
   term of a whole update batch (one micro-batch) and its gradient, stacked [3, ...] per parameter
   in `TERMS` order. The update descends `weights @ grads`; studies of the gradient estimator
-  (experiments/variance.py) read the terms apart."""
+  (experiments/variance.py) read the terms apart. With `with_metrics`, `(terms, grads,
+  metric sums)`: the per-batch sums the step divides by their counts (e.g. `gal/pairs`,
+  `gal/pair_acc_sum`, `gal/eta_sum`), from the same forward pass."""
 
   def term_gradients(params, ref_params, batch):
     denoms = _denominators(batch, cfg)
     mb = {k: v for k, v in batch.items() if k != "weights"}
-    terms, vjp_fn, _ = jax.vjp(
+    terms, vjp_fn, metrics = jax.vjp(
         lambda p: _loss_terms(p, ref_params, graphdef, mb, denoms, cfg), params, has_aux=True)
-    return terms, _per_term_grads(vjp_fn, terms.dtype)
+    grads = _per_term_grads(vjp_fn, terms.dtype)
+    return (terms, grads, metrics) if with_metrics else (terms, grads)
 
   return term_gradients
 
@@ -371,6 +374,7 @@ def build_train_step(graphdef, cfg: StepConfig, tx: optax.GradientTransformation
       metrics["gal/pairs"] = pairs
       metrics["gal/pair_acc"] = sums["gal/pair_acc_sum"] / jnp.maximum(pairs, 1.0)
       metrics["gal/margin"] = sums["gal/margin_sum"] / jnp.maximum(pairs, 1.0)
+      metrics["gal/eta"] = sums["gal/eta_sum"] / jnp.maximum(pairs, 1.0)
     if term_grads is not None:
       for i, name in enumerate(TERMS):
         metrics[f"grad/norm_{name}"] = optax.global_norm(jax.tree.map(lambda g: g[i], term_grads))
