@@ -106,6 +106,19 @@ def causal_mask(input_mask: jax.Array) -> jax.Array:
   return causal[None] & input_mask.astype(jnp.bool_)[:, None, :]
 
 
+def segment_mask(segments: jax.Array, prefix: jax.Array | None = None) -> jax.Array:
+  """[B, T] segment ids -> [B, T, T] mask for rows that pack several sequences (block-diagonal
+  causal): query t sees key s <= t of its own segment, and of the segment prefix[t] (a prompt that
+  several packed responses share; 0: none). Segment 0 is padding: no query sees it."""
+  seg_q, seg_k = segments[:, :, None], segments[:, None, :]
+  t = segments.shape[-1]
+  causal = jnp.tril(jnp.ones((t, t), jnp.bool_))[None]
+  same = seg_k == seg_q
+  if prefix is not None:
+    same = same | (seg_k == prefix[:, :, None])
+  return causal & same & (seg_k > 0)
+
+
 def _param(rngs, shape, axes, dtype, std):
   return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.dtype(dtype)), axes=axes)
 
