@@ -180,6 +180,11 @@ def base_config() -> ml_collections.ConfigDict:
       # against copies of its KV cache: the prompt's share of the update costs 1/K. The cached
       # forward is not rematerialised, so this needs model.remat="none".
       shared_prompt=True,
+      # Pack several responses into each row of the update's model passes (policy and
+      # reference; `update_batch.pack`): their cost follows the real tokens, not U * K * (P + T).
+      # Same loss, gradients and metrics (tests/test_packing.py). With it, shared_prompt shares
+      # each group's prompt within a packed row (no KV cache: remat is free).
+      pack_updates=False,
   ))
 
   c.pretrain = ml_collections.ConfigDict(dict(
@@ -387,7 +392,7 @@ def _validate_relations(c: ml_collections.ConfigDict) -> None:
   if t.update_prompts % t.micro_batches:
     raise ConfigError(f"train.update_prompts={t.update_prompts} must be a multiple of "
                       f"train.micro_batches={t.micro_batches}")
-  if t.shared_prompt and m.remat != "none":
+  if t.shared_prompt and not t.pack_updates and m.remat != "none":
     raise ConfigError("train.shared_prompt=True needs model.remat='none' (the prompt's KV cache "
                       "is read by a cached forward, which is not rematerialised); set one off")
   if c.rl.clip_low >= 1:

@@ -53,7 +53,8 @@ def _items(seed: int, *, hard: int, mid: int, luffy: int):
   return hard_items, mid_items
 
 
-def _batch(seed: int, *, items: int, hard: int, mid: int, luffy: int = 0, weights=(0.4, 0.4, 0.2)):
+def _batch(seed: int, *, items: int, hard: int, mid: int, luffy: int = 0,
+           weights=(0.4, 0.4, 0.2)):
   hard_items, mid_items = _items(seed, hard=hard, mid=mid, luffy=luffy)
   batch, _ = update_batch.layout(hard_items, mid_items, slot_buckets=[items], k=_K,
                                  prompt_len=_P, max_len=_T, pad_id=0, teacher_index=_TEACHERS)
@@ -114,19 +115,22 @@ def _weights(method: str, *, hard: int, mid: int):
                               n_hard=hard, n_mid=mid)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [m if m == "dypo" else pytest.param(
+    m, marks=pytest.mark.slow) for m in METHODS])
 def test_packed_update_equals_unpacked_for_every_method(method):
   """A batch of a packed Hard slot, groups and a LUFFY group, two micro-batches: every logged
   metric (per-term gradient norms included) and the updated parameters agree."""
   hard, mid = (8, 0) if method == "sft" else (4, 3)
   batch = _batch(1, items=4, hard=hard, mid=mid, luffy=1 if mid else 0,
                  weights=_weights(method, hard=hard, mid=mid))
-  cfg = _step_config(method, micro_batches=2, per_term_grad_norms=True)
+  # Per-term gradient norms (three backwards) on the DYPO batch, where all three terms are live.
+  cfg = _step_config(method, micro_batches=2, per_term_grad_norms=method == "dypo")
   packed = _packed(batch, micro_batches=2)
   assert packed["pack_tokens"].shape[0] < 4 * _K  # The rows did pack.
   _assert_same(_run(dataclasses.replace(cfg, packed=True), packed), _run(cfg, batch))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("micro_batches", [1, 4])
 def test_packed_groups_equal_the_shared_prompt_path(micro_batches):
   """Groups alone: packed with each slot's prompt shared in its rows, against the unpacked
@@ -199,3 +203,37 @@ def test_packed_rows_follow_the_tokens_and_buckets_are_fixed():
   with pytest.raises(ValueError, match="more than the largest bucket"):
     update_batch.pack(full, micro_batches=1, prompt_len=_P, row_buckets=[8],
                       share_prompts=False)
+
+
+@pytest.mark.slow
+def test_trainer_packed_update_equals_unpacked_and_compiles_once_per_bucket(tmp_path):
+  """Through the Trainer (train.pack_updates): the same queued items give the same update, and
+  a second batch of the same packed bucket compiles nothing."""
+  def trainer(pack: bool):
+    config = tiny_runs.tiny_config("dypo", **{"train.pack_updates": pack})
+    return tiny_runs.build_trainer(config, str(tmp_path / f"pack{int(pack)}"))
+
+  def mid(tr, i, length):
+    rng = np.random.default_rng(i)
+    k, t = tr.k, tr.max_len
+    return queues_lib.MidItem(
+        uid=f"mid/{i}", prompt_tokens=tr.pool.prompt_tokens[i],
+        response_tokens=rng.integers(3, 30, (k, t)),
+        response_lengths=np.minimum(rng.geometric(1 / length, k), t),
+        rewards=np.arange(k) % 2, shaped_rewards=np.arange(k) % 2,
+        logprobs=np.full((k, t), -1.0), step=0)
+
+  packed, plain = trainer(True), trainer(False)
+  assert packed.program.slot_buckets == [packed.config.train.update_prompts]
+  items = lambda tr, seed: [mid(tr, seed + i, 4) for i in range(4)]
+  batch, info = packed.build_batch([], items(packed, 0))
+  assert info["batch/packed_rows"] < 4 * packed.k
+  got = packed._host_metrics(jax.device_get(packed.update(batch)))  # pylint: disable=protected-access
+  want = plain._host_metrics(jax.device_get(  # pylint: disable=protected-access
+      plain.update(plain.build_batch([], items(plain, 0))[0])))
+  for name, value in want.items():
+    np.testing.assert_allclose(got[name], value, rtol=2e-5, atol=2e-6, err_msg=name)
+  compiles = packed.update_trace_count
+  again, _ = packed.build_batch([], items(packed, 0))
+  packed.update(again)
+  assert packed.update_trace_count == compiles
