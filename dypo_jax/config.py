@@ -185,6 +185,10 @@ def base_config() -> ml_collections.ConfigDict:
       # Same loss, gradients and metrics (tests/test_packing.py). With it, shared_prompt shares
       # each group's prompt within a packed row (no KV cache: remat is free).
       pack_updates=False,
+      # Packed rows' attention in query blocks of this many tokens, each over only the keys it
+      # sees (`transformer._windowed_attention`: row-by-row loops, for CPU and long rows of
+      # short sequences); 0: one dense masked attention over each packed row.
+      pack_attention_block=128,
   ))
 
   c.pretrain = ml_collections.ConfigDict(dict(
@@ -270,6 +274,7 @@ _RULES: dict[str, _Rule] = {
     "optim.grad_clip": _NON_NEGATIVE,
     "train.num_steps": _NON_NEGATIVE, "train.rollout_prompts": _POSITIVE,
     "train.update_prompts": _POSITIVE, "train.micro_batches": _POSITIVE,
+    "train.pack_attention_block": _NON_NEGATIVE,
     "train.max_rollouts_per_update": _POSITIVE, "train.max_empty_updates": _POSITIVE,
     "train.workdir_lock_stale_s": _POSITIVE, "train.storage_retry_s": _NON_NEGATIVE,
     "compile_cache.min_compile_time_s": _NON_NEGATIVE,

@@ -104,7 +104,7 @@ class UpdateProgram:
       pack_rows = []
     step_cfg = dataclasses.replace(
         step_config(config, prompt_len=prompt_len, num_teachers=num_teachers),
-        packed=bool(tr.pack_updates))
+        packed=bool(tr.pack_updates), pack_attention_block=tr.pack_attention_block)
     return cls(graphdef=graphdef, step_cfg=step_cfg,
                tx=tx, schedule=schedule, mesh=mesh, param_shardings=param_shardings,
                state_shardings=state_shardings, batch_shardings=batch_shardings,

@@ -80,6 +80,8 @@ class StepConfig:
   # Static: the batch carries `update_batch.pack`'s arrays and the model runs on its packed rows
   # (several responses a row; `shared_prompt` is then the packer's choice per slot, not this).
   packed: bool = False
+  # Packed rows' attention: query blocks of this many tokens over the keys each sees (0: dense).
+  pack_attention_block: int = 0
 
 
 def make_optimizer(*, learning_rate: float, schedule: str, warmup_steps: int, total_steps: int,
@@ -137,7 +139,8 @@ def _packed_logprobs(model, mb, row_temperature, cfg: StepConfig):
   segments = mb["pack_segments"]
   hidden, _ = model.forward(mb["pack_tokens"], positions=mb["pack_positions"],
                             attention_mask=models.segment_mask(segments, mb["pack_prefix"]),
-                            return_hidden=True)  # [R, L, D]
+                            return_hidden=True,
+                            attention_windows=cfg.pack_attention_block)  # [R, L, D]
   temp = jnp.where(packed_rows >= 0, row_temperature[jnp.maximum(packed_rows, 0)], 1.0)
   hidden = hidden / temp[..., None].astype(hidden.dtype)
   logp, entropy = logprobs_lib.token_logprobs(
