@@ -22,7 +22,8 @@ Figures:
   unpacked tokens/s = the long-tailed batch through today's unpacked update (every row padded to
                       max_new_tokens), for comparison
 Each rate is the median over timed updates, each batch first run once untimed (which compiles
-the packed row buckets it meets: a run compiles a bucket once, at its first batch).
+the packed row buckets it meets: a run compiles a bucket once, at its first batch); the timed
+updates of the three interleave, so a shared machine's load weighs on them alike.
 
 Run (from the repository root):
   python benchmarks/longtail_update.py                   # 512 and 2048, 5 timed updates each
@@ -71,9 +72,12 @@ class _Update:
   """The W1 DYPO update at one max_len, packed or not: `time(items)` lays out (and packs) the
   batch on the host and runs the jitted step; returns (seconds, response tokens)."""
 
-  def __init__(self, *, max_len: int, packed: bool, shared_prompt: bool):
+  def __init__(self, *, max_len: int, packed: bool, shared_prompt: bool,
+               attention_block: int | None = None):
     config = w1_step.w1_config("dypo", new_tokens=max_len)
     config.train.pack_updates = packed
+    if attention_block is not None:
+      config.train.pack_attention_block = attention_block
     config.model.max_seq_len = PROMPT_LEN + max_len
     mc = dataclasses.replace(w1.model_config(max_seq_len=PROMPT_LEN + max_len),
                              scan_layers=config.model.scan_layers)
@@ -106,18 +110,23 @@ class _Update:
     return seconds, float(batch["resp_mask"].sum())
 
 
-def _rate(update: _Update, make_items, *, reps: int) -> float:
-  batches = [make_items(rep) for rep in range(reps)]
-  for items in batches:  # Untimed: compiles every packed row bucket the timed batches meet.
-    update.time(items)
-  rates = []
-  for items in batches:
-    seconds, tokens = update.time(items)
-    rates.append(tokens / seconds)
-  return float(np.median(rates))
+def _rates(runs, *, reps: int) -> list[float]:
+  """Median tokens/s of each (update, make_items) of `runs`, their timed updates interleaved (a
+  shared machine's load then weighs on all of them alike)."""
+  batches = [[make_items(rep) for rep in range(reps)] for _, make_items in runs]
+  for (update, _), mine in zip(runs, batches):
+    for items in mine:  # Untimed: compiles every packed row bucket the timed batches meet.
+      update.time(items)
+  rates = [[] for _ in runs]
+  for rep in range(reps):
+    for i, (update, _) in enumerate(runs):
+      seconds, tokens = update.time(batches[i][rep])
+      rates[i].append(tokens / seconds)
+  return [float(np.median(r)) for r in rates]
 
 
-def update_efficiency(*, new_tokens: int, reps: int = 5, unpacked: bool = True) -> dict:
+def update_efficiency(*, new_tokens: int, reps: int = 5, unpacked: bool = True,
+                      attention_block: int | None = None) -> dict:
   """The long-tailed packed update and its uniform twin (see the module docstring)."""
   prompts, _ = w1.make_prompts(w1.NUM_PROMPTS)
   k, mean = w1.NUM_SAMPLES, new_tokens / 8
@@ -137,25 +146,31 @@ def update_efficiency(*, new_tokens: int, reps: int = 5, unpacked: bool = True) 
     return _groups(np.random.default_rng(rep + 1), prompts, k=k, max_len=uniform_len,
                    lengths=lambda n: np.full(n, uniform_len, np.int32))
 
-  packed = _Update(max_len=new_tokens, packed=True, shared_prompt=False)
-  packed_rate = _rate(packed, tail_items, reps=reps)
+  packed = _Update(max_len=new_tokens, packed=True, shared_prompt=False,
+                   attention_block=attention_block)
   uniform = _Update(max_len=uniform_len, packed=False, shared_prompt=True)
-  uniform_rate = _rate(uniform, uniform_items, reps=reps)
-  out = dict(new_tokens=new_tokens, useful_rate=packed_rate, uniform_rate=uniform_rate,
-             efficiency=packed_rate / uniform_rate, mean=lengths.mean(), uniform_len=uniform_len,
-             median=float(np.median(lengths)), p90=float(np.percentile(lengths, 90)),
-             max=int(lengths.max()), packed_rows=sorted(set(packed.rows)), rows=w1.NUM_PROMPTS * k)
+  runs = [(packed, tail_items), (uniform, uniform_items)]
   if unpacked:
-    plain = _Update(max_len=new_tokens, packed=False, shared_prompt=True)
-    out["unpacked_rate"] = _rate(plain, tail_items, reps=reps)
+    runs.append((_Update(max_len=new_tokens, packed=False, shared_prompt=True), tail_items))
+  rates = _rates(runs, reps=reps)
+  out = dict(new_tokens=new_tokens, useful_rate=rates[0], uniform_rate=rates[1],
+             efficiency=rates[0] / rates[1], mean=lengths.mean(), uniform_len=uniform_len,
+             median=float(np.median(lengths)), p90=float(np.percentile(lengths, 90)),
+             max=int(lengths.max()), packed_rows=sorted(set(packed.rows)),
+             rows=w1.NUM_PROMPTS * k,
+             attention_block=packed.program.step_cfg.pack_attention_block)
+  if unpacked:
+    out["unpacked_rate"] = rates[2]
   return out
 
 
 def describe(r: dict) -> str:
+  rows = "/".join(map(str, r["packed_rows"]))
   text = (f"update, max_new_tokens {r['new_tokens']}: lengths mean {r['mean']:.1f} median "
           f"{r['median']:.0f} p90 {r['p90']:.0f} max {r['max']}; {r['rows']} rows packed into "
-          f"{'/'.join(map(str, r['packed_rows']))}; useful tokens/s {r['useful_rate']:.0f} packed, uniform (length "
-          f"{r['uniform_len']}) tokens/s {r['uniform_rate']:.0f}")
+          f"{rows} (attention block {r['attention_block']}); useful tokens/s "
+          f"{r['useful_rate']:.0f} packed, uniform (length {r['uniform_len']}) tokens/s "
+          f"{r['uniform_rate']:.0f}")
   if "unpacked_rate" in r:
     text += (f", unpacked long-tail tokens/s {r['unpacked_rate']:.0f} (efficiency "
              f"{r['unpacked_rate'] / r['uniform_rate']:.2f})")
@@ -167,10 +182,13 @@ def main():
   ap.add_argument("--new-tokens", type=int, nargs="+", default=[512, 2048])
   ap.add_argument("--reps", type=int, default=5, help="timed updates per figure")
   ap.add_argument("--no-unpacked", action="store_true", help="skip the unpacked comparison")
+  ap.add_argument("--attention-block", type=int, default=None,
+                  help="train.pack_attention_block (default: the config's)")
   args = ap.parse_args()
   print(f"jax {jax.__version__} devices={jax.devices()}", flush=True)
   for t in args.new_tokens:
-    r = update_efficiency(new_tokens=t, reps=args.reps, unpacked=not args.no_unpacked)
+    r = update_efficiency(new_tokens=t, reps=args.reps, unpacked=not args.no_unpacked,
+                          attention_block=args.attention_block)
     print(describe(r), flush=True)
     print(f"RESULT longtail update efficiency = {r['efficiency']:.2f} (max_new_tokens {t}; "
           f"useful tokens/s {r['useful_rate']:.0f})", flush=True)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from dypo_jax import models
+from dypo_jax.models import transformer
 from dypo_jax.rl import program as program_lib
 from dypo_jax.rl import queues as queues_lib
 from dypo_jax.rl import routing
@@ -127,7 +128,9 @@ def test_packed_update_equals_unpacked_for_every_method(method):
   cfg = _step_config(method, micro_batches=2, per_term_grad_norms=method == "dypo")
   packed = _packed(batch, micro_batches=2)
   assert packed["pack_tokens"].shape[0] < 4 * _K  # The rows did pack.
-  _assert_same(_run(dataclasses.replace(cfg, packed=True), packed), _run(cfg, batch))
+  # Attention over windows of the keys each 4-query block sees (train.pack_attention_block).
+  _assert_same(_run(dataclasses.replace(cfg, packed=True, pack_attention_block=4), packed),
+               _run(cfg, batch))
 
 
 @pytest.mark.slow
@@ -168,6 +171,36 @@ def test_pack_layout_holds_every_token_once_with_restarting_positions():
   steps = np.diff(positions, axis=1)
   assert ((steps == 1) | starts[:, 1:] | (segments[:, 1:] == 0)).all()
   assert (positions[starts & (packed["pack_prefix"] == 0)] == 0).all()
+
+
+@pytest.mark.parametrize("block", [3, 8, 64])
+def test_windowed_attention_equals_dense_on_packed_rows(block):
+  """Each query block over the smallest window holding the keys it sees: same outputs and
+  gradients as the dense masked attention, on the queries of real tokens."""
+  rng = np.random.default_rng(block)
+  b, t, kv, g, h = 3, 40, 2, 2, 8
+  q = jnp.asarray(rng.normal(size=(b, t, kv, g, h)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(b, kv, t, h)), jnp.float32) for _ in range(2))
+  segments, prefix = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
+  for row in range(b):
+    at, seg = 0, 1
+    while at < t - 4:
+      n = int(rng.integers(1, 16))
+      segments[row, at:at + n] = seg
+      prefix[row, at:at + n] = seg - 1 if seg % 3 == 2 else 0  # Some share the one before.
+      at, seg = at + n, seg + 1
+  mask = models.segment_mask(jnp.asarray(segments), jnp.asarray(prefix))
+  real = jnp.asarray(segments > 0)[:, :, None, None, None]
+  weight = jnp.arange(h, dtype=jnp.float32)
+  loss = lambda fn: lambda *a: (jnp.where(real, fn(*a), 0.0) * weight).sum()
+  dense = lambda q, k, v: transformer._attention(q, k, v, mask)  # pylint: disable=protected-access
+  windowed = lambda q, k, v: transformer._windowed_attention(  # pylint: disable=protected-access
+      q, k, v, mask, block)
+  np.testing.assert_allclose(jnp.where(real, windowed(q, k, v), 0.0),
+                             jnp.where(real, dense(q, k, v), 0.0), atol=1e-6)
+  for got, want in zip(jax.grad(loss(windowed), argnums=(0, 1, 2))(q, k, v),
+                       jax.grad(loss(dense), argnums=(0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_segment_mask_is_block_diagonal_causal_with_shared_prefix():
