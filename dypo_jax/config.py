@@ -188,7 +188,7 @@ def base_config() -> ml_collections.ConfigDict:
       # Packed rows' attention in query blocks of this many tokens, each over only the keys it
       # sees (`transformer._windowed_attention`: row-by-row loops, for CPU and long rows of
       # short sequences); 0: one dense masked attention over each packed row.
-      pack_attention_block=128,
+      pack_attention_block=64,
   ))
 
   c.pretrain = ml_collections.ConfigDict(dict(
