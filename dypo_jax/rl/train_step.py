@@ -107,13 +107,10 @@ def make_optimizer(*, learning_rate: float, schedule: str, warmup_steps: int, to
   return optax.chain(*parts), sched
 
 
-def _response_logprobs(graphdef, params, mb, row_temperature, cfg: StepConfig):
+def _response_logprobs(graphdef, params, tokens, input_mask, row_temperature, cfg: StepConfig):
   """Per-token log-probs and entropy [U * K, T] of the response tokens of [U, K, L] rows."""
   model = nnx.merge(graphdef, params)
-  tokens, input_mask = mb["tokens"], mb["input_mask"]
   u, k, l = tokens.shape
-  if cfg.packed:
-    return _packed_logprobs(model, mb, row_temperature, cfg)
   if cfg.shared_prompt:
     hidden = _shared_prompt_hidden(model, tokens, input_mask, cfg.prompt_len)
   else:
@@ -129,6 +126,14 @@ def _response_logprobs(graphdef, params, mb, row_temperature, cfg: StepConfig):
                                targets=tokens.reshape(u * k, l)[:, cfg.prompt_len:],
                                vocab_chunk=cfg.vocab_chunk, impl=cfg.logprob_impl,
                                pallas_interpret=cfg.pallas_interpret)
+
+
+def _micro_batch_logprobs(graphdef, params, mb, row_temperature, cfg: StepConfig):
+  """`_response_logprobs` of a micro-batch, packed (`cfg.packed`) or row by row."""
+  if cfg.packed:
+    return _packed_logprobs(nnx.merge(graphdef, params), mb, row_temperature, cfg)
+  return _response_logprobs(graphdef, params, mb["tokens"], mb["input_mask"], row_temperature,
+                            cfg)
 
 
 def _packed_logprobs(model, mb, row_temperature, cfg: StepConfig):
@@ -212,10 +217,11 @@ def _loss_terms(params, ref_params, graphdef, mb, denoms, cfg: StepConfig):
   n = u * k
   row_kind = mb["row_kind"].reshape(n)
   temp = jnp.where(row_kind == ROW_TEACHER_SFT, 1.0, cfg.temperature).astype(jnp.float32)
-  logp, entropy = _response_logprobs(graphdef, params, mb, temp, cfg)
+  logp, entropy = _micro_batch_logprobs(graphdef, params, mb, temp, cfg)
   needs_ref = cfg.kl_coef > 0 or cfg.use_gal
   if needs_ref:
-    ref_logp, _ = _response_logprobs(graphdef, jax.lax.stop_gradient(ref_params), mb, temp, cfg)
+    ref_logp, _ = _micro_batch_logprobs(graphdef, jax.lax.stop_gradient(ref_params), mb, temp,
+                                        cfg)
     ref_logp = jax.lax.stop_gradient(ref_logp)
   else:
     ref_logp = None
