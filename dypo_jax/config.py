@@ -183,12 +183,17 @@ def base_config() -> ml_collections.ConfigDict:
       # Pack several responses into each row of the update's model passes (policy and
       # reference; `update_batch.pack`): their cost follows the real tokens, not U * K * (P + T).
       # Same loss, gradients and metrics (tests/test_packing.py). With it, shared_prompt shares
-      # each group's prompt within a packed row (no KV cache: remat is free).
+      # each group's prompt within a packed row (no KV cache: remat is free). Off by default: a
+      # packed row count first met mid-run compiles then (minutes for a large TPU program), and
+      # a batch of full-length rows has nothing to pack; on long-tailed lengths it is ~4-5x the
+      # unpacked update's tokens/s (BENCHMARKS.md, Long-tail).
       pack_updates=False,
       # Packed rows' attention in query blocks of this many tokens, each over only the keys it
       # sees (`transformer._windowed_attention`: row-by-row loops, for CPU and long rows of
-      # short sequences); 0: one dense masked attention over each packed row.
-      pack_attention_block=64,
+      # short sequences); 0: one dense masked attention over each packed row. Off by default:
+      # at 512 new tokens (W1 model, CPU) block 64 cut the packed forward ~1.9x but not its
+      # backward, and at 2048 its update ran out of memory on CPU (BENCHMARKS.md, Long-tail).
+      pack_attention_block=0,
   ))
 
   c.pretrain = ml_collections.ConfigDict(dict(
