@@ -112,8 +112,8 @@ def _assert_same(packed, unpacked):
 
 
 def _weights(method: str, *, hard: int, mid: int):
-  return routing.loss_weights(routing.Policy.from_config(tiny_runs.tiny_config(_VARIANTS[method]).rl), 0,
-                              n_hard=hard, n_mid=mid)
+  policy = routing.Policy.from_config(tiny_runs.tiny_config(_VARIANTS[method]).rl)
+  return routing.loss_weights(policy, 0, n_hard=hard, n_mid=mid)
 
 
 @pytest.mark.parametrize("method", [m if m == "dypo" else pytest.param(
@@ -261,9 +261,11 @@ def test_trainer_packed_update_equals_unpacked_and_compiles_once_per_bucket(tmp_
   items = lambda tr, seed: [mid(tr, seed + i, 4) for i in range(4)]
   batch, info = packed.build_batch([], items(packed, 0))
   assert info["batch/packed_rows"] < 4 * packed.k
-  got = packed._host_metrics(jax.device_get(packed.update(batch)))  # pylint: disable=protected-access
-  want = plain._host_metrics(jax.device_get(  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  got = packed._host_metrics(jax.device_get(packed.update(batch)))
+  want = plain._host_metrics(jax.device_get(
       plain.update(plain.build_batch([], items(plain, 0))[0])))
+  # pylint: enable=protected-access
   for name, value in want.items():
     np.testing.assert_allclose(got[name], value, rtol=2e-5, atol=2e-6, err_msg=name)
   compiles = packed.update_trace_count
