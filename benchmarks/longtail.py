@@ -23,8 +23,10 @@ Each is the median over timed calls (each call a new rng) after warm-up calls th
 `decode_step_times` times one decode step of 64 rows at the position S/8 and at S - 1 of an
 S-slot cache (S = prompt + max_new_tokens).
 
-The update efficiency (the other half of issue 27) is a second section of the same script; its
-figure is printed as "n/a" until it exists.
+The update efficiency (the other half of issue 27) is benchmarks/longtail_update.py's (the packed
+update on the same length distribution against the same update at uniform length; see its
+docstring), run for each max_new_tokens after the rollout figures (`--update-reps 0`: skipped,
+printed "n/a").
 
 Run (from the repository root):
   python benchmarks/longtail.py                       # 512 and 2048, 2 warm-up + 5 timed calls
@@ -38,6 +40,8 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# This checkout's dypo_jax, not an installed one (longtail_update imports it the same way).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from flax import nnx  # noqa: E402
 import jax  # noqa: E402
@@ -46,6 +50,7 @@ import numpy as np  # noqa: E402
 
 from dypo_jax.models import kv_cache  # noqa: E402
 from dypo_jax.models import sampler as sampler_lib  # noqa: E402
+import longtail_update  # noqa: E402
 import w1  # noqa: E402
 
 STOP_ID = w1.EOS_ID
@@ -148,6 +153,8 @@ def main():
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--rows", type=int, default=0, help="sampler.rows (0, the default: all samples)")
   ap.add_argument("--scan-layers", type=int, choices=(0, 1), default=0)
+  ap.add_argument("--update-reps", type=int, default=5,
+                  help="timed updates of the update-efficiency figure (0: skip it)")
   args = ap.parse_args()
   print(f"jax {jax.__version__} devices={jax.devices()}", flush=True)
   for t in args.new_tokens:
@@ -160,9 +167,14 @@ def main():
     d = decode_step_times(new_tokens=t, scan_layers=bool(args.scan_layers))
     print(f"decode step, 64 rows, S={d['slots']}: position S/8 {1e3 * d['s8']:.3f} ms, position "
           f"S-1 {1e3 * d['s']:.3f} ms, ratio {d['s8'] / d['s']:.2f}", flush=True)
-    print(f"RESULT longtail rollout efficiency = {r['efficiency']:.2f}; update efficiency = n/a "
-          f"(max_new_tokens {t}; useful tokens/s {r['useful_rate']:.0f}; decode step S/8 / S = "
-          f"{d['s8'] / d['s']:.2f})", flush=True)
+    update = "n/a"
+    if args.update_reps:
+      u = longtail_update.update_efficiency(new_tokens=t, reps=args.update_reps, unpacked=False)
+      print(longtail_update.describe(u), flush=True)
+      update = f"{u['efficiency']:.2f}"
+    print(f"RESULT longtail rollout efficiency = {r['efficiency']:.2f}; update efficiency = "
+          f"{update} (max_new_tokens {t}; useful tokens/s {r['useful_rate']:.0f}; decode step "
+          f"S/8 / S = {d['s8'] / d['s']:.2f})", flush=True)
 
 
 if __name__ == "__main__":

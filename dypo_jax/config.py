@@ -189,6 +189,20 @@ def base_config() -> ml_collections.ConfigDict:
       # against copies of its KV cache: the prompt's share of the update costs 1/K. The cached
       # forward is not rematerialised, so this needs model.remat="none".
       shared_prompt=True,
+      # Pack several responses into each row of the update's model passes (policy and
+      # reference; `update_batch.pack`): their cost follows the real tokens, not U * K * (P + T).
+      # Same loss, gradients and metrics (tests/test_packing.py). With it, shared_prompt shares
+      # each group's prompt within a packed row (no KV cache: remat is free). Off by default: a
+      # packed row count first met mid-run compiles then (minutes for a large TPU program), and
+      # a batch of full-length rows has nothing to pack; on long-tailed lengths it is ~4-5x the
+      # unpacked update's tokens/s (BENCHMARKS.md, Long-tail).
+      pack_updates=False,
+      # Packed rows' attention in query blocks of this many tokens, each over only the keys it
+      # sees (`transformer._windowed_attention`: row-by-row loops, for CPU and long rows of
+      # short sequences); 0: one dense masked attention over each packed row. Off by default:
+      # at 512 new tokens (W1 model, CPU) block 64 cut the packed forward ~1.9x but not its
+      # backward, and at 2048 its update ran out of memory on CPU (BENCHMARKS.md, Long-tail).
+      pack_attention_block=0,
   ))
 
   c.pretrain = ml_collections.ConfigDict(dict(
@@ -274,6 +288,7 @@ _RULES: dict[str, _Rule] = {
     "optim.grad_clip": _NON_NEGATIVE,
     "train.num_steps": _NON_NEGATIVE, "train.rollout_prompts": _POSITIVE,
     "train.update_prompts": _POSITIVE, "train.micro_batches": _POSITIVE,
+    "train.pack_attention_block": _NON_NEGATIVE,
     "train.max_rollouts_per_update": _POSITIVE, "train.max_empty_updates": _POSITIVE,
     "train.workdir_lock_stale_s": _POSITIVE, "train.storage_retry_s": _NON_NEGATIVE,
     "compile_cache.min_compile_time_s": _NON_NEGATIVE,
@@ -396,7 +411,7 @@ def _validate_relations(c: ml_collections.ConfigDict) -> None:
   if t.update_prompts % t.micro_batches:
     raise ConfigError(f"train.update_prompts={t.update_prompts} must be a multiple of "
                       f"train.micro_batches={t.micro_batches}")
-  if t.shared_prompt and m.remat != "none":
+  if t.shared_prompt and not t.pack_updates and m.remat != "none":
     raise ConfigError("train.shared_prompt=True needs model.remat='none' (the prompt's KV cache "
                       "is read by a cached forward, which is not rematerialised); set one off")
   if c.rl.clip_low >= 1:

@@ -11,4 +11,5 @@ from dypo_jax.models.transformer import model_config_from_dict
 from dypo_jax.models.transformer import ModelConfig
 from dypo_jax.models.transformer import param_count
 from dypo_jax.models.transformer import positions_from_mask
+from dypo_jax.models.transformer import segment_mask
 from dypo_jax.models.transformer import Transformer

@@ -106,6 +106,19 @@ def causal_mask(input_mask: jax.Array) -> jax.Array:
   return causal[None] & input_mask.astype(jnp.bool_)[:, None, :]
 
 
+def segment_mask(segments: jax.Array, prefix: jax.Array | None = None) -> jax.Array:
+  """[B, T] segment ids -> [B, T, T] mask for rows that pack several sequences (block-diagonal
+  causal): query t sees key s <= t of its own segment, and of the segment prefix[t] (a prompt that
+  several packed responses share; 0: none). Segment 0 is padding: no query sees it."""
+  seg_q, seg_k = segments[:, :, None], segments[:, None, :]
+  t = segments.shape[-1]
+  causal = jnp.tril(jnp.ones((t, t), jnp.bool_))[None]
+  same = seg_k == seg_q
+  if prefix is not None:
+    same = same | (seg_k == prefix[:, :, None])
+  return causal & same & (seg_k > 0)
+
+
 def _param(rngs, shape, axes, dtype, std):
   return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.dtype(dtype)), axes=axes)
 
@@ -169,6 +182,57 @@ def _chunked_attention(q, k, v, mask, chunk: int):
   return out[:, :t]
 
 
+def _windowed_attention(q, k, v, mask, block: int):
+  """`_attention` for sparse masks (packed rows: block-diagonal causal), at the cost of the keys
+  each query block sees rather than all S.
+
+  Row by row and block of C queries by block (`lax.map`, real loops), each block attends a
+  window of the keys from its first visible key to its last: the smallest of the widths C, 2C,
+  4C, ... (and S) that holds it, picked by `lax.switch`, so a block of short packed sequences
+  reads ~C keys. The softmax is over the same visible keys as `_attention`'s, so the result is
+  the same. Each block is rematerialised (`jax.checkpoint`) like `_chunked_attention`'s.
+  q [B, T, KV, G, H], k/v [B, KV, S, H], mask [B, T, S].
+  """
+  b, t = q.shape[:2]
+  s = k.shape[2]
+  n = -(-t // block)
+  pad = n * block - t
+  q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+  mask = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)))
+  widths = []
+  while not widths or widths[-1] < s:
+    widths.append(min(s, block * 2 ** len(widths)))
+
+  def one_block(qc, mc, kr, vr):  # qc [C, KV, G, H], mc [C, S], kr/vr [KV, S, H].
+    seen = mc.any(axis=0)  # [S]
+    first = jnp.argmax(seen)
+    last = s - 1 - jnp.argmax(seen[::-1])
+    need = jnp.where(seen.any(), last - first + 1, 1)
+    which = jnp.searchsorted(jnp.array(widths), need)
+    # A window that would run past S starts earlier (dynamic_slice clamps): still holds them.
+    def attend(width):
+      def run(qc, mc, kr, vr):
+        start = jnp.minimum(first, s - width)
+        kw = jax.lax.dynamic_slice_in_dim(kr, start, width, axis=1)
+        vw = jax.lax.dynamic_slice_in_dim(vr, start, width, axis=1)
+        mw = jax.lax.dynamic_slice_in_dim(mc, start, width, axis=1)
+        return _attention(qc[None], kw[None], vw[None], mw[None])[0]
+      return run
+    return jax.lax.switch(which, [attend(w) for w in widths], qc, mc, kr, vr)
+
+  one_block = jax.checkpoint(one_block)
+
+  def one_row(xs):
+    qr, mr, kr, vr = xs  # [n * C, KV, G, H], [n * C, S], [KV, S, H].
+    qs = qr.reshape((n, block) + qr.shape[1:])
+    ms = mr.reshape(n, block, s)
+    out = jax.lax.map(lambda ys: one_block(ys[0], ys[1], kr, vr), (qs, ms))
+    return out.reshape((n * block,) + out.shape[2:])
+
+  out = jax.lax.map(one_row, (q, mask, k, v))  # [B, n * C, KV, G, H]
+  return out[:, :t]
+
+
 class Attention(nnx.Module):
   """Grouped-query attention with RoPE, optional q/k/v biases (Qwen2) and q/k norms (Qwen3)."""
 
@@ -193,10 +257,12 @@ class Attention(nnx.Module):
       self.q_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, axis_name="head_dim", param_dtype=pd)
       self.k_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, axis_name="head_dim", param_dtype=pd)
 
-  def __call__(self, x, *, positions, attention_mask, layer_cache, end_index):
+  def __call__(self, x, *, positions, attention_mask, layer_cache, end_index,
+               attention_windows: int = 0):
     """x [B, T, D]; attention_mask [B, T, S]; layer_cache None, or (k, v, layer): the whole
     stacked cache k, v [L, B, KV, S, H] and this layer's index, or this layer's own k, v
-    [B, KV, S, H] and None. The new keys are written into it in place and it is returned."""
+    [B, KV, S, H] and None. The new keys are written into it in place and it is returned.
+    attention_windows > 0: `_windowed_attention` in query blocks of that many tokens."""
     c = self.config
     dt = x.dtype
     q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj.value.astype(dt))
@@ -235,7 +301,9 @@ class Attention(nnx.Module):
     groups = c.num_heads // c.num_kv_heads
     q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
     k, v = k.astype(dt), v.astype(dt)
-    if c.attention_chunk and t > c.attention_chunk:
+    if attention_windows and layer_cache is None:
+      out = _windowed_attention(q, k, v, attention_mask, attention_windows)
+    elif c.attention_chunk and t > c.attention_chunk:
       out = _chunked_attention(q, k, v, attention_mask, c.attention_chunk)
     else:
       out = _attention(q, k, v, attention_mask)
@@ -341,10 +409,11 @@ class Block(nnx.Module):
                                   param_dtype=c.param_dtype)
     self.mlp = MLP(c, rngs=rngs)
 
-  def __call__(self, x, *, positions, attention_mask, layer_cache, end_index):
+  def __call__(self, x, *, positions, attention_mask, layer_cache, end_index,
+               attention_windows: int = 0):
     attn_out, new_cache = self.attn(
         self.input_norm(x), positions=positions, attention_mask=attention_mask,
-        layer_cache=layer_cache, end_index=end_index)
+        layer_cache=layer_cache, end_index=end_index, attention_windows=attention_windows)
     x = x + attn_out
     x = x + self.mlp(self.post_attn_norm(x))
     return x, new_cache
@@ -397,8 +466,8 @@ class Transformer(nnx.Module):
     return jnp.einsum("BTD,DV->BTV", hidden, kernel, preferred_element_type=jnp.float32)
 
   def forward(self, tokens: jax.Array, *, positions: jax.Array, attention_mask: jax.Array,
-              cache: KVCache | None = None,
-              return_hidden: bool = False) -> tuple[jax.Array, KVCache | None]:
+              cache: KVCache | None = None, return_hidden: bool = False,
+              attention_windows: int = 0) -> tuple[jax.Array, KVCache | None]:
     """The general forward.
 
     Args:
@@ -410,6 +479,9 @@ class Transformer(nnx.Module):
       cache: a KVCache to read and extend, or None.
       return_hidden: return the final-norm hidden states [B, T, D] instead of logits, so a caller
         can apply the LM head in vocabulary chunks (`lm_head_kernel`).
+      attention_windows: without a cache, > 0 runs attention in query blocks of this many tokens,
+        each over only the keys its mask shows it (`_windowed_attention`): for sparse masks
+        (`segment_mask` of packed rows), whose cost then follows the sequences, not the row.
 
     Returns:
       (logits [B, T, V] float32 or hidden [B, T, D], the updated cache or None).
@@ -439,7 +511,8 @@ class Transformer(nnx.Module):
 
     def apply_layer(h, layer, layer_cache):
       return nnx.merge(graphdef, layer)(h, positions=positions, attention_mask=attention_mask,
-                                        layer_cache=layer_cache, end_index=end_index)
+                                        layer_cache=layer_cache, end_index=end_index,
+                                        attention_windows=attention_windows)
 
     if cache is not None and cache.stacked != c.scan_layers:
       raise ValueError(f"a {'stacked' if cache.stacked else 'per-layer'} KVCache for "

@@ -57,6 +57,13 @@ class UpdateProgram:
   batch_shardings: dict[str, jax.sharding.NamedSharding]
   slot_buckets: list[int]  # The update batch's slot counts (update_batch.slot_buckets).
   k: int
+  # train.pack_updates: the batch always holds update_prompts slots, and its packed rows (per
+  # micro-batch) come in these counts (update_batch.pack_row_buckets); empty: not packed.
+  pack_row_buckets: list[int] = dataclasses.field(default_factory=list)
+
+  @property
+  def packed(self) -> bool:
+    return bool(self.pack_row_buckets)
 
   @classmethod
   def build(cls, config: ml_collections.ConfigDict, *, graphdef, params, mesh, rules,
@@ -69,8 +76,8 @@ class UpdateProgram:
     on one device, which a multi-device jit and Orbax refuse.
     """
     tr, k = config.train, config.rl.num_samples
-    split = dict(micro_batches=tr.micro_batches, k=k,
-                 batch_shards=sharding.batch_shards(mesh, rules))
+    shards = sharding.batch_shards(mesh, rules)
+    split = dict(micro_batches=tr.micro_batches, k=k, batch_shards=shards)
     error = update_batch.micro_batch_error(items=tr.update_prompts, **split)
     if error:
       raise errors.BadInput(error)  # The config asks for a split the mesh cannot make.
@@ -83,17 +90,27 @@ class UpdateProgram:
     state_shardings = step_lib.TrainState(step=replicated, params=param_shardings,
                                           opt_state=opt_shardings, nonfinite_skipped=replicated)
     shapes = update_batch.spec_shapes(items=tr.update_prompts, k=k, prompt_len=prompt_len,
-                                      max_len=config.sampler.max_new_tokens)
+                                      max_len=config.sampler.max_new_tokens,
+                                      pack_rows=0 if tr.pack_updates else None)
     batch_shardings = {
         name: (sharding.batch_sharding(mesh, rules, len(shape)) if name != "weights"
                else replicated) for name, (shape, _) in shapes.items()}
-    return cls(graphdef=graphdef, step_cfg=step_config(config, prompt_len=prompt_len,
-                                                       num_teachers=num_teachers),
+    # The most slots an update of this method needs (routing.update_slots), in buckets.
+    slots = update_batch.slot_buckets(update_prompts=routing.update_slots(
+        routing.Policy.from_config(config.rl), tr.update_prompts, k), **split)
+    pack_rows = []
+    if tr.pack_updates:
+      # Empty slots pack into no row, so one slot count serves; the rows are what vary.
+      slots = slots[-1:]
+      pack_rows = update_batch.pack_row_buckets(rows=slots[0] // tr.micro_batches * k,
+                                                quantum=shards)
+    step_cfg = dataclasses.replace(
+        step_config(config, prompt_len=prompt_len, num_teachers=num_teachers),
+        packed=bool(tr.pack_updates), pack_attention_block=tr.pack_attention_block)
+    return cls(graphdef=graphdef, step_cfg=step_cfg,
                tx=tx, schedule=schedule, mesh=mesh, param_shardings=param_shardings,
                state_shardings=state_shardings, batch_shardings=batch_shardings,
-               slot_buckets=update_batch.slot_buckets(update_prompts=routing.update_slots(
-                   routing.Policy.from_config(config.rl), tr.update_prompts, k), **split),
-               k=k)
+               slot_buckets=slots, k=k, pack_row_buckets=pack_rows)
 
   def init_state(self, params) -> step_lib.TrainState:
     """A fresh train state, born sharded."""
@@ -108,11 +125,23 @@ class UpdateProgram:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         shaped, self.state_shardings)
 
-  def abstract_batch(self, items: int) -> dict[str, jax.ShapeDtypeStruct]:
+  def abstract_batch(self, items: int,
+                     pack_rows: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """The update batch as ShapeDtypeStructs; a packed program's with `pack_rows` rows per
+    micro-batch (default: its largest bucket, the batch that needs every row)."""
+    rows = None
+    if self.packed:
+      rows = self.step_cfg.micro_batches * (pack_rows or max(self.pack_row_buckets))
     shapes = update_batch.spec_shapes(items=items, k=self.k, prompt_len=self.step_cfg.prompt_len,
-                                      max_len=self.step_cfg.max_len)
+                                      max_len=self.step_cfg.max_len, pack_rows=rows)
     return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_shardings[name])
             for name, (shape, dtype) in shapes.items()}
+
+  def pack(self, batch: dict, *, share_prompts: bool) -> dict:
+    """A host batch of `update_batch.layout` with its packed arrays (for a packed program)."""
+    return update_batch.pack(batch, micro_batches=self.step_cfg.micro_batches,
+                             prompt_len=self.step_cfg.prompt_len,
+                             row_buckets=self.pack_row_buckets, share_prompts=share_prompts)
 
   def abstract_key(self) -> jax.ShapeDtypeStruct:
     key = jax.eval_shape(lambda: jax.random.key(0))
@@ -122,10 +151,11 @@ class UpdateProgram:
           on_trace: Callable[[], None] | None = None):
     """The jitted `(state, ref_params, batch, rng) -> (state, metrics)`, state donated.
 
-    `shared_prompt`: the batch holds groups alone (each prompt runs once); `term_norms`: one
-    backward per loss term for the per-term gradient norms (logged updates only).
+    `shared_prompt`: the batch holds groups alone (each prompt runs once; ignored by a packed
+    program, whose packer shares prompts); `term_norms`: one backward per loss term for the
+    per-term gradient norms (logged updates only).
     """
-    cfg = dataclasses.replace(self.step_cfg, shared_prompt=shared_prompt,
+    cfg = dataclasses.replace(self.step_cfg, shared_prompt=shared_prompt and not self.packed,
                               per_term_grad_norms=term_norms and self.step_cfg.per_term_grad_norms)
     step_fn = step_lib.build_train_step(self.graphdef, cfg, self.tx, self.schedule)
 

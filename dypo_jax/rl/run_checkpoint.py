@@ -47,10 +47,12 @@ TOOL_STORAGE_RETRY_S = 60.0
 FREE_ON_RESUME = ("workdir", "train.num_steps", "train.log_every", "train.checkpoint_every",
                   "train.keep_checkpoints", "train.eval_every", "train.max_nonfinite_updates",
                   "train.max_empty_updates", "train.micro_batches", "train.per_term_grad_norms",
-                  "train.storage_retry_s", "train.workdir_lock_stale_s", "model.remat",
-                  "model.scan_layers", "model.attention_chunk", "model.mlp_chunk",
-                  "model.logprob_impl", "model.vocab_chunk", "model.pallas_interpret", "eval.",
-                  "mesh.", "distributed.", "verifier.", "pretrain.", "compile_cache.")
+                  "train.pack_updates", "train.pack_attention_block",
+                  "train.storage_retry_s", "train.workdir_lock_stale_s",
+                  "model.remat", "model.scan_layers",
+                  "model.attention_chunk", "model.mlp_chunk", "model.logprob_impl",
+                  "model.vocab_chunk", "model.pallas_interpret", "eval.", "mesh.",
+                  "distributed.", "verifier.", "pretrain.", "compile_cache.")
 
 
 class CheckpointReadError(errors.BadInput):

@@ -5,7 +5,10 @@ LUFFY-style teacher rows) with its loss weights (w_sft, w_grpo, w_gal) from `rou
 computes the three normalised loss terms and descends their weighted sum. A batch of groups alone
 compiles with `StepConfig.shared_prompt`: each slot's prompt runs once into a KV cache and its K
 responses run against copies of it (`_shared_prompt_hidden`), the same maths at 1/K of the
-prompt's cost; a batch with packed Hard slots runs every row whole.
+prompt's cost; a batch with packed Hard slots runs every row whole. A packed batch
+(`StepConfig.packed`, `update_batch.pack`) runs the model on rows holding several sequences each
+(block-diagonal causal attention, positions restarting per sequence) and gathers the response
+log-probs back to [U * K, T], so the losses below see the same values either way.
 
 Micro-batches are a `lax.scan` over strided slices of U; every loss divides by a denominator
 computed over the whole batch first, so the summed micro-batch losses and gradients equal the big
@@ -74,6 +77,11 @@ class StepConfig:
   # exp(-H), CHORD's p(1-p)) and SRFT's coefficient of its NLL on correct rollouts (0: off).
   sft_token_weight: str = "none"
   positive_nll_coef: float = 0.0
+  # Static: the batch carries `update_batch.pack`'s arrays and the model runs on its packed rows
+  # (several responses a row; `shared_prompt` is then the packer's choice per slot, not this).
+  packed: bool = False
+  # Packed rows' attention: query blocks of this many tokens over the keys each sees (0: dense).
+  pack_attention_block: int = 0
 
 
 def make_optimizer(*, learning_rate: float, schedule: str, warmup_steps: int, total_steps: int,
@@ -118,6 +126,36 @@ def _response_logprobs(graphdef, params, tokens, input_mask, row_temperature, cf
                                targets=tokens.reshape(u * k, l)[:, cfg.prompt_len:],
                                vocab_chunk=cfg.vocab_chunk, impl=cfg.logprob_impl,
                                pallas_interpret=cfg.pallas_interpret)
+
+
+def _micro_batch_logprobs(graphdef, params, mb, row_temperature, cfg: StepConfig):
+  """`_response_logprobs` of a micro-batch, packed (`cfg.packed`) or row by row."""
+  if cfg.packed:
+    return _packed_logprobs(nnx.merge(graphdef, params), mb, row_temperature, cfg)
+  return _response_logprobs(graphdef, params, mb["tokens"], mb["input_mask"], row_temperature,
+                            cfg)
+
+
+def _packed_logprobs(model, mb, row_temperature, cfg: StepConfig):
+  """`_response_logprobs` of a packed micro-batch (`update_batch.pack`): the model and the LM head
+  run on its [R, L] packed rows, and each response token's log-prob and entropy are gathered
+  back to [U * K, T] (zero where the response has no token)."""
+  packed_rows = mb["pack_row"]  # [R, L]
+  segments = mb["pack_segments"]
+  hidden, _ = model.forward(mb["pack_tokens"], positions=mb["pack_positions"],
+                            attention_mask=models.segment_mask(segments, mb["pack_prefix"]),
+                            return_hidden=True,
+                            attention_windows=cfg.pack_attention_block)  # [R, L, D]
+  temp = jnp.where(packed_rows >= 0, row_temperature[jnp.maximum(packed_rows, 0)], 1.0)
+  hidden = hidden / temp[..., None].astype(hidden.dtype)
+  logp, entropy = logprobs_lib.token_logprobs(
+      hidden=hidden, lm_head=model.lm_head_kernel(), targets=mb["pack_targets"],
+      vocab_chunk=cfg.vocab_chunk, impl=cfg.logprob_impl, pallas_interpret=cfg.pallas_interpret)
+  u, k, t = mb["pack_index"].shape
+  index = mb["pack_index"].reshape(u * k, t)
+  valid = mb["resp_mask"].reshape(u * k, t) > 0
+  unpack = lambda x: jnp.where(valid, x.reshape(-1)[index], 0.0)
+  return unpack(logp), unpack(entropy)
 
 
 def _shared_prompt_hidden(model, tokens, input_mask, p: int) -> jax.Array:
@@ -177,14 +215,13 @@ def _loss_terms(params, ref_params, graphdef, mb, denoms, cfg: StepConfig):
   u, k, l = mb["tokens"].shape
   t = l - cfg.prompt_len
   n = u * k
-  tokens, input_mask = mb["tokens"], mb["input_mask"]
   row_kind = mb["row_kind"].reshape(n)
   temp = jnp.where(row_kind == ROW_TEACHER_SFT, 1.0, cfg.temperature).astype(jnp.float32)
-  logp, entropy = _response_logprobs(graphdef, params, tokens, input_mask, temp, cfg)
+  logp, entropy = _micro_batch_logprobs(graphdef, params, mb, temp, cfg)
   needs_ref = cfg.kl_coef > 0 or cfg.use_gal
   if needs_ref:
-    ref_logp, _ = _response_logprobs(graphdef, jax.lax.stop_gradient(ref_params), tokens,
-                                     input_mask, temp, cfg)
+    ref_logp, _ = _micro_batch_logprobs(graphdef, jax.lax.stop_gradient(ref_params), mb, temp,
+                                        cfg)
     ref_logp = jax.lax.stop_gradient(ref_logp)
   else:
     ref_logp = None

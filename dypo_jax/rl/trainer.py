@@ -163,15 +163,19 @@ class Trainer:
     weights = routing.loss_weights(self.policy, self.run_state.step, n_hard=len(hard),
                                    n_mid=len(mid))
     batch["weights"][:] = weights
+    if self.program.packed:
+      batch = self.program.pack(batch, share_prompts=self.config.train.shared_prompt)
     n = max(len(hard) + len(mid), 1)
     info = {"batch/offline_ratio": (len(hard) + offline) / n, "batch/hard_items": len(hard),
             "batch/mid_items": len(mid), **{f"batch/weight_{name}": w
                                             for name, w in zip(update_batch.TERMS, weights)}}
+    if self.program.packed:
+      info["batch/packed_rows"] = batch["pack_tokens"].shape[0]
     return batch, info
 
   def update_fn(self, *, shared_prompt: bool, term_norms: bool):
     """The jitted update for a batch variant, made once (`update_variants`)."""
-    key = (shared_prompt and self.config.train.shared_prompt,
+    key = (shared_prompt and self.config.train.shared_prompt and not self.program.packed,
            term_norms and self.program.step_cfg.per_term_grad_norms)
     if key not in self._updates:
       self._updates[key] = self.program.jit(shared_prompt=key[0], term_norms=key[1],
@@ -183,7 +187,7 @@ class Trainer:
 
   def update_variants(self) -> list[tuple[bool, bool]]:
     return routing.update_variants(
-        self.policy, shared_prompt=self.config.train.shared_prompt,
+        self.policy, shared_prompt=self.config.train.shared_prompt and not self.program.packed,
         term_norms=self.program.step_cfg.per_term_grad_norms,
         every_update_logged=self.config.train.log_every == 1)
 
@@ -202,12 +206,15 @@ class Trainer:
     tr, rs = self.config.train, self.run_state
     key = rollout.derived_key(rs.rng, rollout.KEY_UPDATE, rs.step)
     logged = (rs.step + 1) % tr.log_every == 0 or rs.step + 1 == tr.num_steps
-    if batch["tokens"].shape not in self._compiled_shapes:
-      self._compiled_shapes.add(batch["tokens"].shape)
+    # A packed batch's shape is its packed rows' too (a bucket compiles at its first batch).
+    shape = (batch["tokens"].shape, batch["pack_tokens"].shape if "pack_tokens" in batch else None)
+    if shape not in self._compiled_shapes:
+      self._compiled_shapes.add(shape)
       for shared, norms in self.update_variants():
         self.update_fn(shared_prompt=shared, term_norms=norms).lower(
             rs.train, rs.ref_params, device_batch, key).compile()
-    fn = self.update_fn(shared_prompt=update_batch.slots_share_prompts(batch, self.prompt_len),
+    shared = update_batch.slots_share_prompts(batch, self.prompt_len)
+    fn = self.update_fn(shared_prompt=shared and not self.program.packed,
                         term_norms=logged)
     rs.train, metrics = fn(rs.train, rs.ref_params, device_batch, key)
     return metrics
