@@ -33,7 +33,7 @@ _RUNTIME = [
 _GCS = ["gcsfs>=2026.10.1"]
 
 # The versions CI ran (transformers pulls PyPI's `kernels`, which the top-level kernels/ folder
-# must not shadow: tests/test_kernels_name.py).
+# must not shadow: tests/kernels/test_kernels_name.py).
 _TEST = [
     "pytest==9.0.3",
     "pytest-xdist==3.8.0",
@@ -41,7 +41,7 @@ _TEST = [
     # A CPU wheel of exactly this torch lies on local disk; anything else pulls a CUDA build.
     "torch==2.13.0",
     "transformers==5.25.0",
-    # tests/test_gcs.py runs a workdir in a GCS API served on loopback.
+    # tests/io/test_gcs.py runs a workdir in a GCS API served on loopback.
     "gcsfs==2026.10.1",
     "gcp-storage-emulator==2026.7.19",
 ]

@@ -33,8 +33,8 @@ python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 
 if want 1; then
   section "1. Triton kernel vs reference, compiled"
-  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_logprob_gpu.py \
-    tests/test_losses.py::test_pallas_impl_matches_full
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_kernels_logprob_gpu.py \
+    tests/rl/test_losses.py::test_pallas_impl_matches_full
 fi
 if want 2; then
   section "2. log-prob path at V=151,936, T=4,096"
@@ -48,7 +48,7 @@ if want 3; then
 fi
 if want 4; then
   section "4. CLI run: pallas == chunked"
-  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_logprob_impl_runs.py
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/models/test_logprob_impl_runs.py
 fi
 if want 5; then
   section "5. W1 on the GPU"

@@ -191,7 +191,7 @@ def base_config() -> ml_collections.ConfigDict:
       shared_prompt=True,
       # Pack several responses into each row of the update's model passes (policy and
       # reference; `update_batch.pack`): their cost follows the real tokens, not U * K * (P + T).
-      # Same loss, gradients and metrics (tests/test_packing.py). With it, shared_prompt shares
+      # Same loss, gradients and metrics (tests/rl/test_packing.py). With it, shared_prompt shares
       # each group's prompt within a packed row (no KV cache: remat is free). Off by default: a
       # packed row count first met mid-run compiles then (minutes for a large TPU program), and
       # a batch of full-length rows has nothing to pack; on long-tailed lengths it is ~4-5x the

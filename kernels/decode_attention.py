@@ -16,7 +16,7 @@ through Triton on GPU and Mosaic on TPU; with `interpret=True` it runs anywhere 
 Pallas interpreter, exact but slow. `interpret=None` picks True on CPU. It was tested here only
 in interpret mode (no accelerator was at hand): the compiled lowerings are unverified.
 
-`tests/test_kernels_decode_attention.py` checks it against a full masked softmax over S (in
+`tests/kernels/test_kernels_decode_attention.py` checks it against a full masked softmax over S (in
 float64), and against `dypo_jax.models.decode_attention.bounded_attention`.
 """
 import functools

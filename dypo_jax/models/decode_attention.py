@@ -16,7 +16,7 @@ plain attention over a static slice keeps the decode-form products BUILD_NOTES d
 The row bound is the maximum over the rows in flight (finished rows are given ends = 1 by the
 sampler); rows with fewer slots are masked within the visited length. The Pallas kernel
 (`dypo_jax.kernels.decode_attention`) bounds each row by its own end instead. Both are tested
-against a full masked softmax over all S slots (tests/test_kernels_decode_attention.py).
+against a full masked softmax over all S slots (tests/kernels/test_kernels_decode_attention.py).
 """
 import jax
 import jax.numpy as jnp

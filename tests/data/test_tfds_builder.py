@@ -15,7 +15,7 @@ from dypo_jax.data import tfds_builder as tb
 from dypo_jax.data.records import RecordError
 import tiny_runs
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """dypo_jax.rl.program: one builder of the update's state, shardings and jit, for the Trainer
 (real arrays) and for tools.aot (abstract ones), so the AOT check compiles the program a run
-runs. On CPU devices here; tests/test_aot.py does the same for TPU topologies when libtpu is
+runs. On CPU devices here; tests/tools/test_aot.py does the same for TPU topologies when libtpu is
 installed."""
 import jax
 import numpy as np

@@ -8,7 +8,7 @@ import pytest
 from dypo_jax.parallel import sharding
 import tiny_runs
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_logical_to_spec_follows_rules_and_replicates_indivisible_dims():

@@ -1,7 +1,7 @@
 """`model.logprob_impl="pallas"` from the CLI: a run through the fused kernel is the chunked run.
 
 On CPU the Mosaic kernel runs in the Pallas interpreter (`model.pallas_interpret=True`). On a GPU
-machine, `JAX_PLATFORMS=cuda pytest tests/test_logprob_impl_runs.py` compiles the Triton kernel
+machine, `JAX_PLATFORMS=cuda pytest tests/models/test_logprob_impl_runs.py` compiles the Triton kernel
 (`dypo_jax.models.logprobs` picks it by backend), with float32 matmuls everywhere so that the only
 difference between the runs is the log-prob path.
 """

@@ -14,7 +14,7 @@ from dypo_jax.rl import run_checkpoint
 from dypo_jax.rl import update_batch
 import tiny_runs
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _METHODS = ("sft", "grpo", "sft_then_rl", "luffy", "ladder_rl", "ladder_grading", "dypo")
 
 

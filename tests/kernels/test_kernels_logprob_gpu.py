@@ -1,7 +1,7 @@
 """GPU (Pallas Triton) fused log-prob kernel vs the plain-jnp reference.
 
 On CPU the kernel runs in the Pallas interpreter; on a GPU the same tests compile it with Triton
-(`pytest tests/test_kernels_logprob_gpu.py` on a GPU machine; the GPU-only case is larger).
+(`pytest tests/kernels/test_kernels_logprob_gpu.py` on a GPU machine; the GPU-only case is larger).
 Small case: M=21 tokens, D=40, V=300 at blocks 16 x 64 x 16, so no dimension divides by its
 block and every mask is exercised; 2 forward vocab splits of 3 and 2 blocks, 3 backward slabs
 of 2, 2 and 1 blocks.

@@ -7,7 +7,7 @@ import pytest
 
 from dypo_jax import config as config_lib
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 study_lib = config_lib.load_module(os.path.join(_REPO, "experiments", "study.py"))
 
 
