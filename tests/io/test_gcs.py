@@ -123,10 +123,10 @@ def test_the_workdir_lock_on_a_bucket(bucket):
     stale = {"host": "pod-worker-7", "pid": 1, "start": 0.0, "heartbeat": time.time() - 3600}
     paths.write_text(path, json.dumps(stale))
     with lock_lib.WorkdirLock(workdir, stale_after_s=60, settle_s=0) as second:
-      assert json.loads(paths.read_text(path))["token"] == second.holder["token"]
+      assert json.loads(paths.read_bytes(path).decode())["token"] == second.holder["token"]
       assert paths.listdir(workdir) == [lock_lib.LOCK_FILENAME]
       time.sleep(0.3)  # The first run's heartbeats find another token: they never overwrite it.
-      assert json.loads(paths.read_text(path))["token"] == second.holder["token"]
+      assert json.loads(paths.read_bytes(path).decode())["token"] == second.holder["token"]
       with pytest.raises(errors.LockLost, match="now held by process"):
         first.check_held()
   finally:
@@ -137,7 +137,7 @@ def test_the_workdir_lock_on_a_bucket(bucket):
   writer = metrics_lib.MetricsWriter(workdir)
   writer.write(8, {"loss": 1.0})
   writer.close(sync=False)
-  assert paths.read_text(f"{workdir}/metrics.jsonl") == '{"step": 7}\n'
+  assert paths.read_bytes(f"{workdir}/metrics.jsonl").decode() == '{"step": 7}\n'
   paths.write_text(f"{path}/inside", "x")  # run.lock as a "folder" (a name prefix).
   with pytest.raises(errors.BadInput, match="is a directory"):
     lock_lib.WorkdirLock(workdir, settle_s=0).acquire()

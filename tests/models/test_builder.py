@@ -120,7 +120,7 @@ def test_builds_agree_and_the_reused_base_keeps_the_pin_on_a_mesh():
     from dypo_jax.models import builder
     from dypo_jax.parallel import sharding
     from dypo_jax.rl import pretrain
-    import test_builder
+    from tests.models import test_builder
     import tiny_runs
     config = tiny_runs.tiny_config(**{"pretrain.enabled": True, "model.scan_layers": False,
                                       "mesh.fsdp": 2})

@@ -208,7 +208,7 @@ def test_sharded_step_equals_single_device(fake_devices):
     import jax, numpy as np
     from flax import nnx
     from dypo_jax.parallel import sharding
-    import tests.test_train_step as t
+    import tests.rl.test_train_step as t
     from dypo_jax.rl import train_step as step_lib
     from dypo_jax.rl import update_batch
     batch = t.make_batch()
@@ -250,7 +250,7 @@ def test_one_item_micro_batches_split_by_rows_equal_single_device(fake_devices):
     import jax, numpy as np
     from flax import nnx
     from dypo_jax.parallel import sharding
-    import tests.test_train_step as t
+    import tests.rl.test_train_step as t
     from dypo_jax.rl import train_step as step_lib
     from dypo_jax.rl import update_batch
     batch = t.make_batch()
