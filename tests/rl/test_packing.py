@@ -19,6 +19,7 @@ from dypo_jax.rl import train_step as step_lib
 from dypo_jax.rl import update_batch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import test_train_step  # noqa: E402  pylint: disable=g-import-not-at-top  # Same folder.
 import tiny_runs  # noqa: E402  pylint: disable=g-import-not-at-top
 
 _MODEL = models.ModelConfig(vocab_size=48, embed_dim=32, num_layers=2, num_heads=4,
@@ -74,15 +75,8 @@ def _step_config(method: str, **overrides) -> step_lib.StepConfig:
 
 
 def _state(seed: int = 0):
-  model = models.Transformer(_MODEL, rngs=nnx.Rngs(seed))
-  graphdef, params = nnx.split(model, nnx.Param)
-  ref = jax.tree.map(lambda x: x + 0.01 * jnp.sin(jnp.arange(x.size).reshape(x.shape)), params)
-  tx, sched = step_lib.make_optimizer(learning_rate=1e-3, schedule="constant", warmup_steps=0,
-                                      total_steps=10, min_lr_ratio=0.1, weight_decay=0.0,
-                                      b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0)
-  state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                              opt_state=tx.init(params), nonfinite_skipped=jnp.zeros((), jnp.int32))
-  return graphdef, state, ref, tx, sched
+  """test_train_step's state (a perturbed reference, the same optimizer) for this file's model."""
+  return test_train_step.make_state(seed, _MODEL)
 
 
 def _run(cfg, batch):
