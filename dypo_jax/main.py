@@ -113,6 +113,7 @@ def main(argv):
         print(f"workdir: WARNING the lock was not released: {e}", file=sys.stderr, flush=True)
     raise
   if lock is not None:
+    lock.check_held()  # Taken over while it wrote its report: say so (exit 7), not a clean end.
     lock.release()
 
 
